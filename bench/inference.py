@@ -1,0 +1,68 @@
+"""Benchmark — images/s for plain inference, inference + closed-form Grad-CAM, and pytorch-grad-cam.
+
+Run: ``.venv/bin/python bench/inference.py [--seconds 10]``. Prints one table; nothing is asserted.
+All three paths start from 224 px squares and use the shipped model at its input size, batch 1 and 16
+(grad-cam gets the already-normalised tensor, so it is timed without preprocessing).
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from inference.classifier import load_classifier
+from inference.gradcam import heatmap_in_image
+from inference.preprocess import SQUARE_SIZE, normalise
+
+
+def images_per_second(step, batch_size: int, seconds: float) -> float:
+    """Run ``step`` repeatedly (after one warm-up call) for about ``seconds``; return images/s."""
+    step()
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        step()
+        runs += 1
+    return runs * batch_size / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="time per measurement")
+    seconds = parser.parse_args().seconds
+    classifier = load_classifier()
+    network, size = classifier.network, classifier.card.input_size
+    print(f"model {classifier.version}, input {size}x{size}, torch threads {torch.get_num_threads()}")
+    print(f"{'batch':>5} | {'plain img/s':>11} | {'+heatmap img/s':>14} | {'overhead':>8} | "
+          f"{'grad-cam img/s':>14} | {'ours / grad-cam':>15}")
+    for batch_size in (1, 16):
+        squares = np.random.default_rng(0).integers(0, 256, (batch_size, SQUARE_SIZE, SQUARE_SIZE), dtype=np.uint8)
+        inputs = normalise(torch.from_numpy(squares)[:, None], size)
+
+        def plain() -> None:
+            with torch.inference_mode():
+                network(normalise(torch.from_numpy(squares)[:, None], size))
+
+        def with_heatmap() -> None:
+            logits, cams = classifier.logits(squares)
+            for cam, probability in zip(cams, torch.sigmoid(logits / classifier.card.temperature).tolist()):
+                heatmap_in_image(cam, probability, (size, size))
+
+        reference = GradCAM(model=network, target_layers=[network.layer4])
+        targets = [ClassifierOutputTarget(0)] * batch_size
+
+        def autograd() -> None:
+            reference(input_tensor=inputs, targets=targets)
+
+        plain_rate = images_per_second(plain, batch_size, seconds)
+        heatmap_rate = images_per_second(with_heatmap, batch_size, seconds)
+        autograd_rate = images_per_second(autograd, batch_size, seconds)
+        reference.__exit__(None, None, None)
+        print(f"{batch_size:>5} | {plain_rate:>11.1f} | {heatmap_rate:>14.1f} | "
+              f"{plain_rate / heatmap_rate - 1:>8.1%} | {autograd_rate:>14.1f} | {heatmap_rate / autograd_rate:>14.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Settings — every Lung Vision setting, loaded in one place.
+
+Precedence, lowest first: ``config/lungvision.yaml`` (the embedded defaults) → the file given with
+``--config`` → ``LUNGVISION_*`` environment variables (nested keys joined by ``__``, e.g.
+``LUNGVISION_NODE__PORT=11113``). Unknown keys are errors, so a typo is named instead of ignored.
+"""
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+DEFAULTS_FILE = Path(__file__).with_name("lungvision.yaml")
+
+
+class Section(BaseModel):
+    """A settings section: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
+    """Which weights the worker and the offline commands load."""
+
+    weights_dir: Path | None = None  # None = the weights shipped in the package
+    batch_size: int = 16
+
+
+class BrokerSettings(Section):
+    """The Celery broker and result backend."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/0"
+
+
+class CallingPeer(Section):
+    """One calling AE title allowed to associate, optionally only from some addresses."""
+
+    ae_title: str = Field(min_length=1, max_length=16)
+    hosts: list[IPvAnyNetwork] = []  # empty = from any address; entries are IPs or networks (10.0.0.0/8)
+
+
+class NodeTlsSettings(Section):
+    """TLS for the node's listening socket (DICOM over TLS, PS3.15 B.1)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None  # CA bundle used to verify client certificates
+    require_client_cert: bool = False  # mutual TLS
+
+    @model_validator(mode="after")
+    def _complete(self) -> "NodeTlsSettings":
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file")
+        return self
+
+
+class NodeSettings(Section):
+    """The DICOM storage SCP that receives studies from modalities and PACS."""
+
+    ae_title: str = Field(default="LUNGVISION", min_length=1, max_length=16)
+    port: int = Field(default=11112, ge=1, le=65535)
+    bind_address: str = "0.0.0.0"
+    allowed_calling_aes: list[CallingPeer] = []  # empty = any calling AE
+    require_called_ae: bool = False  # refuse associations whose called AE is not ae_title
+    max_associations: int = Field(default=32, ge=1)
+    max_pdu_bytes: int = Field(default=262144, ge=0)  # largest PDU we accept; 0 = unlimited
+    network_timeout_s: float | None = Field(default=60.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    unknown_storage_classes: Literal["ignore", "refuse"] = "ignore"
+    tls: NodeTlsSettings = NodeTlsSettings()
+
+
+class SpoolSettings(Section):
+    """Where received instances wait, grouped by study, until the worker has analysed them."""
+
+    dir: Path = Path("./var/spool")
+    min_free_bytes: int = Field(default=2 * 1024**3, ge=0)  # below this, new instances get 0xA700
+    stable_seconds: float = Field(default=5.0, gt=0)  # a study is complete after this long without an instance
+    retention_days: float = Field(default=7.0, gt=0)  # queued rounds older than this are deleted
+    stale_partial_s: float = Field(default=3600.0, gt=0)  # half-received files idle this long are deleted
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one Lung Vision installation."""
+
+    model_config = SettingsConfigDict(env_prefix="LUNGVISION_", env_nested_delimiter="__", extra="forbid")
+    config_files: ClassVar[list[Path]] = [DEFAULTS_FILE]
+
+    model: ModelSettings = ModelSettings()
+    broker: BrokerSettings = BrokerSettings()
+    node: NodeSettings = NodeSettings()
+    spool: SpoolSettings = SpoolSettings()
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_files = YamlConfigSettingsSource(settings_cls, yaml_file=cls.config_files, deep_merge=True)
+        return init_settings, env_settings, yaml_files
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key(s)."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Load the effective settings: defaults, then ``config_file``, then the environment."""
+    files = [DEFAULTS_FILE]
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        files.append(Path(config_file))
+    Settings.config_files = files
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def effective_settings_json(settings: Settings) -> dict:
+    """The settings as JSON-ready data, with secrets and URL passwords masked."""
+    data = settings.model_dump(mode="json")
+    return _mask(data)
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _mask(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_mask(item) for item in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, rest = value.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:**********@{host}" if ":" in credentials else value
+    return value
+
+
+__all__ = ["ConfigError", "SecretStr", "Section", "Settings", "effective_settings_json", "load_settings"]

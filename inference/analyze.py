@@ -1,0 +1,53 @@
+"""Offline analysis — image files (DICOM, PNG, JPEG) become one JSON line each and overlay PNGs."""
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from PIL import Image
+
+from inference.classifier import Classifier
+from inference.images import IMAGE_SUFFIXES, read_gray
+from inference.overlay import legend_lines, render_overlay
+
+
+def expand_paths(paths: list[Path]) -> Iterator[Path]:
+    """Files as given, and every image file (or suffix-less file, as DICOM often is) under folders."""
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and (child.suffix.lower() in IMAGE_SUFFIXES or child.suffix == ""):
+                    yield child
+        else:
+            yield path
+
+
+def analyze(paths: list[Path], classifier: Classifier, out_dir: Path | None, output: TextIO) -> int:
+    """Analyse each file, print a JSON line for it and write its overlay; returns the error count."""
+    errors = 0
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(expand_paths(paths)):
+        started = time.perf_counter()
+        try:
+            gray = read_gray(path)
+            prediction = classifier.predict([gray], with_heatmap=out_dir is not None)[0]
+        except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: report, go on
+            errors += 1
+            output.write(json.dumps({"path": str(path), "error": str(error)}) + "\n")
+            continue
+        milliseconds = (time.perf_counter() - started) * 1000
+        record = {"path": str(path), "probability": round(prediction.probability, 4), "label": prediction.label,
+                  "threshold": prediction.threshold, "model_version": prediction.model_version,
+                  "milliseconds": round(milliseconds, 1)}
+        if out_dir is not None:
+            legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold,
+                                  prediction.model_version)
+            overlay_path = out_dir / f"{index:04d}-{path.stem}-heatmap.png"
+            Image.fromarray(render_overlay(gray, prediction.heatmap, legend)).save(overlay_path)
+            record["overlay"] = str(overlay_path)
+        output.write(json.dumps(record) + "\n")
+        output.flush()
+    return errors

@@ -1,0 +1,61 @@
+"""Metrics — binary classification figures with 95 % bootstrap confidence intervals."""
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """ECE over ``bins`` equal-width probability bins (weighted mean |accuracy − confidence|)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.mean() * abs(labels[members].mean() - probabilities[members].mean())
+    return float(error)
+
+
+def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    """Accuracy, recall, specificity, precision, F1, ROC/PR AUC and ECE at ``threshold``."""
+    predicted = probabilities >= threshold
+    positive = labels == 1
+    tp = int((predicted & positive).sum())
+    fp = int((predicted & ~positive).sum())
+    tn = int((~predicted & ~positive).sum())
+    fn = int((~predicted & positive).sum())
+    recall = tp / (tp + fn) if tp + fn else float("nan")
+    precision = tp / (tp + fp) if tp + fp else float("nan")
+    both_classes = 0 < positive.sum() < len(labels)
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "recall": recall,
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "precision": precision,
+        "f1": 2 * precision * recall / (precision + recall) if tp else 0.0,
+        "roc_auc": float(roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(labels, probabilities)) if both_classes else float("nan"),
+        "ece": expected_calibration_error(labels, probabilities),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def metrics_with_ci(
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0
+) -> dict:
+    """``point_metrics`` plus ``n``, ``threshold`` and a 95 % percentile-bootstrap CI per figure."""
+    labels = np.asarray(labels).astype(int)
+    probabilities = np.asarray(probabilities, dtype=float)
+    result = {"n": int(len(labels)), "threshold": float(threshold), **point_metrics(labels, probabilities, threshold)}
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        index = rng.integers(0, len(labels), len(labels))
+        for name, value in point_metrics(labels[index], probabilities[index], threshold).items():
+            if name != "confusion" and not np.isnan(value):
+                samples.setdefault(name, []).append(value)
+    result["ci95"] = {
+        name: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+        for name, values in samples.items()
+    }
+    return result

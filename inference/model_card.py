@@ -1,0 +1,105 @@
+"""Model card — the one source of label order, input size, temperature, threshold and weights hash."""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CARD_JSON = "model_card.json"
+
+
+@dataclass
+class ModelCard:
+    """What the shipped weights are, how they were made and how well they did on validation."""
+
+    name: str
+    version: str
+    architecture: str
+    labels: list[str]
+    input_size: int
+    preprocessing: str
+    temperature: float
+    threshold: float
+    threshold_rule: str
+    weights_file: str
+    weights_sha256: str
+    training: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)
+    intended_use: str = ""
+    limitations: list[str] = field(default_factory=list)
+    experiments: list[str] = field(default_factory=list)
+
+    def save(self, folder: Path) -> Path:
+        """Write ``model_card.json`` into ``folder``."""
+        path = folder / CARD_JSON
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: Path = WEIGHTS_DIR) -> "ModelCard":
+        """Read ``model_card.json`` from ``folder`` (default: the shipped weights)."""
+        return cls(**json.loads((folder / CARD_JSON).read_text()))
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def render_markdown(card: ModelCard) -> str:
+    """The model card for people (``MODEL_CARD.md``)."""
+    validation = card.validation
+    ci = validation.get("ci95", {})
+
+    def figure(name: str) -> str:
+        low_high = ci.get(name)
+        value = validation.get(name)
+        if value is None:
+            return "—"
+        return f"{value:.4f}" + (f" (95 % CI {low_high[0]:.4f}–{low_high[1]:.4f})" if low_high else "")
+
+    lines = [
+        f"# Model card — {card.name} {card.version}",
+        "",
+        "**Not a medical device.** Research and triage-support use only; every finding must be read by a radiologist.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Architecture | {card.architecture} |",
+        f"| Labels | {', '.join(card.labels)} (output = probability of {card.labels[-1]}) |",
+        f"| Input | {card.input_size}×{card.input_size} gray; {card.preprocessing} |",
+        f"| Temperature | {card.temperature:.4f} (temperature scaling fitted on validation) |",
+        f"| Threshold | {card.threshold:.4f} — {card.threshold_rule} |",
+        f"| Weights | `{card.weights_file}`, sha256 `{card.weights_sha256}` |",
+        "",
+        "## Intended use",
+        "",
+        card.intended_use,
+        "",
+        "## Training",
+        "",
+        *[f"- **{key.replace('_', ' ')}**: {value}" for key, value in card.training.items()],
+        "",
+        f"## Validation (patient-grouped split of train, n = {validation.get('n')})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {name} | {figure(name)} |" for name in
+          ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "ece")],
+        f"| confusion at threshold | {validation.get('confusion')} |",
+        "",
+        "## What was tried and why",
+        "",
+        *[f"- {item}" for item in card.experiments],
+        "",
+        "## Limitations",
+        "",
+        *[f"- {item}" for item in card.limitations],
+        "",
+    ]
+    return "\n".join(lines)

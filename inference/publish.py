@@ -1,0 +1,101 @@
+"""Publishing — a finished training run becomes its model card (JSON for code, Markdown for people).
+
+To ship a run, copy ``lungvision-resnet18.safetensors``, ``model_card.json`` and ``MODEL_CARD.md``
+from the run folder into ``inference/weights/``.
+"""
+
+import platform
+
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from inference.model_card import ModelCard, render_markdown, sha256_of
+from inference.train import WEIGHTS_NAME, TrainOptions
+
+PREPROCESSING = (
+    "gray image (DICOM after Modality LUT, VOI LUT/window and MONOCHROME1 inversion) min–max scaled to 0..255, "
+    "squashed to a 224×224 square (aspect ratio not kept, like a third of the training images), resized to the "
+    "input size, contrast-stretched between its own 1st and 99th percentiles, standardised ((x − 0.5) / 0.25)"
+)
+
+EXPERIMENTS = [
+    "Aspect ratio: every image is squashed to a 224 px square first, because 3537 training images exist only "
+    "as 224/227 px squares; both kinds then look alike and the model cannot learn which kind it sees.",
+    "Intensity: per-image 1st–99th percentile stretch at train and serve time, so exposure, window and "
+    "detector differences drop out before the network (a reference run showed global normalisation alone "
+    "does not close the train→test gap, so it is combined with the augmentations below).",
+    "Augmentation against acquisition shift: random resized crops (60–100 % area, aspect 0.8–1.25), "
+    "horizontal flips, ±10° rotation, 5 % translation, 5° shear, gamma 0.6–1.6, brightness/contrast jitter, "
+    "blur, sharpening, resolution loss (downsample to 45–100 % and back), Gaussian noise.",
+    "Shortcut suppression: random dark bands on the left/right edges (the known dark-border shortcut) "
+    "and random erasing of small patches (burned-in markers).",
+    "Class imbalance: balanced sampling (each batch draws NORMAL and PNEUMONIA equally often).",
+    "Regularisation: label smoothing 0.05, AdamW weight decay 0.05, and an exponential moving average of the "
+    "weights (decay 0.998) — the EMA weights are the ones shipped.",
+    "Threshold rule independent of prevalence: it depends only on the pneumonia cases' scores "
+    "(the highest threshold keeping validation sensitivity ≥ 0.98), so the lower pneumonia share of the "
+    "test split does not move it.",
+]
+
+LIMITATIONS = [
+    "Trained on pediatric (1–5 years) chest radiographs from one centre (Guangzhou Women and Children's "
+    "Medical Center); performance on adult radiographs is unknown (domain shift in anatomy, projection, "
+    "devices and disease mix).",
+    "Binary NORMAL vs PNEUMONIA only: other findings (effusion, nodules, devices, COVID-19…) are not detected "
+    "and may be called either way.",
+    "The validation split comes from the same distribution as training and overestimates performance: a "
+    "reference run scored AUC 0.999 on such a split and 0.954 on the withheld test split.",
+    "Calibration (temperature) and threshold were fitted on that validation split; probabilities on other "
+    "populations may be miscalibrated.",
+    "Frontal (PA/AP) views only; lateral views are not analysed by the worker.",
+    "Not a medical device; not cleared or approved for clinical use.",
+]
+
+
+def write_model_card(run_dir: Path, summary: dict, options: TrainOptions) -> Path:
+    """Write ``model_card.json`` and ``MODEL_CARD.md`` for the weights in ``run_dir``."""
+    weights = run_dir / WEIGHTS_NAME
+    card = ModelCard(
+        name="lungvision-resnet18",
+        version=f"1.0.{date.today():%Y%m%d}",
+        architecture="ResNet-18 (torchvision, weights=None) with a 1-channel stem and one output logit; "
+        "trained from scratch, no pretrained weights",
+        labels=["NORMAL", "PNEUMONIA"],
+        input_size=options.input_size,
+        preprocessing=PREPROCESSING,
+        temperature=summary["temperature"],
+        threshold=summary["threshold"],
+        threshold_rule=f"highest threshold with validation sensitivity ≥ {options.min_sensitivity} "
+        "(best specificity among thresholds meeting the sensitivity target)",
+        weights_file=WEIGHTS_NAME,
+        weights_sha256=sha256_of(weights),
+        training={
+            "data": "Kermany et al. 2018 pediatric chest X-ray (Mendeley v2, CC BY 4.0), Kaggle train split",
+            "split_rule": f"patient-grouped, seed {options.seed}, {options.val_fraction:.0%} of each class's "
+            "patients to validation (split.csv in the run folder)",
+            "images": f"{summary['n_train']} train / {summary['n_val']} validation",
+            "epochs": options.epochs,
+            "batch_size": options.batch_size,
+            "optimiser": f"AdamW lr {options.learning_rate}, weight decay {options.weight_decay}, "
+            "1 warm-up epoch then cosine decay",
+            "label_smoothing": options.label_smoothing,
+            "ema_decay": options.ema_decay,
+            "training_minutes": round(summary["train_seconds"] / 60, 1),
+            "decode_seconds": round(summary["decode_seconds"], 1),
+            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads",
+            "torch": torch.__version__,
+        },
+        validation=summary["validation"],
+        intended_use="Triage support for pneumonia on frontal chest radiographs: orders a reading worklist "
+        "and shows where the model looked. Every result must be reviewed by a qualified radiologist.",
+        limitations=LIMITATIONS,
+        experiments=EXPERIMENTS,
+    )
+    path = card.save(run_dir)
+    (run_dir / "MODEL_CARD.md").write_text(render_markdown(card))
+    return path
+
+
+

@@ -1,0 +1,42 @@
+"""The ``lungvision`` command: one sub-command per job, all reading the one settings object."""
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from config.settings import ConfigError, Settings, effective_settings_json, load_settings
+from inference import commands as inference_commands
+
+app = typer.Typer(help="Lung Vision — DICOM AI node for chest X-ray pneumonia triage. Not a medical device.",
+                  no_args_is_help=True, add_completion=False)
+
+
+class State:
+    """What the global options decided, handed to sub-commands."""
+
+    config_file: Optional[Path] = None
+
+    @classmethod
+    def settings(cls) -> Settings:
+        try:
+            return load_settings(cls.config_file)
+        except ConfigError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+
+
+@app.callback()
+def main(config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the defaults")) -> None:
+    """Global options."""
+    State.config_file = config
+
+
+@app.command("config")
+def show_config() -> None:
+    """Print the effective settings as JSON (secrets masked)."""
+    typer.echo(json.dumps(effective_settings_json(State.settings()), indent=2))
+
+
+inference_commands.register(app, State.settings)

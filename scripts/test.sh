@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh machine and run the whole suite.
+# Usage: bash scripts/test.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --test
+
+# The integration tests use a real Redis at 127.0.0.1:6379; start one if none answers.
+if ! .venv/bin/python -c "import redis; redis.Redis(host='127.0.0.1', port=6379, socket_timeout=2).ping()" 2>/dev/null; then
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  for _ in $(seq 50); do
+    .venv/bin/python -c "import redis; redis.Redis(host='127.0.0.1', port=6379).ping()" 2>/dev/null && break
+    sleep 0.2
+  done
+fi
+
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
