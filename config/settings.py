@@ -86,6 +86,62 @@ class SpoolSettings(Section):
     stale_partial_s: float = Field(default=3600.0, gt=0)  # half-received files idle this long are deleted
 
 
+class WorkerSettings(Section):
+    """The Celery worker that analyses studies and sends results."""
+
+    concurrency: int = Field(default=2, ge=1)  # worker processes
+    soft_time_limit_s: float = Field(default=300.0, gt=0)  # analyse task gets SoftTimeLimitExceeded
+    time_limit_s: float = Field(default=360.0, gt=0)  # analyse task process is killed and replaced
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)  # unacknowledged tasks return to the queue after this;
+    # must exceed delivery.retry_max_delay_s and time_limit_s, or a waiting retry would run twice
+    outbox_dir: Path = Path("./var/outbox")  # result objects written here before they are sent
+    sc_max_long_side: int = Field(default=1024, ge=64)  # heatmap Secondary Capture size limit in pixels
+    dead_letter_key: str = "lungvision:dead_letters"  # Redis hash of deliveries that ran out of attempts
+
+
+class DestinationTlsSettings(Section):
+    """TLS towards a destination."""
+
+    enabled: bool = False
+    ca_file: Path | None = None  # CA that signed the destination's certificate; None = system store
+    cert_file: Path | None = None  # our client certificate, for mutual TLS
+    key_file: Path | None = None
+
+
+class DestinationSettings(Section):
+    """A DICOM peer (PACS, viewer) that receives our Secondary Captures and Structured Reports."""
+
+    name: str = Field(min_length=1)
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: DestinationTlsSettings = DestinationTlsSettings()
+
+
+class RoutingRule(Section):
+    """Send a study's results to ``destinations`` when every condition given here matches."""
+
+    calling_ae: str | None = None  # AE title that sent the study
+    modality: str | None = None  # Modality of any analysed instance (CR, DX, OT…)
+    result: Literal["positive", "negative", "not_analysed"] | None = None
+    destinations: list[str] = Field(min_length=1)
+
+
+class DeliverySettings(Section):
+    """Retries of a failed delivery: exponential back-off with jitter, then the dead-letter list."""
+
+    max_attempts: int = Field(default=5, ge=1)
+    retry_base_delay_s: float = Field(default=10.0, gt=0)  # delay before the 2nd attempt; doubles each time
+    retry_max_delay_s: float = Field(default=600.0, gt=0)
+    connection_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class StoreSettings(Section):
+    """Where study outcomes are recorded (SQLAlchemy URL)."""
+
+    url: str = "sqlite:///var/lungvision.db"
+
+
 class Settings(BaseSettings):
     """The whole configuration of one Lung Vision installation."""
 
@@ -96,7 +152,23 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     node: NodeSettings = NodeSettings()
     spool: SpoolSettings = SpoolSettings()
+    worker: WorkerSettings = WorkerSettings()
+    destinations: list[DestinationSettings] = []
+    routing: list[RoutingRule] = []  # empty = every destination gets every result
+    delivery: DeliverySettings = DeliverySettings()
+    store: StoreSettings = StoreSettings()
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _routes_name_known_destinations(self) -> "Settings":
+        names = [destination.name for destination in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"destinations: names must be unique, got {names}")
+        for index, rule in enumerate(self.routing):
+            unknown = sorted(set(rule.destinations) - set(names))
+            if unknown:
+                raise ValueError(f"routing.{index}.destinations: unknown destination(s) {unknown}")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -77,12 +77,17 @@ class Classifier:
         """One forward pass for a batch of 2-D gray images (any size, bright = dense)."""
         if not images:
             return []
-        logits, cams = self.logits(np.stack([to_square_uint8(image) for image in images]))
-        probabilities = torch.sigmoid(logits / self.card.temperature)
+        squares = np.stack([to_square_uint8(image) for image in images])
+        return self.predict_squares(squares, [image.shape for image in images] if with_heatmap else None)
+
+    def predict_squares(self, squares: np.ndarray, image_shapes: Sequence[tuple[int, int]] | None) -> list[Prediction]:
+        """Predictions for preprocessed squares; heatmaps sized to ``image_shapes`` (None: no heatmaps)."""
+        logits, cams = self.logits(squares)
+        probabilities = torch.sigmoid(logits / self.card.temperature).tolist()
         predictions = []
-        for image, probability, cam in zip(images, probabilities.tolist(), cams):
+        for index, (probability, cam) in enumerate(zip(probabilities, cams)):
             positive = probability >= self.card.threshold
-            heatmap = heatmap_in_image(cam, probability, image.shape).numpy() if with_heatmap else None
+            heatmap = None if image_shapes is None else heatmap_in_image(cam, probability, image_shapes[index]).numpy()
             predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL",
                                           self.card.threshold, self.version, heatmap))
         return predictions

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -58,6 +58,32 @@ COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR")
 # ITU-R BT.601 luma, the weights Pillow's convert("L") uses.
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
+# What pydicom raises on malformed bytes; OSError included because it reports truncated data
+# as OSError ("No tag to read at file position ...") once the file itself is open.
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
+    EOFError,
+    OSError,
+    struct.error,
+    ValueError,
+    KeyError,
+    TypeError,
+    NotImplementedError,
+    OverflowError,
+)
+# Image Pixel / presentation elements read before decoding.
+_IMAGE_KEYWORDS = (
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PresentationLUTShape",
+)
 # Elements the LUT stages read; they get copies so pydicom's helpers cannot alter the caller's ds.
 _LUT_KEYWORDS = (
     "PhotometricInterpretation",
@@ -76,8 +102,8 @@ _LUT_KEYWORDS = (
 class UnsupportedImage(ValueError):
     """The dataset holds no image we can analyse; ``reason`` says why in one machine-readable word.
 
-    Reasons: ``not_dicom``, ``no_pixel_data``, ``multi_frame``, ``dimensions``, ``bit_depth``,
-    ``photometric``, ``transfer_syntax``, ``undecodable``, ``modality_lut``.
+    Reasons: ``not_dicom``, ``malformed``, ``no_pixel_data``, ``multi_frame``, ``dimensions``,
+    ``bit_depth``, ``photometric``, ``transfer_syntax``, ``undecodable``, ``modality_lut``.
     """
 
     def __init__(self, message: str, *, reason: str) -> None:
@@ -97,10 +123,11 @@ def read_dicom_file(path: Path) -> np.ndarray:
 
 def read_dicom_dataset(path: Path) -> Dataset:
     """``dcmread(force=True)`` plus a Transfer Syntax UID inferred for files without File Meta."""
-    try:
-        ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, EOFError, struct.error, ValueError, KeyError, TypeError) as exc:
-        raise UnsupportedImage(f"not a DICOM file: {exc}", reason="not_dicom") from exc
+    with Path(path).open("rb") as file:  # missing or unreadable paths raise OSError here
+        try:
+            ds = pydicom.dcmread(file, force=True)
+        except _PARSE_ERRORS as exc:
+            raise UnsupportedImage(f"not a DICOM file: {exc}", reason="not_dicom") from exc
     if len(ds) == 0 or not any(keyword in ds for keyword in ("PixelData", "SOPClassUID", "Rows")):
         raise UnsupportedImage("not a DICOM file: no image or SOP elements found", reason="not_dicom")
     if not ds.file_meta.get("TransferSyntaxUID"):
@@ -116,6 +143,7 @@ def dataset_to_gray(ds: Dataset) -> np.ndarray:
     Raises ``UnsupportedImage`` (with ``.reason``) for anything that is not one sane,
     decodable, single-frame 2-D image.
     """
+    _parse_elements(ds, _IMAGE_KEYWORDS + _LUT_KEYWORDS)
     photometric = _check_image_pixel_module(ds)
     transfer_syntax = _transfer_syntax(ds)
     pixels, decoded_photometric = _decode(ds, transfer_syntax)
@@ -140,6 +168,18 @@ def dataset_to_gray(ds: Dataset) -> np.ndarray:
 
 
 # --- refusals before decoding -------------------------------------------------------------------
+
+
+def _parse_elements(ds: Dataset, keywords: tuple[str, ...]) -> None:
+    """Parse the elements we will read now, so a malformed one is refused rather than crashing later.
+
+    Datasets from dcmread and from network peers hold elements raw until first accessed.
+    """
+    for keyword in keywords:
+        try:
+            ds.get(keyword)
+        except _PARSE_ERRORS as exc:
+            raise UnsupportedImage(f"malformed {keyword} element: {exc}", reason="malformed") from exc
 
 
 def _check_image_pixel_module(ds: Dataset) -> str:
@@ -244,8 +284,8 @@ def _decode(ds: Dataset, transfer_syntax: UID) -> tuple[np.ndarray, str]:
             f"no decoder plugin installed for {transfer_syntax.name} ({transfer_syntax})",
             reason="transfer_syntax",
         )
-    options = as_pixel_options(ds)
     try:
+        options = as_pixel_options(ds)
         pixels, properties = decoder.as_array(ds, index=0, **options)
     except MemoryError:
         raise
@@ -288,31 +328,38 @@ def _apply_voi(values: np.ndarray, view: Dataset) -> np.ndarray:
     pixel would give a constant image).
     """
     low, high = float(np.min(values)), float(np.max(values))
-    if _voi_lut_is_sane(view, low, high):
-        integer_values = values if np.issubdtype(values.dtype, np.integer) else np.rint(values).astype(np.int64)
-        return apply_voi(integer_values, view, index=0)
+    lut_inputs = _sane_voi_lut_inputs(view, low, high)
+    if lut_inputs is not None:
+        # Values outside the LUT map to its first/last entry anyway; clipping first keeps
+        # pydicom's uint16 index arithmetic from wrapping around.
+        indices = np.clip(np.rint(values), *lut_inputs).astype(np.int64)
+        return apply_voi(indices, view, index=0)
     if _window_is_sane(view, low, high):
         return apply_windowing(values, view, index=0)
     return values
 
 
-def _voi_lut_is_sane(view: Dataset, low: float, high: float) -> bool:
+def _sane_voi_lut_inputs(view: Dataset, low: float, high: float) -> tuple[int, int] | None:
+    """(first, last) input value of the first VOI LUT when it is usable here, else None."""
     sequence = view.get("VOILUTSequence")
     if not sequence:
-        return False
+        return None
     item = sequence[0]
     descriptor = item.get("LUTDescriptor")
     data = item.get("LUTData")
     if descriptor is None or data is None or len(descriptor) != 3:
-        return False
+        return None
     entries = int(descriptor[0]) or 2**16
     first_mapped, entry_bits = int(descriptor[1]), int(descriptor[2])
     if entry_bits not in (8, *range(10, 17)) or entries < 2:
-        return False
+        return None
     data_entries = len(data) // 2 if isinstance(data, bytes) else len(data)
     if data_entries < entries:
-        return False
-    return first_mapped <= high and first_mapped + entries - 1 >= low
+        return None
+    last_mapped = first_mapped + entries - 1
+    if first_mapped > high or last_mapped < low:
+        return None
+    return first_mapped, last_mapped
 
 
 def _window_is_sane(view: Dataset, low: float, high: float) -> bool:
@@ -356,7 +403,7 @@ def _colour_to_gray(pixels: np.ndarray, decoded_photometric: str, ds: Dataset) -
     if decoded_photometric == "PALETTE COLOR":
         try:
             rgb = apply_color_lut(pixels, ds)
-        except (ValueError, TypeError, IndexError, AttributeError, KeyError) as exc:
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError, NotImplementedError) as exc:
             raise UnsupportedImage(
                 f"the PALETTE COLOR lookup table cannot be applied: {exc}", reason="photometric"
             ) from exc

@@ -7,7 +7,9 @@ from typing import Optional
 import typer
 
 from config.settings import ConfigError, Settings, effective_settings_json, load_settings
+from dicom_node import cli as node_commands
 from inference import commands as inference_commands
+from worker import commands as worker_commands
 
 app = typer.Typer(help="Lung Vision — DICOM AI node for chest X-ray pneumonia triage. Not a medical device.",
                   no_args_is_help=True, add_completion=False)
@@ -40,3 +42,5 @@ def show_config() -> None:
 
 
 inference_commands.register(app, State.settings)
+node_commands.register(app, State.settings)
+worker_commands.register(app, State.settings)

@@ -1,0 +1,78 @@
+"""Parse stage: a received Part-10 file → the identifying attributes the node needs (pixel data is not read)."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+PIXEL_DATA = 0x7FE00010
+_DEFER_BYTES = 4096  # values larger than this are skipped, not read: pixel data stays on disk
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class UnreadableDataset(ValueError):
+    """The payload is not a complete DICOM dataset (empty, truncated, garbage); the message says why."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the node reads from one instance. Deliberately no patient attributes."""
+
+    transfer_syntax_uid: str | None  # from the File Meta Information
+    sop_class_uid: object
+    sop_instance_uid: object
+    study_instance_uid: object
+    series_instance_uid: object
+    manufacturer: str | None
+    has_pixel_data: bool
+
+
+def read_header(path: Path) -> Header:
+    """Read ``path`` and check it is structurally complete, or raise :class:`UnreadableDataset`.
+
+    UIDs are returned as found (possibly missing or malformed); checking them is the caller's job.
+    """
+    size = os.path.getsize(path)
+    try:
+        dataset = dcmread(path, defer_size=_DEFER_BYTES)
+        _check_complete(dataset, size)
+        return Header(
+            transfer_syntax_uid=_text(dataset.file_meta.get("TransferSyntaxUID")),
+            sop_class_uid=_value(dataset, "SOPClassUID"),
+            sop_instance_uid=_value(dataset, "SOPInstanceUID"),
+            study_instance_uid=_value(dataset, "StudyInstanceUID"),
+            series_instance_uid=_value(dataset, "SeriesInstanceUID"),
+            manufacturer=_text(_value(dataset, "Manufacturer")),
+            has_pixel_data=PIXEL_DATA in dataset,
+        )
+    except UnreadableDataset:
+        raise
+    except Exception as error:  # pydicom raises many types on garbage; each becomes a named refusal
+        raise UnreadableDataset(f"{type(error).__name__}: {error}") from error
+
+
+def _check_complete(dataset: Dataset, file_size: int) -> None:
+    """Raise when an element's value runs past the end of the file (a truncated payload)."""
+    if len(dataset) == 0:
+        raise UnreadableDataset("the dataset is empty")
+    for tag in dataset.keys():
+        element = dataset.get_item(tag, keep_deferred=True)
+        value_tell = getattr(element, "value_tell", None)
+        length = getattr(element, "length", None)
+        if value_tell is None or length is None or length == _UNDEFINED_LENGTH:
+            continue
+        if value_tell + length > file_size:
+            raise UnreadableDataset(
+                f"truncated: element {tag} needs {length} bytes at offset {value_tell}, file has {file_size}"
+            )
+
+
+def _value(dataset: Dataset, keyword: str) -> object:
+    """The element's value, or None when absent."""
+    return dataset.get(keyword)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)

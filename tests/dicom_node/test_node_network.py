@@ -1,0 +1,185 @@
+"""The node as a real process on loopback, with real peers (dcmtk, pynetdicom) and Redis as the broker."""
+
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
+
+from dicom_node.identity import MANUFACTURER
+from node_testkit import (
+    PATIENT_BIRTH_DATE,
+    PATIENT_ID,
+    PATIENT_NAME,
+    NodeProcess,
+    QueueReader,
+    dcmtk,
+    make_image,
+    node_settings,
+    raw_part10,
+    save,
+    store_statuses,
+    truncated_copy,
+)
+
+pytestmark = pytest.mark.integration
+
+STABLE_S = 3
+SETTLE_S = STABLE_S + 1.5  # long enough that a second (wrong) dispatch would have happened
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, redis_queue: QueueReader):
+    """One node shared by this module's tests; each test uses its own study UIDs."""
+    folder = tmp_path_factory.mktemp("node")
+    allowed = [{"ae_title": title} for title in ("STORESCU", "ECHOSCU", "PYSCU")]
+    allowed.append({"ae_title": "HOSTCHECK", "hosts": ["10.9.9.0/24"]})
+    process = NodeProcess(
+        folder, node_settings(folder, node={"allowed_calling_aes": allowed}, spool={"stable_seconds": STABLE_S})
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+def run_tool(*args: object, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(arg) for arg in args], capture_output=True, text=True, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_dcmtk_echoscu_is_answered(node: NodeProcess) -> None:
+    result = run_tool(dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "LUNGVISION", "127.0.0.1", node.port)
+    assert result.returncode == 0, result.stderr
+    assert node.wait_for_event("echo")[-1]["status"] == "0x0000"
+
+
+def test_dcmtk_storescu_instance_is_spooled_then_queued_exactly_once(node, redis_queue, tmp_path) -> None:
+    study = generate_uid()
+    path = save(make_image(study_uid=study), tmp_path / "cr.dcm")
+    result = run_tool(dcmtk("storescu"), "-aet", "STORESCU", "-aec", "LUNGVISION", "127.0.0.1", node.port, path)
+    assert result.returncode == 0, result.stderr
+    assert len(node.spooled(study)) == 1  # on disk before storescu got its success
+    [message] = redis_queue.wait_for({study}, 1, timeout_s=STABLE_S + 15)
+    assert message["calling_ae"] == "STORESCU" and message["round"] == 1
+    [instance] = message["instances"]
+    assert instance["sop_class_uid"] == ComputedRadiographyImageStorage
+    assert Path(instance["path"]).is_file() and Path(instance["path"]).is_relative_to(node.spool)
+    [(task_id, task_name, _)] = [t for t in redis_queue.tasks() if t[2]["study_instance_uid"] == study]
+    assert (task_id, task_name) == (message["message_id"], "lungvision.analyse_study")
+    assert len(redis_queue.wait_for({study}, 2, timeout_s=SETTLE_S)) == 1
+
+
+def test_200_instances_over_8_parallel_associations_are_all_spooled_with_one_task_per_study(
+    node, redis_queue, tmp_path
+) -> None:
+    studies = [generate_uid() for _ in range(4)]
+    folders = [tmp_path / f"association-{index}" for index in range(8)]
+    for folder in folders:
+        folder.mkdir()
+    for index in range(200):
+        dataset = make_image(study_uid=studies[index % 4])
+        save(dataset, folders[index % 8] / f"{index:03d}.dcm")
+    storescu = dcmtk("storescu")
+
+    def send(folder: Path) -> subprocess.CompletedProcess:
+        return run_tool(storescu, "-aet", "STORESCU", "-aec", "LUNGVISION", "+sd", "127.0.0.1", node.port, folder,
+                        timeout_s=120)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(send, folders))
+    assert all(result.returncode == 0 for result in results), [r.stderr[-500:] for r in results]
+    assert sorted(len(node.spooled(study)) for study in studies) == [50, 50, 50, 50]
+    messages = redis_queue.wait_for(set(studies), 4, timeout_s=STABLE_S + 20)
+    messages = redis_queue.wait_for(set(studies), 5, timeout_s=SETTLE_S)
+    assert sorted(m["study_instance_uid"] for m in messages) == sorted(studies)
+    assert all(len(m["instances"]) == 50 for m in messages)
+
+
+def test_calling_aes_off_the_allow_list_or_from_other_hosts_are_rejected(node: NodeProcess) -> None:
+    result = run_tool(dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "LUNGVISION", "127.0.0.1", node.port)
+    assert result.returncode != 0
+    for title in ("INTRUDER2", "HOSTCHECK"):  # HOSTCHECK is allowed, but only from 10.9.9.0/24
+        ae = AE(ae_title=title)
+        ae.add_requested_context(ComputedRadiographyImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="LUNGVISION")
+        assert assoc.is_rejected
+    rejected = [e for e in node.wait_for_event("association", count=3) if e["result"] == "rejected"]
+    assert {e["calling_ae"] for e in rejected} >= {"INTRUDER", "INTRUDER2", "HOSTCHECK"}
+    assert any("not allowed from 127.0.0.1" in (e["reason"] or "") for e in rejected)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+def test_bad_payloads_get_failure_statuses_and_the_node_keeps_serving(node, tmp_path) -> None:
+    study = generate_uid()
+    good = make_image(study_uid=study)
+    full = save(make_image(study_uid=study), tmp_path / "full.dcm")
+    mismatched = make_image(study_uid=study, sop_class_uid=CTImageStorage)
+    mismatched.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage  # request says CR, data says CT
+    cr = {"sop_class_uid": ComputedRadiographyImageStorage}
+    payloads = [
+        raw_part10(tmp_path / "empty.dcm", b"", sop_uid=generate_uid(), **cr),
+        raw_part10(tmp_path / "garbage.dcm", b"this is not DICOM at all" * 40, sop_uid=generate_uid(), **cr),
+        truncated_copy(full, tmp_path / "truncated.dcm", drop_bytes=1000),
+        save(mismatched, tmp_path / "mismatched.dcm"),
+        good,
+    ]
+    statuses = store_statuses(node.port, payloads)
+    assert all(0xC000 <= status <= 0xCFFF for status in statuses[:3]), [hex(s) for s in statuses]
+    assert statuses[3] == 0xA900
+    assert statuses[4] == 0x0000
+    assert [path.name for path in node.spooled(study)] == [f"{good.SOPInstanceUID}.dcm"]
+    assert run_tool(dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "LUNGVISION", "127.0.0.1", node.port).returncode == 0
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+def test_path_traversal_and_malformed_uids_cannot_escape_the_spool(node: NodeProcess) -> None:
+    hostile = [
+        make_image(study_uid="../../escaped-study"),
+        make_image(study_uid="1.2/../../../escaped-study"),
+        make_image(study_uid=""),
+        make_image(study_uid="1." * 40 + "1"),
+        make_image(series_uid="../../escaped-series"),
+        make_image(sop_uid="../../../escaped-instance"),
+    ]
+    statuses = store_statuses(node.port, hostile)
+    assert statuses == [0xC001] * len(hostile), [hex(s) for s in statuses]
+    root = node.folder.parent
+    assert not [path for path in root.rglob("escaped*")]
+    assert sorted(path.name for path in node.folder.iterdir()) == ["node.log", "node.yaml", "spool"]
+    assert sorted(path.name for path in node.spool.iterdir()) == [".receiving", "studies"]
+
+
+def test_a_duplicate_is_stored_once_and_answered_success(node, redis_queue) -> None:
+    study = generate_uid()
+    dataset = make_image(study_uid=study)
+    assert store_statuses(node.port, [dataset, dataset]) == [0, 0]
+    assert store_statuses(node.port, [dataset]) == [0]
+    assert len(node.spooled(study)) == 1
+    assert len(redis_queue.wait_for({study}, 2, timeout_s=STABLE_S + 5)) == 1
+
+
+def test_other_storage_classes_are_ignored_by_default_policy(node: NodeProcess) -> None:
+    study = generate_uid()
+    assert store_statuses(node.port, [make_image(study_uid=study, sop_class_uid=CTImageStorage)]) == [0]
+    assert node.spooled(study) == []
+    assert node.wait_for_event("instance")[-1]["outcome"] == "ignored-sop-class"
+
+
+def test_our_own_results_are_stored_but_never_queued(node, redis_queue) -> None:
+    study = generate_uid()
+    assert store_statuses(node.port, [make_image(study_uid=study, manufacturer=MANUFACTURER)]) == [0]
+    assert [path.parent.name for path in node.spooled(study)] == ["own"]
+    assert redis_queue.wait_for({study}, 1, timeout_s=SETTLE_S) == []
+
+
+def test_log_lines_are_structured_and_free_of_patient_data(node: NodeProcess) -> None:
+    text = node.log_path.read_text()
+    for secret in (PATIENT_NAME, PATIENT_NAME.split("^")[0], PATIENT_ID, PATIENT_BIRTH_DATE):
+        assert secret not in text
+    instance = node.events("instance")[-1]
+    assert {"calling_ae", "sop_class", "transfer_syntax", "status", "ms", "association"} <= instance.keys()
+    association = node.events("association")[-1]
+    assert {"calling_ae", "peer", "result", "instances", "ms"} <= association.keys()

@@ -1,0 +1,102 @@
+"""A real Orthanc server for tests: its own configuration, storage and free loopback ports."""
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 60.0
+
+
+def orthanc_binary() -> str:
+    """The Orthanc executable (Debian's package installs /usr/sbin/Orthanc); skips if absent."""
+    found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
+    if found is None:
+        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
+    return found
+
+
+class Orthanc:
+    """An Orthanc process with a JSON configuration written from ``settings`` (merged over the base)."""
+
+    def __init__(self, folder: Path, http_port: int, dicom_port: int, settings: dict | None = None) -> None:
+        self.folder, self.http_port, self.dicom_port = folder, http_port, dicom_port
+        self.config_path = folder / "orthanc.json"
+        self.log_path = folder / "orthanc.log"
+        config = {
+            "Name": "lungvision-test",
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "HttpPort": http_port,
+            "DicomPort": dicom_port,
+            "DicomAet": "ORTHANC",
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "Plugins": [],
+            "StableAge": 2,
+        }
+        config.update(settings or {})
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> "Orthanc":
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log, stderr=log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"Orthanc exited; log tail:\n{self.log_tail()}")
+            try:
+                self.get("/system")
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise AssertionError(f"Orthanc did not answer within {START_TIMEOUT_S} s; log:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=10) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict | bytes):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data, method="POST"), timeout=30) as response:
+            return json.loads(response.read())
+
+    def study_instances(self, study_uid: str) -> list[dict]:
+        """Simplified tags of every instance Orthanc holds for ``study_uid``."""
+        ids = self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}})
+        return [self.get(f"/instances/{instance_id}/simplified-tags") for instance_id in ids]
+
+    def wait_for_instances(self, study_uid: str, predicate, timeout_s: float) -> list[dict]:
+        """Poll until ``predicate(instances)`` holds (bounded by ``timeout_s``); returns the instances."""
+        deadline = time.monotonic() + timeout_s
+        instances: list[dict] = []
+        while time.monotonic() < deadline:
+            instances = self.study_instances(study_uid)
+            if predicate(instances):
+                return instances
+            time.sleep(0.5)
+        raise AssertionError(f"condition not met within {timeout_s} s; Orthanc holds "
+                             f"{[(i.get('Modality'), i.get('SOPInstanceUID')) for i in instances]}")

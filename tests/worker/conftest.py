@@ -1,0 +1,44 @@
+"""Worker test fixtures: small DICOM studies written by our own sample_dicom factory."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.uid import JPEG2000, generate_uid
+
+from inference.sample_dicom import wrap_image, write_dataset
+from tests.conftest import CHEST_XRAY
+
+
+def chest_pixels(index: int = 0) -> np.ndarray:
+    """A training radiograph (when the shared data is present) or a synthetic phantom."""
+    folder = CHEST_XRAY / "train" / "PNEUMONIA"
+    if folder.exists():
+        from PIL import Image
+
+        return np.asarray(Image.open(sorted(folder.glob("*.jpeg"))[index]).convert("L"))
+    rows, cols = np.mgrid[0:320, 0:280]
+    return ((np.sin(rows / 9.0) + np.cos(cols / 13.0) + 2) * 60).astype(np.uint8)
+
+
+def strip_type2(dataset) -> None:
+    """Make the dataset as incomplete as real inputs often are."""
+    for keyword in ("PatientID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID",
+                    "PatientBirthDate", "PatientSex", "PatientOrientation"):
+        if keyword in dataset:
+            delattr(dataset, keyword)
+
+
+@pytest.fixture
+def study_files(tmp_path) -> dict[str, Path]:
+    """A study with a frontal MONOCHROME1 JPEG 2000 CR (incomplete header), a lateral view and a
+    non-chest DX; returns their paths by role."""
+    study_uid = generate_uid()
+    datasets = {
+        "frontal": wrap_image(chest_pixels(), photometric="MONOCHROME1", bits_stored=12, transfer_syntax=JPEG2000,
+                              study_uid=study_uid),
+        "lateral": wrap_image(chest_pixels(1), view_position="LL", study_uid=study_uid),
+        "knee": wrap_image(chest_pixels(2), sop_class="DX", body_part="KNEE", view_position="AP", study_uid=study_uid),
+    }
+    strip_type2(datasets["frontal"])
+    return {role: write_dataset(dataset, tmp_path / f"{role}.dcm") for role, dataset in datasets.items()}

@@ -1,0 +1,114 @@
+"""The analysis pipeline end to end without networking: files in, valid SC + SR files out."""
+
+import subprocess
+from datetime import datetime, timezone
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_node.messages import InstanceRef, StudyReady
+from inference.classifier import load_classifier
+from worker.pipeline import analyse_study, device_uid_for
+
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+COMPREHENSIVE_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+def make_message(paths, message_id: str | None = None) -> StudyReady:
+    now = datetime.now(timezone.utc)
+    instances = []
+    for path in paths:
+        dataset = dcmread(path, stop_before_pixels=True)
+        instances.append(InstanceRef(sop_class_uid=dataset.SOPClassUID, sop_instance_uid=dataset.SOPInstanceUID,
+                                     series_instance_uid=dataset.SeriesInstanceUID,
+                                     transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID, path=str(path),
+                                     calling_ae="STORESCU", received_at=now))
+    study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+    return StudyReady(message_id=message_id or generate_uid(), study_instance_uid=study_uid, round=1,
+                      spool_dir=str(paths[0].parent), calling_ae="STORESCU", first_received_at=now,
+                      last_received_at=now, instances=instances)
+
+
+def dciodvfy_errors(path) -> list[str]:
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def sr_values(sr) -> dict[str, object]:
+    """Concept name → value (numeric or coded meaning) for every content item of an SR."""
+    values: dict[str, object] = {}
+
+    def walk(items) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
+            if item.ValueType == "NUM":
+                values.setdefault(name, []).append(float(item.MeasuredValueSequence[0].NumericValue))
+            elif item.ValueType == "TEXT":
+                values.setdefault(name, []).append(item.TextValue)
+            elif item.ValueType == "CODE":
+                values.setdefault(name, []).append(item.ConceptCodeSequence[0].CodeMeaning)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return values
+
+
+@pytest.fixture
+def outcome(study_files, tmp_path):
+    paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
+    return analyse_study(make_message(paths), load_classifier(), tmp_path / "outbox",
+                         device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+
+
+def test_one_sc_per_analysed_image_and_one_sr_per_image(outcome) -> None:
+    classes = [dcmread(path, stop_before_pixels=True).SOPClassUID for path in outcome.files]
+    assert classes.count(SC_CLASS) == 1
+    assert classes.count(COMPREHENSIVE_SR_CLASS) == 3
+    assert [image["not_analysed_reason"] for image in outcome.images] == [
+        None, "lateral view (ViewPosition LL)", "body part KNEE is not the chest"]
+
+
+def test_outputs_are_valid_dicom(outcome) -> None:
+    for path in outcome.files:
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_outputs_stay_in_the_source_study_and_name_lung_vision(outcome, study_files) -> None:
+    source = dcmread(study_files["frontal"], stop_before_pixels=True)
+    for path in outcome.files:
+        output = dcmread(path, stop_before_pixels=True)
+        assert output.StudyInstanceUID == source.StudyInstanceUID
+        assert output.PatientName == source.PatientName
+        assert output.Manufacturer == "Lung Vision"
+        assert any("lungvision" in version for version in output.SoftwareVersions)
+        assert "Lung Vision" in [item.Manufacturer for item in output.ContributingEquipmentSequence]
+
+
+def test_heatmap_sc_is_derived_burned_in_and_small(outcome, study_files) -> None:
+    sc = next(dcmread(path) for path in outcome.files if dcmread(path, stop_before_pixels=True).SOPClassUID == SC_CLASS)
+    assert sc.BurnedInAnnotation == "YES"
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.PhotometricInterpretation == "RGB" and max(sc.Rows, sc.Columns) <= 512
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(study_files["frontal"]).SOPInstanceUID
+
+
+def test_sr_says_what_the_model_said(outcome) -> None:
+    frontal = outcome.findings[0]
+    sr = dcmread(outcome.files[1])
+    assert sr.VerificationFlag == "UNVERIFIED"
+    values = sr_values(sr)
+    assert values["Pneumonia probability (calibrated)"][0] == pytest.approx(frontal.probability, abs=1e-4)
+    assert values["Decision threshold"] == [pytest.approx(load_classifier().card.threshold, abs=1e-4)]
+    assert values["Pneumonia"][0] == ("Present" if frontal.positive else "Absent")
+    assert f"weights sha256 {load_classifier().card.weights_sha256}" in values["Algorithm Parameters"]
+
+    lateral_sr = dcmread(outcome.files[2])
+    assert sr_values(lateral_sr)["Image not analysed"] == ["lateral view (ViewPosition LL)"]
+
+
+def test_analysing_again_gives_the_same_uids(outcome, study_files, tmp_path) -> None:
+    paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
+    again = analyse_study(make_message(paths), load_classifier(), tmp_path / "outbox2",
+                          device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    assert [path.name for path in again.files] == [path.name for path in outcome.files]

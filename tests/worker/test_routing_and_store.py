@@ -1,0 +1,84 @@
+"""Routing rules, back-off delays, destination validation and the outcome store (SQLite and PostgreSQL)."""
+
+import random
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+import sqlalchemy
+
+from config.settings import ConfigError, load_settings
+from worker.deliver import choose_destinations, retry_delay_s
+from worker.record import Store, StudyResult
+
+DESTINATIONS = [
+    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
+    {"name": "priority", "ae_title": "PRIORITY", "host": "127.0.0.1", "port": 105},
+    {"name": "er", "ae_title": "ER", "host": "127.0.0.1", "port": 106},
+]
+
+
+def test_without_rules_every_destination_gets_everything() -> None:
+    settings = load_settings(destinations=DESTINATIONS)
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NEGATIVE") == [
+        "pacs", "priority", "er"]
+
+
+def test_rules_route_by_result_calling_ae_and_modality() -> None:
+    settings = load_settings(destinations=DESTINATIONS, routing=[
+        {"destinations": ["pacs"]},
+        {"result": "positive", "destinations": ["priority"]},
+        {"calling_ae": "ER_CR1", "modality": "CR", "destinations": ["er"]},
+    ])
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="POSITIVE") == ["pacs", "priority"]
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NEGATIVE") == ["pacs"]
+    assert choose_destinations(settings, calling_ae="ER_CR1", modalities={"CR"}, finding="NOT_ANALYSED") == ["pacs", "er"]
+    assert choose_destinations(settings, calling_ae="ER_CR1", modalities={"DX"}, finding="NEGATIVE") == ["pacs"]
+
+
+def test_a_rule_naming_an_unknown_destination_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"routing\.0\.destinations.*nowhere"):
+        load_settings(destinations=DESTINATIONS, routing=[{"destinations": ["nowhere"]}])
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_maximum() -> None:
+    rng = random.Random(1)
+    for attempt, ceiling in [(1, 10), (2, 20), (3, 40), (7, 600), (12, 600)]:
+        delays = [retry_delay_s(attempt, 10, 600, rng) for _ in range(200)]
+        assert ceiling / 2 <= min(delays) and max(delays) <= ceiling
+        assert len(set(delays)) > 1
+
+
+def _result(message_id: str) -> StudyResult:
+    return StudyResult(message_id=message_id, study_instance_uid="1.2.3", round=1, calling_ae="AE", modality="CR",
+                       accession_number=None, status="analysed", finding="POSITIVE", probability=0.9, threshold=0.5,
+                       model_version="m 1", model_sha256="ab" * 32, images=[{"sop_instance_uid": "1.2.3.4"}],
+                       timings_ms={"encode": 1.0}, received_at=datetime.now(timezone.utc))
+
+
+def _exercise(store: Store) -> None:
+    message_id = uuid.uuid4().hex
+    store.save_result(_result(message_id))
+    store.update_delivery(message_id, "pacs", status="pending", attempts=0)
+    store.update_delivery(message_id, "priority", status="pending", attempts=0)
+    store.update_delivery(message_id, "pacs", status="delivered", attempts=1)
+    assert store.result(message_id).status == "analysed"
+    store.update_delivery(message_id, "priority", status="delivered", attempts=2)
+    assert store.result(message_id).status == "delivered"
+    assert {(d.destination, d.attempts) for d in store.deliveries(message_id)} == {("pacs", 1), ("priority", 2)}
+    store.update_delivery(message_id, "priority", status="failed", attempts=5, error="no answer")
+    assert store.result(message_id).status == "failed"
+    assert store.result(message_id).images == [{"sop_instance_uid": "1.2.3.4"}]
+
+
+def test_sqlite_store(tmp_path) -> None:
+    _exercise(Store(f"sqlite:///{tmp_path}/outcomes.db"))
+
+
+def test_postgresql_store() -> None:
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    try:
+        sqlalchemy.create_engine(url).connect().close()
+    except sqlalchemy.exc.OperationalError:
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    _exercise(Store(url))

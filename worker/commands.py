@@ -1,0 +1,59 @@
+"""Command hooks: ``lungvision worker`` runs the Celery worker; ``lungvision jobs`` lists and replays
+dead-lettered deliveries."""
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+import typer
+
+from config.settings import Settings
+
+
+def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
+    """Add ``worker`` and ``jobs`` to the ``lungvision`` app."""
+
+    @app.command("worker")
+    def worker() -> None:
+        """Run the analysis worker: consume studies from the queue, analyse, send and record results."""
+        from dicom_node.messages import QUEUE
+        from worker.celery_app import configure
+
+        settings = get_settings()
+        celery = configure(settings)
+        celery.worker_main(["worker", "--loglevel", settings.log_level, "--queues", QUEUE,
+                            "--concurrency", str(settings.worker.concurrency), "--without-gossip", "--without-mingle"])
+
+    jobs = typer.Typer(help="Dead-lettered deliveries: list and replay.", no_args_is_help=True)
+    app.add_typer(jobs, name="jobs")
+
+    def dead_letters():
+        from worker.deliver import DeadLetters
+
+        settings = get_settings()
+        return DeadLetters(settings.broker.url, settings.worker.dead_letter_key)
+
+    @jobs.command("failed")
+    def failed() -> None:
+        """List deliveries that ran out of attempts (one line each: id, time, destination, study round, error)."""
+        letters = dead_letters().list()
+        if not letters:
+            typer.echo("no failed jobs")
+        for letter in letters:
+            typer.echo(f"{letter.id}  {letter.failed_at}  {letter.job.destination}  {letter.job.message_id}  "
+                       f"attempts={letter.attempts}  {letter.error}")
+
+    @jobs.command("retry")
+    def retry(job_id: str = typer.Argument(..., help="id shown by 'lungvision jobs failed'")) -> None:
+        """Replay one dead-lettered delivery with a fresh set of attempts."""
+        from worker.celery_app import configure
+        from worker.tasks import deliver_task, store
+
+        settings = get_settings()
+        configure(settings)
+        letter = dead_letters().take(job_id)
+        if letter is None:
+            typer.echo(f"error: no failed job with id {job_id!r} (see 'lungvision jobs failed')", err=True)
+            raise typer.Exit(2)
+        deliver_task.apply_async(args=[asdict(letter.job)])
+        store().update_delivery(letter.job.message_id, letter.job.destination, status="pending", attempts=0)
+        typer.echo(f"replaying {job_id}: {letter.job.message_id} → {letter.job.destination}")

@@ -1,0 +1,1 @@
+"""Encoders — analysis results become DICOM objects (one builder per object)."""

@@ -1,0 +1,155 @@
+"""Findings SR — per-image model results become a Comprehensive SR holding a TID 1500 Measurement Report.
+
+Content: one measurement group per source image (TID 1501) with the qualitative evaluation
+"Pneumonia" (SNOMED CT 233604007) present/absent, the calibrated probability and the decision
+threshold as measurements, the algorithm (TID 4019: name, version, weights sha256 as a parameter)
+and references to the source image and its heatmap SC; an image that could not be analysed gets a
+group that says why. A first, study-level group carries the highest image probability. The
+observer is the Lung Vision device; the report is UNVERIFIED.
+"""
+
+import hashlib
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node.identity import MANUFACTURER
+from worker.encode.equipment import Algorithm
+from worker.encode.source_header import complete_source_header
+from worker.uids import derived_uid
+
+LOCAL_SCHEME = "99LUNGVISION"  # private coding scheme for concepts without a standard code
+PNEUMONIA = Code("233604007", "SCT", "Pneumonia")
+CHEST_XRAY = Code("168731009", "SCT", "Chest X-ray")
+PNEUMONIA_PROBABILITY = Code("LV001", LOCAL_SCHEME, "Pneumonia probability (calibrated)")
+DECISION_THRESHOLD = Code("LV002", LOCAL_SCHEME, "Decision threshold")
+NOT_ANALYSED = Code("LV003", LOCAL_SCHEME, "Image not analysed")
+STUDY_LEVEL = Code("LV004", LOCAL_SCHEME, "Study-level finding (highest image probability)")
+NO_UNITS = codes.UCUM.NoUnits
+SERIES_DESCRIPTION = "Lung Vision pneumonia findings (not for diagnostic use)"
+
+
+@dataclass(frozen=True)
+class ImageFinding:
+    """What the worker concluded for one source image: a probability, or why there is none."""
+
+    source: Dataset
+    probability: float | None = None
+    positive: bool | None = None
+    not_analysed_reason: str | None = None  # e.g. "lateral view (ViewPosition LL)"
+    heatmap_sc: Dataset | None = None
+
+    @property
+    def analysed(self) -> bool:
+        return self.probability is not None
+
+
+def _reason_code(reason: str) -> Code:
+    """A local code whose meaning is the human-readable reason (≤ 64 characters)."""
+    return Code(f"LV-{hashlib.sha256(reason.encode()).hexdigest()[:8]}", LOCAL_SCHEME, reason[:64])
+
+
+def _tracking_uid(finding: ImageFinding, algorithm: Algorithm) -> str:
+    return derived_uid(finding.source.SOPInstanceUID, algorithm.weights_sha256, "tracking")
+
+
+def _image_group(finding: ImageFinding, threshold: float, algorithm_id: hd.sr.AlgorithmIdentification,
+                 tracking_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(finding.source)]
+    if finding.heatmap_sc is not None:
+        source_images.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(finding.heatmap_sc))
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"image {finding.source.SOPInstanceUID}"[:64])
+    if not finding.analysed:
+        evaluation = hd.sr.QualitativeEvaluation(NOT_ANALYSED, _reason_code(finding.not_analysed_reason or "unknown"))
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, algorithm_id=algorithm_id, qualitative_evaluations=[evaluation],
+            source_images=source_images[:1])
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=PNEUMONIA,
+        algorithm_id=algorithm_id,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(PNEUMONIA, codes.SCT.Present if finding.positive else codes.SCT.Absent)
+        ],
+        measurements=[
+            hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id),
+            hd.sr.Measurement(DECISION_THRESHOLD, round(threshold, 4), NO_UNITS),
+        ],
+        source_images=source_images,
+    )
+
+
+def build_findings_sr(
+    findings: list[ImageFinding],
+    *,
+    study_finding: ImageFinding | None,
+    threshold: float,
+    algorithm: Algorithm,
+    device_uid: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+) -> hd.sr.ComprehensiveSR:
+    """A Comprehensive SR about ``findings`` (images of one study).
+
+    ``study_finding`` is the study's analysed image with the highest probability (None when no
+    image of the study could be analysed); it becomes the first, study-level group.
+    """
+    if not findings:
+        raise ValueError("a findings SR needs at least one image")
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, parameters=[f"weights sha256 {algorithm.weights_sha256}"]
+    )
+    groups = [_image_group(finding, threshold, algorithm_id, _tracking_uid(finding, algorithm)) for finding in findings]
+    if study_finding is not None:
+        study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(study_finding.source.StudyInstanceUID, algorithm.weights_sha256, "study-finding"),
+                identifier="study"),
+            finding_type=PNEUMONIA,
+            finding_category=STUDY_LEVEL,
+            algorithm_id=algorithm_id,
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(PNEUMONIA, codes.SCT.Present if study_finding.positive else codes.SCT.Absent)
+            ],
+            measurements=[hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS,
+                                            algorithm_id=algorithm_id)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(study_finding.source)],
+        )
+        groups.insert(0, study_group)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name="Lung Vision", manufacturer_name=MANUFACTURER, model_name=algorithm.name),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CHEST_XRAY,
+        imaging_measurements=groups,
+    )
+    sources = list(findings)
+    if study_finding is not None and all(study_finding is not finding for finding in findings):
+        sources.append(study_finding)
+    evidence = [complete_source_header(finding.source) for finding in sources]
+    evidence += [finding.heatmap_sc for finding in findings if finding.heatmap_sc is not None]
+    sr = hd.sr.ComprehensiveSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[algorithm.contributing_equipment()],
+    )
+    sr.SeriesDescription = SERIES_DESCRIPTION
+    sr.SoftwareVersions = algorithm.software_versions
+    sr.ManufacturerModelName = algorithm.name
+    return sr

@@ -1,0 +1,70 @@
+"""Heatmap Secondary Capture — a source radiograph and its overlay picture become an RGB SC image
+in the same study (patient and study attributes copied by highdicom from the source)."""
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node.identity import MANUFACTURER
+from worker.encode.equipment import Algorithm
+from worker.encode.source_header import complete_source_header
+
+SERIES_DESCRIPTION = "Lung Vision pneumonia heatmap (not for diagnostic use)"
+_VALID_ORIENTATION_LETTERS = set("APRLHF")
+
+
+def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation when it is a valid pair of direction codes, else None."""
+    values = list(source.get("PatientOrientation") or [])
+    if len(values) == 2 and all(value and set(value) <= _VALID_ORIENTATION_LETTERS for value in values):
+        return values[0], values[1]
+    return None
+
+
+def build_heatmap_sc(
+    source: Dataset,
+    overlay_rgb: np.ndarray,
+    *,
+    algorithm: Algorithm,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+) -> hd.sc.SCImage:
+    """A Secondary Capture Image: the source image with the heatmap and legend burned in.
+
+    ``overlay_rgb`` is the H×W×3 uint8 picture from ``inference.overlay.render_overlay``. The SC is
+    DERIVED\\SECONDARY, says BurnedInAnnotation YES, references its source instance, and names
+    Lung Vision in Manufacturer, Software Versions and Contributing Equipment.
+    """
+    orientation = _patient_orientation(source)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=complete_source_header(source),
+        pixel_array=overlay_rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=[algorithm.contributing_equipment()],
+    )
+    if orientation is None:
+        sc.PatientOrientation = ""  # Type 2: unknown stays empty rather than guessed
+    sc.Laterality = source.get("Laterality", "")  # Type 2C for paired body parts: empty when unknown
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.SeriesDescription = SERIES_DESCRIPTION
+    sc.SoftwareVersions = algorithm.software_versions
+    sc.ManufacturerModelName = algorithm.name
+    sc.DerivationDescription = "Grad-CAM heatmap and legend blended over the source image"
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    return sc

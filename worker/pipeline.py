@@ -1,0 +1,145 @@
+"""Pipeline — a StudyReady message becomes result files in the outbox: load → select → decode →
+predict → encode. Delivery and recording happen in the tasks; this module knows no Celery."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import Dataset, dcmread
+
+from dicom_node.messages import StudyReady
+from inference.classifier import Classifier
+from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
+from inference.overlay import legend_lines, render_overlay
+from inference.preprocess import to_square_uint8
+from worker.encode.equipment import Algorithm
+from worker.encode.findings_sr import ImageFinding, build_findings_sr
+from worker.encode.heatmap_sc import build_heatmap_sc
+from worker.select import not_analysed_reason
+from worker.uids import derived_uid, output_instance_uid, output_series_uid
+
+SC_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+
+
+@dataclass
+class StudyOutcome:
+    """What one study round produced: the finding, per-image details and the files to deliver."""
+
+    message: StudyReady
+    findings: list[ImageFinding]
+    files: list[Path]
+    images: list[dict]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def top(self) -> ImageFinding | None:
+        """The analysed image with the highest probability (the study-level finding)."""
+        return highest_probability(self.findings)
+
+    @property
+    def finding(self) -> str:
+        """POSITIVE, NEGATIVE, or NOT_ANALYSED when no image could be analysed."""
+        top = self.top
+        return "NOT_ANALYSED" if top is None else ("POSITIVE" if top.positive else "NEGATIVE")
+
+
+def highest_probability(findings: list[ImageFinding]) -> ImageFinding | None:
+    """The analysed finding with the highest probability, or None when nothing was analysed."""
+    analysed = [finding for finding in findings if finding.analysed]
+    return max(analysed, key=lambda finding: finding.probability) if analysed else None
+
+
+class _Stopwatch:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    def lap(self, name: str, started: float) -> float:
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + (now - started) * 1000
+        return now
+
+
+def algorithm_of(classifier: Classifier) -> Algorithm:
+    """The algorithm identity our outputs carry."""
+    return Algorithm(classifier.card.name, classifier.card.version, classifier.card.weights_sha256)
+
+
+def analyse_study(message: StudyReady, classifier: Classifier, outbox: Path, *, device_uid: str,
+                  max_long_side: int) -> StudyOutcome:
+    """Analyse every instance of ``message`` and write the SC and SR files into ``outbox``."""
+    watch = _Stopwatch()
+    started = time.perf_counter()
+    sources: list[Dataset] = []
+    grays: dict[int, np.ndarray] = {}
+    reasons: dict[int, str] = {}
+    for index, instance in enumerate(message.instances):
+        dataset = dcmread(instance.path, force=True)
+        sources.append(dataset)
+        reason = not_analysed_reason(dataset)
+        if reason is None:
+            try:
+                grays[index] = dataset_to_gray(dataset)
+            except UnsupportedImage as error:
+                reason = f"unsupported image: {error}"
+        if reason is not None:
+            reasons[index] = reason
+    started = watch.lap("read_decode", started)
+
+    analysed = sorted(grays)
+    squares = np.stack([to_square_uint8(grays[index]) for index in analysed]) if analysed else None
+    started = watch.lap("preprocess", started)
+    predictions = classifier.predict_squares(squares, [grays[i].shape for i in analysed]) if analysed else []
+    started = watch.lap("model_heatmap", started)
+
+    algorithm = algorithm_of(classifier)
+    sha = algorithm.weights_sha256
+    study_uid = message.study_instance_uid
+    findings: list[ImageFinding] = []
+    by_index = dict(zip(analysed, predictions))
+    for index, source in enumerate(sources):
+        prediction = by_index.get(index)
+        if prediction is None:
+            findings.append(ImageFinding(source, not_analysed_reason=reasons[index]))
+            continue
+        legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold, prediction.model_version)
+        sc = build_heatmap_sc(
+            source, render_overlay(grays[index], prediction.heatmap, legend, max_long_side), algorithm=algorithm,
+            series_instance_uid=output_series_uid(study_uid, sha, "sc"),
+            sop_instance_uid=output_instance_uid(source.SOPInstanceUID, sha, "sc"),
+            series_number=SC_SERIES_NUMBER, instance_number=int(source.get("InstanceNumber") or index + 1))
+        findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc))
+
+    top = highest_probability(findings)
+    outputs: list[Dataset] = []
+    images: list[dict] = []
+    for index, finding in enumerate(findings):
+        sr = build_findings_sr(
+            [finding], study_finding=top, threshold=classifier.card.threshold, algorithm=algorithm,
+            device_uid=device_uid, series_instance_uid=output_series_uid(study_uid, sha, "sr"),
+            sop_instance_uid=output_instance_uid(finding.source.SOPInstanceUID, sha, "sr"),
+            series_number=SR_SERIES_NUMBER, instance_number=int(finding.source.get("InstanceNumber") or index + 1))
+        outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
+        images.append({"sop_instance_uid": str(finding.source.SOPInstanceUID), "probability": finding.probability,
+                       "positive": finding.positive, "not_analysed_reason": finding.not_analysed_reason,
+                       "sc_uid": str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
+                       "sr_uid": str(sr.SOPInstanceUID)})
+    files = [write_output(dataset, outbox / study_uid) for dataset in outputs]
+    watch.lap("encode", started)
+    return StudyOutcome(message, findings, files, images, watch.timings)
+
+
+def write_output(dataset: Dataset, folder: Path) -> Path:
+    """Write one output as a Part-10 file named by its SOP Instance UID (temp file, then rename)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{dataset.SOPInstanceUID}.dcm"
+    partial = path.with_suffix(".partial")
+    dataset.save_as(partial, enforce_file_format=True)
+    partial.replace(path)
+    return path
+
+
+def device_uid_for(ae_title: str) -> str:
+    """The device observer UID of this Lung Vision installation (stable for its AE title)."""
+    return derived_uid("lungvision-device", ae_title)

@@ -1,0 +1,97 @@
+"""Record — each study's outcome and each delivery become rows in a small SQL store (no patient names,
+ids or birth dates). SQLite by default; any SQLAlchemy URL (e.g. PostgreSQL) works. The worklist reads it."""
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, Float, Integer, String, create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StudyResult(Base):
+    """One analysed study round: what the model found and what was produced."""
+
+    __tablename__ = "study_results"
+
+    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # analysed | not_analysed | delivered | failed
+    finding: Mapped[str] = mapped_column(String(16))  # POSITIVE | NEGATIVE | NOT_ANALYSED
+    probability: Mapped[float | None] = mapped_column(Float)  # study level: the highest image probability
+    threshold: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[str] = mapped_column(String(64))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    images: Mapped[list] = mapped_column(JSON)  # per image: source UID, probability or reason, SC/SR UIDs
+    timings_ms: Mapped[dict] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    analysed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Delivery(Base):
+    """The state of sending one study round's outputs to one destination."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(64), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # pending | delivered | retrying | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(512))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Store:
+    """The outcome store; creates its tables on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url)
+        Base.metadata.create_all(self.engine)
+
+    def save_result(self, result: StudyResult) -> None:
+        """Insert or replace the row of ``result.message_id``."""
+        with Session(self.engine) as session, session.begin():
+            session.merge(result)
+
+    def result(self, message_id: str) -> StudyResult | None:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.get(StudyResult, message_id)
+
+    def results(self) -> list[StudyResult]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(select(StudyResult).order_by(StudyResult.analysed_at)))
+
+    def update_delivery(self, message_id: str, destination: str, *, status: str, attempts: int,
+                        error: str | None = None) -> None:
+        """Record the latest state of one delivery, and roll the study's status up from all of them."""
+        with Session(self.engine) as session, session.begin():
+            row = session.scalars(select(Delivery).where(Delivery.message_id == message_id,
+                                                         Delivery.destination == destination)).first()
+            if row is None:
+                row = Delivery(message_id=message_id, destination=destination)
+                session.add(row)
+            row.status, row.attempts, row.last_error = status, attempts, (error or None) and error[:512]
+            session.flush()
+            result = session.get(StudyResult, message_id)
+            if result is not None:
+                states = {d.status for d in session.scalars(select(Delivery).where(Delivery.message_id == message_id))}
+                if "failed" in states:
+                    result.status = "failed"
+                elif states == {"delivered"}:
+                    result.status = "delivered"
+
+    def deliveries(self, message_id: str) -> list[Delivery]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(select(Delivery).where(Delivery.message_id == message_id)))
