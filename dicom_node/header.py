@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 PIXEL_DATA = 0x7FE00010
 _DEFER_BYTES = 4096  # values larger than this are skipped, not read: pixel data stays on disk
@@ -37,7 +38,10 @@ def read_header(path: Path) -> Header:
     size = os.path.getsize(path)
     try:
         dataset = dcmread(path, defer_size=_DEFER_BYTES)
-        _check_complete(dataset, size)
+        if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            _check_not_empty(dataset)  # inflating already failed on a truncated stream; offsets are not file offsets
+        else:
+            _check_complete(dataset, size)
         return Header(
             transfer_syntax_uid=_text(dataset.file_meta.get("TransferSyntaxUID")),
             sop_class_uid=_value(dataset, "SOPClassUID"),
@@ -53,10 +57,14 @@ def read_header(path: Path) -> Header:
         raise UnreadableDataset(f"{type(error).__name__}: {error}") from error
 
 
-def _check_complete(dataset: Dataset, file_size: int) -> None:
-    """Raise when an element's value runs past the end of the file (a truncated payload)."""
+def _check_not_empty(dataset: Dataset) -> None:
     if len(dataset) == 0:
         raise UnreadableDataset("the dataset is empty")
+
+
+def _check_complete(dataset: Dataset, file_size: int) -> None:
+    """Raise when the dataset is empty or an element's value runs past the end of the file (truncated)."""
+    _check_not_empty(dataset)
     for tag in dataset.keys():
         element = dataset.get_item(tag, keep_deferred=True)
         value_tell = getattr(element, "value_tell", None)

@@ -97,7 +97,11 @@ class Intake:
     def receive(self, item: Received) -> Outcome:
         if item.sop_class_uid not in self._analysed:
             return Outcome(Disposition.IGNORED_SOP_CLASS)
-        if not self._spool.has_room():
+        try:
+            has_room = self._spool.has_room()
+        except OSError as error:
+            return Outcome(Disposition.WRITE_FAILED, detail=f"free space unknown: {error}")
+        if not has_room:
             return Outcome(Disposition.DISK_LOW, detail=f"free space below {self._spool.min_free_bytes} bytes")
         try:
             header = read_header(item.path)

@@ -26,13 +26,15 @@ class JsonLineFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr; pynetdicom's own chatter only from WARNING up."""
+    """JSON lines on stderr, Python warnings included; pynetdicom's chatter only from WARNING up."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # pydicom's parse warnings become JSON lines too ("py.warnings")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # it logs each warning a second time
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:

@@ -44,6 +44,7 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     dispatcher = Dispatcher(spool, tracker, enqueuer.send)
     dispatcher.resume()
 
+    stop, reload_requested = _signal_events()
     node = settings.node
     intake = Intake(spool, tracker, ANALYSED_SOP_CLASSES)
     journal = AssociationJournal()
@@ -59,11 +60,6 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         stable_seconds=settings.spool.stable_seconds, max_associations=node.max_associations,
     )
 
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     next_sweep = 0.0
     try:
         while not stop.is_set():
@@ -79,6 +75,15 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         server.shutdown()
         enqueuer.close()
         log_event(LOG, "node.stopped", unqueued_rounds=dispatcher.backlog, pending_studies=len(tracker))
+
+
+def _signal_events() -> tuple[threading.Event, threading.Event]:
+    """(stop: SIGTERM/SIGINT, reload: SIGHUP), installed before the port opens."""
+    stop, reload_requested = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    return stop, reload_requested
 
 
 def _sweep(spool: Spool, settings: Settings) -> None:

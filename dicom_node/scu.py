@@ -52,7 +52,7 @@ class DeliveryError(Exception):
     def __init__(
         self,
         destination: Destination,
-        sop_instance_uid: str | None,
+        sop_instance_uid: str,
         status: int | None,
         reason: str,
         *,
@@ -68,7 +68,7 @@ class DeliveryError(Exception):
         status_text = "no status" if status is None else f"status 0x{status:04X}"
         super().__init__(
             f"C-STORE to {destination.ae_title}@{destination.host}:{destination.port} failed for "
-            f"{sop_instance_uid or 'the association'}: {reason} ({status_text})"
+            f"{sop_instance_uid}: {reason} ({status_text})"
         )
 
 
@@ -99,7 +99,7 @@ def send_datasets(
 
     statuses: list[int] = []
     delivered: list[str] = []
-    with _association(ae, destination) as assoc:
+    with _association(ae, destination, first_sop_uid=str(datasets[0].SOPInstanceUID)) as assoc:
         for message_id, dataset in enumerate(datasets, start=1):
             sop_uid = str(dataset.SOPInstanceUID)
             try:
@@ -127,12 +127,12 @@ def proposed_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]
 
 
 @contextmanager
-def _association(ae: AE, destination: Destination) -> Iterator[Association]:
+def _association(ae: AE, destination: Destination, *, first_sop_uid: str) -> Iterator[Association]:
     """An established association, released afterwards (aborted if the caller failed mid-way)."""
     tls_args = _tls_args(destination.tls) if destination.tls is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
-        raise _association_error(destination, assoc)
+        raise _association_error(destination, assoc, first_sop_uid)
     completed = False
     try:
         yield assoc
@@ -162,15 +162,20 @@ def _checked_status(
     raise DeliveryError(destination, sop_uid, status, reason, transient=out_of_resources, delivered=delivered)
 
 
-def _association_error(destination: Destination, assoc: Association) -> DeliveryError:
+def _association_error(destination: Destination, assoc: Association, sop_uid: str) -> DeliveryError:
+    """Why no association came up; names the first instance, as none was delivered."""
     if assoc.is_rejected:
         rejection = assoc.acceptor.primitive  # the A-ASSOCIATE-RJ
         reason = f"association rejected: {rejection.result_str}, {rejection.reason_str}"
         # a permanent rejection (unknown AE title, not allowed) will not heal by retrying
-        return DeliveryError(destination, None, None, reason, transient=rejection.result == 0x02)
+        return DeliveryError(destination, sop_uid, None, reason, transient=rejection.result == 0x02)
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
+        refused = sorted({str(context.abstract_syntax) for context in assoc.rejected_contexts})
+        reason = f"no proposed presentation context was accepted (refused: {', '.join(refused)})"
+        return DeliveryError(destination, sop_uid, None, reason, transient=False)
     if assoc.is_aborted:
-        return DeliveryError(destination, None, None, "association aborted during negotiation", transient=True)
-    return DeliveryError(destination, None, None, "could not connect", transient=True)
+        return DeliveryError(destination, sop_uid, None, "association aborted during negotiation", transient=True)
+    return DeliveryError(destination, sop_uid, None, "could not connect", transient=True)
 
 
 def _tls_args(tls: ClientTls) -> tuple[ssl.SSLContext, str | None]:

@@ -128,19 +128,28 @@ class Spool:
     def store(self, study_uid: str, record: ArrivalRecord, source: Path, *, own: bool = False) -> bool:
         """Move the received file ``source`` into the study; False when that SOP Instance UID is already here.
 
-        Returns only after the file, its arrival record and both names are on stable storage.
+        Returns only after the file, its arrival record and both names are on stable storage. The
+        slow part (fsync of the payload) runs outside the study's lock, so parallel associations
+        sending one study are not serialised on it.
         """
         study_dir = self._study_dir(study_uid)
         sop_uid = checked_uid(record.sop_instance_uid, "SOPInstanceUID")
         target_dir = study_dir / (OWN if own else INCOMING)
-        with self._lock(study_uid):
-            if self._already_stored(study_dir, sop_uid):
-                return False
-            _ensure_dir(target_dir)
-            _fsync_file(source)
-            _write_atomically(target_dir / f"{sop_uid}{RECORD_SUFFIX}", record.to_bytes(), sync_dir=False)
-            _move_into(source, target_dir / f"{sop_uid}{DICOM_SUFFIX}")
-            _fsync_dir(target_dir)
+        if self._already_stored(study_dir, sop_uid):
+            return False
+        _fsync_file(source)
+        record_file = source.with_name(source.name + RECORD_SUFFIX)
+        _write_synced(record_file, record.to_bytes())
+        try:
+            with self._lock(study_uid):
+                if self._already_stored(study_dir, sop_uid):  # a parallel association was faster
+                    return False
+                _ensure_dir(target_dir)
+                _move_into(record_file, target_dir / f"{sop_uid}{RECORD_SUFFIX}")
+                _move_into(source, target_dir / f"{sop_uid}{DICOM_SUFFIX}")
+                _fsync_dir(target_dir)
+        finally:
+            record_file.unlink(missing_ok=True)
         return True
 
     def _already_stored(self, study_dir: Path, sop_uid: str) -> bool:
@@ -300,15 +309,18 @@ def _ensure_dir(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_atomically(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
+def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + TEMP_SUFFIX)
-    with open(temporary, "wb") as handle:
+    _write_synced(temporary, data)
+    os.replace(temporary, path)
+    _fsync_dir(path.parent)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    if sync_dir:
-        _fsync_dir(path.parent)
 
 
 def _move_into(source: Path, target: Path) -> None:

@@ -26,6 +26,7 @@ class Orthanc:
 
     def __init__(self, folder: Path, http_port: int, dicom_port: int, settings: dict | None = None) -> None:
         self.folder, self.http_port, self.dicom_port = folder, http_port, dicom_port
+        folder.mkdir(parents=True, exist_ok=True)
         self.config_path = folder / "orthanc.json"
         self.log_path = folder / "orthanc.log"
         config = {

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
@@ -85,6 +86,14 @@ def raw_part10(path: Path, body: bytes, *, sop_class_uid: str, sop_uid: str) -> 
         write_file_meta_info(handle, meta)
         handle.write(body)
     return path
+
+
+def encoded_body(dataset: Dataset) -> bytes:
+    """The dataset encoded explicit VR little endian, without file meta: what travels in a C-STORE."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, dataset)
+    return buffer.getvalue()
 
 
 def truncated_copy(source: Path, target: Path, drop_bytes: int) -> Path:
@@ -160,9 +169,9 @@ class QueueReader:
         self.client = client
 
     def tasks(self) -> list[tuple[str, str, dict]]:
-        """(task id, task name, StudyReady dict) per queued message."""
+        """(task id, task name, StudyReady dict) per queued message, oldest first."""
         found = []
-        for raw in self.client.lrange("lungvision", 0, -1):
+        for raw in reversed(self.client.lrange("lungvision", 0, -1)):  # kombu LPUSHes, workers BRPOP
             envelope = json.loads(raw)
             args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
             found.append((envelope["headers"]["id"], envelope["headers"]["task"], args[0]))

@@ -140,3 +140,13 @@ def test_our_own_objects_are_stored_but_never_reach_completion(intake, spool, tr
     assert (outcome.status, outcome.disposition) == (StoreStatus.SUCCESS, Disposition.STORED_OWN_OBJECT)
     assert (spool.root / "studies" / "1.2.3" / "own" / f"{sop_uid}.dcm").exists()
     assert len(tracker) == 0
+
+
+def test_deflated_payloads_are_read_and_truncated_ones_refused(intake, spool, tmp_path) -> None:
+    dataset = make_image(study_uid="1.2.3")
+    dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"  # deflated explicit VR little endian
+    full = save(dataset, tmp_path / "deflated.dcm")
+    truncated = truncated_copy(full, spool.receiving_dir / "truncated.dcm", drop_bytes=200)
+    assert intake.receive(received(truncated, str(dataset.SOPInstanceUID))).status == StoreStatus.CANNOT_UNDERSTAND
+    whole = full.rename(spool.receiving_dir / "whole.dcm")
+    assert intake.receive(received(whole, str(dataset.SOPInstanceUID))).status == StoreStatus.SUCCESS

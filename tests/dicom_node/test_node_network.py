@@ -17,6 +17,7 @@ from node_testkit import (
     NodeProcess,
     QueueReader,
     dcmtk,
+    encoded_body,
     make_image,
     node_settings,
     raw_part10,
@@ -28,7 +29,8 @@ from node_testkit import (
 pytestmark = pytest.mark.integration
 
 STABLE_S = 3
-SETTLE_S = STABLE_S + 1.5  # long enough that a second (wrong) dispatch would have happened
+SETTLE_S = 1.5  # after a study's task appeared: time in which a (wrong) second one would have followed
+QUIET_S = STABLE_S + 1.5  # after a store: time in which a (wrong) first task would have appeared
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,26 @@ def test_dcmtk_storescu_instance_is_spooled_then_queued_exactly_once(node, redis
     [(task_id, task_name, _)] = [t for t in redis_queue.tasks() if t[2]["study_instance_uid"] == study]
     assert (task_id, task_name) == (message["message_id"], "lungvision.analyse_study")
     assert len(redis_queue.wait_for({study}, 2, timeout_s=SETTLE_S)) == 1
+
+
+def test_compressed_and_deflated_instances_are_accepted_as_sent(node, redis_queue, tmp_path) -> None:
+    study = generate_uid()
+    conversions = [  # dcmtk converter (+ options), storescu's proposal option, the transfer syntax written
+        (("dcmcjpeg",), "-xs", "1.2.840.10008.1.2.4.70"),
+        (("dcmcrle",), "-xr", "1.2.840.10008.1.2.5"),
+        (("dcmcjpls",), "-xt", "1.2.840.10008.1.2.4.80"),
+        (("dcmconv", "+td"), "-xd", "1.2.840.10008.1.2.1.99"),
+    ]
+    for (tool, *options), proposal, _syntax in conversions:
+        plain = save(make_image(study_uid=study), tmp_path / f"{tool}-plain.dcm")
+        converted = tmp_path / f"{tool}.dcm"
+        result = run_tool(dcmtk(tool), *options, plain, converted)
+        assert result.returncode == 0, result.stderr
+        result = run_tool(dcmtk("storescu"), proposal, "-aet", "STORESCU", "-aec", "LUNGVISION", "127.0.0.1",
+                          node.port, converted)
+        assert result.returncode == 0, result.stderr
+    [message] = redis_queue.wait_for({study}, 1, timeout_s=STABLE_S + 15)
+    assert sorted(i["transfer_syntax_uid"] for i in message["instances"]) == sorted(c[2] for c in conversions)
 
 
 def test_200_instances_over_8_parallel_associations_are_all_spooled_with_one_task_per_study(
@@ -116,14 +138,13 @@ def test_bad_payloads_get_failure_statuses_and_the_node_keeps_serving(node, tmp_
     study = generate_uid()
     good = make_image(study_uid=study)
     full = save(make_image(study_uid=study), tmp_path / "full.dcm")
-    mismatched = make_image(study_uid=study, sop_class_uid=CTImageStorage)
-    mismatched.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage  # request says CR, data says CT
+    ct = make_image(study_uid=study, sop_class_uid=CTImageStorage)
     cr = {"sop_class_uid": ComputedRadiographyImageStorage}
     payloads = [
         raw_part10(tmp_path / "empty.dcm", b"", sop_uid=generate_uid(), **cr),
         raw_part10(tmp_path / "garbage.dcm", b"this is not DICOM at all" * 40, sop_uid=generate_uid(), **cr),
         truncated_copy(full, tmp_path / "truncated.dcm", drop_bytes=1000),
-        save(mismatched, tmp_path / "mismatched.dcm"),
+        raw_part10(tmp_path / "ct-as-cr.dcm", encoded_body(ct), sop_uid=str(ct.SOPInstanceUID), **cr),
         good,
     ]
     statuses = store_statuses(node.port, payloads)
@@ -152,13 +173,20 @@ def test_path_traversal_and_malformed_uids_cannot_escape_the_spool(node: NodePro
     assert sorted(path.name for path in node.spool.iterdir()) == [".receiving", "studies"]
 
 
-def test_a_duplicate_is_stored_once_and_answered_success(node, redis_queue) -> None:
+def test_duplicates_are_stored_once_and_later_instances_make_a_second_round(node, redis_queue) -> None:
     study = generate_uid()
-    dataset = make_image(study_uid=study)
-    assert store_statuses(node.port, [dataset, dataset]) == [0, 0]
-    assert store_statuses(node.port, [dataset]) == [0]
-    assert len(node.spooled(study)) == 1
-    assert len(redis_queue.wait_for({study}, 2, timeout_s=STABLE_S + 5)) == 1
+    first, later = make_image(study_uid=study), make_image(study_uid=study)
+    assert store_statuses(node.port, [first, first]) == [0, 0]
+    [round_1] = redis_queue.wait_for({study}, 1, timeout_s=STABLE_S + 15)
+    assert store_statuses(node.port, [first, later]) == [0, 0]  # the resent one is still stored once
+    rounds = redis_queue.wait_for({study}, 2, timeout_s=STABLE_S + 15)
+    assert len(redis_queue.wait_for({study}, 3, timeout_s=SETTLE_S)) == 2
+    assert [(m["round"], [i["sop_instance_uid"] for i in m["instances"]]) for m in rounds] == [
+        (1, [str(first.SOPInstanceUID)]),
+        (2, [str(later.SOPInstanceUID)]),
+    ]
+    assert len(node.spooled(study)) == 2
+    assert round_1["message_id"] != rounds[1]["message_id"]
 
 
 def test_other_storage_classes_are_ignored_by_default_policy(node: NodeProcess) -> None:
@@ -172,7 +200,7 @@ def test_our_own_results_are_stored_but_never_queued(node, redis_queue) -> None:
     study = generate_uid()
     assert store_statuses(node.port, [make_image(study_uid=study, manufacturer=MANUFACTURER)]) == [0]
     assert [path.parent.name for path in node.spooled(study)] == ["own"]
-    assert redis_queue.wait_for({study}, 1, timeout_s=SETTLE_S) == []
+    assert redis_queue.wait_for({study}, 1, timeout_s=QUIET_S) == []
 
 
 def test_log_lines_are_structured_and_free_of_patient_data(node: NodeProcess) -> None:

@@ -1,0 +1,187 @@
+"""Benchmark — instances/s received and spooled by the node vs dcmtk's storescp, same input, same run.
+
+Run: ``.venv/bin/python bench/node.py [--instances 48]`` (needs dcmtk; the node sends nothing to Redis).
+Input: generated uncompressed 16-bit CR images, 2000×2500 (≈10 MB each), every one with its own
+SOP Instance UID. Sender: dcmtk's ``storescu``, 1 association, then 8 in parallel (the instances
+split evenly). Receivers, each started fresh on a loopback port with an empty output folder:
+
+* the node (``python -m dicom_node``): temp file + fsync + rename + arrival record per instance,
+  stable_seconds set high so no dispatch runs during the measurement;
+* ``storescp --fork`` (a child process per association), default mode (decodes, re-encodes, writes,
+  no fsync) and ``+B`` bit-preserving mode (writes the bytes as received, no fsync).
+
+Both sides use a 128 KiB maximum PDU. Prints one table; nothing is asserted.
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS, COLUMNS = 2500, 2000
+MAX_PDU_BYTES = 131072  # storescp's upper limit; the node gets the same
+REDIS_DB = 15
+START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 600.0
+
+
+def write_images(folder: Path, count: int) -> list[Path]:
+    """``count`` CR files sharing one pixel array, each with its own UIDs."""
+    pixels = (np.random.default_rng(0).integers(0, 4096, (ROWS, COLUMNS), dtype=np.uint16)).tobytes()
+    study = generate_uid()
+    paths = []
+    for index in range(count):
+        sop_uid = generate_uid()
+        dataset = Dataset()
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+        dataset.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        dataset.SOPClassUID, dataset.SOPInstanceUID = ComputedRadiographyImageStorage, sop_uid
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, generate_uid()
+        dataset.Modality, dataset.PatientID = "CR", "BENCH"
+        dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = ROWS, COLUMNS, 1
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+        dataset.PixelData = pixels
+        path = folder / f"{index:04d}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def split(paths: list[Path], parts: int, folder: Path) -> list[Path]:
+    """Hard-link the files into ``parts`` folders, one per association."""
+    folders = []
+    for part in range(parts):
+        target = folder / f"association-{parts}-{part}"
+        target.mkdir()
+        for path in paths[part::parts]:
+            os.link(path, target / path.name)
+        folders.append(target)
+    return folders
+
+
+def dcmtk(tool: str) -> str:
+    """dcmtk's tool, not the pynetdicom look-alike in the virtual environment."""
+    venv_bin = str(Path(sys.prefix, "bin"))
+    path = os.pathsep.join(entry for entry in os.environ["PATH"].split(os.pathsep) if entry.rstrip("/") != venv_bin)
+    found = shutil.which(tool, path=path)
+    if found is None:
+        raise SystemExit(f"dcmtk's {tool} not found (apt-get install dcmtk)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_listening(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"receiver exited with {process.returncode}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"receiver not listening on {port} after {START_TIMEOUT_S} s")
+
+
+def start_node(port: int, output: Path) -> subprocess.Popen:
+    config = output.parent / f"{output.name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "log_level": "WARNING",
+        "node": {"port": port, "bind_address": "127.0.0.1", "max_pdu_bytes": MAX_PDU_BYTES},
+        "spool": {"dir": str(output), "stable_seconds": 3600, "min_free_bytes": 0},
+        "broker": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}"},
+    }))
+    return subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_storescp(port: int, output: Path, bit_preserving: bool) -> subprocess.Popen:
+    mode = ["+B"] if bit_preserving else []
+    return subprocess.Popen([dcmtk("storescp"), "--fork", "-pdu", str(MAX_PDU_BYTES), "-od", str(output), *mode,
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def spooled_instances(output: Path) -> int:
+    return sum(1 for _ in (output / "studies").rglob("*.dcm"))
+
+
+def storescp_files(output: Path) -> int:
+    return sum(1 for path in output.iterdir() if path.is_file())
+
+
+def measure(start, count_received, folders: list[Path], expected: int, workdir: Path, label: str) -> float:
+    """Instances/s from the first association request until every storescu has finished."""
+    output = workdir / f"out-{label}-{len(folders)}"
+    output.mkdir()
+    port = free_port()
+    receiver = start(port, output)
+    try:
+        wait_until_listening(port, receiver)
+        storescu = dcmtk("storescu")
+
+        def send(folder: Path) -> int:
+            command = [storescu, "-pdu", str(MAX_PDU_BYTES), "-aec", "LUNGVISION", "+sd", "127.0.0.1", str(port),
+                       str(folder)]
+            return subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_S).returncode
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=len(folders)) as pool:
+            codes = list(pool.map(send, folders))
+        elapsed = time.perf_counter() - started
+    finally:
+        receiver.terminate()
+        receiver.wait(timeout=30)
+    count = count_received(output)
+    if any(codes) or count != expected:
+        raise SystemExit(f"{label}: storescu exit codes {codes}, {count} of {expected} instances received")
+    shutil.rmtree(output)
+    return expected / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--instances", type=int, default=48, help="instances per measurement (multiple of 8)")
+    count = parser.parse_args().instances
+    with tempfile.TemporaryDirectory(dir=REPO / "var" if (REPO / "var").is_dir() else None) as scratch:
+        workdir = Path(scratch)
+        source = workdir / "source"
+        source.mkdir()
+        paths = write_images(source, count)
+        megabytes = paths[0].stat().st_size / 1e6
+        print(f"{count} CR instances of {megabytes:.1f} MB ({COLUMNS}x{ROWS}, 16-bit, explicit VR LE), "
+              f"max PDU {MAX_PDU_BYTES}, {os.cpu_count()} CPUs")
+        print(f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
+              f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}")
+        for associations in (1, 8):
+            folders = split(paths, associations, workdir)
+            node = measure(start_node, spooled_instances, folders, count, workdir, "node")
+            plain = measure(lambda port, out: start_storescp(port, out, False), storescp_files, folders, count,
+                            workdir, "storescp")
+            bit = measure(lambda port, out: start_storescp(port, out, True), storescp_files, folders, count,
+                          workdir, "storescp-B")
+            print(f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
+                  f"{bit:>18.1f} | {node / bit:>16.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Node → Redis → worker → Orthanc, with real processes: results arrive in the same study, exactly once,
+through an Orthanc outage and a SIGKILLed worker; lateral and non-chest images get "not analysed" SRs."""
+
+import io
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import (
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from inference.sample_dicom import wrap_image, write_dataset
+from tests.conftest import DICOM_SAMPLES
+from tests.dicom_node.node_testkit import NodeProcess, dcmtk, free_port, node_settings
+from tests.integration.worker_testkit import WorkerProcess
+from tests.orthanc_testkit import Orthanc
+from tests.worker.conftest import chest_pixels
+from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS, sr_values
+from inference.classifier import load_classifier
+from worker.record import Store
+from worker.uids import output_instance_uid
+
+pytestmark = pytest.mark.integration
+INTEGRATION_REDIS_DB = 14  # flushed by the fixture: never a database in use
+RESULT_TIMEOUT_S = 120.0
+STORESCU_PROPOSAL = {  # storescu option that proposes a compressed file's own transfer syntax
+    JPEGBaseline8Bit: "-xy", JPEGExtended12Bit: "-xx", JPEGLosslessSV1: "-xs", JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw", JPEGLSLossless: "-xt", JPEGLSNearLossless: "-xu", RLELossless: "-xr",
+}
+
+
+def results_complete(expected_sources: int, expected_sc: int):
+    def check(instances: list[dict]) -> bool:
+        classes = [instance["SOPClassUID"] for instance in instances]
+        return classes.count(SC_CLASS) >= expected_sc and classes.count(COMPREHENSIVE_SR_CLASS) >= expected_sources
+    return check
+
+
+class Deployment:
+    """Orthanc as the destination PACS, the node, Redis (db 15) and a worker, sharing one config."""
+
+    def __init__(self, folder) -> None:
+        redis_url = f"redis://127.0.0.1:6379/{INTEGRATION_REDIS_DB}"
+        settings = node_settings(folder)
+        self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(), {
+            "DicomModalities": {"lungvision": ["LUNGVISION", "127.0.0.1", settings["node"]["port"]]}})
+        settings.update({
+            "broker": {"url": redis_url, "result_backend": redis_url},
+            "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": 20,
+                       "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": "lungvision:test:dead"},
+            "destinations": [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                              "port": self.orthanc.dicom_port}],
+            "delivery": {"max_attempts": 12, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
+            "store": {"url": f"sqlite:///{folder}/outcomes.db"},
+        })
+        self.node = NodeProcess(folder, settings)
+        self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
+        self.store_url = settings["store"]["url"]
+        self.folder = folder
+
+    def send(self, *paths) -> None:
+        """storescu → the node, one association per transfer syntax, proposing that syntax."""
+        by_option: dict[str, list[str]] = {}
+        for path in paths:
+            syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+            by_option.setdefault(STORESCU_PROPOSAL.get(syntax, "-x="), []).append(str(path))
+        for option, files in by_option.items():
+            command = [dcmtk("storescu"), "-aet", "MODALITY1", "-aec", "LUNGVISION", option, "127.0.0.1",
+                       str(self.node.port), *files]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+
+    def store(self) -> Store:
+        return Store(self.store_url)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, db=INTEGRATION_REDIS_DB, socket_timeout=5).flushdb()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    folder = tmp_path_factory.mktemp("deployment")
+    system = Deployment(folder)
+    system.orthanc.start()
+    system.node.start()
+    system.worker.start()
+    yield system
+    system.worker.stop()
+    system.node.stop()
+    system.orthanc.stop()
+
+
+def chest_study(folder, name: str, count: int = 1, **options) -> list:
+    study_uid = generate_uid()
+    paths = []
+    for index in range(count):
+        dataset = wrap_image(chest_pixels(index), study_uid=study_uid, **options)
+        paths.append(write_dataset(dataset, folder / f"{name}-{index}.dcm"))
+    return paths
+
+
+def sr_of(orthanc: Orthanc, source_uid: str):
+    """The SR about ``source_uid`` in Orthanc, found by its deterministic SOP Instance UID."""
+    sr_uid = output_instance_uid(source_uid, load_classifier().card.weights_sha256, "sr")
+    [instance_id] = orthanc.post("/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sr_uid}})
+    with urllib.request.urlopen(f"{orthanc.url}/instances/{instance_id}/file", timeout=10) as response:
+        return dcmread(io.BytesIO(response.read()))
+
+
+def test_results_arrive_in_the_same_study_and_say_what_the_model_said(deployment, tmp_path) -> None:
+    [path] = chest_study(tmp_path, "basic")
+    source = dcmread(path, stop_before_pixels=True)
+    deployment.send(path)
+    instances = deployment.orthanc.wait_for_instances(source.StudyInstanceUID, results_complete(1, 1), RESULT_TIMEOUT_S)
+    assert all(instance["PatientID"] == source.PatientID for instance in instances)
+    [row] = [r for r in deployment.store().results() if r.study_instance_uid == source.StudyInstanceUID]
+    values = sr_values(sr_of(deployment.orthanc, source.SOPInstanceUID))
+    assert values["Pneumonia probability (calibrated)"][0] == pytest.approx(row.probability, abs=1e-4)
+    assert values["Pneumonia"][0] == ("Present" if row.finding == "POSITIVE" else "Absent")
+
+    # The same study again: a second round is analysed, but Orthanc still has one SC and one SR.
+    rounds_before = len(deployment.store().results())
+    deployment.send(path)
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while len(deployment.store().results()) == rounds_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # give a (wrong) duplicate delivery the chance to land
+    classes = [i["SOPClassUID"] for i in deployment.orthanc.study_instances(source.StudyInstanceUID)]
+    assert classes.count(SC_CLASS) == 1 and classes.count(COMPREHENSIVE_SR_CLASS) == 1
+
+
+def test_lateral_and_non_chest_images_get_not_analysed_srs(deployment, tmp_path) -> None:
+    study_uid = generate_uid()
+    lateral = write_dataset(wrap_image(chest_pixels(3), view_position="LL", study_uid=study_uid), tmp_path / "lat.dcm")
+    knee = write_dataset(wrap_image(chest_pixels(4), sop_class="DX", body_part="KNEE", study_uid=study_uid),
+                         tmp_path / "knee.dcm")
+    deployment.send(lateral, knee)
+    deployment.orthanc.wait_for_instances(study_uid, results_complete(2, 0), RESULT_TIMEOUT_S)
+    reasons = {path.name: sr_values(sr_of(deployment.orthanc, dcmread(path).SOPInstanceUID))["Image not analysed"]
+               for path in (lateral, knee)}
+    assert reasons == {"lat.dcm": ["lateral view (ViewPosition LL)"], "knee.dcm": ["body part KNEE is not the chest"]}
+
+
+@pytest.mark.parametrize("options", [
+    {"photometric": "MONOCHROME1", "bits_stored": 12, "transfer_syntax": JPEG2000},
+    {"photometric": "MONOCHROME1", "bits_stored": 15, "transfer_syntax": JPEGLSLossless},
+    {"transfer_syntax": JPEGBaseline8Bit},
+    {"bits_stored": 16, "transfer_syntax": RLELossless},
+], ids=["mono1-j2k", "mono1-jpegls", "jpeg-baseline", "rle-16bit"])
+def test_compressed_and_monochrome1_inputs(deployment, tmp_path, options) -> None:
+    [path] = chest_study(tmp_path, "compressed", **options)
+    study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    deployment.send(path)
+    deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
+
+
+def test_vendor_samples(deployment) -> None:
+    samples = sorted(DICOM_SAMPLES.glob("*.dcm")) if DICOM_SAMPLES.exists() else []
+    if not samples:
+        pytest.skip("no vendor samples in ../shared/data/dicom_samples")
+    deployment.send(*samples)
+    for path in samples:
+        study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
+        deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
+
+
+def test_results_arrive_after_a_30_second_orthanc_outage(deployment, tmp_path) -> None:
+    [path] = chest_study(tmp_path, "outage")
+    study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    deployment.orthanc.stop()
+    stopped_at = time.monotonic()
+    try:
+        deployment.send(path)
+        deadline = stopped_at + 25
+        retrying = []
+        while not retrying and time.monotonic() < deadline:
+            rows = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
+            retrying = [d for r in rows for d in deployment.store().deliveries(r.message_id) if d.status == "retrying"]
+            time.sleep(0.5)
+        assert retrying, "the delivery was not retried while Orthanc was down"
+        time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
+    finally:
+        deployment.orthanc.start()
+    deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
+    [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
+    [delivery] = deployment.store().deliveries(row.message_id)
+    assert delivery.status == "delivered" and delivery.attempts > 1
+
+
+def test_a_sigkilled_worker_still_delivers_exactly_once(deployment, tmp_path) -> None:
+    paths = chest_study(tmp_path, "sigkill", count=6)
+    study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+    received_before = deployment.worker.log().count("lungvision.analyse_study[")
+    deployment.send(*paths)
+    deployment.worker.wait_for_log("lungvision.analyse_study[", count=received_before + 1, timeout_s=60)
+    deployment.worker.kill_hard()
+    deployment.worker.start()
+    deployment.orthanc.wait_for_instances(study_uid, results_complete(6, 6), RESULT_TIMEOUT_S)
+    time.sleep(3)  # give a (wrong) duplicate delivery the chance to land
+    instances = deployment.orthanc.study_instances(study_uid)
+    classes = [instance["SOPClassUID"] for instance in instances]
+    assert classes.count(SC_CLASS) == 6 and classes.count(COMPREHENSIVE_SR_CLASS) == 6
