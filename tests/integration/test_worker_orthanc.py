@@ -3,6 +3,7 @@ through an Orthanc outage and a SIGKILLed worker; lateral and non-chest images g
 
 import io
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -27,6 +28,9 @@ from tests.integration.worker_testkit import WorkerProcess
 from tests.orthanc_testkit import Orthanc
 from tests.worker.conftest import chest_pixels
 from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS, sr_values
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import CTImageStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
+
 from inference.classifier import load_classifier
 from worker.record import Store
 from worker.uids import output_instance_uid
@@ -53,14 +57,18 @@ class Deployment:
     def __init__(self, folder) -> None:
         redis_url = f"redis://127.0.0.1:6379/{INTEGRATION_REDIS_DB}"
         settings = node_settings(folder)
+        self.archive_port = free_port()
         self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(), {
             "DicomModalities": {"lungvision": ["LUNGVISION", "127.0.0.1", settings["node"]["port"]]}})
         settings.update({
             "broker": {"url": redis_url, "result_backend": redis_url},
             "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": 20,
                        "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": "lungvision:test:dead"},
-            "destinations": [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                              "port": self.orthanc.dicom_port}],
+            "destinations": [
+                {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
+                {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": self.archive_port},
+            ],
+            "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_ARCHIVE", "destinations": ["archive"]}],
             "delivery": {"max_attempts": 12, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
             "store": {"url": f"sqlite:///{folder}/outcomes.db"},
         })
@@ -69,20 +77,25 @@ class Deployment:
         self.store_url = settings["store"]["url"]
         self.folder = folder
 
-    def send(self, *paths) -> None:
+    def send(self, *paths, calling_ae: str = "MODALITY1") -> None:
         """storescu → the node, one association per transfer syntax, proposing that syntax."""
         by_option: dict[str, list[str]] = {}
         for path in paths:
             syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
             by_option.setdefault(STORESCU_PROPOSAL.get(syntax, "-x="), []).append(str(path))
         for option, files in by_option.items():
-            command = [dcmtk("storescu"), "-aet", "MODALITY1", "-aec", "LUNGVISION", option, "127.0.0.1",
+            command = [dcmtk("storescu"), "-aet", calling_ae, "-aec", "LUNGVISION", option, "127.0.0.1",
                        str(self.node.port), *files]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr
 
     def store(self) -> Store:
         return Store(self.store_url)
+
+    def jobs(self, *arguments: str) -> subprocess.CompletedProcess:
+        """``lungvision jobs ...`` with the deployment's config."""
+        return subprocess.run([sys.executable, "-m", "lungvision", "--config", str(self.node.config_path), "jobs",
+                               *arguments], capture_output=True, text=True, timeout=60, cwd=self.folder)
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +226,46 @@ def test_a_sigkilled_worker_still_delivers_exactly_once(deployment, tmp_path) ->
     instances = deployment.orthanc.study_instances(study_uid)
     classes = [instance["SOPClassUID"] for instance in instances]
     assert classes.count(SC_CLASS) == 6 and classes.count(COMPREHENSIVE_SR_CLASS) == 6
+
+
+def archive_scp(port: int, sop_classes: list[str], received: list[str]):
+    """A pynetdicom storage SCP on ``port`` accepting only ``sop_classes``; appends received UIDs."""
+    ae = AE(ae_title="ARCHIVE")
+    for sop_class in sop_classes:
+        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+
+    def on_store(event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def test_a_refused_delivery_is_dead_lettered_and_can_be_replayed(deployment, tmp_path) -> None:
+    received: list[str] = []
+    server = archive_scp(deployment.archive_port, [CTImageStorage], received)  # refuses SC and SR
+    try:
+        [path] = chest_study(tmp_path, "deadletter")
+        deployment.send(path, calling_ae="TO_ARCHIVE")
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        listing = ""
+        while "archive" not in listing and time.monotonic() < deadline:
+            time.sleep(1)
+            listing = deployment.jobs("failed").stdout
+        assert "archive" in listing, listing
+    finally:
+        server.shutdown()
+    job_id = next(line.split()[0] for line in listing.splitlines() if "archive" in line)
+
+    server = archive_scp(deployment.archive_port, [SecondaryCaptureImageStorage, ComprehensiveSRStorage], received)
+    try:
+        replay = deployment.jobs("retry", job_id)
+        assert replay.returncode == 0, replay.stderr
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(received) == 2  # the SC and the SR
+        assert job_id not in deployment.jobs("failed").stdout
+        assert deployment.jobs("retry", job_id).returncode == 2  # gone from the list
+    finally:
+        server.shutdown()

@@ -1,0 +1,97 @@
+"""Benchmark — per-study wall time of the worker pipeline, stage by stage, into a real Orthanc.
+
+Run: ``.venv/bin/python bench/worker.py [--studies 12]``. Each study is one generated ~2000×2500
+16-bit CR (uncompressed). Prints median and p95 per stage (read+decode, preprocess, model+heatmap,
+SC/SR build, send) for studies run one after another, then studies/s with 2 worker processes.
+Nothing is asserted.
+"""
+
+import argparse
+import multiprocessing
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config.settings import load_settings  # noqa: E402
+from inference.classifier import load_classifier  # noqa: E402
+from inference.sample_dicom import wrap_image, write_dataset  # noqa: E402
+from tests.orthanc_testkit import Orthanc  # noqa: E402
+from tests.worker.conftest import chest_pixels  # noqa: E402
+from tests.worker.test_pipeline import make_message  # noqa: E402
+from worker.deliver import send_files  # noqa: E402
+from worker.pipeline import analyse_study, device_uid_for  # noqa: E402
+
+STAGES = ("read_decode", "preprocess", "model_heatmap", "encode", "send")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_studies(folder: Path, count: int) -> list[Path]:
+    """``count`` one-image studies: a chest radiograph upscaled to 2500×2000, 16-bit CR."""
+    pixels = np.asarray(Image.fromarray(chest_pixels()).resize((2000, 2500), Image.BICUBIC))
+    return [write_dataset(wrap_image(pixels, bits_stored=16), folder / f"study-{index}.dcm") for index in range(count)]
+
+
+def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
+    """Analyse and deliver one study; return its stage timings in ms."""
+    outcome = analyse_study(make_message([path]), load_classifier(), outbox, device_uid=device_uid_for("BENCH"),
+                            max_long_side=1024)
+    started = time.perf_counter()
+    send_files(settings, "orthanc", outcome.files)
+    return {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
+
+
+def _worker(arguments) -> int:
+    paths, outbox, settings = arguments
+    import torch
+
+    torch.set_num_threads(1)
+    for path in paths:
+        run_one(path, outbox, settings)
+    return len(paths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--studies", type=int, default=12)
+    count = parser.parse_args().studies
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
+        orthanc = Orthanc(folder / "orthanc", free_port(), free_port()).start()
+        try:
+            settings = load_settings(destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                                     "port": orthanc.dicom_port}])
+            paths = make_studies(folder, count)
+            load_classifier()
+            run_one(paths[0], folder / "warmup", settings)
+            timings = [run_one(path, folder / "outbox", settings) for path in paths]
+            print(f"{count} studies, one 2500x2000 16-bit CR each, sequential (torch threads: default)")
+            print(f"{'stage':>14} | {'median ms':>9} | {'p95 ms':>8}")
+            for stage in (*STAGES, "total"):
+                values = [sum(t[s] for s in STAGES) if stage == "total" else t[stage] for t in timings]
+                print(f"{stage:>14} | {np.median(values):>9.0f} | {np.percentile(values, 95):>8.0f}")
+
+            halves = [(paths[0::2], folder / "outbox-a", settings), (paths[1::2], folder / "outbox-b", settings)]
+            started = time.perf_counter()
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                done = sum(pool.map(_worker, halves))
+            elapsed = time.perf_counter() - started
+            print(f"concurrency 2 (2 processes, 1 torch thread each): {done / elapsed:.2f} studies/s "
+                  f"({done} studies in {elapsed:.1f} s, process start-up and model load included)")
+        finally:
+            orthanc.stop()
+
+
+if __name__ == "__main__":
+    main()
