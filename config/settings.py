@@ -28,10 +28,14 @@ class ModelSettings(Section):
 
 
 class BrokerSettings(Section):
-    """The Celery broker and result backend."""
+    """The Celery broker and result backend between node and worker.
 
-    url: str = "redis://127.0.0.1:6379/0"
-    result_backend: str = "redis://127.0.0.1:6379/0"
+    The defaults need no server (a SQLite file via kombu's SQLAlchemy transport, kept across
+    restarts); production sets both to Redis, e.g. ``redis://127.0.0.1:6379/0``.
+    """
+
+    url: str = "sqla+sqlite:///var/broker.sqlite"
+    result_backend: str = "db+sqlite:///var/results.sqlite"
 
 
 class CallingPeer(Section):
@@ -109,13 +113,23 @@ class DestinationTlsSettings(Section):
 
 
 class DestinationSettings(Section):
-    """A DICOM peer (PACS, viewer) that receives our Secondary Captures and Structured Reports."""
+    """Where results go: a DICOM peer (PACS, viewer) over C-STORE, or a folder of DICOM files."""
 
     name: str = Field(min_length=1)
-    ae_title: str = Field(min_length=1, max_length=16)
-    host: str
-    port: int = Field(ge=1, le=65535)
-    tls: DestinationTlsSettings = DestinationTlsSettings()
+    kind: Literal["dicom", "folder"] = "dicom"
+    ae_title: str | None = Field(default=None, min_length=1, max_length=16)  # dicom
+    host: str | None = None  # dicom
+    port: int | None = Field(default=None, ge=1, le=65535)  # dicom
+    tls: DestinationTlsSettings = DestinationTlsSettings()  # dicom
+    path: Path | None = None  # folder: results are written to PATH/<StudyInstanceUID>/<SOPInstanceUID>.dcm
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DestinationSettings":
+        if self.kind == "dicom" and None in (self.ae_title, self.host, self.port):
+            raise ValueError(f"destination {self.name!r}: a dicom destination needs ae_title, host and port")
+        if self.kind == "folder" and self.path is None:
+            raise ValueError(f"destination {self.name!r}: a folder destination needs a path")
+        return self
 
 
 class RoutingRule(Section):
@@ -207,14 +221,15 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 def effective_settings_json(settings: Settings) -> dict:
     """The settings as JSON-ready data, with secrets and URL passwords masked."""
     data = settings.model_dump(mode="json")
-    return _mask(data)
+    return mask_secrets(data)
 
 
-def _mask(value: Any) -> Any:
+def mask_secrets(value: Any) -> Any:
+    """``value`` with URL passwords replaced by asterisks (recursing into dicts and lists)."""
     if isinstance(value, dict):
-        return {key: _mask(item) for key, item in value.items()}
+        return {key: mask_secrets(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_mask(item) for item in value]
+        return [mask_secrets(item) for item in value]
     if isinstance(value, str) and "://" in value and "@" in value:
         scheme, rest = value.split("://", 1)
         credentials, host = rest.rsplit("@", 1)
@@ -223,4 +238,4 @@ def _mask(value: Any) -> Any:
     return value
 
 
-__all__ = ["ConfigError", "SecretStr", "Section", "Settings", "effective_settings_json", "load_settings"]
+__all__ = ["ConfigError", "SecretStr", "Section", "Settings", "effective_settings_json", "load_settings", "mask_secrets"]

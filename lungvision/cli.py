@@ -41,6 +41,23 @@ def show_config() -> None:
     typer.echo(json.dumps(effective_settings_json(State.settings()), indent=2))
 
 
+@app.command()
+def serve() -> None:
+    """Run the DICOM node and the analysis worker together (Ctrl-C or SIGTERM stops both cleanly)."""
+    from lungvision.serve import serve as run_both
+
+    config_args = ["--config", str(State.config_file)] if State.config_file else []
+    raise typer.Exit(run_both(State.settings(), config_args))
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("var/demo"), help="folder for the demo's spool, store and results")) -> None:
+    """Start 'serve' on embedded defaults, send the bundled sample studies, print the results, stop."""
+    from lungvision.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir.resolve()))
+
+
 inference_commands.register(app, State.settings)
 node_commands.register(app, State.settings)
 worker_commands.register(app, State.settings)

@@ -1,16 +1,34 @@
 """A real Orthanc server for tests: its own configuration, storage and free loopback ports."""
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 START_TIMEOUT_S = 60.0
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def resolve_config(path: Path, environment: Mapping[str, str]) -> dict:
+    """A configuration file as Orthanc reads it: ``${NAME}`` / ``${NAME:-default}`` replaced from
+    ``environment`` in the raw text (so unquoted ports and booleans work), then parsed as JSON."""
+    def value(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environment:
+            return environment[name]
+        if default is None:
+            raise KeyError(f"{path}: ${{{name}}} has no default and is not in the environment")
+        return default
+
+    return json.loads(_VARIABLE.sub(value, Path(path).read_text()))
 
 
 def orthanc_binary() -> str:
@@ -22,13 +40,25 @@ def orthanc_binary() -> str:
 
 
 class Orthanc:
-    """An Orthanc process with a JSON configuration written from ``settings`` (merged over the base)."""
+    """An Orthanc process with a JSON configuration written from ``settings`` (merged over the base).
 
-    def __init__(self, folder: Path, http_port: int, dicom_port: int, settings: dict | None = None) -> None:
+    Or, with ``config_file``, that very file (e.g. the one docker-compose mounts), its ``${VARIABLES}``
+    taken from ``environment`` (Orthanc substitutes them itself; ``http_port``/``dicom_port`` must
+    then be what the file resolves to).
+    """
+
+    def __init__(self, folder: Path, http_port: int, dicom_port: int, settings: dict | None = None, *,
+                 config_file: Path | None = None, environment: dict[str, str] | None = None) -> None:
         self.folder, self.http_port, self.dicom_port = folder, http_port, dicom_port
         folder.mkdir(parents=True, exist_ok=True)
-        self.config_path = folder / "orthanc.json"
         self.log_path = folder / "orthanc.log"
+        self.environment = dict(environment or {})
+        self.process: subprocess.Popen | None = None
+        if config_file is not None:
+            assert settings is None, "settings are for a written configuration, not for config_file"
+            self.config_path = Path(config_file)
+            return
+        self.config_path = folder / "orthanc.json"
         config = {
             "Name": "lungvision-test",
             "StorageDirectory": str(folder / "storage"),
@@ -44,7 +74,6 @@ class Orthanc:
         }
         config.update(settings or {})
         self.config_path.write_text(json.dumps(config, indent=2))
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
@@ -52,7 +81,8 @@ class Orthanc:
 
     def start(self) -> "Orthanc":
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log, stderr=log)
+            self.process = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log, stderr=log,
+                                            env={**os.environ, **self.environment})
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -73,8 +103,11 @@ class Orthanc:
                 self.process.kill()
                 self.process.wait(timeout=10)
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=10) as response:

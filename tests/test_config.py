@@ -11,7 +11,7 @@ from lungvision.cli import app
 
 def test_defaults_come_from_the_embedded_yaml() -> None:
     settings = load_settings()
-    assert settings.broker.url == "redis://127.0.0.1:6379/0"
+    assert settings.broker.url == "sqla+sqlite:///var/broker.sqlite"  # embedded: no server needed
     assert settings.model.weights_dir is None
 
 
@@ -49,7 +49,7 @@ def test_url_passwords_are_masked() -> None:
 def test_config_command_prints_json_and_fails_clearly(tmp_path) -> None:
     result = CliRunner().invoke(app, ["config"])
     assert result.exit_code == 0
-    assert json.loads(result.output)["broker"]["url"].startswith("redis://")
+    assert json.loads(result.output)["broker"]["url"].startswith("sqla+sqlite://")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  batch_size: many\n")
     result = CliRunner().invoke(app, ["--config", str(bad), "config"])

@@ -34,12 +34,12 @@ def configure(settings: Settings) -> Celery:
         worker_concurrency=settings.worker.concurrency,
         task_soft_time_limit=settings.worker.soft_time_limit_s,
         task_time_limit=settings.worker.time_limit_s,
-        # An unacknowledged task returns to the queue after this long (the worker died). Countdown
-        # retries are held unacknowledged too, so it must exceed the longest retry delay.
-        broker_transport_options={"visibility_timeout": settings.worker.visibility_timeout_s},
-        result_backend_transport_options={"visibility_timeout": settings.worker.visibility_timeout_s},
         result_expires=86400,
     )
+    if settings.broker.url.startswith(("redis://", "rediss://")):
+        # An unacknowledged task returns to the queue after this long (the worker died). Countdown
+        # retries are held unacknowledged too, so it must exceed the longest retry delay.
+        app.conf.broker_transport_options = {"visibility_timeout": settings.worker.visibility_timeout_s}
     return app
 
 

@@ -27,10 +27,13 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     app.add_typer(jobs, name="jobs")
 
     def dead_letters():
-        from worker.deliver import DeadLetters
+        from worker.celery_app import configure
+        from worker.deliver import dead_letters_for
+        from worker.tasks import store
 
         settings = get_settings()
-        return DeadLetters(settings.broker.url, settings.worker.dead_letter_key)
+        configure(settings)
+        return dead_letters_for(settings, store())
 
     @jobs.command("failed")
     def failed() -> None:
@@ -45,11 +48,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     @jobs.command("retry")
     def retry(job_id: str = typer.Argument(..., help="id shown by 'lungvision jobs failed'")) -> None:
         """Replay one dead-lettered delivery with a fresh set of attempts."""
-        from worker.celery_app import configure
         from worker.tasks import deliver_task, store
 
-        settings = get_settings()
-        configure(settings)
         letter = dead_letters().take(job_id)
         if letter is None:
             typer.echo(f"error: no failed job with id {job_id!r} (see 'lungvision jobs failed')", err=True)

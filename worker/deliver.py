@@ -3,6 +3,7 @@ retried with exponential back-off and jitter, and the last failure lands on a de
 
 import json
 import random
+import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -13,6 +14,7 @@ from pydicom import dcmread
 
 from config.settings import DestinationSettings, RoutingRule, Settings
 from dicom_node.scu import ClientTls, Destination, Timeouts, send_datasets
+from worker.record import Store
 
 
 def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: str) -> list[str]:
@@ -50,13 +52,28 @@ def to_destination(settings: DestinationSettings) -> Destination:
 
 
 def send_files(settings: Settings, destination_name: str, files: list[Path]) -> None:
-    """C-STORE ``files`` to one configured destination over one association (raises DeliveryError)."""
+    """Deliver ``files`` to one configured destination: C-STORE over one association (raises
+    DeliveryError), or copies into a folder destination."""
     destination = next((d for d in settings.destinations if d.name == destination_name), None)
     if destination is None:
         raise LookupError(f"destination {destination_name!r} is not configured")
+    if destination.kind == "folder":
+        copy_to_folder(destination.path, files)
+        return
     datasets = [dcmread(path) for path in files]
     timeouts = Timeouts(connection_s=settings.delivery.connection_timeout_s)
     send_datasets(to_destination(destination), datasets, calling_ae=settings.node.ae_title, timeouts=timeouts)
+
+
+def copy_to_folder(folder: Path, files: list[Path]) -> None:
+    """Copy outbox files (``<StudyInstanceUID>/<SOPInstanceUID>.dcm``) to ``folder`` with the same
+    two-level layout; each file appears complete or not at all (copy, then rename)."""
+    for source in files:
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        shutil.copyfile(source, partial)
+        partial.replace(target)
 
 
 @dataclass(frozen=True)
@@ -80,15 +97,15 @@ class DeadLetter:
     failed_at: str
 
 
-class DeadLetters:
-    """The dead-letter list: a Redis hash of id → JSON record."""
+class RedisDeadLetters:
+    """The dead-letter list in Redis (the production broker): a hash of id → JSON record."""
 
     def __init__(self, redis_url: str, key: str) -> None:
         self.client = redis.Redis.from_url(redis_url)
         self.key = key
 
     def add(self, job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
-        letter = DeadLetter(uuid.uuid4().hex[:12], job, error, attempts, datetime.now(timezone.utc).isoformat())
+        letter = new_dead_letter(job, error, attempts)
         self.client.hset(self.key, letter.id, json.dumps(asdict(letter)))
         return letter
 
@@ -103,6 +120,39 @@ class DeadLetters:
         if raw is None or not self.client.hdel(self.key, letter_id):
             return None
         return _letter(json.loads(raw))
+
+
+class StoreDeadLetters:
+    """The dead-letter list in the outcome store, for installations without Redis (embedded broker)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
+        letter = new_dead_letter(job, error, attempts)
+        self.store.put_dead_letter(letter.id, json.dumps(asdict(letter)))
+        return letter
+
+    def list(self) -> list[DeadLetter]:
+        """All dead letters, oldest first."""
+        return sorted((_letter(json.loads(raw)) for raw in self.store.dead_letters()), key=lambda l: l.failed_at)
+
+    def take(self, letter_id: str) -> DeadLetter | None:
+        """Remove and return one dead letter (None if there is no such id)."""
+        raw = self.store.take_dead_letter(letter_id)
+        return None if raw is None else _letter(json.loads(raw))
+
+
+def dead_letters_for(settings: Settings, store: Store) -> RedisDeadLetters | StoreDeadLetters:
+    """Redis when the broker is Redis (``worker.dead_letter_key``), else the outcome store."""
+    if settings.broker.url.startswith(("redis://", "rediss://")):
+        return RedisDeadLetters(settings.broker.url, settings.worker.dead_letter_key)
+    return StoreDeadLetters(store)
+
+
+def new_dead_letter(job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
+    """A dead letter with a fresh short id, stamped now."""
+    return DeadLetter(uuid.uuid4().hex[:12], job, error, attempts, datetime.now(timezone.utc).isoformat())
 
 
 def _letter(data: dict) -> DeadLetter:

@@ -2,8 +2,9 @@
 ids or birth dates). SQLite by default; any SQLAlchemy URL (e.g. PostgreSQL) works. The worklist reads it."""
 
 from datetime import datetime, timezone
+from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, create_engine, select
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -53,11 +54,23 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+class DeadLetterRow(Base):
+    """A delivery that used up its attempts (used when the broker is not Redis)."""
+
+    __tablename__ = "dead_letters"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    record: Mapped[str] = mapped_column(Text)
+
+
 class Store:
     """The outcome store; creates its tables on first use."""
 
     def __init__(self, url: str) -> None:
         self.engine: Engine = create_engine(url)
+        database = self.engine.url.database
+        if self.engine.url.get_backend_name() == "sqlite" and database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         Base.metadata.create_all(self.engine)
 
     def save_result(self, result: StudyResult) -> None:
@@ -95,3 +108,19 @@ class Store:
     def deliveries(self, message_id: str) -> list[Delivery]:
         with Session(self.engine, expire_on_commit=False) as session:
             return list(session.scalars(select(Delivery).where(Delivery.message_id == message_id)))
+
+    def put_dead_letter(self, letter_id: str, record: str) -> None:
+        with Session(self.engine) as session, session.begin():
+            session.add(DeadLetterRow(id=letter_id, record=record))
+
+    def dead_letters(self) -> list[str]:
+        with Session(self.engine) as session:
+            return [row.record for row in session.scalars(select(DeadLetterRow))]
+
+    def take_dead_letter(self, letter_id: str) -> str | None:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(DeadLetterRow, letter_id)
+            if row is None:
+                return None
+            session.delete(row)
+            return row.record

@@ -10,7 +10,7 @@ from dicom_node.messages import ANALYSE_STUDY_TASK, StudyReady
 from dicom_node.scu import DeliveryError
 from inference.classifier import load_classifier
 from worker.celery_app import app, current_settings
-from worker.deliver import DeadLetters, DeliveryJob, choose_destinations, retry_delay_s, send_files
+from worker.deliver import DeliveryJob, choose_destinations, dead_letters_for, retry_delay_s, send_files
 from worker.pipeline import analyse_study, device_uid_for
 from worker.record import Store, StudyResult
 
@@ -84,7 +84,7 @@ def deliver_task(self, job: dict) -> str:
             log.warning("delivery of %s to %s failed (attempt %d), retry in %.0f s: %s", delivery.message_id,
                         delivery.destination, attempt, delay, error)
             raise self.retry(countdown=delay, exc=error)
-        letter = DeadLetters(settings.broker.url, settings.worker.dead_letter_key).add(delivery, str(error), attempt)
+        letter = dead_letters_for(settings, store()).add(delivery, str(error), attempt)
         store().update_delivery(delivery.message_id, delivery.destination, status="failed", attempts=attempt,
                                 error=str(error))
         log.error("delivery of %s to %s dead-lettered as %s after %d attempt(s): %s", delivery.message_id,

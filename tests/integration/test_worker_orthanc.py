@@ -27,10 +27,11 @@ from tests.dicom_node.node_testkit import NodeProcess, dcmtk, free_port, node_se
 from tests.integration.worker_testkit import WorkerProcess
 from tests.orthanc_testkit import Orthanc
 from tests.worker.conftest import chest_pixels
-from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS, sr_values
+from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS, make_message, sr_values
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+from dicom_node.enqueue import CeleryEnqueuer
 from inference.classifier import load_classifier
 from worker.record import Store
 from worker.uids import output_instance_uid
@@ -75,6 +76,7 @@ class Deployment:
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
         self.store_url = settings["store"]["url"]
+        self.broker_url = redis_url
         self.folder = folder
 
     def send(self, *paths, calling_ae: str = "MODALITY1") -> None:
@@ -144,13 +146,20 @@ def test_results_arrive_in_the_same_study_and_say_what_the_model_said(deployment
     assert values["Pneumonia probability (calibrated)"][0] == pytest.approx(row.probability, abs=1e-4)
     assert values["Pneumonia"][0] == ("Present" if row.finding == "POSITIVE" else "Absent")
 
-    # The same study again: a second round is analysed, but Orthanc still has one SC and one SR.
-    rounds_before = len(deployment.store().results())
+    # The same study sent again: the node stores each SOP Instance UID once, so nothing is re-queued.
     deployment.send(path)
+    # Analysing it again (a replayed message, as after a crash): the outputs carry the same UIDs.
+    replay = make_message(deployment.node.spooled(source.StudyInstanceUID), message_id=generate_uid())
+    CeleryEnqueuer(deployment.broker_url).send(replay)
     deadline = time.monotonic() + RESULT_TIMEOUT_S
-    while len(deployment.store().results()) == rounds_before and time.monotonic() < deadline:
+    while deployment.store().result(replay.message_id) is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    time.sleep(3)  # give a (wrong) duplicate delivery the chance to land
+    rows = [r for r in deployment.store().results() if r.study_instance_uid == source.StudyInstanceUID]
+    assert len(rows) == 2 and {r.round for r in rows} == {1}
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while any(d.status != "delivered" for r in rows for d in deployment.store().deliveries(r.message_id)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
     classes = [i["SOPClassUID"] for i in deployment.orthanc.study_instances(source.StudyInstanceUID)]
     assert classes.count(SC_CLASS) == 1 and classes.count(COMPREHENSIVE_SR_CLASS) == 1
 

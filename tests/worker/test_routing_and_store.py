@@ -82,3 +82,30 @@ def test_postgresql_store() -> None:
     except sqlalchemy.exc.OperationalError:
         pytest.skip("no PostgreSQL at 127.0.0.1:5432")
     _exercise(Store(url))
+
+
+def test_folder_destination_copies_the_outbox_layout(tmp_path) -> None:
+    from worker.deliver import send_files
+
+    outbox = tmp_path / "outbox" / "1.2.3"
+    outbox.mkdir(parents=True)
+    (outbox / "1.2.3.4.dcm").write_bytes(b"sc")
+    (outbox / "1.2.3.5.dcm").write_bytes(b"sr")
+    settings = load_settings(destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}])
+    send_files(settings, "files", sorted(outbox.iterdir()))
+    assert sorted(p.name for p in (tmp_path / "out" / "1.2.3").iterdir()) == ["1.2.3.4.dcm", "1.2.3.5.dcm"]
+    with pytest.raises(LookupError, match="nowhere"):
+        send_files(settings, "nowhere", [])
+
+
+def test_dead_letters_live_in_the_store_without_redis(tmp_path) -> None:
+    from worker.deliver import DeliveryJob, StoreDeadLetters, dead_letters_for
+
+    store = Store(f"sqlite:///{tmp_path}/outcomes.db")
+    settings = load_settings(broker={"url": "sqla+sqlite:///x.db", "result_backend": "db+sqlite:///y.db"})
+    letters = dead_letters_for(settings, store)
+    assert isinstance(letters, StoreDeadLetters)
+    letter = letters.add(DeliveryJob("m1", "1.2.3", "pacs", ["a.dcm"]), "refused", 5)
+    assert [(found.id, found.job.destination) for found in letters.list()] == [(letter.id, "pacs")]
+    assert letters.take(letter.id).error == "refused"
+    assert letters.take(letter.id) is None and letters.list() == []

@@ -1,0 +1,138 @@
+"""Demo — ``lungvision serve`` on embedded defaults, fed with bundled sample studies over C-STORE.
+
+Sends five studies (chest radiographs wrapped as DICOM in several photometric interpretations and
+transfer syntaxes, one with a lateral view, and one non-chest image), waits until their results
+are delivered to the local folder destination, prints a table and the result files, and stops.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset
+from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
+
+from dicom_node.scu import Destination, send_datasets
+from inference.sample_dicom import wrap_image
+
+SAMPLES = Path(__file__).with_name("samples")
+START_TIMEOUT_S = 180.0
+RESULTS_TIMEOUT_S = 300.0
+
+
+@dataclass
+class DemoStudy:
+    """One sample study: what it is, and its datasets."""
+
+    description: str
+    datasets: list[Dataset]
+
+    @property
+    def study_uid(self) -> str:
+        return str(self.datasets[0].StudyInstanceUID)
+
+
+def _pixels(name: str) -> np.ndarray:
+    return np.asarray(Image.open(next(SAMPLES.glob(f"{name}*.jpeg"))).convert("L"))
+
+
+def sample_studies() -> list[DemoStudy]:
+    """The bundled studies, each with its own patient and study UID."""
+    def study(description: str, *images: tuple[str, dict]) -> DemoStudy:
+        study_uid = generate_uid()
+        patient = f"Demo^Patient{len(description)}"
+        return DemoStudy(description, [
+            wrap_image(_pixels(name), study_uid=study_uid, patient_name=patient, patient_id=f"DEMO-{study_uid[-6:]}",
+                       **options) for name, options in images])
+
+    return [
+        study("normal CR, MONOCHROME2 8-bit, explicit VR", ("normal-IM-0135", {"transfer_syntax": ExplicitVRLittleEndian})),
+        study("pneumonia CR, MONOCHROME1 12-bit, JPEG 2000 + lateral",
+              ("pneumonia-person101", {"photometric": "MONOCHROME1", "bits_stored": 12, "transfer_syntax": JPEG2000}),
+              ("pneumonia-person101", {"view_position": "LL"})),
+        study("normal DX, 16-bit, RLE", ("normal-IM-0137", {"sop_class": "DX", "bits_stored": 16,
+                                                           "transfer_syntax": RLELossless})),
+        study("pneumonia SC, JPEG baseline", ("pneumonia-person1020", {"sop_class": "SC",
+                                                                       "transfer_syntax": JPEGBaseline8Bit})),
+        study("knee DX (not a chest)", ("normal-IM-0135", {"sop_class": "DX", "body_part": "KNEE"})),
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_port(port: int, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"lungvision serve exited with status {server.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the node did not listen on port {port} within {START_TIMEOUT_S:.0f} s")
+
+
+def run_demo(workdir: Path) -> int:
+    """Run the whole demo in ``workdir`` (emptied first); returns the exit code."""
+    from worker.record import Store
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    port = _free_port()
+    environment = {"LUNGVISION_NODE__PORT": str(port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
+                   "LUNGVISION_SPOOL__STABLE_SECONDS": "2"}
+    log_path = workdir / "serve.log"
+    print(f"starting 'lungvision serve' on embedded defaults in {workdir} (log: {log_path}) ...", flush=True)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=workdir, stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, **environment})
+    try:
+        _wait_for_port(port, server)
+        studies = sample_studies()
+        sent_at: dict[str, float] = {}
+        for study in studies:
+            sent_at[study.study_uid] = time.monotonic()
+            send_datasets(Destination("LUNGVISION", "127.0.0.1", port), study.datasets, calling_ae="LV_DEMO")
+        print(f"sent {len(studies)} studies ({sum(len(s.datasets) for s in studies)} images); waiting for results ...",
+              flush=True)
+        store = Store(f"sqlite:///{workdir / 'var' / 'lungvision.db'}")
+        done: dict[str, float] = {}
+        deadline = time.monotonic() + RESULTS_TIMEOUT_S
+        while len(done) < len(studies) and time.monotonic() < deadline:
+            for row in store.results():
+                if row.status in ("delivered", "failed") and row.study_instance_uid not in done:
+                    done[row.study_instance_uid] = time.monotonic()
+            time.sleep(0.5)
+        rows = {row.study_instance_uid: row for row in store.results()}
+        print(f"\n{'study':<52} {'images':>6} {'probability':>11} {'finding':>12} {'seconds':>7}")
+        for study in studies:
+            row = rows.get(study.study_uid)
+            probability = "" if row is None or row.probability is None else f"{row.probability:.3f}"
+            finding = "(no result)" if row is None else row.finding
+            seconds = f"{done[study.study_uid] - sent_at[study.study_uid]:.1f}" if study.study_uid in done else ""
+            print(f"{study.description:<52} {len(study.datasets):>6} {probability:>11} {finding:>12} {seconds:>7}")
+        out = workdir / "var" / "out"
+        files = sorted(out.rglob("*.dcm")) if out.exists() else []
+        print(f"\n{len(files)} result files (Secondary Capture heatmaps and Structured Reports) under {out}:")
+        for path in files:
+            print(f"  {path}")
+        return 0 if len(done) == len(studies) else 1
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
