@@ -110,6 +110,7 @@ class DestinationTlsSettings(Section):
     ca_file: Path | None = None  # CA that signed the destination's certificate; None = system store
     cert_file: Path | None = None  # our client certificate, for mutual TLS
     key_file: Path | None = None
+    check_hostname: bool = True  # the destination's certificate must name its host
 
 
 class DestinationSettings(Section):
@@ -136,7 +137,7 @@ class RoutingRule(Section):
     """Send a study's results to ``destinations`` when every condition given here matches."""
 
     calling_ae: str | None = None  # AE title that sent the study
-    modality: str | None = None  # Modality of any analysed instance (CR, DX, OT…)
+    modality: str | None = None  # Modality of any instance of the study round (CR, DX, OT…)
     result: Literal["positive", "negative", "not_analysed"] | None = None
     destinations: list[str] = Field(min_length=1)
 
@@ -147,7 +148,10 @@ class DeliverySettings(Section):
     max_attempts: int = Field(default=5, ge=1)
     retry_base_delay_s: float = Field(default=10.0, gt=0)  # delay before the 2nd attempt; doubles each time
     retry_max_delay_s: float = Field(default=600.0, gt=0)
-    connection_timeout_s: float = Field(default=10.0, gt=0)
+    connection_timeout_s: float = Field(default=10.0, gt=0)  # TCP connect to a destination
+    acse_timeout_s: float = Field(default=30.0, gt=0)  # association set-up and release
+    dimse_timeout_s: float = Field(default=60.0, gt=0)  # waiting for each C-STORE response
+    network_timeout_s: float = Field(default=60.0, gt=0)  # idle network
 
 
 class StoreSettings(Section):

@@ -58,7 +58,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
 
         require_dir(data, "data folder")
         try:
-            metrics = run_evaluation(data, out, classifier())
+            metrics = run_evaluation(data, out, classifier(), batch_size=get_settings().model.batch_size)
         except (FileNotFoundError, ValueError) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None

@@ -83,10 +83,10 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def evaluate(data_dir: Path, out_dir: Path, classifier: Classifier) -> dict:
+def evaluate(data_dir: Path, out_dir: Path, classifier: Classifier, batch_size: int = 32) -> dict:
     """Score ``data_dir`` at the model card's threshold and write metrics, plots and report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels, probabilities, skipped = score_folder(data_dir, classifier)
+    labels, probabilities, skipped = score_folder(data_dir, classifier, batch_size)
     metrics = metrics_with_ci(labels, probabilities, classifier.card.threshold)
     metrics.update(model_version=classifier.version, weights_sha256=classifier.card.weights_sha256,
                    data_dir=str(data_dir), skipped=skipped)

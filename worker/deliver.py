@@ -47,7 +47,8 @@ def to_destination(settings: DestinationSettings) -> Destination:
     """The SCU's view of a configured destination."""
     tls = None
     if settings.tls.enabled:
-        tls = ClientTls(ca_file=settings.tls.ca_file, cert_file=settings.tls.cert_file, key_file=settings.tls.key_file)
+        tls = ClientTls(ca_file=settings.tls.ca_file, cert_file=settings.tls.cert_file, key_file=settings.tls.key_file,
+                        server_hostname=settings.host if settings.tls.check_hostname else None)
     return Destination(ae_title=settings.ae_title, host=settings.host, port=settings.port, tls=tls)
 
 
@@ -61,7 +62,9 @@ def send_files(settings: Settings, destination_name: str, files: list[Path]) -> 
         copy_to_folder(destination.path, files)
         return
     datasets = [dcmread(path) for path in files]
-    timeouts = Timeouts(connection_s=settings.delivery.connection_timeout_s)
+    delivery = settings.delivery
+    timeouts = Timeouts(connection_s=delivery.connection_timeout_s, acse_s=delivery.acse_timeout_s,
+                        dimse_s=delivery.dimse_timeout_s, network_s=delivery.network_timeout_s)
     send_datasets(to_destination(destination), datasets, calling_ae=settings.node.ae_title, timeouts=timeouts)
 
 

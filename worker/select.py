@@ -7,11 +7,7 @@ from dicom_node.identity import is_lung_vision_object
 
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
 SECONDARY_CAPTURE_MODALITIES = {"OT", "SC", "CR", "DX"}
-SECONDARY_CAPTURE_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
-    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
-    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
-}
+SECONDARY_CAPTURE_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # Secondary Capture Image Storage (single frame)
 CHEST_BODY_PARTS = {"CHEST", "THORAX"}
 FRONTAL_VIEWS = {"PA", "AP", ""}
 CHEST_WORDS = ("CHEST", "THORAX", "THORAC", "LUNG", "CXR", "PNEUMO")

@@ -6,6 +6,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from dicom_node.messages import ANALYSE_STUDY_TASK, StudyReady
 from dicom_node.scu import DeliveryError
 from inference.classifier import load_classifier
@@ -38,9 +40,15 @@ def analyse_study_task(message: dict) -> dict:
         log.info("study round %s already handled; skipped", ready.message_id)
         return {"message_id": ready.message_id, "skipped": True}
     classifier = load_classifier(settings.model.weights_dir)
-    outcome = analyse_study(ready, classifier, settings.worker.outbox_dir,
-                            device_uid=device_uid_for(settings.node.ae_title),
-                            max_long_side=settings.worker.sc_max_long_side)
+    try:
+        outcome = analyse_study(ready, classifier, settings.worker.outbox_dir,
+                                device_uid=device_uid_for(settings.node.ae_title),
+                                max_long_side=settings.worker.sc_max_long_side)
+    except SoftTimeLimitExceeded:
+        store().save_result(failed_result(ready, classifier, f"analysis took longer than "
+                                                             f"{settings.worker.soft_time_limit_s:.0f} s"))
+        log.error("study round %s: analysis exceeded the soft time limit; recorded as failed", ready.message_id)
+        return {"message_id": ready.message_id, "failed": True}
     modalities = {str(finding.source.get("Modality", "")) for finding in outcome.findings}
     destinations = choose_destinations(settings, calling_ae=ready.calling_ae, modalities=modalities,
                                        finding=outcome.finding)
@@ -64,6 +72,16 @@ def analyse_study_task(message: dict) -> dict:
     log.info("study round %s analysed: %s (%d images, %d outputs) → %s", ready.message_id, outcome.finding,
              len(outcome.findings), len(outcome.files), ", ".join(destinations) or "no destination")
     return {"message_id": ready.message_id, "finding": outcome.finding, "destinations": destinations}
+
+
+def failed_result(ready: StudyReady, classifier, reason: str) -> StudyResult:
+    """The outcome row of a study round that could not be analysed at all."""
+    return StudyResult(
+        message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
+        calling_ae=ready.calling_ae, modality=None, accession_number=None, status="failed", finding="NOT_ANALYSED",
+        probability=None, threshold=classifier.card.threshold, model_version=classifier.version,
+        model_sha256=classifier.card.weights_sha256, images=[{"error": reason}], timings_ms={},
+        received_at=ready.first_received_at)
 
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=None)
