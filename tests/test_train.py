@@ -28,7 +28,7 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     classifier = Classifier(run)
     assert classifier.card.weights_sha256 == card["weights_sha256"]
 
-    result = CliRunner().invoke(app, [*arguments[:6], "--epochs", "2", "--input-size", "64",
+    result = CliRunner().invoke(app, [*arguments[:5], "--epochs", "2", "--input-size", "64",
                                       "--max-train-images", "24", "--resume"])
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 1" in result.output

@@ -218,6 +218,9 @@ def test_results_arrive_after_a_30_second_orthanc_outage(deployment, tmp_path) -
         deployment.orthanc.start()
     deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
     [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
+    deadline = time.monotonic() + 30  # the store is updated just after the last C-STORE response
+    while deployment.store().deliveries(row.message_id)[0].status != "delivered" and time.monotonic() < deadline:
+        time.sleep(0.5)
     [delivery] = deployment.store().deliveries(row.message_id)
     assert delivery.status == "delivered" and delivery.attempts > 1
 
