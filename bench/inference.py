@@ -6,16 +6,21 @@ All three paths start from 224 px squares and use the shipped model at its input
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+# This script shares its name with the package it measures: look for packages in the repo, not in bench/.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from inference.classifier import load_classifier
-from inference.gradcam import heatmap_in_image
-from inference.preprocess import SQUARE_SIZE, normalise
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from pytorch_grad_cam import GradCAM  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+
+from inference.classifier import load_classifier  # noqa: E402
+from inference.gradcam import heatmap_in_image  # noqa: E402
+from inference.preprocess import SQUARE_SIZE, normalise  # noqa: E402
 
 
 def images_per_second(step, batch_size: int, seconds: float) -> float:

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This script shares its name with the package it measures: look for packages in the repo, not in bench/.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from config.settings import load_settings  # noqa: E402
 from inference.classifier import load_classifier  # noqa: E402

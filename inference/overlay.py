@@ -28,17 +28,18 @@ def resize_long_side(image: Image.Image, max_long_side: int) -> Image.Image:
 
 
 def render_overlay(gray: np.ndarray, heatmap: np.ndarray, legend: list[str], max_long_side: int = 1024) -> np.ndarray:
-    """Blend the heatmap over the gray image, shrink to ``max_long_side`` and burn ``legend`` in.
+    """Shrink to ``max_long_side``, blend the heatmap over the gray image and burn ``legend`` in.
 
-    Returns an H×W×3 uint8 RGB array. Heat is shown only where it exceeds ``HEAT_FLOOR``; its
-    opacity grows with its value, so a low-probability map barely tints the image.
+    Returns an H×W×3 uint8 RGB array. Heat is shown only where it exceeds ``HEAT_FLOOR``, fading in
+    from there, so a low-probability map (see ``inference.gradcam``) barely tints the image.
     """
-    base = np.repeat(_display_uint8(gray)[..., None], 3, axis=2).astype(np.float32)
-    heat = np.clip(heatmap.astype(np.float32), 0, 1)
-    colours = colormaps[HEAT_COLORMAP](heat)[..., :3] * 255.0
-    alpha = (np.where(heat > HEAT_FLOOR, heat, 0.0) * MAX_BLEND)[..., None]
-    blended = (base * (1 - alpha) + colours * alpha).astype(np.uint8)
-    picture = resize_long_side(Image.fromarray(blended, "RGB"), max_long_side)
+    base = resize_long_side(Image.fromarray(_display_uint8(gray), "L"), max_long_side)
+    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32), "F").resize(base.size, Image.BILINEAR))
+    heat = np.clip(heat, 0, 1)[..., None]
+    colours = colormaps[HEAT_COLORMAP](heat[..., 0])[..., :3] * 255.0
+    alpha = np.clip((heat - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1) * MAX_BLEND  # fades in above the floor
+    gray_rgb = np.asarray(base, dtype=np.float32)[..., None]
+    picture = Image.fromarray((gray_rgb * (1 - alpha) + colours * alpha).astype(np.uint8), "RGB")
     _draw_legend(picture, legend)
     return np.asarray(picture)
 

@@ -86,7 +86,7 @@ local function Route(studyId, studyTags)
     for index, instance in ipairs(instances) do
       if IsOurSeries(series['MainDicomTags']) or IsOurInstance(instance, metadata[index]) then
         ours = ours + 1
-      elseif false then
+      elseif metadata[index][ROUTED] ~= nil then
         routedBefore = routedBefore + 1
       elseif chest then
         table.insert(toSend, instance['ID'])
