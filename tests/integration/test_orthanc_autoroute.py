@@ -36,16 +36,23 @@ RESULT_TIMEOUT_S = 90.0
 ROUTING_TIMEOUT_S = 30.0
 
 
-def redis_broker(folder: Path) -> str:
+def redis_broker(folder: Path) -> tuple[str, str]:
     redis = pytest.importorskip("redis")
     try:
         redis.Redis(host="127.0.0.1", port=6379, db=AUTOROUTE_REDIS_DB, socket_timeout=5).flushdb()
     except redis.exceptions.ConnectionError:
         pytest.skip("no Redis on 127.0.0.1:6379")
-    return f"redis://127.0.0.1:6379/{AUTOROUTE_REDIS_DB}"
+    url = f"redis://127.0.0.1:6379/{AUTOROUTE_REDIS_DB}"
+    return url, url
 
 
-BROKERS: dict[str, Callable[[Path], str]] = {"redis": redis_broker}  # name → (folder → broker URL)
+def embedded_broker(folder: Path) -> tuple[str, str]:
+    """The no-server transport of the embedded defaults: SQLite files in the test folder."""
+    return f"sqla+sqlite:///{folder}/broker.sqlite", f"db+sqlite:///{folder}/results.sqlite"
+
+
+# name → (folder → (broker URL, result backend URL))
+BROKERS: dict[str, Callable[[Path], tuple[str, str]]] = {"redis": redis_broker, "embedded": embedded_broker}
 
 
 def orthanc_environment(folder: Path, http_port: int, dicom_port: int, node_port: int) -> dict[str, str]:
@@ -63,9 +70,9 @@ def orthanc_environment(folder: Path, http_port: int, dicom_port: int, node_port
 
 
 class AutorouteStack:
-    """Orthanc (the shared config), the node and one worker on ``broker_url``."""
+    """Orthanc (the shared config), the node and one worker on ``broker`` (URL, result backend)."""
 
-    def __init__(self, folder: Path, broker_url: str) -> None:
+    def __init__(self, folder: Path, broker: tuple[str, str]) -> None:
         settings = node_settings(folder)
         http_port, dicom_port = free_port(), free_port()
         environment = orthanc_environment(folder / "orthanc", http_port, dicom_port, settings["node"]["port"])
@@ -73,7 +80,7 @@ class AutorouteStack:
         self.orthanc = Orthanc(folder / "orthanc", http_port, dicom_port, config_file=ORTHANC_CONFIG,
                                environment=environment)
         settings.update({
-            "broker": {"url": broker_url, "result_backend": broker_url},
+            "broker": {"url": broker[0], "result_backend": broker[1]},
             "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": 60,
                        "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": "lungvision:autoroute:dead"},
             "destinations": [{"name": "orthanc", "ae_title": self.orthanc_config["DicomAet"], "host": "127.0.0.1",
