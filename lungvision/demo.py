@@ -128,7 +128,7 @@ def run_demo(workdir: Path) -> int:
         files = sorted(out.rglob("*.dcm")) if out.exists() else []
         print(f"\n{len(files)} result files (Secondary Capture heatmaps and Structured Reports) under {out}:")
         for path in files:
-            print(f"  {path}")
+            print(f"  {os.path.relpath(path)}")
         return 0 if len(done) == len(studies) else 1
     finally:
         server.send_signal(signal.SIGTERM)
