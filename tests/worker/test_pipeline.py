@@ -9,6 +9,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.messages import InstanceRef, StudyReady
 from inference.classifier import load_classifier
+from tests.conftest import dciodvfy_path
 from worker.pipeline import analyse_study, device_uid_for
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -31,7 +32,7 @@ def make_message(paths, message_id: str | None = None) -> StudyReady:
 
 
 def dciodvfy_errors(path) -> list[str]:
-    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([dciodvfy_path(), str(path)], capture_output=True, text=True, timeout=60)
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
