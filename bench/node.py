@@ -10,7 +10,10 @@ split evenly). Receivers, each started fresh on a loopback port with an empty ou
 * ``storescp --fork`` (a child process per association), default mode (decodes, re-encodes, writes,
   no fsync) and ``+B`` bit-preserving mode (writes the bytes as received, no fsync).
 
-Both sides use a 128 KiB maximum PDU. Prints one table; nothing is asserted.
+Both sides use a 128 KiB maximum PDU. dcmtk leaves Nagle's algorithm on unless ``TCP_NODELAY=1``
+is set in its environment; that setting changes both the sender's and storescp's behaviour a lot
+on loopback, so the whole table is measured twice: dcmtk's default, then ``TCP_NODELAY=1`` for
+every dcmtk process (sender and storescp). Prints the tables; nothing is asserted.
 """
 
 import argparse
@@ -36,6 +39,10 @@ MAX_PDU_BYTES = 131072  # storescp's upper limit; the node gets the same
 REDIS_DB = 15
 START_TIMEOUT_S = 60.0
 RUN_TIMEOUT_S = 600.0
+NAGLE_MODES = {  # label → environment of every dcmtk process
+    "dcmtk default (Nagle on)": dict(os.environ),
+    "TCP_NODELAY=1 (Nagle off)": {**os.environ, "TCP_NODELAY": "1"},  # dcmtk's switch
+}
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -65,6 +72,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 
 def split(paths: list[Path], parts: int, folder: Path) -> list[Path]:
     """Hard-link the files into ``parts`` folders, one per association."""
+    folder.mkdir(parents=True, exist_ok=True)
     folders = []
     for part in range(parts):
         target = folder / f"association-{parts}-{part}"
@@ -115,10 +123,10 @@ def start_node(port: int, output: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_storescp(port: int, output: Path, bit_preserving: bool) -> subprocess.Popen:
+def start_storescp(port: int, output: Path, bit_preserving: bool, env: dict) -> subprocess.Popen:
     mode = ["+B"] if bit_preserving else []
     return subprocess.Popen([dcmtk("storescp"), "--fork", "-pdu", str(MAX_PDU_BYTES), "-od", str(output), *mode,
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
 
 def spooled_instances(output: Path) -> int:
@@ -129,7 +137,7 @@ def storescp_files(output: Path) -> int:
     return sum(1 for path in output.iterdir() if path.is_file())
 
 
-def measure(start, count_received, folders: list[Path], expected: int, workdir: Path, label: str) -> float:
+def measure(start, count_received, folders: list[Path], expected: int, workdir: Path, label: str, env: dict) -> float:
     """Instances/s from the first association request until every storescu has finished."""
     output = workdir / f"out-{label}-{len(folders)}"
     output.mkdir()
@@ -142,7 +150,7 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
         def send(folder: Path) -> int:
             command = [storescu, "-pdu", str(MAX_PDU_BYTES), "-aec", "LUNGVISION", "+sd", "127.0.0.1", str(port),
                        str(folder)]
-            return subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_S).returncode
+            return subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_S, env=env).returncode
 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=len(folders)) as pool:
@@ -170,17 +178,19 @@ def main() -> None:
         megabytes = paths[0].stat().st_size / 1e6
         print(f"{count} CR instances of {megabytes:.1f} MB ({COLUMNS}x{ROWS}, 16-bit, explicit VR LE), "
               f"max PDU {MAX_PDU_BYTES}, {os.cpu_count()} CPUs")
-        print(f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
-              f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}")
-        for associations in (1, 8):
-            folders = split(paths, associations, workdir)
-            node = measure(start_node, spooled_instances, folders, count, workdir, "node")
-            plain = measure(lambda port, out: start_storescp(port, out, False), storescp_files, folders, count,
-                            workdir, "storescp")
-            bit = measure(lambda port, out: start_storescp(port, out, True), storescp_files, folders, count,
-                          workdir, "storescp-B")
-            print(f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
-                  f"{bit:>18.1f} | {node / bit:>16.2f}")
+        for mode, env in NAGLE_MODES.items():
+            print(f"\n{mode}")
+            print(f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
+                  f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}")
+            for associations in (1, 8):
+                folders = split(paths, associations, workdir / f"nagle-{'off' if 'TCP_NODELAY' in env else 'on'}")
+                node = measure(start_node, spooled_instances, folders, count, workdir, "node", env)
+                plain = measure(lambda port, out: start_storescp(port, out, False, env), storescp_files, folders,
+                                count, workdir, "storescp", env)
+                bit = measure(lambda port, out: start_storescp(port, out, True, env), storescp_files, folders,
+                              count, workdir, "storescp-B", env)
+                print(f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
+                      f"{bit:>18.1f} | {node / bit:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -60,6 +60,11 @@ EXTRA_DESCRIPTIONS = {
     "routing[].result": "study result: positive, negative or not_analysed (null = any)",
     "routing[].destinations": "names of the destinations that get the study's results when the rule matches",
     "routing[].calling_ae": "AE title that sent the study round (its first instance); null = any",
+    "hl7.endpoints[].name": "unique name of the HL7 receiver (shown in the audit trail as hl7:NAME)",
+    "hl7.endpoints[].host": "host name or IP address of the MLLP listener",
+    "hl7.endpoints[].port": "TCP port of the MLLP listener",
+    "hl7.endpoints[].receiving_application": "MSH-5 of the messages to this receiver",
+    "hl7.endpoints[].receiving_facility": "MSH-6 of the messages to this receiver",
     "routing[].modality": "Modality of any instance of the study round, analysed or not, e.g. CR, DX, OT (null = any)",
 }
 

@@ -160,6 +160,44 @@ class StoreSettings(Section):
     url: str = "sqlite:///var/lungvision.db"
 
 
+class WebSettings(Section):
+    """The worklist web pages, JSON API and Prometheus metrics (``lungvision web``)."""
+
+    bind_address: str = "127.0.0.1"  # this machine only by default
+    port: int = Field(default=8080, ge=1, le=65535)
+    auth_user: str = Field(default="operator", min_length=1)  # basic-auth user name
+    auth_token: SecretStr | None = None  # None = patient fields and replay are disabled
+    refresh_s: int = Field(default=15, ge=0)  # worklist auto-refresh; 0 = off
+    thumbnail_px: int = Field(default=160, ge=32, le=1024)  # longest side of worklist heatmap thumbnails
+    page_size: int = Field(default=200, ge=1)  # most studies on one worklist page
+
+
+class Hl7Endpoint(Section):
+    """A RIS or worklist system that receives HL7 v2 ORU^R01 results over MLLP."""
+
+    name: str = Field(min_length=1)
+    host: str
+    port: int = Field(ge=1, le=65535)
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+
+
+class Hl7Settings(Section):
+    """HL7 v2 ORU^R01 result messages for every analysed study."""
+
+    endpoints: list[Hl7Endpoint] = []
+    sending_application: str = "LUNGVISION"
+    sending_facility: str = ""
+    include_patient_name: bool = False  # PID-5 from the DICOM PatientName; off = patient id only
+    timeout_s: float = Field(default=10.0, gt=0)  # connect and wait for the ACK
+
+
+class AuditSettings(Section):
+    """The append-only audit trail (JSON lines; never patient names, ids or birth dates)."""
+
+    path: Path = Path("./var/audit.jsonl")
+
+
 class Settings(BaseSettings):
     """The whole configuration of one Lung Vision installation."""
 
@@ -175,6 +213,9 @@ class Settings(BaseSettings):
     routing: list[RoutingRule] = []  # empty = every destination gets every result
     delivery: DeliverySettings = DeliverySettings()
     store: StoreSettings = StoreSettings()
+    web: WebSettings = WebSettings()
+    hl7: Hl7Settings = Hl7Settings()
+    audit: AuditSettings = AuditSettings()
     log_level: str = "INFO"
 
     @model_validator(mode="after")
@@ -186,6 +227,9 @@ class Settings(BaseSettings):
             unknown = sorted(set(rule.destinations) - set(names))
             if unknown:
                 raise ValueError(f"routing.{index}.destinations: unknown destination(s) {unknown}")
+        hl7_names = [endpoint.name for endpoint in self.hl7.endpoints]
+        if len(set(hl7_names)) != len(hl7_names):
+            raise ValueError(f"hl7.endpoints: names must be unique, got {hl7_names}")
         return self
 
     @classmethod

@@ -26,6 +26,7 @@ from dicom_node.completion import StudyCompletionTracker
 from dicom_node.enqueue import BrokerUnavailable
 from dicom_node.header import UnreadableDataset, read_header
 from dicom_node.logs import log_event
+from lungvision import audit
 from dicom_node.messages import InstanceRef, StudyReady
 from dicom_node.spool import ArrivalRecord, SealedRound, Spool
 
@@ -112,6 +113,8 @@ class Dispatcher:
             )
             return
         del self._unqueued[sealed.path]
+        audit.record("queued", study_uid=sealed.study_uid, round=sealed.number, message_id=message.message_id,
+                     instances=len(message.instances), calling_ae=message.calling_ae)
         log_event(
             LOG, "study.queued", study_uid=sealed.study_uid, round=sealed.number,
             instances=len(message.instances), task_id=task_id, calling_ae=message.calling_ae,

@@ -11,6 +11,7 @@ from dicom_node.header import UnreadableDataset, read_header
 from dicom_node.identity import is_lung_vision_object
 from dicom_node.spool import ArrivalRecord, Spool
 from dicom_node.uids import InvalidUid, checked_uid
+from lungvision import audit
 
 
 class StoreStatus(IntEnum):
@@ -141,4 +142,6 @@ class Intake:
         if own:
             return Outcome(Disposition.STORED_OWN_OBJECT, study_uid)
         self._tracker.seen(study_uid, self._monotonic_clock())
+        audit.record("received", study_uid=study_uid, sop_instance_uid=sop_uid, sop_class_uid=sop_class_uid,
+                     calling_ae=item.calling_ae, received_at=record.received_at)
         return Outcome(Disposition.STORED, study_uid)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pynetdicom import _config as pynetdicom_config
 
 from config.settings import ConfigError, Settings
+from lungvision import audit
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.dispatcher import Dispatcher
@@ -32,6 +33,7 @@ RELOADABLE = ("spool.min_free_bytes",)
 def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
     """Run until SIGTERM/SIGINT. ``reload_settings`` (for SIGHUP) re-reads the same configuration sources."""
     configure_logging(settings.log_level)
+    audit.configure(settings.audit.path)  # 'received' events (dicom_node.intake)
     spool = Spool(settings.spool.dir, settings.spool.min_free_bytes)
     partials = spool.prepare()
     # Large payloads are streamed to disk by pynetdicom rather than held in memory, and into the

@@ -9,6 +9,7 @@ import typer
 from config.settings import ConfigError, Settings, effective_settings_json, load_settings
 from dicom_node import cli as node_commands
 from inference import commands as inference_commands
+from web import commands as web_commands
 from worker import commands as worker_commands
 
 app = typer.Typer(help="Lung Vision — DICOM AI node for chest X-ray pneumonia triage. Not a medical device.",
@@ -43,7 +44,7 @@ def show_config() -> None:
 
 @app.command()
 def serve() -> None:
-    """Run the DICOM node and the analysis worker together (Ctrl-C or SIGTERM stops both cleanly)."""
+    """Run the DICOM node, the analysis worker and the worklist web server together (Ctrl-C or SIGTERM stops all cleanly)."""
     from lungvision.serve import serve as run_both
 
     config_args = ["--config", str(State.config_file)] if State.config_file else []
@@ -61,3 +62,4 @@ def demo(workdir: Path = typer.Option(Path("var/demo"), help="folder for the dem
 inference_commands.register(app, State.settings)
 node_commands.register(app, State.settings)
 worker_commands.register(app, State.settings)
+web_commands.register(app, State.settings)

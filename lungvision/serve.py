@@ -1,9 +1,10 @@
-"""Serve — the node and the worker together under one command, stopped together and cleanly.
+"""Serve — the node, the worker and the worklist web server under one command, stopped together and cleanly.
 
 ``lungvision serve`` runs each as a child process with the same configuration. SIGTERM or Ctrl-C
 stops the node first (no new associations; what it accepted is on disk), then the worker (Celery's
-warm shutdown finishes the study in hand or returns it to the queue), then exits 0. If a child
-dies on its own, the other is stopped and serve exits 1.
+warm shutdown finishes the study in hand or returns it to the queue), then the web server (so the
+worklist shows the last results until the end), then exits 0. If a child dies on its own, the
+others are stopped and serve exits 1.
 """
 
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 from config.settings import Settings, mask_secrets
 
 FOLDER_DESTINATION = {"name": "local-folder", "kind": "folder", "path": "./var/out"}
-CHILDREN = ("node", "worker")
+CHILDREN = ("node", "worker", "web")  # started in this order, and stopped in it: node first
 
 
 def banner(settings: Settings, folder_fallback: bool) -> str:
@@ -39,13 +40,16 @@ def banner(settings: Settings, folder_fallback: bool) -> str:
         f"  store         {mask_secrets(settings.store.url)}",
         f"  spool         {settings.spool.dir}",
         f"  destinations  {destinations}",
+        f"  worklist      http://{settings.web.bind_address}:{settings.web.port}/ (metrics at /metrics)",
+        f"  HL7 results   {', '.join(f'{e.name} → {e.host}:{e.port}' for e in settings.hl7.endpoints) or 'none'}",
+        f"  audit trail   {settings.audit.path}",
         f"  model         {card.name} {card.version}, sha256 {card.weights_sha256}",
     ]
     return "\n".join(lines)
 
 
 def serve(settings: Settings, config_args: list[str]) -> int:
-    """Run node and worker until a stop signal; return the exit code."""
+    """Run node, worker and web server until a stop signal; return the exit code."""
     folder_fallback = not settings.destinations
     environment = dict(os.environ)
     if folder_fallback:

@@ -6,6 +6,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 
 from config.settings import Settings, load_settings
+from lungvision import audit
 from dicom_node.messages import QUEUE
 
 app = Celery("lungvision", include=["worker.tasks"])
@@ -28,6 +29,7 @@ def configure(settings: Settings) -> Celery:
     """Apply ``settings`` to the app (broker, backend, limits) and keep them for the tasks."""
     global _settings
     _settings = settings
+    audit.configure(settings.audit.path)
     app.conf.update(
         broker_url=settings.broker.url,
         result_backend=settings.broker.result_backend,

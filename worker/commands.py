@@ -2,8 +2,6 @@
 dead-lettered deliveries."""
 
 from collections.abc import Callable
-from dataclasses import asdict
-
 import typer
 
 from config.settings import Settings
@@ -48,12 +46,13 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     @jobs.command("retry")
     def retry(job_id: str = typer.Argument(..., help="id shown by 'lungvision jobs failed'")) -> None:
         """Replay one dead-lettered delivery with a fresh set of attempts."""
-        from worker.tasks import deliver_task, store
+        from worker.celery_app import configure
+        from worker.tasks import replay_dead_letter
 
-        letter = dead_letters().take(job_id)
+        settings = get_settings()
+        configure(settings)
+        letter = replay_dead_letter(settings, job_id)
         if letter is None:
             typer.echo(f"error: no failed job with id {job_id!r} (see 'lungvision jobs failed')", err=True)
             raise typer.Exit(2)
-        deliver_task.apply_async(args=[asdict(letter.job)])
-        store().update_delivery(letter.job.message_id, letter.job.destination, status="pending", attempts=0)
         typer.echo(f"replaying {job_id}: {letter.job.message_id} → {letter.job.destination}")

@@ -1,0 +1,81 @@
+"""Audit trail — one JSON object per line, appended and fsync'd, never rewritten.
+
+Events: ``received`` (node, one per stored instance), ``analysing`` / ``analysed`` (worker),
+``delivered`` / ``failed`` (DICOM and HL7 deliveries; ``final`` tells a dead-lettered or given-up
+job from a failure that will be retried) and ``replayed`` (an operator replayed a dead letter).
+Fields are UIDs, AE titles, destinations, model sha256, outcomes and timings — callers must never
+pass patient names, ids or birth dates.
+
+Node, worker processes and the web server all append to the same file: each line is written with
+one ``write`` on a file opened in append mode (``O_APPEND``: the kernel puts it at the end,
+whole), under an advisory ``flock`` so lines of different processes never interleave, then
+fsync'd. Until :func:`configure` is called (the commands do it from ``audit.path``) nothing is
+written, so library use and unit tests leave no trail behind.
+"""
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+FORBIDDEN_FIELDS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
+                              "PatientBirthDate"})
+
+_lock = threading.Lock()
+_path: Path | None = None
+
+
+def configure(path: Path | None) -> None:
+    """Write the trail to ``path`` from now on (None = stop writing)."""
+    global _path
+    _path = None if path is None else Path(path)
+    if _path is not None:
+        _path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def configured_path() -> Path | None:
+    return _path
+
+
+def record(event: str, **fields: object) -> None:
+    """Append one event; a no-op until :func:`configure`. An audit write that fails raises."""
+    if _path is None:
+        return
+    leaked = FORBIDDEN_FIELDS.intersection(fields)
+    if leaked:
+        raise ValueError(f"patient fields must not be audited: {sorted(leaked)}")
+    line = json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields},
+                      default=str, separators=(",", ":")) + "\n"
+    with _lock:
+        descriptor = os.open(_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            os.write(descriptor, line.encode())
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)  # closing releases the flock
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """Complete events from byte ``offset`` on, and the offset after the last complete line."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return [], 0
+    end = data.rfind(b"\n") + 1  # a line still being written is left for the next read
+    events = []
+    for raw in data[:end].splitlines():
+        try:
+            events.append(json.loads(raw))
+        except ValueError:
+            continue
+    return events, offset + end
+
+
+def iter_events(path: Path) -> Iterator[dict]:
+    yield from read_events(path)[0]

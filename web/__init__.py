@@ -1,0 +1,1 @@
+"""Lung Vision web: the worklist pages, the JSON API and Prometheus metrics."""

@@ -1,0 +1,95 @@
+"""Prometheus metrics — computed when scraped, from what node and workers already write down.
+
+Node, worker processes and web server are separate processes (often on separate hosts), so no
+in-process counter would see everything. Instead a custom collector reads, at scrape time:
+
+* the audit trail (``audit.path``, shared by every process; read incrementally from the byte offset
+  of the previous scrape): instances received, studies queued and analysed, task durations and
+  inference times, deliveries and delivery failures;
+* the broker: how many study messages wait in the ``lungvision`` queue;
+* the dead-letter list (Redis hash or store table): how many deliveries ran out of attempts.
+
+Counters therefore survive restarts of every process (the trail is the source of truth), and a
+worker on another host is counted as long as it writes the same trail (shared volume).
+"""
+
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from config.settings import Settings
+from web.worklist import AuditIndex
+
+DURATION_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+INFERENCE_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+
+
+def histogram(name: str, documentation: str, values: list[float], bounds: tuple[float, ...]) -> HistogramMetricFamily:
+    ordered = sorted(values)
+    buckets = [(str(float(bound)), bisect.bisect_right(ordered, bound)) for bound in bounds]
+    buckets.append(("+Inf", len(ordered)))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(ordered))
+
+
+def queue_depth(settings: Settings) -> int:
+    """Messages waiting in the analysis queue (Redis list or the SQLite broker's table)."""
+    from dicom_node.messages import QUEUE
+    from worker.celery_app import app
+
+    with app.connection_for_read(settings.broker.url, connect_timeout=2) as connection:
+        connection.ensure_connection(max_retries=1)
+        return int(connection.default_channel.queue_declare(queue=QUEUE, passive=True).message_count)
+
+
+class LungVisionCollector(Collector):
+    def __init__(self, settings: Settings, audit: AuditIndex, dead_letter_count) -> None:
+        self.settings, self.audit, self.dead_letter_count = settings, audit, dead_letter_count
+
+    def collect(self) -> Iterator:
+        index = self.audit.refresh()
+        counts = index.counts
+        yield CounterMetricFamily("lungvision_instances_received", "DICOM instances the node stored for analysis",
+                                  value=counts.get("received", 0))
+        yield CounterMetricFamily("lungvision_studies_queued", "Study rounds the node queued for analysis",
+                                  value=counts.get("queued", 0))
+        analysed = CounterMetricFamily("lungvision_studies_analysed", "Study rounds analysed, by finding",
+                                       labels=["finding"])
+        for finding in ("POSITIVE", "NEGATIVE", "NOT_ANALYSED"):
+            analysed.add_metric([finding], counts.get(f"analysed:{finding}", 0))
+        yield analysed
+        yield histogram("lungvision_task_duration_seconds", "Wall time of the analysis task per study round",
+                        index.durations_s, DURATION_BUCKETS_S)
+        yield histogram("lungvision_inference_milliseconds", "Model forward pass and Grad-CAM per study round",
+                        index.inference_ms, INFERENCE_BUCKETS_MS)
+        delivered = CounterMetricFamily("lungvision_deliveries", "Successful deliveries", labels=["kind"])
+        failures = CounterMetricFamily("lungvision_delivery_failures",
+                                       "Failed delivery attempts; final=true: given up (dead-lettered)",
+                                       labels=["kind", "final"])
+        for kind, stage in (("dicom", "delivery"), ("hl7", "hl7")):
+            delivered.add_metric([kind], counts.get(f"delivered:{kind}", 0))
+            for final in ("final", "retry"):
+                failures.add_metric([kind, str(final == "final").lower()], counts.get(f"failed:{stage}:{final}", 0))
+        yield delivered
+        yield failures
+        yield CounterMetricFamily("lungvision_replays", "Dead letters replayed by an operator",
+                                  value=counts.get("replayed", 0))
+        up = 1
+        try:
+            depth = queue_depth(self.settings)
+            yield GaugeMetricFamily("lungvision_queue_depth", "Study rounds waiting in the analysis queue", value=depth)
+        except Exception:  # the broker is down: say so instead of failing the scrape
+            up = 0
+        yield GaugeMetricFamily("lungvision_broker_up", "1 when the broker answered this scrape", value=up)
+        try:
+            yield GaugeMetricFamily("lungvision_dead_letters", "Deliveries that ran out of attempts, not yet replayed",
+                                    value=self.dead_letter_count())
+        except Exception:
+            pass
+
+
+def registry_for(settings: Settings, audit: AuditIndex, dead_letter_count) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LungVisionCollector(settings, audit, dead_letter_count))
+    return registry
