@@ -19,6 +19,7 @@ COPY dicom_node ./dicom_node
 COPY worker ./worker
 COPY inference ./inference
 COPY lungvision ./lungvision
+COPY web ./web
 RUN pip install . \
     && python -c "import torch; assert not torch.cuda.is_available() and torch.__version__.startswith('2.14.1')"
 
@@ -33,7 +34,7 @@ ENV LUNGVISION_SPOOL__DIR=/var/lib/lungvision/spool \
 USER lungvision
 WORKDIR /var/lib/lungvision
 VOLUME ["/var/lib/lungvision"]
-EXPOSE 11112
+EXPOSE 11112 8080
 
 ENTRYPOINT ["lungvision"]
 CMD ["--help"]

@@ -92,8 +92,9 @@ def run_demo(workdir: Path) -> int:
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     port = _free_port()
+    web_port = _free_port()
     environment = {"LUNGVISION_NODE__PORT": str(port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
-                   "LUNGVISION_SPOOL__STABLE_SECONDS": "2"}
+                   "LUNGVISION_SPOOL__STABLE_SECONDS": "2", "LUNGVISION_WEB__PORT": str(web_port)}
     log_path = workdir / "serve.log"
     print(f"starting 'lungvision serve' on embedded defaults in {workdir} (log: {log_path}) ...", flush=True)
     with open(log_path, "wb") as log:
@@ -106,6 +107,7 @@ def run_demo(workdir: Path) -> int:
         for study in studies:
             sent_at[study.study_uid] = time.monotonic()
             send_datasets(Destination("LUNGVISION", "127.0.0.1", port), study.datasets, calling_ae="LV_DEMO")
+        print(f"worklist: http://127.0.0.1:{web_port}/ (while the demo runs)", flush=True)
         print(f"sent {len(studies)} studies ({sum(len(s.datasets) for s in studies)} images); waiting for results ...",
               flush=True)
         store = Store(f"sqlite:///{workdir / 'var' / 'lungvision.db'}")

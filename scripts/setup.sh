@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up Lung Vision on a fresh machine (python3 and apt only): a virtual environment in .venv with
 # the pinned dependencies and the project installed editable. With --test, also the test tools:
-# dcmtk (storescu/echoscu), Orthanc, redis-server (via apt, when missing and running as root).
+# dcmtk (storescu/echoscu), Orthanc, redis-server and chromium (the worklist browser test, driven by
+# Playwright with Debian's chromium: no browser download) via apt, when missing and running as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ if [ "${1:-}" = "--test" ]; then
   command -v storescu >/dev/null || missing+=(dcmtk)
   command -v Orthanc >/dev/null || missing+=(orthanc)
   command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v chromium >/dev/null || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

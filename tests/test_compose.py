@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 SHARED_DATA_DIR = "/var/lib/lungvision"
-REQUIRED_SERVICES = {"redis", "orthanc", "node", "worker"}
+REQUIRED_SERVICES = {"redis", "orthanc", "node", "worker", "web"}
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ class Worklist:
 
     def row(self, study_uid: str) -> StudyRow | None:
         """The worklist row of one study (its latest round), or None."""
-        results = [result for result in self.store.results() if result.study_instance_uid == study_uid]
+        results = self.store.study_results(study_uid)
         if results:
             return self._row(max(results, key=lambda result: result.round))
         return next((row for row in self.rows() if row.study_instance_uid == study_uid), None)

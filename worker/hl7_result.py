@@ -11,7 +11,7 @@ framing is the standard ``<VT> message <FS><CR>``.
 """
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,7 +19,6 @@ import hl7
 from pydicom import dcmread
 
 from config.settings import Hl7Endpoint, Hl7Settings
-from worker.record import StudyResult
 
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
 PNEUMONIA = ("233604007", "Pneumonia", "SCT")
@@ -36,6 +35,24 @@ class Hl7DeliveryError(Exception):
 
 
 @dataclass(frozen=True)
+class Hl7Job:
+    """Everything one HL7 result needs except patient identity — the argument of the HL7 task
+    (built from the analysis itself, so the task does not depend on when the store row is written)."""
+
+    message_id: str
+    endpoint: str
+    study_instance_uid: str
+    finding: str  # POSITIVE | NEGATIVE
+    probability: float
+    threshold: float
+    model_version: str
+    model_sha256: str
+    analysed_at: str  # ISO 8601
+    accession_number: str | None = None
+    output_uids: list[str] = field(default_factory=list)  # SR and SC SOP Instance UIDs in the outbox
+
+
+@dataclass(frozen=True)
 class PatientHeader:
     """What the message needs from the DICOM header: read on demand, never stored or logged."""
 
@@ -45,45 +62,41 @@ class PatientHeader:
     accession_number: str = ""
 
 
-def read_patient_header(outbox: Path, result: StudyResult) -> PatientHeader:
-    """Patient id, issuer, name and accession number from a result object of ``result`` in the outbox
-    (results copy these attributes from their source image)."""
-    folder = outbox / result.study_instance_uid
-    for image in result.images or []:
-        for uid in (image.get("sr_uid"), image.get("sc_uid")):
-            path = folder / f"{uid}.dcm"
-            if uid and path.exists():
-                dataset = dcmread(path, stop_before_pixels=True,
-                                  specific_tags=["PatientID", "IssuerOfPatientID", "PatientName", "AccessionNumber"])
-                return PatientHeader(str(dataset.get("PatientID", "") or ""),
-                                     str(dataset.get("IssuerOfPatientID", "") or ""),
-                                     str(dataset.get("PatientName", "") or ""),
-                                     str(dataset.get("AccessionNumber", "") or ""))
-    return PatientHeader(accession_number=result.accession_number or "")
+def read_patient_header(outbox: Path, job: Hl7Job) -> PatientHeader:
+    """Patient id, issuer, name and accession number from one of the job's result objects in the
+    outbox (results copy these attributes from their source image)."""
+    for uid in job.output_uids:
+        path = outbox / job.study_instance_uid / f"{uid}.dcm"
+        if path.exists():
+            dataset = dcmread(path, stop_before_pixels=True,
+                              specific_tags=["PatientID", "IssuerOfPatientID", "PatientName", "AccessionNumber"])
+            return PatientHeader(str(dataset.get("PatientID", "") or ""), str(dataset.get("IssuerOfPatientID", "") or ""),
+                                 str(dataset.get("PatientName", "") or ""), str(dataset.get("AccessionNumber", "") or ""))
+    return PatientHeader(accession_number=job.accession_number or "")
 
 
 def _hl7_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
 
 
-def build_oru(result: StudyResult, patient: PatientHeader, settings: Hl7Settings, endpoint: Hl7Endpoint, *,
+def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoint: Hl7Endpoint, *,
               control_id: str, now: datetime | None = None) -> hl7.Message:
     """The ORU^R01 of one analysed study round (parsed back by python-hl7, so it is well formed)."""
     now = now or datetime.now(timezone.utc)
     escape = hl7.parse("MSH|^~\\&|").escape  # escapes | ^ ~ \ & in values
 
     def field(*components: str) -> str:
-        return "^".join(escape(component) for component in components)
+        return "^".join(escape(component) for component in components).rstrip("^")  # no empty trailing parts
 
-    positive = result.finding == "POSITIVE"
+    positive = job.finding == "POSITIVE"
     flag = "A" if positive else "N"
-    observed = _hl7_time(result.analysed_at or now)
+    observed = _hl7_time(datetime.fromisoformat(job.analysed_at))
     name = ""
     if settings.include_patient_name and patient.name:
         family, given, middle, prefix, suffix = (patient.name.split("^") + [""] * 5)[:5]  # DICOM PN order
         name = field(family, given, middle, suffix, prefix)  # HL7 XPN order
-    accession = escape(patient.accession_number or result.accession_number or "")
-    probability = f"{result.probability:.4f}" if result.probability is not None else ""
+    accession = escape(patient.accession_number or job.accession_number or "")
+    probability = f"{job.probability:.4f}"
     segments = [
         "|".join(["MSH", "^~\\&", escape(settings.sending_application), escape(settings.sending_facility),
                   escape(endpoint.receiving_application), escape(endpoint.receiving_facility), _hl7_time(now), "",
@@ -95,11 +108,11 @@ def build_oru(result: StudyResult, patient: PatientHeader, settings: Hl7Settings
         "|".join(["OBX", "1", "CWE", field(*PNEUMONIA), "1", field(*(PRESENT if positive else ABSENT)), "", "", flag,
                   "", "", "F", "", "", observed]),
         "|".join(["OBX", "2", "NM", field("LV-PROB", "Pneumonia probability (calibrated)", "L"), "1", probability,
-                  field("1", "", "UCUM"), f"<{result.threshold:.4f}", flag, "", "", "F", "", "", observed]),
+                  field("1", "", "UCUM"), f"<{job.threshold:.4f}", flag, "", "", "F", "", "", observed]),
         "|".join(["OBX", "3", "ST", field("LV-MODEL", "Algorithm", "L"), "1",
-                  escape(f"{result.model_version} sha256 {result.model_sha256}"), "", "", "", "", "", "F"]),
+                  escape(f"{job.model_version} sha256 {job.model_sha256}"), "", "", "", "", "", "F"]),
         "|".join(["OBX", "4", "ST", field("110180", "Study Instance UID", "DCM"), "1",
-                  escape(result.study_instance_uid), "", "", "", "", "", "F"]),
+                  escape(job.study_instance_uid), "", "", "", "", "", "F"]),
         "|".join(["NTE", "1", "L", escape("Lung Vision research software - NOT FOR DIAGNOSTIC USE; "
                                           "must be read by a radiologist")]),
     ]

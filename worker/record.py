@@ -86,6 +86,12 @@ class Store:
         with Session(self.engine, expire_on_commit=False) as session:
             return list(session.scalars(select(StudyResult).order_by(StudyResult.analysed_at)))
 
+    def study_results(self, study_instance_uid: str) -> list[StudyResult]:
+        """Every round of one study, oldest first."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(select(StudyResult).where(StudyResult.study_instance_uid == study_instance_uid)
+                                        .order_by(StudyResult.round, StudyResult.analysed_at)))
+
     def update_delivery(self, message_id: str, destination: str, *, status: str, attempts: int,
                         error: str | None = None) -> None:
         """Record the latest state of one delivery, and roll the study's status up from all of them."""

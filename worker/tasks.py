@@ -6,6 +6,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -17,7 +18,7 @@ from inference.classifier import load_classifier
 from lungvision import audit
 from worker.celery_app import app, current_settings
 from worker.deliver import DeadLetter, DeliveryJob, choose_destinations, dead_letters_for, retry_delay_s, send_files
-from worker.hl7_result import Hl7DeliveryError, build_oru, read_patient_header, send_mllp
+from worker.hl7_result import Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
 from worker.pipeline import analyse_study, device_uid_for
 from worker.record import Store, StudyResult
 
@@ -36,9 +37,10 @@ def store() -> Store:
 def analyse_study_task(message: dict) -> dict:
     """Analyse one study round, write its SC/SR files, queue their delivery and record the outcome.
 
-    A message id already recorded was fully handled (its deliveries were queued before the record
-    was written), so a redelivered message is skipped. A crash before that point reruns the round:
-    the outputs have the same UIDs, so destinations replace rather than duplicate them.
+    A row saying "analysing" is written first (the worklist shows it). A message id recorded with
+    any other status was fully handled (its deliveries were queued before the record was written),
+    so a redelivered message is skipped. A crash before that point reruns the round: the outputs
+    have the same UIDs, so destinations replace rather than duplicate them.
     """
     ready = StudyReady.model_validate(message)
     settings = current_settings()
@@ -78,6 +80,13 @@ def analyse_study_task(message: dict) -> dict:
     for name in destinations:
         job = DeliveryJob(ready.message_id, ready.study_instance_uid, name, [str(path) for path in outcome.files])
         deliver_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:{name}")
+    if top is not None:  # an HL7 result for every analysed study (not for "not analysed")
+        for endpoint in settings.hl7.endpoints:
+            job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, outcome.finding, top.probability,
+                         classifier.card.threshold, classifier.version, classifier.card.weights_sha256,
+                         datetime.now(timezone.utc).isoformat(), result.accession_number,
+                         [uid for image in outcome.images for uid in (image["sr_uid"], image["sc_uid"]) if uid])
+            send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     store().save_result(result)
     for name in destinations:
         store().update_delivery(ready.message_id, name, status="pending", attempts=0)
@@ -88,10 +97,6 @@ def analyse_study_task(message: dict) -> dict:
                  outputs=[uid for image in outcome.images for uid in (image["sc_uid"], image["sr_uid"]) if uid],
                  destinations=destinations, duration_ms=round((time.perf_counter() - started) * 1000, 1),
                  inference_ms=round(outcome.timings_ms.get("model_heatmap", 0.0), 1))
-    if top is not None:  # an HL7 result for every analysed study (not for "not analysed")
-        for endpoint in settings.hl7.endpoints:
-            send_hl7_task.apply_async(args=[{"message_id": ready.message_id, "endpoint": endpoint.name}],
-                                      task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     log.info("study round %s analysed: %s (%d images, %d outputs) → %s", ready.message_id, outcome.finding,
              len(outcome.findings), len(outcome.files), ", ".join(destinations) or "no destination")
     return {"message_id": ready.message_id, "finding": outcome.finding, "destinations": destinations}
@@ -166,34 +171,32 @@ def send_hl7_task(self, job: dict) -> str:
     """Send the ORU^R01 of one analysed study round to one HL7 endpoint; retry like DICOM delivery
     (same back-off and attempts), give up with a ``failed`` audit event after the last attempt."""
     settings = current_settings()
-    message_id, name = job["message_id"], job["endpoint"]
+    oru_job = Hl7Job(**job)
+    message_id, name = oru_job.message_id, oru_job.endpoint
     destination = f"hl7:{name}"
     attempt = self.request.retries + 1
-    result = store().result(message_id)
     endpoint = next((e for e in settings.hl7.endpoints if e.name == name), None)
     try:
-        if result is None or endpoint is None:
-            raise Hl7DeliveryError("study round not recorded" if result is None else "endpoint no longer configured",
-                                   transient=False)
-        message = build_oru(result, read_patient_header(settings.worker.outbox_dir, result), settings.hl7, endpoint,
+        if endpoint is None:
+            raise Hl7DeliveryError("endpoint no longer configured", transient=False)
+        message = build_oru(oru_job, read_patient_header(settings.worker.outbox_dir, oru_job), settings.hl7, endpoint,
                             control_id=uuid.uuid4().hex[:20])
         send_mllp(endpoint, message, settings.hl7.timeout_s)
     except (Hl7DeliveryError, OSError) as error:  # OSError: the outbox file could not be read
         transient = isinstance(error, Hl7DeliveryError) and error.transient
         final = not transient or attempt >= settings.delivery.max_attempts
         delay = retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)
-        audit.record("failed", stage="hl7", message_id=message_id,
-                     study_uid=None if result is None else result.study_instance_uid, destination=destination,
-                     attempts=attempt, outcome=str(error)[:300], final=final,
-                     model_sha256=None if result is None else result.model_sha256)
+        audit.record("failed", stage="hl7", message_id=message_id, study_uid=oru_job.study_instance_uid,
+                     destination=destination, attempts=attempt, outcome=str(error)[:300], final=final,
+                     model_sha256=oru_job.model_sha256)
         if final:
             log.error("HL7 result of %s to %s given up after %d attempt(s): %s", message_id, name, attempt, error)
             return "failed"
         log.warning("HL7 result of %s to %s failed (attempt %d), retry in %.0f s: %s", message_id, name, attempt,
                     delay, error)
         raise self.retry(countdown=delay, exc=error)
-    audit.record("delivered", message_id=message_id, study_uid=result.study_instance_uid, destination=destination,
-                 attempts=attempt, outcome="ACK AA", finding=result.finding, model_sha256=result.model_sha256)
+    audit.record("delivered", message_id=message_id, study_uid=oru_job.study_instance_uid, destination=destination,
+                 attempts=attempt, outcome="ACK AA", finding=oru_job.finding, model_sha256=oru_job.model_sha256)
     log.info("HL7 result of %s sent to %s (attempt %d)", message_id, name, attempt)
     return "delivered"
 

@@ -273,6 +273,7 @@ def node_settings(folder: Path, **overrides: dict) -> dict:
         "node": {"port": free_port(), "bind_address": "127.0.0.1", "acse_timeout_s": 10, "dimse_timeout_s": 20},
         "spool": {"dir": str(folder / "spool"), "stable_seconds": 2, "min_free_bytes": 0},
         "broker": {"url": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"},
+        "audit": {"path": str(folder.parent / f"{folder.name}.audit.jsonl")},  # beside, not in, the node's folder
     }
     for section, values in overrides.items():
         settings[section].update(values)

@@ -87,6 +87,7 @@ class AutorouteStack:
                               "port": dicom_port}],
             "delivery": {"max_attempts": 5, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
             "store": {"url": f"sqlite:///{folder}/outcomes.db"},
+            "audit": {"path": str(folder / "audit.jsonl")},
         })
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")

@@ -1,10 +1,12 @@
 """`lungvision serve` and `lungvision demo` on embedded defaults: no Redis, no PACS, nothing lost."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from pydicom.uid import generate_uid
 from dicom_node.scu import Destination, send_datasets
 from inference.sample_dicom import wrap_image
 from tests.dicom_node.node_testkit import free_port
+from tests.web.mllp_listener import MllpListener
 from tests.worker.conftest import chest_pixels
 
 pytestmark = pytest.mark.integration
@@ -34,14 +37,16 @@ def test_demo_shows_a_result_for_every_sample_study(tmp_path) -> None:
 class Serve:
     """``lungvision serve`` in a folder of its own (relative ./var paths land there)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
+    def __init__(self, folder: Path, **environment: str) -> None:
+        self.folder, self.port, self.web_port = folder, free_port(), free_port()
+        self.environment = environment
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Serve":
         environment = {**os.environ, "LUNGVISION_NODE__PORT": str(self.port),
                        "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1", "LUNGVISION_SPOOL__STABLE_SECONDS": "3",
-                       "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0"}
+                       "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0", "LUNGVISION_WEB__PORT": str(self.web_port),
+                       **self.environment}
         with open(self.folder / "serve.log", "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=self.folder,
                                             env=environment, stdout=log, stderr=subprocess.STDOUT)
@@ -62,20 +67,58 @@ class Serve:
         return sorted((self.folder / "var" / "out" / study_uid).glob("*.dcm"))
 
 
-def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
-    serve = Serve(tmp_path).start()
-    study_uid = generate_uid()
-    dataset = wrap_image(chest_pixels(), study_uid=study_uid)
-    statuses = send_datasets(Destination("LUNGVISION", "127.0.0.1", serve.port), [dataset])
-    assert statuses == [0x0000]
-    assert serve.terminate() == 0  # stopped before the study was complete (stable_seconds = 3)
-    assert serve.results(study_uid) == []
+def get_json(url: str, **headers: str):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as answer:
+        return json.loads(answer.read())
 
-    serve.start()
-    try:
-        deadline = time.monotonic() + 120
-        while len(serve.results(study_uid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(serve.results(study_uid)) == 2  # the heatmap SC and the SR
-    finally:
-        assert serve.terminate() == 0
+
+def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
+    """Also: after the restart the study reaches the worklist, /metrics, the audit trail and an HL7 listener."""
+    with MllpListener() as listener:
+        endpoints = json.dumps([{"name": "ris", "host": "127.0.0.1", "port": listener.port}])
+        serve = Serve(tmp_path, LUNGVISION_HL7__ENDPOINTS=endpoints, LUNGVISION_WEB__AUTH_TOKEN="serve-token").start()
+        study_uid = generate_uid()
+        dataset = wrap_image(chest_pixels(), study_uid=study_uid)
+        statuses = send_datasets(Destination("LUNGVISION", "127.0.0.1", serve.port), [dataset])
+        assert statuses == [0x0000]
+        assert serve.terminate() == 0  # stopped before the study was complete (stable_seconds = 3)
+        assert serve.results(study_uid) == []
+
+        serve.start()
+        try:
+            deadline = time.monotonic() + 120
+            while len(serve.results(study_uid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert len(serve.results(study_uid)) == 2  # the heatmap SC and the SR
+
+            api = f"http://127.0.0.1:{serve.web_port}"
+            study = {}
+            while time.monotonic() < deadline:
+                try:
+                    study = get_json(f"{api}/api/studies/{study_uid}")
+                except OSError:
+                    study = {}
+                if study.get("status") == "delivered" and listener.messages:
+                    break
+                time.sleep(0.5)
+            assert study["status"] == "delivered" and study["finding"] in ("POSITIVE", "NEGATIVE"), study
+            assert study["patient"] is None
+            assert get_json(f"{api}/api/studies/{study_uid}", Authorization="Bearer serve-token")["patient"][
+                "patient_id"] == "LV-TEST"
+            (message,) = listener.messages
+            assert str(message.segment("OBX")[8]) == ("A" if study["finding"] == "POSITIVE" else "N")
+            assert str(message.segment("PID")[3][0][0]) == "LV-TEST"
+            with urllib.request.urlopen(f"{api}/metrics", timeout=10) as answer:
+                metrics = answer.read().decode()
+            assert "lungvision_instances_received_total 1.0" in metrics
+            assert "lungvision_studies_queued_total 1.0" in metrics
+            assert "lungvision_task_duration_seconds_count 1.0" in metrics
+            assert 'lungvision_deliveries_total{kind="hl7"} 1.0' in metrics
+            assert "lungvision_queue_depth 0.0" in metrics
+            trail = (tmp_path / "var" / "audit.jsonl").read_text()
+            events = [json.loads(line)["event"] for line in trail.splitlines()]
+            assert events.count("received") == 1 and events.count("delivered") == 2, events  # folder + HL7
+            assert {"queued", "analysing", "analysed"} <= set(events)
+            assert "LV-TEST" not in trail and "Test^Patient" not in trail
+        finally:
+            assert serve.terminate() == 0

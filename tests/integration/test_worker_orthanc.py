@@ -72,6 +72,7 @@ class Deployment:
             "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_ARCHIVE", "destinations": ["archive"]}],
             "delivery": {"max_attempts": 12, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
             "store": {"url": f"sqlite:///{folder}/outcomes.db"},
+            "audit": {"path": str(folder / "audit.jsonl")},
         })
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
@@ -152,7 +153,8 @@ def test_results_arrive_in_the_same_study_and_say_what_the_model_said(deployment
     replay = make_message(deployment.node.spooled(source.StudyInstanceUID), message_id=generate_uid())
     CeleryEnqueuer(deployment.broker_url).send(replay)
     deadline = time.monotonic() + RESULT_TIMEOUT_S
-    while deployment.store().result(replay.message_id) is None and time.monotonic() < deadline:
+    while (deployment.store().result(replay.message_id) is None
+           or deployment.store().result(replay.message_id).status == "analysing") and time.monotonic() < deadline:
         time.sleep(0.5)
     rows = [r for r in deployment.store().results() if r.study_instance_uid == source.StudyInstanceUID]
     assert len(rows) == 2 and {r.round for r in rows} == {1}

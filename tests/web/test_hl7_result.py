@@ -1,0 +1,89 @@
+"""The HL7 ORU^R01 result: built by the worker task, sent over MLLP to a real listener, parsed here."""
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from config.settings import Hl7Endpoint
+from lungvision import audit
+from tests.web.conftest import free_port
+from worker.hl7_result import Hl7Job
+from tests.web.mllp_listener import MllpListener
+
+
+@pytest.fixture
+def hl7_worker(site, monkeypatch):
+    """The worker's task module configured for ``site`` with the given HL7 endpoints."""
+    from worker import celery_app, tasks
+
+    def configure(port: int, *, include_name: bool = False, max_attempts: int = 5):
+        settings = site.settings.model_copy(update={
+            "hl7": site.settings.hl7.model_copy(update={
+                "endpoints": [Hl7Endpoint(name="ris", host="127.0.0.1", port=port, receiving_application="RIS")],
+                "include_patient_name": include_name, "timeout_s": 3.0}),
+            "delivery": site.settings.delivery.model_copy(update={"max_attempts": max_attempts,
+                                                                  "retry_base_delay_s": 0.01})})
+        celery_app.configure(settings)
+        tasks.store.cache_clear()
+        return tasks
+
+    yield configure
+    celery_app.configure(site.settings)
+    tasks.store.cache_clear()
+    audit.configure(None)
+
+
+def job_for(site, accession: str) -> dict:
+    """The HL7 task's argument for a seeded study, as the analysis task builds it."""
+    [row] = site.store.study_results(site.studies[accession].study_uid)
+    return asdict(Hl7Job(row.message_id, "ris", row.study_instance_uid, row.finding, row.probability, row.threshold,
+                         row.model_version, row.model_sha256, row.analysed_at.isoformat(), row.accession_number,
+                         [uid for image in row.images for uid in (image["sr_uid"], image["sc_uid"]) if uid]))
+
+
+def test_positive_study_gives_an_oru_with_abnormal_flag_and_patient_id(site, hl7_worker) -> None:
+    with MllpListener() as listener:
+        tasks = hl7_worker(listener.port)
+        job = job_for(site, "ACC-POS-HIGH")
+        message_id = job["message_id"]
+        outcome = tasks.send_hl7_task.apply(args=[job]).get()
+    assert outcome == "delivered"
+    (message,) = listener.messages
+    assert str(message.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(message.segment("MSH")[12]) == "2.5"
+    pid = message.segment("PID")
+    assert str(pid[3][0][0]) == site.studies["ACC-POS-HIGH"].patient_id
+    assert str(pid[5]) == ""  # no patient name unless the site asks for it
+    assert str(message.segment("OBR")[3]) == "ACC-POS-HIGH" and str(message.segment("OBR")[25]) == "F"
+    finding, probability = message.segments("OBX")[:2]
+    assert str(finding[3][0][0]) == "233604007" and str(finding[5][0][1]) == "Present" and str(finding[8]) == "A"
+    assert float(str(probability[5])) == pytest.approx(0.93) and str(probability[8]) == "A"
+    assert str(message.segments("OBX")[3][5]) == site.studies["ACC-POS-HIGH"].study_uid
+    events = [json.loads(line) for line in site.settings.audit.path.read_text().splitlines()]
+    sent = [e for e in events if e["event"] == "delivered" and e.get("destination") == "hl7:ris"]
+    assert sent and sent[-1]["message_id"] == message_id
+    trail = site.settings.audit.path.read_text()
+    assert site.studies["ACC-POS-HIGH"].patient_id not in trail  # never audited
+
+
+def test_negative_study_has_normal_flag_and_optional_patient_name(site, hl7_worker) -> None:
+    with MllpListener() as listener:
+        tasks = hl7_worker(listener.port, include_name=True)
+        tasks.send_hl7_task.apply(args=[job_for(site, "ACC-NEG")]).get()
+    (message,) = listener.messages
+    finding, probability = message.segments("OBX")[:2]
+    assert str(finding[5][0][1]) == "Absent" and str(finding[8]) == "N" and str(probability[8]) == "N"
+    assert str(message.segment("PID")[5]) == site.studies["ACC-NEG"].patient_name  # Doe^Patient0
+
+
+def test_unreachable_or_rejecting_endpoint_is_retried_then_given_up(site, hl7_worker) -> None:
+    tasks = hl7_worker(free_port(), max_attempts=2)  # nobody listens there
+    job = job_for(site, "ACC-POS-LOW")
+    assert tasks.send_hl7_task.apply(args=[job]).get() == "failed"
+    with MllpListener(ack_code="AR") as listener:  # an application reject is permanent: one attempt
+        tasks = hl7_worker(listener.port, max_attempts=3)
+        assert tasks.send_hl7_task.apply(args=[job]).get() == "failed"
+    assert len(listener.messages) == 1
+    events = [json.loads(line) for line in site.settings.audit.path.read_text().splitlines()]
+    failures = [(e["attempts"], e["final"]) for e in events if e["event"] == "failed" and e.get("stage") == "hl7"]
+    assert failures[-3:] == [(1, False), (2, True), (1, True)]
