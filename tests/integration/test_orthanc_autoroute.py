@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 from dicom_node.identity import UID_ROOT
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.dicom_node.node_testkit import NodeProcess, dcmtk, free_port, make_image, node_settings, save
-from tests.integration.worker_testkit import WorkerProcess
+from tests.integration.worker_testkit import WorkerProcess, worker_sections
 from tests.orthanc_testkit import Orthanc, resolve_config
 from tests.worker.conftest import chest_pixels
 from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS
@@ -81,13 +81,10 @@ class AutorouteStack:
                                environment=environment)
         settings.update({
             "broker": {"url": broker[0], "result_backend": broker[1]},
-            "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": 60,
-                       "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": "lungvision:autoroute:dead"},
             "destinations": [{"name": "orthanc", "ae_title": self.orthanc_config["DicomAet"], "host": "127.0.0.1",
                               "port": dicom_port}],
-            "delivery": {"max_attempts": 5, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
-            "store": {"url": f"sqlite:///{folder}/outcomes.db"},
-            "audit": {"path": str(folder / "audit.jsonl")},
+            **worker_sections(folder, visibility_timeout_s=60, dead_letter_key="lungvision:autoroute:dead",
+                              max_attempts=5),
         })
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")

@@ -24,7 +24,7 @@ from pydicom.uid import (
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.conftest import DICOM_SAMPLES
 from tests.dicom_node.node_testkit import NodeProcess, dcmtk, free_port, node_settings
-from tests.integration.worker_testkit import WorkerProcess
+from tests.integration.worker_testkit import WorkerProcess, worker_sections
 from tests.orthanc_testkit import Orthanc
 from tests.worker.conftest import chest_pixels
 from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS, make_message, sr_values
@@ -63,16 +63,12 @@ class Deployment:
             "DicomModalities": {"lungvision": ["LUNGVISION", "127.0.0.1", settings["node"]["port"]]}})
         settings.update({
             "broker": {"url": redis_url, "result_backend": redis_url},
-            "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": 20,
-                       "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": "lungvision:test:dead"},
+            **worker_sections(folder, visibility_timeout_s=20, dead_letter_key="lungvision:test:dead", max_attempts=12),
             "destinations": [
                 {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
                 {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": self.archive_port},
             ],
             "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_ARCHIVE", "destinations": ["archive"]}],
-            "delivery": {"max_attempts": 12, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
-            "store": {"url": f"sqlite:///{folder}/outcomes.db"},
-            "audit": {"path": str(folder / "audit.jsonl")},
         })
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")

@@ -10,6 +10,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def worker_sections(folder: Path, *, visibility_timeout_s: float, dead_letter_key: str, max_attempts: int) -> dict:
+    """The worker-side settings of a test deployment in ``folder``: one worker process, fast retries."""
+    return {
+        "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": visibility_timeout_s,
+                   "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": dead_letter_key},
+        "delivery": {"max_attempts": max_attempts, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
+        "store": {"url": f"sqlite:///{folder}/outcomes.db"},
+        "audit": {"path": str(folder / "audit.jsonl")},
+    }
+
+
 class WorkerProcess:
     """The Celery worker in its own process group, so a test can SIGKILL all of it at once."""
 
