@@ -161,6 +161,10 @@ def test_results_arrive_in_the_same_study_and_say_what_the_model_said(deployment
     classes = [i["SOPClassUID"] for i in deployment.orthanc.study_instances(source.StudyInstanceUID)]
     assert classes.count(SC_CLASS) == 1 and classes.count(COMPREHENSIVE_SR_CLASS) == 1
 
+    # No patient name or id in any log or audit line of ours.
+    logs = deployment.worker.log() + deployment.node.log_path.read_text() + (deployment.folder / "audit.jsonl").read_text()
+    assert str(source.PatientName) not in logs and str(source.PatientID) not in logs
+
 
 def test_lateral_and_non_chest_images_get_not_analysed_srs(deployment, tmp_path) -> None:
     study_uid = generate_uid()
