@@ -19,7 +19,6 @@ every dcmtk process (sender and storescp). Prints the tables; nothing is asserte
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+from lungvision.ports import free_port, wait_until_listening
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, COLUMNS = 2500, 2000
@@ -93,24 +94,6 @@ def dcmtk(tool: str) -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_listening(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"receiver exited with {process.returncode}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise SystemExit(f"receiver not listening on {port} after {START_TIMEOUT_S} s")
-
-
 def start_node(port: int, output: Path) -> subprocess.Popen:
     config = output.parent / f"{output.name}.yaml"
     config.write_text(yaml.safe_dump({
@@ -144,7 +127,7 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
     port = free_port()
     receiver = start(port, output)
     try:
-        wait_until_listening(port, receiver)
+        wait_until_listening(port, receiver, START_TIMEOUT_S)
         storescu = dcmtk("storescu")
 
         def send(folder: Path) -> int:

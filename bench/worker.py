@@ -8,7 +8,6 @@ Nothing is asserted.
 
 import argparse
 import multiprocessing
-import socket
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from config.settings import load_settings  # noqa: E402
 from inference.classifier import load_classifier  # noqa: E402
 from inference.sample_dicom import wrap_image, write_dataset  # noqa: E402
+from lungvision.ports import free_port  # noqa: E402
 from tests.orthanc_testkit import Orthanc  # noqa: E402
 from tests.worker.conftest import chest_pixels  # noqa: E402
 from tests.worker.test_pipeline import make_message  # noqa: E402
@@ -30,12 +30,6 @@ from worker.deliver import send_files  # noqa: E402
 from worker.pipeline import analyse_study, device_uid_for  # noqa: E402
 
 STAGES = ("read_decode", "preprocess", "model_heatmap", "encode", "send")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_studies(folder: Path, count: int) -> list[Path]:

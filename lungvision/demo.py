@@ -8,7 +8,6 @@ are delivered to the local folder destination, prints a table and the result fil
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLEL
 
 from dicom_node.scu import Destination, send_datasets
 from inference.sample_dicom import wrap_image
+from lungvision.ports import free_port, wait_until_listening
 
 SAMPLES = Path(__file__).with_name("samples")
 START_TIMEOUT_S = 180.0
@@ -66,33 +66,14 @@ def sample_studies() -> list[DemoStudy]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"lungvision serve exited with status {server.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the node did not listen on port {port} within {START_TIMEOUT_S:.0f} s")
-
-
 def run_demo(workdir: Path) -> int:
     """Run the whole demo in ``workdir`` (emptied first); returns the exit code."""
     from worker.record import Store
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    port = _free_port()
-    web_port = _free_port()
+    port = free_port()
+    web_port = free_port()
     environment = {"LUNGVISION_NODE__PORT": str(port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
                    "LUNGVISION_SPOOL__STABLE_SECONDS": "2", "LUNGVISION_WEB__PORT": str(web_port)}
     log_path = workdir / "serve.log"
@@ -101,7 +82,7 @@ def run_demo(workdir: Path) -> int:
         server = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=workdir, stdout=log,
                                   stderr=subprocess.STDOUT, env={**os.environ, **environment})
     try:
-        _wait_for_port(port, server)
+        wait_until_listening(port, server, START_TIMEOUT_S)
         studies = sample_studies()
         sent_at: dict[str, float] = {}
         for study in studies:

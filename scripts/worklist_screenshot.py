@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicom_node.scu import Destination, send_datasets  # noqa: E402
-from lungvision.demo import _free_port, _wait_for_port, sample_studies  # noqa: E402
+from lungvision.demo import START_TIMEOUT_S, sample_studies  # noqa: E402
+from lungvision.ports import free_port, wait_until_listening  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]
@@ -28,7 +29,7 @@ def main(output: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as folder:
-        port, web_port = _free_port(), _free_port()
+        port, web_port = free_port(), free_port()
         environment = {**os.environ, "LUNGVISION_NODE__PORT": str(port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
                        "LUNGVISION_SPOOL__STABLE_SECONDS": "2", "LUNGVISION_WEB__PORT": str(web_port),
                        "LUNGVISION_WEB__REFRESH_S": "0"}
@@ -36,7 +37,7 @@ def main(output: Path) -> None:
             server = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=folder, env=environment,
                                       stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_for_port(port, server)
+            wait_until_listening(port, server, START_TIMEOUT_S)
             studies = sample_studies()
             for number, study in enumerate(studies, start=1):
                 for dataset in study.datasets:

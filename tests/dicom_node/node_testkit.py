@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config as pynetdicom_config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
+
+from lungvision.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_REDIS_DB = 15  # flushed by the fixtures: never a database in use
@@ -99,12 +100,6 @@ def encoded_body(dataset: Dataset) -> bytes:
 def truncated_copy(source: Path, target: Path, drop_bytes: int) -> Path:
     target.write_bytes(source.read_bytes()[:-drop_bytes])
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def dcmtk(tool: str) -> str:

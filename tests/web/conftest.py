@@ -1,6 +1,5 @@
 """Web test fixtures: a site (store, outbox, audit trail) seeded with real analysed studies."""
 
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from config.settings import Settings, load_settings
 from inference.classifier import load_classifier
 from inference.sample_dicom import wrap_image, write_dataset
 from lungvision import audit
+from lungvision.ports import free_port
 from tests.worker.conftest import chest_pixels
 from tests.worker.test_pipeline import make_message
 from worker.pipeline import analyse_study, device_uid_for
@@ -110,12 +110,6 @@ def seed(root: Path) -> Site:
 def site(tmp_path_factory) -> Site:
     """A fresh site per test module, so no module sees another's replays or HL7 events."""
     return seed(tmp_path_factory.mktemp("site"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
