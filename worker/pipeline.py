@@ -39,6 +39,11 @@ class StudyOutcome:
         return highest_probability(self.findings)
 
     @property
+    def output_uids(self) -> list[str]:
+        """SOP Instance UIDs of the SCs and SRs this round produced, image by image."""
+        return [uid for image in self.images for uid in (image["sc_uid"], image["sr_uid"]) if uid]
+
+    @property
     def finding(self) -> str:
         """POSITIVE, NEGATIVE, or NOT_ANALYSED when no image could be analysed."""
         top = self.top

@@ -85,7 +85,7 @@ def analyse_study_task(message: dict) -> dict:
             job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, outcome.finding, top.probability,
                          classifier.card.threshold, classifier.version, classifier.card.weights_sha256,
                          datetime.now(timezone.utc).isoformat(), result.accession_number,
-                         [uid for image in outcome.images for uid in (image["sr_uid"], image["sc_uid"]) if uid])
+                         outcome.output_uids)
             send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     store().save_result(result)
     for name in destinations:
@@ -94,7 +94,7 @@ def analyse_study_task(message: dict) -> dict:
                  calling_ae=ready.calling_ae, finding=outcome.finding, probability=result.probability,
                  model_version=classifier.version, model_sha256=classifier.card.weights_sha256,
                  instances=[image["sop_instance_uid"] for image in outcome.images],
-                 outputs=[uid for image in outcome.images for uid in (image["sc_uid"], image["sr_uid"]) if uid],
+                 outputs=outcome.output_uids,
                  destinations=destinations, duration_ms=round((time.perf_counter() - started) * 1000, 1),
                  inference_ms=round(outcome.timings_ms.get("model_heatmap", 0.0), 1))
     log.info("study round %s analysed: %s (%d images, %d outputs) → %s", ready.message_id, outcome.finding,
