@@ -25,6 +25,10 @@ class ModelSettings(Section):
 
     weights_dir: Path | None = None  # None = the weights shipped in the package
     batch_size: int = 16
+    site_profile: Path | None = None  # a site's operating point from 'lungvision calibrate'; None = the shipped one
+    intended_use_policy: Literal["refuse", "flag"] = "refuse"  # images outside the intended use
+    min_age_years: float | None = Field(default=None, ge=0)  # None = the model card's training population
+    max_age_years: float | None = Field(default=None, gt=0)  # None = the model card's training population
 
 
 class BrokerSettings(Section):
@@ -152,6 +156,7 @@ class DeliverySettings(Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)  # association set-up and release
     dimse_timeout_s: float = Field(default=60.0, gt=0)  # waiting for each C-STORE response
     network_timeout_s: float = Field(default=60.0, gt=0)  # idle network
+    shadow_mode: bool = False  # true = results stay in the worklist and store; nothing goes to destinations or HL7
 
 
 class StoreSettings(Section):
