@@ -40,8 +40,9 @@ def make_studies(folder: Path, count: int) -> list[Path]:
 
 def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
     """Analyse and deliver one study; return its stage timings in ms."""
-    outcome = analyse_study(make_message([path]), load_classifier(), outbox, device_uid=device_uid_for("BENCH"),
-                            max_long_side=1024)
+    classifier = load_classifier()
+    outcome = analyse_study(make_message([path]), classifier, classifier.intended_use(), outbox,
+                            device_uid=device_uid_for("BENCH"), max_long_side=1024)
     started = time.perf_counter()
     send_files(settings, "orthanc", outcome.files)
     return {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}

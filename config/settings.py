@@ -142,7 +142,7 @@ class RoutingRule(Section):
 
     calling_ae: str | None = None  # AE title that sent the study
     modality: str | None = None  # Modality of any instance of the study round (CR, DX, OT…)
-    result: Literal["positive", "negative", "not_analysed"] | None = None
+    result: Literal["positive", "negative", "not_analysed", "outside_intended_use"] | None = None
     destinations: list[str] = Field(min_length=1)
 
 

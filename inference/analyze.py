@@ -1,4 +1,8 @@
-"""Offline analysis — image files (DICOM, PNG, JPEG) become one JSON line each and overlay PNGs."""
+"""Offline analysis — image files (DICOM, PNG, JPEG) become one JSON line each and overlay PNGs.
+
+Every line says whether the image is inside the model's intended use (``"intended_use"``) and, when
+not, why (``"reason"``); under the ``refuse`` policy such a line carries no probability.
+"""
 
 import json
 import time
@@ -9,7 +13,8 @@ from typing import TextIO
 from PIL import Image
 
 from inference.classifier import Classifier
-from inference.images import IMAGE_SUFFIXES, read_gray
+from inference.images import IMAGE_SUFFIXES, read_image
+from inference.intended_use import IntendedUse
 from inference.overlay import legend_lines, render_overlay
 
 
@@ -24,24 +29,33 @@ def expand_paths(paths: list[Path]) -> Iterator[Path]:
             yield path
 
 
-def analyze(paths: list[Path], classifier: Classifier, out_dir: Path | None, output: TextIO) -> int:
-    """Analyse each file, print a JSON line for it and write its overlay; returns the error count."""
+def analyze(paths: list[Path], classifier: Classifier, gate: IntendedUse, out_dir: Path | None, output: TextIO) -> int:
+    """Analyse each file through the gate, print a JSON line for it and write its overlay; returns
+    the error count."""
     errors = 0
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     for index, path in enumerate(expand_paths(paths)):
         started = time.perf_counter()
         try:
-            gray = read_gray(path)
+            gray, dataset = read_image(path)
             prediction = classifier.predict([gray], with_heatmap=out_dir is not None)[0]
         except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: report, go on
             errors += 1
             output.write(json.dumps({"path": str(path), "error": str(error)}) + "\n")
             continue
         milliseconds = (time.perf_counter() - started) * 1000
-        record = {"path": str(path), "probability": round(prediction.probability, 4), "label": prediction.label,
-                  "threshold": prediction.threshold, "model_version": prediction.model_version,
-                  "milliseconds": round(milliseconds, 1)}
+        verdict = gate.verdict(gate.header_verdict(dataset) if dataset is not None else None,
+                               prediction.image_check_score)
+        record = {"path": str(path), "intended_use": verdict is None, "reason": verdict.text if verdict else None}
+        if gate.refuses(verdict):
+            record.update(model_version=prediction.model_version, milliseconds=round(milliseconds, 1))
+            output.write(json.dumps(record) + "\n")
+            output.flush()
+            continue
+        record.update(probability=round(prediction.probability, 4), label=prediction.label,
+                      threshold=prediction.threshold, operating_point=prediction.operating_point,
+                      model_version=prediction.model_version, milliseconds=round(milliseconds, 1))
         if out_dir is not None:
             legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold,
                                   prediction.model_version)

@@ -1,7 +1,9 @@
 """Classifier — gray images become calibrated pneumonia probabilities with Grad-CAM heatmaps.
 
 The shipped weights are loaded once per process (``load_classifier``) and verified against the
-sha256 in the model card before use.
+sha256 in the model card before use, with the image check shipped beside them (an
+out-of-distribution score from the same forward pass) and the operating point: the model card's,
+or a site profile's from ``lungvision calibrate``.
 """
 
 import functools
@@ -14,13 +16,32 @@ import torch
 from safetensors.torch import load_file
 
 from inference.gradcam import class_activation_map, heatmap_in_image
+from inference.image_check import FEATURE_LAYERS, ImageCheck
+from inference.intended_use import IntendedUse, Policy, Population
 from inference.model_card import WEIGHTS_DIR, ModelCard, sha256_of
 from inference.network import build_resnet18
 from inference.preprocess import normalise, to_square_uint8
+from inference.site_profile import OperatingPoint, SiteProfile
 
 
 class WeightsMismatch(RuntimeError):
-    """The weights file does not match the sha256 recorded in its model card."""
+    """The weights file (or the image check beside it) does not match the sha256 in its model card."""
+
+
+def _verified(path: Path, expected_sha256: str) -> Path:
+    actual = sha256_of(path)
+    if actual != expected_sha256:
+        raise WeightsMismatch(f"{path} has sha256 {actual}, the model card expects {expected_sha256}")
+    return path
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """What one forward pass gives for N squares: raw logits, Grad-CAM maps, pooled features."""
+
+    logits: torch.Tensor  # N
+    cams: torch.Tensor  # N×h×w
+    features: torch.Tensor  # N×D spatial means of FEATURE_LAYERS (the image check's input)
 
 
 @dataclass(frozen=True)
@@ -33,45 +54,82 @@ class Prediction:
     threshold: float
     model_version: str
     heatmap: np.ndarray | None  # float32 0..1, the input image's shape; None if not asked for
+    logit: float = 0.0  # raw network output, before temperature (site calibration refits from it)
+    image_check_score: float | None = None  # distance from the training images; None: no image check shipped
+    operating_point: str = "shipped"  # "shipped" or "site profile <id>"
+
+
+def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int) -> ForwardPass:
+    """One forward pass of N×1×H×W images (uint8 squares, or float 0..1) → logits, maps, features."""
+    maps: dict[str, torch.Tensor] = {}
+    hooks = [getattr(network, name).register_forward_hook(
+        lambda _module, _inputs, output, name=name: maps.__setitem__(name, output)) for name in FEATURE_LAYERS]
+    try:
+        with torch.inference_mode():
+            logits = network(normalise(batch, input_size)).flatten()
+            cams = class_activation_map(maps["layer4"], network.fc.weight[0])
+            features = torch.cat([maps[name].mean(dim=(2, 3)) for name in FEATURE_LAYERS], dim=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ForwardPass(logits, cams, features)
 
 
 class Classifier:
     """ResNet-18 pneumonia classifier with its model card (threshold, temperature, input size)."""
 
-    def __init__(self, weights_dir: Path = WEIGHTS_DIR) -> None:
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR, site_profile: Path | None = None) -> None:
         self.card = ModelCard.load(weights_dir)
-        weights_path = weights_dir / self.card.weights_file
-        actual = sha256_of(weights_path)
-        if actual != self.card.weights_sha256:
-            raise WeightsMismatch(
-                f"{weights_path} has sha256 {actual}, the model card expects {self.card.weights_sha256}"
-            )
         self.network = build_resnet18()
-        self.network.load_state_dict(load_file(weights_path))
+        self.network.load_state_dict(load_file(_verified(weights_dir / self.card.weights_file,
+                                                         self.card.weights_sha256)))
         self.network.eval()
-        self._features: torch.Tensor | None = None
-        self.network.layer4.register_forward_hook(self._keep_features)
+        self.image_check: ImageCheck | None = None
+        if self.card.image_check:
+            self.image_check = ImageCheck.load(_verified(weights_dir / self.card.image_check["file"],
+                                                         self.card.image_check["sha256"]))
+        self.operating_point = OperatingPoint(self.card.threshold, self.card.temperature)
+        self.site_profile: SiteProfile | None = None
+        if site_profile is not None:
+            self.site_profile = SiteProfile.load(site_profile, self.card.weights_sha256)
+            self.operating_point = self.site_profile.operating_point
 
-    def _keep_features(self, _module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        self._features = output
+    @property
+    def threshold(self) -> float:
+        return self.operating_point.threshold
+
+    def intended_use(self, policy: Policy | str = Policy.REFUSE, min_age_years: float | None = None,
+                     max_age_years: float | None = None) -> IntendedUse:
+        """The gate for this model: its card's population unless a site sets the age range."""
+        population = self.card.population
+        return IntendedUse(
+            Population(population["min_age_years"] if min_age_years is None else min_age_years,
+                       population["max_age_years"] if max_age_years is None else max_age_years),
+            self.card.image_check.get("threshold") if self.card.image_check else None,
+            Policy(policy))
+
 
     @property
     def version(self) -> str:
         """Model name and version, e.g. ``lungvision-resnet18 1.0.0``."""
         return f"{self.card.name} {self.card.version}"
 
-    def logits(self, squares: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """N×224×224 uint8 squares → (N raw logits, N×h×w Grad-CAM maps)."""
-        batch = torch.from_numpy(np.ascontiguousarray(squares))[:, None]
-        with torch.inference_mode():
-            logits = self.network(normalise(batch, self.card.input_size)).flatten()
-            cams = class_activation_map(self._features, self.network.fc.weight[0])
-        return logits, cams
+    def forward(self, squares: np.ndarray) -> ForwardPass:
+        """N×224×224 uint8 squares → raw logits, Grad-CAM maps and pooled features, in one pass."""
+        return forward_pass(self.network, torch.from_numpy(np.ascontiguousarray(squares))[:, None],
+                            self.card.input_size)
+
+    def calibrated(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Raw logits → calibrated probabilities at this classifier's operating point."""
+        return torch.sigmoid(torch.as_tensor(logits) / self.operating_point.temperature).numpy()
+
+    def image_check_scores(self, features: torch.Tensor) -> np.ndarray | None:
+        """The image check's score per image (None when the weights ship no image check)."""
+        return None if self.image_check is None else self.image_check.scores(features).numpy()
 
     def probabilities(self, squares: np.ndarray) -> np.ndarray:
         """Calibrated pneumonia probabilities for N×224×224 uint8 squares."""
-        logits, _ = self.logits(squares)
-        return torch.sigmoid(logits / self.card.temperature).numpy()
+        return self.calibrated(self.forward(squares).logits)
 
     def predict(self, images: Sequence[np.ndarray], with_heatmap: bool = True) -> list[Prediction]:
         """One forward pass for a batch of 2-D gray images (any size, bright = dense)."""
@@ -82,18 +140,31 @@ class Classifier:
 
     def predict_squares(self, squares: np.ndarray, image_shapes: Sequence[tuple[int, int]] | None) -> list[Prediction]:
         """Predictions for preprocessed squares; heatmaps sized to ``image_shapes`` (None: no heatmaps)."""
-        logits, cams = self.logits(squares)
-        probabilities = torch.sigmoid(logits / self.card.temperature).tolist()
+        output = self.forward(squares)
+        probabilities = self.calibrated(output.logits).tolist()
+        scores = self.image_check_scores(output.features)
+        threshold, point = self.operating_point.threshold, self.operating_point.name
         predictions = []
-        for index, (probability, cam) in enumerate(zip(probabilities, cams)):
-            positive = probability >= self.card.threshold
+        for index, (probability, cam) in enumerate(zip(probabilities, output.cams)):
+            positive = probability >= threshold
             heatmap = None if image_shapes is None else heatmap_in_image(cam, probability, image_shapes[index]).numpy()
-            predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL",
-                                          self.card.threshold, self.version, heatmap))
+            predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL", threshold,
+                                          self.version, heatmap, float(output.logits[index]),
+                                          None if scores is None else float(scores[index]), point))
         return predictions
 
 
 @functools.lru_cache(maxsize=4)
-def load_classifier(weights_dir: Path | None = None) -> Classifier:
-    """The process-wide classifier for ``weights_dir`` (default: the shipped weights), loaded once."""
-    return Classifier(weights_dir or WEIGHTS_DIR)
+def load_classifier(weights_dir: Path | None = None, site_profile: Path | None = None) -> Classifier:
+    """The process-wide classifier for ``weights_dir`` (default: the shipped weights) at the
+    operating point of ``site_profile`` (default: the model card's), loaded once."""
+    return Classifier(weights_dir or WEIGHTS_DIR, site_profile)
+
+
+def load_model(model_settings) -> tuple[Classifier, IntendedUse]:
+    """The classifier and its intended-use gate as the ``model`` settings section configures them
+    (weights_dir, site_profile, intended_use_policy, min_age_years, max_age_years)."""
+    classifier = load_classifier(model_settings.weights_dir, model_settings.site_profile)
+    gate = classifier.intended_use(model_settings.intended_use_policy, model_settings.min_age_years,
+                                   model_settings.max_age_years)
+    return classifier, gate

@@ -1,26 +1,52 @@
-"""The offline commands of the ``inference`` package: ``train``, ``evaluate`` and ``analyze``."""
+"""The offline commands of the ``inference`` package: ``train``, ``refit``, ``evaluate``, ``analyze``
+and ``calibrate``."""
 
 import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 from config.settings import Settings
+from inference.model_card import WEIGHTS_DIR
 
 
-def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
+# (labels, raw logits, skipped reasons → counts) of the studies radiologists marked in the worklist,
+# for the given weights sha256; supplied by the wiring (the store belongs to the worker package).
+WorklistLabels = Callable[[Settings, str], tuple[list[int], list[float], dict[str, int]]]
+
+
+def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_labels: WorklistLabels) -> None:
     """Add the inference commands to the ``lungvision`` CLI."""
 
-    def classifier():
-        from inference.classifier import WeightsMismatch, load_classifier
+    def model():
+        """(classifier, intended-use gate) as the settings configure them; errors end the command."""
+        from inference.classifier import WeightsMismatch, load_model
+        from inference.site_profile import SiteProfileError
 
         try:
-            return load_classifier(get_settings().model.weights_dir)
-        except (FileNotFoundError, WeightsMismatch) as error:
+            return load_model(get_settings().model)
+        except (FileNotFoundError, WeightsMismatch, SiteProfileError) as error:
             typer.echo(f"error: cannot load the model: {error}", err=True)
             raise typer.Exit(2) from None
+
+    def labelled_source(data: Optional[Path], from_worklist: bool) -> None:
+        if (data is None) == (not from_worklist):
+            typer.echo("error: give either --data DIR or --from-worklist", err=True)
+            raise typer.Exit(2)
+        if data is not None:
+            require_dir(data, "data folder")
+
+    def reviewed(classifier) -> tuple[list[int], list[float], dict[str, int]]:
+        labels, logits, skipped = worklist_labels(get_settings(), classifier.card.weights_sha256)
+        if not labels:
+            typer.echo(f"error: no study reviewed in the worklist with these weights (skipped: {skipped or 'none'})",
+                       err=True)
+            raise typer.Exit(2)
+        return labels, logits, skipped
 
     def require_dir(path: Path, what: str) -> None:
         if not path.is_dir():
@@ -48,22 +74,79 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         typer.echo(f"weights and model card written to {card_path.parent}")
 
     @app.command()
-    def evaluate(
-        data: Path = typer.Option(..., "--data", help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM)"),
-        out: Path = typer.Option(..., "--out", help="where metrics.json, plots and report.md go"),
+    def refit(
+        data: Path = typer.Option(..., "--data", help="the Kaggle-layout folder the weights were trained on"),
+        out: Path = typer.Option(..., "--out", help="run folder for the weights, image check and updated card"),
     ) -> None:
-        """Evaluate the model on a labelled folder at the model card's threshold."""
-        from inference.evaluate import evaluate as run_evaluation
-        from inference.evaluate import summary_table
+        """Finalise trained weights (model.weights_dir) again: temperature, operating point, image check."""
+        from inference.publish import refit as run_refit
 
-        require_dir(data, "data folder")
+        require_dir(data / "train", "training folder")
+        card_path = run_refit(data, out, get_settings().model.weights_dir or WEIGHTS_DIR)
+        typer.echo(f"weights, image check and model card written to {card_path.parent}")
+
+    @app.command()
+    def evaluate(
+        data: Optional[Path] = typer.Option(None, "--data", help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM)"),
+        out: Path = typer.Option(..., "--out", help="where metrics.json, plots and report.md go"),
+        from_worklist: bool = typer.Option(False, "--from-worklist",
+                                           help="use the studies radiologists marked agree/disagree in the worklist"),
+    ) -> None:
+        """Evaluate the model on labelled cases at its operating point (shipped or site profile)."""
+        from inference.evaluate import evaluate as run_evaluation
+        from inference.evaluate import summary_table, write_evaluation
+
+        labelled_source(data, from_worklist)
+        classifier, gate = model()
         try:
-            metrics = run_evaluation(data, out, classifier(), batch_size=get_settings().model.batch_size)
+            if from_worklist:
+                labels, logits, skipped = reviewed(classifier)
+                metrics = write_evaluation(out, "worklist reviews", np.array(labels), classifier.calibrated(
+                    np.array(logits)), classifier, skipped_reviews=skipped)
+            else:
+                metrics = run_evaluation(data, out, classifier, gate, batch_size=get_settings().model.batch_size)
         except (FileNotFoundError, ValueError) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         typer.echo(summary_table(metrics))
         typer.echo(f"written to {out}")
+
+    @app.command()
+    def calibrate(
+        data: Optional[Path] = typer.Option(None, "--data", help="this site's labelled cases: NORMAL/ and PNEUMONIA/ "
+                                            "(JPEG, PNG or DICOM; 100–300 images)"),
+        out: Path = typer.Option(..., "--out", help="the site profile to write (JSON); use it as model.site_profile"),
+        target_sensitivity: float = typer.Option(0.98, "--target-sensitivity", min=0.5, max=0.999),
+        confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.999,
+                                         help="confidence of the sensitivity's lower bound"),
+        name: Optional[str] = typer.Option(None, "--name", help="profile id named in SR and HL7 (default: site-DATE)"),
+        from_worklist: bool = typer.Option(False, "--from-worklist",
+                                           help="use the studies radiologists marked agree/disagree in the worklist"),
+    ) -> None:
+        """Fit this site's operating point so that the target sensitivity holds with confidence."""
+        from inference.dataset import list_labelled
+        from inference.gated import score_files
+        from inference.site_calibration import calibrate_site, describe
+
+        labelled_source(data, from_worklist)
+        classifier, gate = model()
+        try:
+            if from_worklist:
+                labels, logits, skipped = reviewed(classifier)
+                refused, source = 0, f"worklist reviews (skipped: {skipped or 'none'})"
+            else:
+                scores = score_files(list_labelled(data), classifier, gate, get_settings().model.batch_size)
+                labels, logits, refused, source = scores.labels, scores.logits, len(scores.refused), str(data)
+            profile = calibrate_site(np.array(labels), np.array(logits), classifier,
+                                     target_sensitivity=target_sensitivity, confidence=confidence,
+                                     profile_id=name or f"site-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
+                                     data=source, refused=refused)
+        except (FileNotFoundError, ValueError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        profile.save(out)
+        typer.echo(describe(profile))
+        typer.echo(f"written to {out}; use it with model.site_profile (or LUNGVISION_MODEL__SITE_PROFILE={out})")
 
     @app.command()
     def analyze(
@@ -77,7 +160,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         if missing:
             typer.echo(f"error: no such file or folder: {', '.join(missing)}", err=True)
             raise typer.Exit(2)
-        errors = run_analysis(paths, classifier(), out, sys.stdout)
+        classifier, gate = model()
+        errors = run_analysis(paths, classifier, gate, out, sys.stdout)
         if errors:
             typer.echo(f"{errors} file(s) could not be analysed", err=True)
             raise typer.Exit(1)

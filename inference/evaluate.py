@@ -1,8 +1,10 @@
 """Evaluation — a labelled folder becomes metrics.json, ROC/PR/reliability plots and a Markdown report.
 
 The folder holds ``NORMAL/`` and ``PNEUMONIA/`` subfolders of JPEG, PNG or DICOM files, read through
-the same pixel pipeline and classifier as the worker. Files that cannot be read are listed in
-``metrics.json`` under ``skipped`` and left out of the figures.
+the same pixel pipeline, intended-use gate and classifier as the worker. Files that cannot be read
+are listed in ``metrics.json`` under ``skipped``; images the gate refuses are counted under
+``refused`` (by rule) and ``coverage`` is the share of readable images it accepted; the figures
+are computed on the accepted images, at the classifier's operating point (shipped or site profile).
 """
 
 import json
@@ -14,33 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from inference.classifier import Classifier  # noqa: E402
 from inference.dataset import list_labelled  # noqa: E402
-from inference.images import read_gray  # noqa: E402
+from inference.gated import score_files  # noqa: E402
+from inference.intended_use import IntendedUse  # noqa: E402
 from inference.metrics import metrics_with_ci  # noqa: E402
-from inference.preprocess import to_square_uint8  # noqa: E402
 
 SUMMARY_FIGURES = ("n", "accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc", "ece")
-
-
-def score_folder(data_dir: Path, classifier: Classifier, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(labels, calibrated probabilities, skipped files) for every image under ``data_dir``."""
-    labels, squares, skipped = [], [], []
-    for path, label in tqdm(list_labelled(data_dir), desc="reading", mininterval=5):
-        try:
-            squares.append(to_square_uint8(read_gray(Path(path))))
-            labels.append(label)
-        except (OSError, ValueError) as error:
-            skipped.append({"path": path, "error": str(error)})
-    if not squares:
-        raise ValueError(f"no readable image under {data_dir}")
-    stack = np.stack(squares)
-    probabilities = np.concatenate(
-        [classifier.probabilities(stack[start : start + batch_size]) for start in range(0, len(stack), batch_size)]
-    )
-    return np.array(labels), probabilities, skipped
 
 
 def _plot(path: Path, x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str, title: str, diagonal: bool) -> None:
@@ -79,24 +62,43 @@ def summary_table(metrics: dict) -> str:
         rows.append(f"| {name} | {value if isinstance(value, int) else f'{value:.4f}'} | {ci} |")
     confusion = metrics["confusion"]
     rows.append(f"| threshold | {metrics['threshold']:.4f} | |")
+    if "coverage" in metrics:
+        rows.append(f"| coverage (inside intended use) | {metrics['coverage']:.4f} | refused {metrics['refused']['n']} |")
     rows.append(f"| confusion | TP {confusion['tp']} · FP {confusion['fp']} · TN {confusion['tn']} · FN {confusion['fn']} | |")
     return "\n".join(rows)
 
 
-def evaluate(data_dir: Path, out_dir: Path, classifier: Classifier, batch_size: int = 32) -> dict:
-    """Score ``data_dir`` at the model card's threshold and write metrics, plots and report."""
+def evaluate(data_dir: Path, out_dir: Path, classifier: Classifier, gate: IntendedUse, batch_size: int = 32) -> dict:
+    """Score ``data_dir`` through the gate at the classifier's operating point; write metrics, plots
+    and report."""
+    scores = score_files(list_labelled(data_dir), classifier, gate, batch_size)
+    if not scores.accepted:
+        raise ValueError(f"no image under {data_dir} was readable and inside the intended use "
+                         f"({len(scores.refused)} refused, {len(scores.unreadable)} unreadable)")
+    return write_evaluation(out_dir, str(data_dir), scores.labels, scores.probabilities, classifier,
+                            skipped=scores.unreadable, refused=scores.refused_summary(), coverage=scores.coverage)
+
+
+def write_evaluation(out_dir: Path, source: str, labels: np.ndarray, probabilities: np.ndarray,
+                     classifier: Classifier, **extra) -> dict:
+    """metrics.json (figures with 95 % CIs plus ``extra``), scores.csv, plots and report.md."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels, probabilities, skipped = score_folder(data_dir, classifier, batch_size)
-    metrics = metrics_with_ci(labels, probabilities, classifier.card.threshold)
+    metrics = metrics_with_ci(labels, probabilities, classifier.threshold)
     metrics.update(model_version=classifier.version, weights_sha256=classifier.card.weights_sha256,
-                   data_dir=str(data_dir), skipped=skipped)
+                   operating_point=classifier.operating_point.name, data_dir=source, **extra)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out_dir / "scores.csv").open("w") as handle:
         handle.write("label,probability\n")
         handle.writelines(f"{label},{probability:.6f}\n" for label, probability in zip(labels, probabilities))
     write_plots(out_dir, labels, probabilities, metrics)
-    report = [f"# Lung Vision evaluation — {data_dir}", "", f"Model: {classifier.version} "
-              f"(sha256 `{classifier.card.weights_sha256[:16]}…`)", "", summary_table(metrics), "",
-              f"Skipped files: {len(skipped)}", "", "![ROC](roc.png) ![PR](pr.png) ![Reliability](reliability.png)", ""]
+    refused = metrics.get("refused")
+    report = [f"# Lung Vision evaluation — {source}", "", f"Model: {classifier.version} "
+              f"(sha256 `{classifier.card.weights_sha256[:16]}…`), operating point: {metrics['operating_point']}",
+              "", summary_table(metrics), ""]
+    if refused is not None:
+        report += [f"Outside the intended use (refused): {refused['n']} {refused['reasons']} — coverage "
+                   f"{metrics['coverage']:.3f}", ""]
+    report += [f"Skipped files: {len(metrics.get('skipped', []))}", "",
+               "![ROC](roc.png) ![PR](pr.png) ![Reliability](reliability.png)", ""]
     (out_dir / "report.md").write_text("\n".join(report))
     return metrics

@@ -41,16 +41,28 @@ def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: floa
 
 
 def metrics_with_ci(
-    labels: np.ndarray, probabilities: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0
+    labels: np.ndarray, probabilities: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> dict:
-    """``point_metrics`` plus ``n``, ``threshold`` and a 95 % percentile-bootstrap CI per figure."""
+    """``point_metrics`` plus ``n``, ``threshold`` and a 95 % percentile-bootstrap CI per figure.
+
+    ``groups`` (one id per row) makes the bootstrap draw whole groups, e.g. all perturbed copies
+    of one image, so that copies do not narrow the intervals.
+    """
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
     result = {"n": int(len(labels)), "threshold": float(threshold), **point_metrics(labels, probabilities, threshold)}
     rng = np.random.default_rng(seed)
+    members = None
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
     samples: dict[str, list[float]] = {}
     for _ in range(rounds):
-        index = rng.integers(0, len(labels), len(labels))
+        if members is None:
+            index = rng.integers(0, len(labels), len(labels))
+        else:
+            index = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
         for name, value in point_metrics(labels[index], probabilities[index], threshold).items():
             if name != "confusion" and not np.isnan(value):
                 samples.setdefault(name, []).append(value)

@@ -27,6 +27,9 @@ class ModelCard:
     training: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
     intended_use: str = ""
+    population: dict = field(default_factory=lambda: {"min_age_years": 0.0, "max_age_years": 200.0})
+    image_check: dict = field(default_factory=dict)  # file, sha256, threshold, rule, features, figures
+    operating_point: dict = field(default_factory=dict)  # the threshold rule's evidence and expectations
     limitations: list[str] = field(default_factory=list)
     experiments: list[str] = field(default_factory=list)
 
@@ -81,6 +84,8 @@ def render_markdown(card: ModelCard) -> str:
         "",
         card.intended_use,
         "",
+        *_gate_lines(card),
+        *_operating_point_lines(card),
         "## Training",
         "",
         *[f"- **{key.replace('_', ' ')}**: {value}" for key, value in card.training.items()],
@@ -103,3 +108,51 @@ def render_markdown(card: ModelCard) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ci(figures: dict, name: str, label: str | None = None) -> str:
+    low_high = figures.get("ci95", {}).get(name)
+    value = figures.get(name)
+    text = "—" if value is None else f"{value:.3f}"
+    return f"{label or name} {text}" + (f" (95 % CI {low_high[0]:.3f}–{low_high[1]:.3f})" if low_high else "")
+
+
+def _gate_lines(card: ModelCard) -> list[str]:
+    """The intended-use gate: population and image check (empty for cards without them)."""
+    population, check = card.population, card.image_check
+    if not check:
+        return []
+    refused = check.get("refused_share", {})
+    return [
+        "## Intended-use gate",
+        "",
+        f"- **Population** (header rule): patient age {population.get('min_age_years'):g} to under "
+        f"{population.get('max_age_years'):g} years — {population.get('description', '')}. Age from Patient's Age or "
+        "from Birth Date and the study date; an unknown age is left to the image check.",
+        "- **Header rules**: CR/DX (or a Secondary Capture with chest hints), body part chest, frontal view.",
+        f"- **Image check**: {check.get('rule')}; threshold {check.get('threshold', 0):.2f}; refuses "
+        f"{refused.get('validation', 0):.1%} of the validation split and {refused.get('train', 0):.1%} of the "
+        f"training side. File `{check.get('file')}`, sha256 `{check.get('sha256')}`.",
+        *[f"- {line}" for line in check.get("figures", [])],
+        "",
+    ]
+
+
+def _operating_point_lines(card: ModelCard) -> list[str]:
+    """The shipped operating point: its rule and what a new site should expect."""
+    point = card.operating_point
+    if not point:
+        return []
+    stressed = point.get("stressed_validation", {})
+    return [
+        "## Operating point",
+        "",
+        f"- **Rule** (stated before any figure was seen): {point.get('rule')}.",
+        f"- **Threshold** {card.threshold:.4f}, temperature {card.temperature:.4f}.",
+        f"- **On the stressed validation split** (n = {stressed.get('n')}, CIs resample whole images): "
+        f"{_ci(stressed, 'recall', 'sensitivity')}, {_ci(stressed, 'specificity')}, {_ci(stressed, 'roc_auc', 'AUC')}.",
+        *[f"- {line}" for line in point.get("expectation", [])],
+        "- A site that wants its own point fits one on 100–300 of its own labelled cases: "
+        "`lungvision calibrate --data DIR --out site.json`, then `model.site_profile: site.json`.",
+        "",
+    ]

@@ -5,14 +5,18 @@ from the run folder into ``inference/weights/``.
 """
 
 import platform
-
+import shutil
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from inference.model_card import ModelCard, render_markdown, sha256_of
-from inference.train import WEIGHTS_NAME, TrainOptions
+from inference.finalise import THRESHOLD_RULE, finalise
+from inference.model_card import WEIGHTS_DIR, ModelCard, render_markdown, sha256_of
+from inference.network import build_resnet18
+from inference.train import WEIGHTS_NAME, TrainOptions, split_images
 
 PREPROCESSING = (
     "gray image (DICOM after Modality LUT, VOI LUT/window and MONOCHROME1 inversion) min–max scaled to 0..255, "
@@ -49,6 +53,15 @@ EXPERIMENTS = [
     "populations like the training data (validation ECE 0.094); temperature scaling fixes spread, not bias.",
 ]
 
+INTENDED_USE = (
+    "Triage support for pneumonia on frontal (PA/AP) chest radiographs (CR/DX) of the population it was "
+    "trained on: orders a reading worklist and shows where the model looked. Every result must be reviewed by "
+    "a qualified radiologist. Images outside that population (other ages, lateral views, other body parts, "
+    "non-radiographs, images unlike the training radiographs) are refused by the intended-use gate and get "
+    "no probability."
+)
+POPULATION = "children aged one to five years (Kermany et al.: Guangzhou Women and Children's Medical Center)"
+
 LIMITATIONS = [
     "Trained on pediatric (1–5 years) chest radiographs from one centre (Guangzhou Women and Children's "
     "Medical Center); performance on adult radiographs is unknown (domain shift in anatomy, projection, "
@@ -77,8 +90,7 @@ def write_model_card(run_dir: Path, summary: dict, options: TrainOptions) -> Pat
         preprocessing=PREPROCESSING,
         temperature=summary["temperature"],
         threshold=summary["threshold"],
-        threshold_rule=f"highest threshold with validation sensitivity ≥ {options.min_sensitivity} "
-        "(best specificity among thresholds meeting the sensitivity target)",
+        threshold_rule=THRESHOLD_RULE,
         weights_file=WEIGHTS_NAME,
         weights_sha256=sha256_of(weights),
         training={
@@ -98,14 +110,45 @@ def write_model_card(run_dir: Path, summary: dict, options: TrainOptions) -> Pat
             "torch": torch.__version__,
         },
         validation=summary["validation"],
-        intended_use="Triage support for pneumonia on frontal chest radiographs: orders a reading worklist "
-        "and shows where the model looked. Every result must be reviewed by a qualified radiologist.",
+        intended_use=INTENDED_USE,
         limitations=LIMITATIONS,
         experiments=EXPERIMENTS,
+        population=population_of(options),
+        image_check=summary["image_check"],
+        operating_point=summary["operating_point"],
     )
+    return save_card(card, run_dir)
+
+
+def population_of(options: TrainOptions) -> dict:
+    """The intended-use population the training data stands for."""
+    return {"min_age_years": options.min_age_years, "max_age_years": options.max_age_years,
+            "description": POPULATION}
+
+
+def save_card(card: ModelCard, run_dir: Path) -> Path:
+    """Write ``model_card.json`` and ``MODEL_CARD.md`` into ``run_dir``."""
     path = card.save(run_dir)
     (run_dir / "MODEL_CARD.md").write_text(render_markdown(card))
     return path
+
+
+def refit(data_dir: Path, run_dir: Path, weights_dir: Path = WEIGHTS_DIR, options: TrainOptions = TrainOptions()) -> Path:
+    """Finalise already trained weights again (calibration, operating point, image check) on the
+    split they were trained with, and write weights + updated card into ``run_dir``."""
+    card = ModelCard.load(weights_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    images, _ = split_images(data_dir, run_dir, replace(options, input_size=card.input_size))
+    network = build_resnet18()
+    network.load_state_dict(load_file(weights_dir / card.weights_file))
+    finished = finalise(network, images, card.input_size, run_dir)
+    if weights_dir.resolve() != run_dir.resolve():
+        shutil.copyfile(weights_dir / card.weights_file, run_dir / card.weights_file)
+    card = replace(card, temperature=finished["temperature"], threshold=finished["threshold"],
+                   threshold_rule=THRESHOLD_RULE, validation=finished["validation"], intended_use=INTENDED_USE,
+                   population=population_of(options), image_check=finished["image_check"],
+                   operating_point=finished["operating_point"], limitations=LIMITATIONS, experiments=EXPERIMENTS)
+    return save_card(card, run_dir)
 
 
 

@@ -21,9 +21,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from inference.augment import training_transform
-from inference.calibration import choose_threshold, fit_temperature
 from inference.dataset import list_labelled, load_squares
-from inference.metrics import metrics_with_ci, point_metrics
+from inference.finalise import SplitImages, finalise
+from inference.metrics import point_metrics
 from inference.network import build_resnet18
 from inference.preprocess import normalise
 from inference.split import split_by_patient, write_split_csv
@@ -43,8 +43,9 @@ class TrainOptions:
     label_smoothing: float = 0.05
     ema_decay: float = 0.998
     val_fraction: float = 0.15
-    min_sensitivity: float = 0.98
     seed: int = 42
+    min_age_years: float = 1.0  # the training population (Kermany: children aged one to five years)
+    max_age_years: float = 6.0
     max_train_images: int | None = None  # for smoke tests only
 
 
@@ -82,12 +83,9 @@ def _learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = False) -> dict:
-    """Train, calibrate and write weights + card into ``run_dir``; returns the validation metrics."""
-    torch.manual_seed(options.seed)
-    np.random.seed(options.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
+def split_images(data_dir: Path, run_dir: Path, options: TrainOptions) -> tuple[SplitImages, float]:
+    """The patient-grouped split of ``data_dir/train`` (written to ``run_dir/split.csv``), decoded
+    into squares through the shared cache; returns the images and the decoding time in seconds."""
     rows = split_by_patient(list_labelled(data_dir / "train"), options.val_fraction, options.seed)
     write_split_csv(rows, run_dir / "split.csv")
     train_rows = [row for row in rows if row.side == "train"]
@@ -104,6 +102,18 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
     val_labels = np.array([row.label for row in val_rows])
     decode_seconds = time.monotonic() - started
     print(f"decoded {len(train_rows)} train / {len(val_rows)} val images in {decode_seconds:.0f} s")
+    return SplitImages(train_squares, train_labels, val_squares, val_labels), decode_seconds
+
+
+def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = False) -> dict:
+    """Train, then finalise (calibration, operating point, image check) and write weights into
+    ``run_dir``; returns the summary the model card is made from."""
+    torch.manual_seed(options.seed)
+    np.random.seed(options.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    images, decode_seconds = split_images(data_dir, run_dir, options)
+    train_squares, train_labels, val_squares, val_labels = (images.train_squares, images.train_labels,
+                                                            images.val_squares, images.val_labels)
 
     model = build_resnet18().to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
@@ -168,14 +178,9 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
         writer.writeheader()
         writer.writerows(history)
 
-    val_logits = predict_logits(ema.module, val_squares, options.input_size)
-    temperature = fit_temperature(val_logits, val_labels)
-    val_probabilities = 1 / (1 + np.exp(-val_logits / temperature))
-    threshold = choose_threshold(val_probabilities, val_labels, options.min_sensitivity)
-    validation = metrics_with_ci(val_labels, val_probabilities, threshold)
     save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, run_dir / WEIGHTS_NAME)
-    summary = {"temperature": temperature, "threshold": threshold, "validation": validation,
+    summary = {**finalise(ema.module, images, options.input_size, run_dir),
                "train_seconds": train_seconds, "decode_seconds": decode_seconds,
-               "n_train": len(train_rows), "n_val": len(val_rows), "history": history}
+               "n_train": len(train_labels), "n_val": len(val_labels), "history": history}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -59,7 +59,7 @@ def demo(workdir: Path = typer.Option(Path("var/demo"), help="folder for the dem
     raise typer.Exit(run_demo(workdir.resolve()))
 
 
-inference_commands.register(app, State.settings)
+inference_commands.register(app, State.settings, worker_commands.worklist_labels)
 node_commands.register(app, State.settings)
 worker_commands.register(app, State.settings)
 web_commands.register(app, State.settings)

@@ -46,12 +46,15 @@ def _pixels(name: str) -> np.ndarray:
 
 def sample_studies() -> list[DemoStudy]:
     """The bundled studies, each with its own patient and study UID."""
-    def study(description: str, *images: tuple[str, dict]) -> DemoStudy:
+    def study(description: str, *images: tuple[str, dict], **header: str) -> DemoStudy:
         study_uid = generate_uid()
         patient = f"Demo^Patient{len(description)}"
-        return DemoStudy(description, [
-            wrap_image(_pixels(name), study_uid=study_uid, patient_name=patient, patient_id=f"DEMO-{study_uid[-6:]}",
-                       **options) for name, options in images])
+        datasets = [wrap_image(_pixels(name), study_uid=study_uid, patient_name=patient,
+                               patient_id=f"DEMO-{study_uid[-6:]}", **options) for name, options in images]
+        for dataset in datasets:
+            for keyword, value in header.items():
+                setattr(dataset, keyword, value)
+        return DemoStudy(description, datasets)
 
     return [
         study("normal CR, MONOCHROME2 8-bit, explicit VR", ("normal-IM-0135", {"transfer_syntax": ExplicitVRLittleEndian})),
@@ -63,6 +66,7 @@ def sample_studies() -> list[DemoStudy]:
         study("pneumonia SC, JPEG baseline", ("pneumonia-person1020", {"sop_class": "SC",
                                                                        "transfer_syntax": JPEGBaseline8Bit})),
         study("knee DX (not a chest)", ("normal-IM-0135", {"sop_class": "DX", "body_part": "KNEE"})),
+        study("CR of a 58-year-old (outside the pediatric model's use)", ("normal-IM-0137", {}), PatientAge="058Y"),
     ]
 
 
@@ -100,13 +104,16 @@ def run_demo(workdir: Path) -> int:
                     done[row.study_instance_uid] = time.monotonic()
             time.sleep(0.5)
         rows = {row.study_instance_uid: row for row in store.results()}
-        print(f"\n{'study':<52} {'images':>6} {'probability':>11} {'finding':>12} {'seconds':>7}")
+        print(f"\n{'study':<56} {'images':>6} {'probability':>11} {'finding':>12} {'seconds':>7}  not analysed")
         for study in studies:
             row = rows.get(study.study_uid)
             probability = "" if row is None or row.probability is None else f"{row.probability:.3f}"
             finding = "(no result)" if row is None else row.finding
             seconds = f"{done[study.study_uid] - sent_at[study.study_uid]:.1f}" if study.study_uid in done else ""
-            print(f"{study.description:<52} {len(study.datasets):>6} {probability:>11} {finding:>12} {seconds:>7}")
+            reasons = "; ".join(image["not_analysed_reason"] for image in (row.images if row else [])
+                                if image.get("not_analysed_reason"))
+            print(f"{study.description:<56} {len(study.datasets):>6} {probability:>11} {finding:>12} {seconds:>7}  "
+                  f"{reasons}")
         out = workdir / "var" / "out"
         files = sorted(out.rglob("*.dcm")) if out.exists() else []
         print(f"\n{len(files)} result files (Secondary Capture heatmaps and Structured Reports) under {out}:")

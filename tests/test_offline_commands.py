@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 from pydicom.uid import JPEG2000, RLELossless
 from typer.testing import CliRunner
@@ -23,6 +24,7 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_labelled_folder, tmp_path
     shutil.copytree(tiny_labelled_folder, data)
     first_pneumonia = sorted((data / "PNEUMONIA").iterdir())[0]
     _as_dicom(first_pneumonia, data / "PNEUMONIA" / "as-dicom.dcm", photometric="MONOCHROME1", bits_stored=12)
+    _as_dicom(first_pneumonia, data / "PNEUMONIA" / "lateral.dcm", view_position="LL")  # refused by the gate
     (data / "NORMAL" / "broken.png").write_bytes(b"not a png")
 
     out = tmp_path / "out"
@@ -32,9 +34,14 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_labelled_folder, tmp_path
     for key in ("n", "accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc", "ece",
                 "threshold", "confusion", "ci95"):
         assert key in metrics, key
-    assert metrics["n"] == 9
+    # 10 readable images; the lateral is outside the intended use, and the image check may refuse a
+    # training image too (it refuses ~1 % of in-distribution images): the figures use the accepted ones
+    refused = metrics["refused"]
+    assert refused["reasons"].get("view") == 1 and refused["n"] == sum(refused["reasons"].values())
+    assert metrics["n"] == 10 - refused["n"] and metrics["coverage"] == pytest.approx(metrics["n"] / 10)
     assert set(metrics["confusion"]) == {"tp", "fp", "tn", "fn"}
-    assert sum(metrics["confusion"].values()) == 9
+    assert sum(metrics["confusion"].values()) == metrics["n"]
+    assert metrics["operating_point"] == "shipped"
     assert [entry["path"].endswith("broken.png") for entry in metrics["skipped"]] == [True]
     for name in ("roc.png", "pr.png", "reliability.png", "report.md"):
         assert (out / name).stat().st_size > 0, name
@@ -55,16 +62,25 @@ def test_analyze_prints_json_lines_and_overlays(tiny_labelled_folder, tmp_path) 
     _as_dicom(jpeg, inputs / "mono1-j2k.dcm", photometric="MONOCHROME1", bits_stored=12, transfer_syntax=JPEG2000)
     _as_dicom(jpeg, inputs / "rle.dcm", transfer_syntax=RLELossless)
     (inputs / "garbage.dcm").write_bytes(b"\x00" * 300)
+    adult = wrap_image(np.asarray(Image.open(jpeg).convert("L")))
+    adult.PatientAge = "058Y"
+    write_dataset(adult, inputs / "adult.dcm")
     samples = sorted(DICOM_SAMPLES.glob("*.dcm")) if DICOM_SAMPLES.exists() else []
 
     out = tmp_path / "overlays"
     result = CliRunner().invoke(app, ["analyze", str(inputs), str(jpeg), *map(str, samples), "--out", str(out)])
     assert result.exit_code == 1  # one bad file
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 4 + len(samples)
+    assert len(lines) == 5 + len(samples)
     errors = [line for line in lines if "error" in line]
     assert [line["path"].endswith("garbage.dcm") for line in errors] == [True]
-    good = [line for line in lines if "error" not in line]
+    readable = [line for line in lines if "error" not in line]
+    assert all(isinstance(line["intended_use"], bool) and "reason" in line for line in readable)
+    (refused_adult,) = [line for line in readable if line["path"].endswith("adult.dcm")]
+    assert refused_adult["intended_use"] is False and "58 years" in refused_adult["reason"]
+    assert "probability" not in refused_adult and "overlay" not in refused_adult  # never a probability
+    good = [line for line in readable if "probability" in line]
+    assert all(line["intended_use"] and line["reason"] is None for line in good)
     for line in good:
         assert 0 <= line["probability"] <= 1 and line["label"] in ("NORMAL", "PNEUMONIA")
         assert {"threshold", "model_version", "milliseconds"} <= set(line)
@@ -82,3 +98,37 @@ def test_dicom_and_jpeg_of_one_image_preprocess_alike(tiny_labelled_folder, tmp_
 
     difference = to_square_uint8(read_gray(tmp_path / "x.dcm")).astype(int) - to_square_uint8(read_gray(jpeg))
     assert np.abs(difference).max() <= 1
+
+
+def test_calibrate_writes_a_site_profile_that_analyze_then_uses(tiny_labelled_folder, tmp_path, monkeypatch) -> None:
+    from inference.classifier import load_classifier
+
+    profile_path = tmp_path / "site.json"
+    result = CliRunner().invoke(app, ["calibrate", "--data", str(tiny_labelled_folder), "--out", str(profile_path),
+                                      "--target-sensitivity", "0.9", "--name", "ward-7"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(profile_path.read_text())
+    assert profile["id"] == "ward-7" and profile["weights_sha256"] == load_classifier().card.weights_sha256
+    assert profile["target_met"] is False and "WARNING" in result.output  # 4 positives cannot show 0.9
+    assert {"threshold", "temperature", "n", "expected", "created", "confidence"} <= set(profile)
+    assert "expected sensitivity ≥" in result.output and "expected specificity" in result.output
+
+    jpeg = sorted((tiny_labelled_folder / "PNEUMONIA").iterdir())[0]
+    monkeypatch.setenv("LUNGVISION_MODEL__SITE_PROFILE", str(profile_path))
+    result = CliRunner().invoke(app, ["analyze", str(jpeg)])
+    line = json.loads(result.stdout.splitlines()[0])
+    if line["intended_use"]:
+        assert line["operating_point"] == "site profile ward-7"
+        assert line["threshold"] == pytest.approx(profile["threshold"])
+
+    profile["weights_sha256"] = "f" * 64
+    profile_path.write_text(json.dumps(profile))
+    result = CliRunner().invoke(app, ["analyze", str(jpeg)])
+    assert result.exit_code == 2 and "made for weights sha256 ffff" in result.output
+
+
+def test_calibrate_and_evaluate_need_one_source_of_labels(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["calibrate", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code == 2 and "--data DIR or --from-worklist" in result.output
+    result = CliRunner().invoke(app, ["evaluate", "--from-worklist", "--data", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == 2

@@ -2,12 +2,14 @@
 
 Authentication: ``web.auth_token`` (a secret) is accepted as ``Authorization: Bearer TOKEN`` (API
 clients) or as the password of HTTP basic auth for ``web.auth_user`` (browsers: "Sign in" asks for
-it). Without it every page works but shows no patient name, id or birth date, and dead letters
-cannot be replayed. Patient fields are read from result headers per request and never logged.
+it). Without it every page works but shows no patient name, id or birth date, dead letters
+cannot be replayed and findings cannot be reviewed. Patient fields are read from result headers
+per request and never logged.
 
-Replaying a dead letter is a POST that needs authentication and, for browser (basic-auth)
-credentials, which the browser would attach to a forged cross-site request too, a CSRF token
-derived from the secret (HMAC) in the form, plus an Origin header, when sent, naming this host.
+Replaying a dead letter and reviewing a finding (agree / disagree, for local validation) are POSTs
+that need authentication and, for browser (basic-auth) credentials, which the browser would attach
+to a forged cross-site request too, a CSRF token derived from the secret (HMAC) in the form, plus
+an Origin header, when sent, naming this host.
 """
 
 import base64
@@ -27,8 +29,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from config.settings import Settings
+from lungvision import audit
 from web.metrics import registry_for
 from web.worklist import FINDINGS, STATUSES, StudyRow, Worklist, patient_fields, render_png, sr_summary, top_sc_uid
+from worker.record import REVIEWABLE_FINDINGS, Verdict
 
 TEMPLATES = Path(__file__).with_name("templates")
 log = logging.getLogger("lungvision.web")
@@ -44,7 +48,7 @@ class PatientFields(BaseModel):
 
 class StudySummary(BaseModel):
     study_instance_uid: str
-    status: str  # received | queued | analysing | analysed | delivered | failed | not analysed
+    status: str  # received | queued | analysing | analysed | delivered | failed | not analysed | outside intended use
     finding: str  # POSITIVE | NEGATIVE | NOT_ANALYSED | PENDING
     probability: float | None
     threshold: float | None
@@ -56,6 +60,8 @@ class StudySummary(BaseModel):
     round: int | None
     thumbnail_url: str | None
     detail_url: str
+    review: Verdict | None = None  # the current reviewer verdict on this round's finding
+    outside_intended_use: bool = False  # any image of the round is outside the intended use
     patient: PatientFields | None = None
 
 
@@ -64,6 +70,9 @@ class ImageResult(BaseModel):
     probability: float | None
     positive: bool | None
     not_analysed_reason: str | None
+    intended_use: bool | None  # False: outside the intended use (refused, or analysed and flagged); None: not checked
+    gate_reason: str | None  # the intended-use gate's rule (modality, body_part, view, age, image_check) when it said no
+    gate_text: str | None  # ...and its sentence for people
     sc_uid: str | None
     sr_uid: str | None
     image_url: str | None
@@ -87,6 +96,16 @@ class StudyDetail(StudySummary):
     sr_summary: list[str]
 
 
+class ReviewRequest(BaseModel):
+    verdict: Verdict
+
+
+class ReviewAnswer(BaseModel):
+    study_instance_uid: str
+    message_id: str
+    verdict: Verdict
+
+
 class DeadLetterEntry(BaseModel):
     id: str
     message_id: str
@@ -108,6 +127,7 @@ def create_app(settings: Settings) -> FastAPI:
     outbox = Path(settings.worker.outbox_dir)
     templates = Jinja2Templates(directory=str(TEMPLATES))
     token = settings.web.auth_token.get_secret_value() if settings.web.auth_token else None
+    # one CSRF token for every form (replay, review); the HMAC message is kept as it was when replay was the only one
     csrf_token = hmac.new(token.encode(), b"lungvision-replay", hashlib.sha256).hexdigest() if token else None
 
     def dead_letters():
@@ -145,7 +165,8 @@ def create_app(settings: Settings) -> FastAPI:
             threshold=row.threshold, arrival_time=row.arrival_time, accession_number=row.accession_number,
             modality=row.modality, calling_ae=row.calling_ae, message_id=row.message_id, round=row.round,
             thumbnail_url=f"/studies/{uid}/thumbnail.png" if row.has_heatmap else None,
-            detail_url=f"/studies/{uid}", patient=PatientFields(**patient) if patient else None)
+            detail_url=f"/studies/{uid}", review=row.review, outside_intended_use=row.outside_intended_use,
+            patient=PatientFields(**patient) if patient else None)
 
     def detail(row: StudyRow, authenticated: bool) -> StudyDetail:
         result = row.result
@@ -155,6 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
             images = [ImageResult(sop_instance_uid=image.get("sop_instance_uid"),
                                   probability=image.get("probability"), positive=image.get("positive"),
                                   not_analysed_reason=image.get("not_analysed_reason") or image.get("error"),
+                                  intended_use=image.get("intended_use"), gate_reason=image.get("gate_reason"),
+                                  gate_text=image.get("gate_text"),
                                   sc_uid=image.get("sc_uid"), sr_uid=image.get("sr_uid"),
                                   image_url=f"/studies/{uid}/images/{image['sc_uid']}.png" if image.get("sc_uid")
                                   else None) for image in result.images or []]
@@ -174,6 +197,38 @@ def create_app(settings: Settings) -> FastAPI:
         return [DeadLetterEntry(id=l.id, message_id=l.job.message_id, study_instance_uid=l.job.study_instance_uid,
                                 destination=l.job.destination, attempts=l.attempts, error=l.error,
                                 failed_at=l.failed_at) for l in dead_letters().list()]
+
+    def reviewed(study_uid: str, verdict: Verdict) -> ReviewAnswer:
+        """Record ``verdict`` on the finding of the study's latest round, and audit it."""
+        row = worklist.row(study_uid)
+        if row is None:
+            raise HTTPException(404, "no such study")
+        result = row.result
+        if result is None:
+            raise HTTPException(409, "the study has not been analysed yet")
+        try:
+            review = store.save_review(result, verdict, settings.web.auth_user)
+        except ValueError as error:  # no POSITIVE or NEGATIVE finding to agree or disagree with
+            raise HTTPException(409, str(error)) from error
+        audit.record("reviewed", message_id=result.message_id, study_uid=result.study_instance_uid,
+                     verdict=review.verdict.value, finding=review.finding, model_sha256=review.model_sha256)
+        log.info("study round %s reviewed from the web: %s %s", result.message_id, review.verdict.value, review.finding)
+        return ReviewAnswer(study_instance_uid=result.study_instance_uid, message_id=result.message_id,
+                            verdict=review.verdict)
+
+    async def form_fields(request: Request, auth: str | None, action: str) -> dict[str, list[str]]:
+        """The fields of a page's state-changing form, after checking who sent it: credentials are
+        required, and browser (basic-auth) ones only count with our CSRF token and no foreign Origin."""
+        if auth is None:
+            raise HTTPException(401, f"sign in to {action}", headers={"WWW-Authenticate": 'Basic realm="Lung Vision"'})
+        form = parse_qs((await request.body()).decode(errors="replace"))
+        if auth == "basic":  # browser credentials: require proof the form came from our page
+            origin = request.headers.get("origin")
+            if origin and urlsplit(origin).netloc != request.headers.get("host"):
+                raise HTTPException(403, "cross-origin request refused")
+            if not hmac.compare_digest(form.get("csrf", [""])[0].encode(), csrf_token.encode()):
+                raise HTTPException(403, "missing or wrong CSRF token")
+        return form
 
     def checked_filters(status: str | None, finding: str | None) -> tuple[str | None, str | None]:
         status, finding = status or None, finding or None
@@ -212,6 +267,17 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(401, "a Bearer token is required", headers={"WWW-Authenticate": "Bearer"})
         return {"replayed": replay(letter_id)}
 
+    @app.post("/api/studies/{study_uid}/review", response_model=ReviewAnswer, tags=["api"], responses={
+        401: {"description": "no Bearer token, or a wrong one"},
+        404: {"description": "no such study"},
+        409: {"description": "the study's latest round has no analysed finding (POSITIVE or NEGATIVE)"}})
+    def api_review(study_uid: str, body: ReviewRequest, auth: Auth) -> ReviewAnswer:
+        """Agree or disagree with the finding of the study's latest round (Bearer token required); a later
+        verdict on the same round replaces the earlier one."""
+        if auth != "bearer":
+            raise HTTPException(401, "a Bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+        return reviewed(study_uid, body.verdict)
+
     def replay(letter_id: str) -> str:
         from worker.tasks import replay_dead_letter
 
@@ -227,7 +293,7 @@ def create_app(settings: Settings) -> FastAPI:
     def page(request: Request, name: str, auth: str | None, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, {
             "authenticated": auth is not None, "auth_enabled": token is not None,
-            "refresh_s": settings.web.refresh_s, **context})
+            "shadow_mode": settings.delivery.shadow_mode, "refresh_s": settings.web.refresh_s, **context})
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def worklist_page(request: Request, auth: Auth, status: str | None = None, finding: str | None = None):
@@ -241,7 +307,18 @@ def create_app(settings: Settings) -> FastAPI:
         row = worklist.row(study_uid)
         if row is None:
             raise HTTPException(404, "no such study")
-        return page(request, "study.html", auth, study=detail(row, auth is not None))
+        return page(request, "study.html", auth, study=detail(row, auth is not None),
+                    reviewable=row.finding in REVIEWABLE_FINDINGS, csrf_token=csrf_token if auth else None)
+
+    @app.post("/studies/{study_uid}/review", include_in_schema=False)
+    async def review_form(request: Request, study_uid: str, auth: Auth):
+        form = await form_fields(request, auth, "review")
+        try:
+            verdict = Verdict(form.get("verdict", [""])[0])
+        except ValueError:
+            raise HTTPException(422, f"verdict must be one of {[v.value for v in Verdict]}") from None
+        reviewed(study_uid, verdict)
+        return RedirectResponse(f"/studies/{study_uid}", status_code=303)
 
     @app.get("/dead-letters", response_class=HTMLResponse, include_in_schema=False)
     def dead_letters_page(request: Request, auth: Auth, replayed: str | None = None):
@@ -250,15 +327,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/dead-letters/{letter_id}/replay", include_in_schema=False)
     async def replay_form(request: Request, letter_id: str, auth: Auth):
-        if auth is None:
-            raise HTTPException(401, "sign in to replay", headers={"WWW-Authenticate": 'Basic realm="Lung Vision"'})
-        if auth == "basic":  # browser credentials: require proof the form came from our page
-            origin = request.headers.get("origin")
-            if origin and urlsplit(origin).netloc != request.headers.get("host"):
-                raise HTTPException(403, "cross-origin request refused")
-            form = parse_qs((await request.body()).decode(errors="replace"))
-            if not hmac.compare_digest(form.get("csrf", [""])[0].encode(), csrf_token.encode()):
-                raise HTTPException(403, "missing or wrong CSRF token")
+        await form_fields(request, auth, "replay")
         replay(letter_id)
         return RedirectResponse(f"/dead-letters?replayed={letter_id}", status_code=303)
 
@@ -302,6 +371,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz", include_in_schema=False)
     def healthz():
-        return {"ok": True}
+        return {"ok": True, "shadow_mode": settings.delivery.shadow_mode}
 
     return app

@@ -5,7 +5,7 @@ in-process counter would see everything. Instead a custom collector reads, at sc
 
 * the audit trail (``audit.path``, shared by every process; read incrementally from the byte offset
   of the previous scrape): instances received, studies queued and analysed, task durations and
-  inference times, deliveries and delivery failures;
+  inference times, deliveries and delivery failures, reviewer verdicts;
 * the broker: how many study messages wait in the ``lungvision`` queue;
 * the dead-letter list (Redis hash or store table): how many deliveries ran out of attempts.
 
@@ -20,7 +20,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from config.settings import Settings
+from inference.intended_use import GateReason
 from web.worklist import AuditIndex
+from worker.record import Verdict
 
 DURATION_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 INFERENCE_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -75,6 +77,18 @@ class LungVisionCollector(Collector):
         yield failures
         yield CounterMetricFamily("lungvision_replays", "Dead letters replayed by an operator",
                                   value=counts.get("replayed", 0))
+        reviews = CounterMetricFamily("lungvision_reviews", "Reviewer verdicts on findings (a changed mind counts again)",
+                                      labels=["verdict"])
+        for verdict in Verdict:
+            reviews.add_metric([verdict.value], counts.get(f"reviewed:{verdict.value}", 0))
+        yield reviews
+        gate = CounterMetricFamily("lungvision_images_outside_intended_use",
+                                   "Images outside the model's intended use, by gate rule; action refused (not "
+                                   "analysed) or flagged (analysed and marked)", labels=["rule", "action"])
+        for rule in GateReason:
+            for action in ("refused", "flagged"):
+                gate.add_metric([rule.value, action], counts.get(f"gate:{action}:{rule.value}", 0))
+        yield gate
         up = 1
         try:
             depth = queue_depth(self.settings)

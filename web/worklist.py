@@ -1,4 +1,4 @@
-"""Worklist data — the outcome store and the audit trail → prioritised study rows, details, pictures.
+"""Worklist data — the outcome store (results, reviews) and the audit trail → study rows, details, pictures.
 
 Nothing here stores patient data: patient name, id and birth date are read on demand from the
 header of a study's result objects in the outbox (they copy them from the source image) and only
@@ -18,9 +18,10 @@ from pydicom import dcmread
 
 from config.settings import Settings
 from lungvision.audit import read_events
-from worker.record import Store, StudyResult
+from worker.record import OUTSIDE_USE, Store, StudyResult, Verdict
 
-STATUSES = ("received", "queued", "analysing", "analysed", "delivered", "failed", "not analysed")
+STATUSES = ("received", "queued", "analysing", "analysed", "delivered", "failed", "not analysed",
+            "outside intended use")
 FINDINGS = ("POSITIVE", "NEGATIVE", "NOT_ANALYSED", "PENDING")
 
 
@@ -68,8 +69,13 @@ class AuditIndex:
             key = f"failed:{event.get('stage')}:{'final' if event.get('final') else 'retry'}"
         elif kind == "delivered":
             key = f"delivered:{'hl7' if str(event.get('destination', '')).startswith('hl7:') else 'dicom'}"
+        elif kind == "reviewed":
+            key = f"reviewed:{event.get('verdict')}"
         elif kind == "analysed":
             key = f"analysed:{event.get('finding')}"
+            for action, rules in (event.get("outside_intended_use") or {}).items():  # images refused / flagged
+                for rule, count in rules.items():
+                    self.counts[f"gate:{action}:{rule}"] = self.counts.get(f"gate:{action}:{rule}", 0) + count
             if event.get("duration_ms") is not None:
                 self.durations_s.append(float(event["duration_ms"]) / 1000)
             if event.get("inference_ms") is not None:
@@ -111,6 +117,12 @@ class StudyRow:
     threshold: float | None = None
     has_heatmap: bool = False
     result: StudyResult | None = None
+    review: Verdict | None = None  # the current reviewer verdict on this round's finding
+
+    @property
+    def outside_intended_use(self) -> bool:
+        """Any image of the round is outside the intended use (refused, or analysed and flagged)."""
+        return self.result is not None and outside_intended_use(self.result)
 
     @property
     def priority(self) -> tuple:
@@ -119,11 +131,18 @@ class StudyRow:
         return (0 if self.finding == "POSITIVE" else 1, -probability, self.arrival_time.timestamp())
 
 
+def outside_intended_use(result: StudyResult) -> bool:
+    return any(image.get("intended_use") is False for image in result.images or [])
+
+
 def display_status(result: StudyResult) -> str:
     if result.status == "analysing":
         return "analysing"
     if result.status == "failed":
         return "failed"
+    # a delivery rolls the stored status up to "delivered": the refused images still say why nothing was analysed
+    if result.status == OUTSIDE_USE or (result.finding == "NOT_ANALYSED" and outside_intended_use(result)):
+        return "outside intended use"
     if result.finding == "NOT_ANALYSED":
         return "not analysed"
     return result.status  # analysed (results ready, delivery pending or no destination) | delivered
@@ -146,7 +165,8 @@ class Worklist:
             current = latest.get(result.study_instance_uid)
             if current is None or result.round >= current.round:
                 latest[result.study_instance_uid] = result
-        rows = [self._row(result) for result in latest.values()]
+        reviews = {review.message_id: review.verdict for review in self.store.reviews()}
+        rows = [self._row(result, reviews.get(result.message_id)) for result in latest.values()]
         for arrival in self.audit.refresh().arrivals.values():
             if arrival.study_uid not in latest:
                 rows.append(StudyRow(arrival.study_uid, _aware(arrival.first_at),
@@ -156,17 +176,20 @@ class Worklist:
                 and (finding is None or row.finding == finding)]
         return sorted(rows, key=lambda row: row.priority)[: self.settings.web.page_size]
 
-    def _row(self, result: StudyResult) -> StudyRow:
+    def _row(self, result: StudyResult, review: Verdict | None) -> StudyRow:
         return StudyRow(result.study_instance_uid, _aware(result.received_at), display_status(result), result.finding,
                         message_id=result.message_id, round=result.round, accession_number=result.accession_number,
                         modality=result.modality, calling_ae=result.calling_ae, probability=result.probability,
-                        threshold=result.threshold, has_heatmap=top_sc_uid(result) is not None, result=result)
+                        threshold=result.threshold, has_heatmap=top_sc_uid(result) is not None, result=result,
+                        review=review)
 
     def row(self, study_uid: str) -> StudyRow | None:
         """The worklist row of one study (its latest round), or None."""
         results = self.store.study_results(study_uid)
         if results:
-            return self._row(max(results, key=lambda result: result.round))
+            latest = max(results, key=lambda result: result.round)
+            review = self.store.review(latest.message_id)
+            return self._row(latest, review.verdict if review else None)
         return next((row for row in self.rows() if row.study_instance_uid == study_uid), None)
 
     def events(self, study_uid: str) -> list[dict]:

@@ -14,18 +14,22 @@ from pydicom import dcmread
 
 from config.settings import DestinationSettings, RoutingRule, Settings
 from dicom_node.scu import ClientTls, Destination, Timeouts, send_datasets
-from worker.record import Store
+from worker.record import OUTSIDE_USE, Store
 
 
-def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: str) -> list[str]:
+def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: str,
+                        status: str = "analysed") -> list[str]:
     """Names of the destinations for one study: every destination when no rule is configured,
-    else the union of the destinations of the rules that match."""
+    else the union of the destinations of the rules that match. A study the intended-use gate
+    refused matches rules for ``not_analysed`` and for ``outside_intended_use``."""
     if not settings.routing:
         return [destination.name for destination in settings.destinations]
-    result = {"POSITIVE": "positive", "NEGATIVE": "negative"}.get(finding, "not_analysed")
+    results = {{"POSITIVE": "positive", "NEGATIVE": "negative"}.get(finding, "not_analysed")}
+    if status == OUTSIDE_USE:
+        results.add("outside_intended_use")
     chosen: list[str] = []
     for rule in settings.routing:
-        if _matches(rule, calling_ae, modalities, result):
+        if any(_matches(rule, calling_ae, modalities, result) for result in results):
             chosen += [name for name in rule.destinations if name not in chosen]
     return chosen
 

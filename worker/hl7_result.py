@@ -42,14 +42,16 @@ class Hl7Job:
     message_id: str
     endpoint: str
     study_instance_uid: str
-    finding: str  # POSITIVE | NEGATIVE
-    probability: float
+    finding: str  # POSITIVE | NEGATIVE | NOT_ANALYSED
+    probability: float | None  # None when not analysed
     threshold: float
     model_version: str
     model_sha256: str
     analysed_at: str  # ISO 8601
     accession_number: str | None = None
     output_uids: list[str] = field(default_factory=list)  # SR and SC SOP Instance UIDs in the outbox
+    operating_point: str = "shipped"  # "shipped" or "site profile <id>"
+    remark: str | None = None  # why not analysed, or why the result is outside the intended use
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,14 @@ def _hl7_time(moment: datetime) -> str:
 
 def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoint: Hl7Endpoint, *,
               control_id: str, now: datetime | None = None) -> hl7.Message:
-    """The ORU^R01 of one analysed study round (parsed back by python-hl7, so it is well formed)."""
+    """The ORU^R01 of one study round (parsed back by python-hl7, so it is well formed).
+
+    A round with a finding carries it and the probability. A round with no analysed image (outside
+    the intended use, or nothing analysable) gets an explicit result instead of silence, so the RIS
+    never reads "no message" as "no pneumonia": the finding OBX with no value and result status
+    ``X`` (HL7 v2.5 table 0085: results cannot be obtained for this observation), no probability,
+    and the reason in a note. Every message names the operating point used.
+    """
     now = now or datetime.now(timezone.utc)
     escape = hl7.parse("MSH|^~\\&|").escape  # escapes | ^ ~ \ & in values
 
@@ -89,14 +98,31 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
         return "^".join(escape(component) for component in components).rstrip("^")  # no empty trailing parts
 
     positive = job.finding == "POSITIVE"
-    flag = "A" if positive else "N"
+    analysed = job.probability is not None
+    flag = ("A" if positive else "N") if analysed else ""
     observed = _hl7_time(datetime.fromisoformat(job.analysed_at))
     name = ""
     if settings.include_patient_name and patient.name:
         family, given, middle, prefix, suffix = (patient.name.split("^") + [""] * 5)[:5]  # DICOM PN order
         name = field(family, given, middle, suffix, prefix)  # HL7 XPN order
     accession = escape(patient.accession_number or job.accession_number or "")
-    probability = f"{job.probability:.4f}"
+    observations = [
+        ["CWE", field(*PNEUMONIA), field(*(PRESENT if positive else ABSENT)) if analysed else "", "", "", flag,
+         "", "", "F" if analysed else "X", "", "", observed]]
+    if analysed:
+        observations.append(["NM", field("LV-PROB", "Pneumonia probability (calibrated)", "L"),
+                             f"{job.probability:.4f}", field("1", "", "UCUM"), f"<{job.threshold:.4f}", flag, "", "",
+                             "F", "", "", observed])
+    observations += [
+        ["ST", field("LV-OPPT", "Operating point", "L"), escape(f"{job.operating_point} (threshold {job.threshold:.4f})"),
+         "", "", "", "", "", "F"],
+        ["ST", field("LV-MODEL", "Algorithm", "L"), escape(f"{job.model_version} sha256 {job.model_sha256}"),
+         "", "", "", "", "", "F"],
+        ["ST", field("110180", "Study Instance UID", "DCM"), escape(job.study_instance_uid), "", "", "", "", "", "F"],
+    ]
+    notes = ["Lung Vision research software - NOT FOR DIAGNOSTIC USE; must be read by a radiologist"]
+    if job.remark:
+        notes.append(("Not analysed: " if not analysed else "Outside intended use: ") + job.remark)
     segments = [
         "|".join(["MSH", "^~\\&", escape(settings.sending_application), escape(settings.sending_facility),
                   escape(endpoint.receiving_application), escape(endpoint.receiving_facility), _hl7_time(now), "",
@@ -105,16 +131,9 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
                   "", name]),
         "|".join(["OBR", "1", accession, accession, field("LV-PNEU", "Chest X-ray pneumonia triage (AI)", "L"), "", "",
                   observed, *[""] * 14, observed, "", "", "F"]),
-        "|".join(["OBX", "1", "CWE", field(*PNEUMONIA), "1", field(*(PRESENT if positive else ABSENT)), "", "", flag,
-                  "", "", "F", "", "", observed]),
-        "|".join(["OBX", "2", "NM", field("LV-PROB", "Pneumonia probability (calibrated)", "L"), "1", probability,
-                  field("1", "", "UCUM"), f"<{job.threshold:.4f}", flag, "", "", "F", "", "", observed]),
-        "|".join(["OBX", "3", "ST", field("LV-MODEL", "Algorithm", "L"), "1",
-                  escape(f"{job.model_version} sha256 {job.model_sha256}"), "", "", "", "", "", "F"]),
-        "|".join(["OBX", "4", "ST", field("110180", "Study Instance UID", "DCM"), "1",
-                  escape(job.study_instance_uid), "", "", "", "", "", "F"]),
-        "|".join(["NTE", "1", "L", escape("Lung Vision research software - NOT FOR DIAGNOSTIC USE; "
-                                          "must be read by a radiologist")]),
+        *["|".join(["OBX", str(number), kind, code, "1", *rest])
+          for number, (kind, code, *rest) in enumerate(observations, start=1)],
+        *["|".join(["NTE", str(number), "L", escape(note)]) for number, note in enumerate(notes, start=1)],
     ]
     return hl7.parse("\r".join(segments))
 

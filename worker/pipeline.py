@@ -1,5 +1,6 @@
-"""Pipeline — a StudyReady message becomes result files in the outbox: load → select → decode →
-predict → encode. Delivery and recording happen in the tasks; this module knows no Celery."""
+"""Pipeline — a StudyReady message becomes result files in the outbox: load → select (intended-use
+header rules) → decode → predict (with the image check) → encode. Delivery and recording happen in
+the tasks; this module knows no Celery."""
 
 import time
 from dataclasses import dataclass, field
@@ -9,14 +10,16 @@ import numpy as np
 from pydicom import Dataset, dcmread
 
 from dicom_node.messages import StudyReady
-from inference.classifier import Classifier
+from inference.classifier import Classifier, Prediction
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
+from inference.intended_use import GateVerdict, IntendedUse
 from inference.overlay import legend_lines, render_overlay
 from inference.preprocess import to_square_uint8
 from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import ImageFinding, build_findings_sr
 from worker.encode.heatmap_sc import build_heatmap_sc
-from worker.select import not_analysed_reason
+from worker.record import OUTSIDE_USE
+from worker.select import select
 from worker.uids import derived_uid, output_instance_uid, output_series_uid
 
 SC_SERIES_NUMBER = 9901
@@ -49,6 +52,30 @@ class StudyOutcome:
         top = self.top
         return "NOT_ANALYSED" if top is None else ("POSITIVE" if top.positive else "NEGATIVE")
 
+    @property
+    def status(self) -> str:
+        """analysed; outside_use when no image was analysed and the gate refused one; else not_analysed."""
+        if self.top is not None:
+            return "analysed"
+        return OUTSIDE_USE if any(f.gate is not None for f in self.findings) else "not_analysed"
+
+    @property
+    def remark(self) -> str | None:
+        """Why the round has no finding, or why its finding lies outside the intended use."""
+        top = self.top
+        if top is not None:
+            return top.gate.text if top.gate else None
+        return "; ".join(dict.fromkeys(f.not_analysed_reason for f in self.findings if f.not_analysed_reason)) or None
+
+    def gate_counts(self) -> dict[str, dict[str, int]]:
+        """How many images the intended-use gate refused or flagged, by rule (for audit and metrics)."""
+        counts: dict[str, dict[str, int]] = {"refused": {}, "flagged": {}}
+        for finding in self.findings:
+            if finding.gate is not None:
+                kind = counts["flagged" if finding.analysed else "refused"]
+                kind[finding.gate.reason.value] = kind.get(finding.gate.reason.value, 0) + 1
+        return counts
+
 
 def highest_probability(findings: list[ImageFinding]) -> ImageFinding | None:
     """The analysed finding with the highest probability, or None when nothing was analysed."""
@@ -71,42 +98,62 @@ def algorithm_of(classifier: Classifier) -> Algorithm:
     return Algorithm(classifier.card.name, classifier.card.version, classifier.card.weights_sha256)
 
 
-def analyse_study(message: StudyReady, classifier: Classifier, outbox: Path, *, device_uid: str,
-                  max_long_side: int) -> StudyOutcome:
-    """Analyse every instance of ``message`` and write the SC and SR files into ``outbox``."""
+def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse, outbox: Path, *,
+                  device_uid: str, max_long_side: int) -> StudyOutcome:
+    """Analyse every instance of ``message`` and write the SC and SR files into ``outbox``.
+
+    An image outside the intended use (header rules first, then the image check from the same
+    forward pass) is not analysed under ``Policy.REFUSE`` — its probability is dropped, never
+    shown — and analysed but marked under ``Policy.FLAG``.
+    """
     watch = _Stopwatch()
     started = time.perf_counter()
     sources: list[Dataset] = []
     grays: dict[int, np.ndarray] = {}
-    reasons: dict[int, str] = {}
+    skipped: dict[int, tuple[str, GateVerdict | None]] = {}  # index → (reason, gate verdict)
+    verdicts: dict[int, GateVerdict] = {}
     for index, instance in enumerate(message.instances):
         dataset = dcmread(instance.path, force=True)
         sources.append(dataset)
-        reason = not_analysed_reason(dataset)
-        if reason is None:
+        selection = select(dataset, gate)
+        if selection.skip_reason is not None:
+            skipped[index] = (selection.skip_reason, None)
+        elif gate.refuses(selection.verdict):
+            skipped[index] = (selection.verdict.text, selection.verdict)
+        else:
             try:
                 grays[index] = dataset_to_gray(dataset)
+                if selection.verdict is not None:
+                    verdicts[index] = selection.verdict
             except UnsupportedImage as error:
-                reason = f"unsupported image: {error}"
-        if reason is not None:
-            reasons[index] = reason
+                skipped[index] = (f"unsupported image: {error}", None)
     started = watch.lap("read_decode", started)
 
-    analysed = sorted(grays)
-    squares = np.stack([to_square_uint8(grays[index]) for index in analysed]) if analysed else None
+    candidates = sorted(grays)
+    squares = np.stack([to_square_uint8(grays[index]) for index in candidates]) if candidates else None
     started = watch.lap("preprocess", started)
-    predictions = classifier.predict_squares(squares, [grays[i].shape for i in analysed]) if analysed else []
+    predictions = classifier.predict_squares(squares, [grays[i].shape for i in candidates]) if candidates else []
     started = watch.lap("model_heatmap", started)
+
+    by_index: dict[int, Prediction] = {}
+    for index, prediction in zip(candidates, predictions):
+        verdict = gate.verdict(verdicts.get(index), prediction.image_check_score)
+        if gate.refuses(verdict):
+            skipped[index] = (verdict.text, verdict)  # the probability is dropped here, never shown
+        else:
+            by_index[index] = prediction
+            if verdict is not None:
+                verdicts[index] = verdict
 
     algorithm = algorithm_of(classifier)
     sha = algorithm.weights_sha256
     study_uid = message.study_instance_uid
     findings: list[ImageFinding] = []
-    by_index = dict(zip(analysed, predictions))
     for index, source in enumerate(sources):
         prediction = by_index.get(index)
         if prediction is None:
-            findings.append(ImageFinding(source, not_analysed_reason=reasons[index]))
+            reason, verdict = skipped[index]
+            findings.append(ImageFinding(source, not_analysed_reason=reason, gate=verdict))
             continue
         legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold, prediction.model_version)
         sc = build_heatmap_sc(
@@ -114,25 +161,34 @@ def analyse_study(message: StudyReady, classifier: Classifier, outbox: Path, *, 
             series_instance_uid=output_series_uid(study_uid, sha, "sc"),
             sop_instance_uid=output_instance_uid(source.SOPInstanceUID, sha, "sc"),
             series_number=SC_SERIES_NUMBER, instance_number=int(source.get("InstanceNumber") or index + 1))
-        findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc))
+        findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc,
+                                     gate=verdicts.get(index), logit=prediction.logit))
 
     top = highest_probability(findings)
     outputs: list[Dataset] = []
     images: list[dict] = []
     for index, finding in enumerate(findings):
         sr = build_findings_sr(
-            [finding], study_finding=top, threshold=classifier.card.threshold, algorithm=algorithm,
+            [finding], study_finding=top, threshold=classifier.threshold,
+            operating_point=classifier.operating_point.name, algorithm=algorithm,
             device_uid=device_uid, series_instance_uid=output_series_uid(study_uid, sha, "sr"),
             sop_instance_uid=output_instance_uid(finding.source.SOPInstanceUID, sha, "sr"),
             series_number=SR_SERIES_NUMBER, instance_number=int(finding.source.get("InstanceNumber") or index + 1))
         outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
-        images.append({"sop_instance_uid": str(finding.source.SOPInstanceUID), "probability": finding.probability,
-                       "positive": finding.positive, "not_analysed_reason": finding.not_analysed_reason,
-                       "sc_uid": str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
-                       "sr_uid": str(sr.SOPInstanceUID)})
+        images.append(image_record(finding, sr, classifier.operating_point.name))
     files = [write_output(dataset, outbox / study_uid) for dataset in outputs]
     watch.lap("encode", started)
     return StudyOutcome(message, findings, files, images, watch.timings)
+
+
+def image_record(finding: ImageFinding, sr: Dataset, operating_point: str) -> dict:
+    """What the store keeps about one source image (no patient data)."""
+    return {"sop_instance_uid": str(finding.source.SOPInstanceUID), "probability": finding.probability,
+            "positive": finding.positive, "logit": finding.logit, "not_analysed_reason": finding.not_analysed_reason,
+            "intended_use": finding.gate is None, "gate_reason": finding.gate.reason.value if finding.gate else None,
+            "gate_text": finding.gate.text if finding.gate else None, "operating_point": operating_point,
+            "sc_uid": str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
+            "sr_uid": str(sr.SOPInstanceUID)}
 
 
 def write_output(dataset: Dataset, folder: Path) -> Path:

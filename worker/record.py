@@ -1,12 +1,17 @@
-"""Record — each study's outcome and each delivery become rows in a small SQL store (no patient names,
-ids or birth dates). SQLite by default; any SQLAlchemy URL (e.g. PostgreSQL) works. The worklist reads it."""
+"""Record — each study's outcome, each delivery and each reviewer's verdict become rows in a small SQL
+store (no patient names, ids or birth dates). SQLite by default; any SQLAlchemy URL (e.g. PostgreSQL)
+works. The worklist reads it."""
 
+import enum
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, create_engine, select
+from sqlalchemy import JSON, DateTime, Enum, Float, Integer, String, Text, create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+
+OUTSIDE_USE = "outside_use"  # StudyResult.status of a round whose images the intended-use gate refused
 
 
 class Base(DeclarativeBase):
@@ -28,7 +33,8 @@ class StudyResult(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     modality: Mapped[str | None] = mapped_column(String(16))
     accession_number: Mapped[str | None] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))  # analysed | not_analysed | delivered | failed
+    status: Mapped[str] = mapped_column(String(16))  # analysing | analysed | not_analysed | outside_use |
+    # delivered | failed — outside_use: no image analysed, the intended-use gate refused them
     finding: Mapped[str] = mapped_column(String(16))  # POSITIVE | NEGATIVE | NOT_ANALYSED
     probability: Mapped[float | None] = mapped_column(Float)  # study level: the highest image probability
     threshold: Mapped[float] = mapped_column(Float)
@@ -61,6 +67,32 @@ class DeadLetterRow(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     record: Mapped[str] = mapped_column(Text)
+
+
+class Verdict(str, enum.Enum):
+    """A reviewer's judgement of a study's finding."""
+
+    AGREE = "agree"
+    DISAGREE = "disagree"
+
+
+REVIEWABLE_FINDINGS = ("POSITIVE", "NEGATIVE")  # a finding the model actually made
+
+
+class Review(Base):
+    """The current verdict of a reviewer on one study round's finding (one row per round)."""
+
+    __tablename__ = "reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    verdict: Mapped[Verdict] = mapped_column(Enum(Verdict, native_enum=False, length=16, validate_strings=True,
+                                                  values_callable=lambda kind: [member.value for member in kind]))
+    reviewer: Mapped[str] = mapped_column(String(64))  # the web sign-in user name
+    finding: Mapped[str] = mapped_column(String(16))  # the round's finding when it was reviewed
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Store:
@@ -130,3 +162,27 @@ class Store:
                 return None
             session.delete(row)
             return row.record
+
+    def save_review(self, result: StudyResult, verdict: Verdict, reviewer: str) -> Review:
+        """Record ``verdict`` on the finding of ``result``; a later mark of the same round replaces the
+        earlier one. Raises ValueError when the round has no analysed finding (POSITIVE or NEGATIVE)."""
+        if result.finding not in REVIEWABLE_FINDINGS:
+            raise ValueError(f"study round {result.message_id} has no analysed finding to review ({result.finding})")
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            row = session.scalars(select(Review).where(Review.message_id == result.message_id)).first()
+            if row is None:
+                row = Review(message_id=result.message_id)
+                session.add(row)
+            row.study_instance_uid, row.verdict, row.reviewer = result.study_instance_uid, Verdict(verdict), reviewer
+            row.finding, row.model_sha256, row.created_at = result.finding, result.model_sha256, utcnow()
+        return row
+
+    def review(self, message_id: str) -> Review | None:
+        """The current verdict on one study round, or None."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return session.scalars(select(Review).where(Review.message_id == message_id)).first()
+
+    def reviews(self) -> list[Review]:
+        """Every current verdict, oldest first."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            return list(session.scalars(select(Review).order_by(Review.created_at, Review.id)))

@@ -1,46 +1,28 @@
-"""Selection — a study's instances are sorted into frontal chest radiographs to analyse and the rest,
-each with the reason it is not analysed."""
+"""Selection — each instance of a study becomes one of: our own object (skipped), outside the model's
+intended use by its header (the rule and the reason), or a candidate for analysis."""
+
+from dataclasses import dataclass
 
 from pydicom import Dataset
 
 from dicom_node.identity import is_lung_vision_object
+from inference.intended_use import GateVerdict, IntendedUse
 
-RADIOGRAPH_MODALITIES = {"CR", "DX"}
-SECONDARY_CAPTURE_MODALITIES = {"OT", "SC", "CR", "DX"}
-SECONDARY_CAPTURE_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # Secondary Capture Image Storage (single frame)
-CHEST_BODY_PARTS = {"CHEST", "THORAX"}
-FRONTAL_VIEWS = {"PA", "AP", ""}
-CHEST_WORDS = ("CHEST", "THORAX", "THORAC", "LUNG", "CXR", "PNEUMO")
+OWN_OBJECT = "created by Lung Vision"
 
 
-def _text(dataset: Dataset, keyword: str) -> str:
-    return str(dataset.get(keyword, "") or "").strip().upper()
+@dataclass(frozen=True)
+class Selection:
+    """What the header says about one instance, before any pixel is decoded."""
+
+    skip_reason: str | None = None  # never analysed, and no intended-use question (our own objects)
+    verdict: GateVerdict | None = None  # outside the intended use by its header
 
 
-def _has_chest_hint(dataset: Dataset) -> bool:
-    if _text(dataset, "BodyPartExamined") in CHEST_BODY_PARTS:
-        return True
-    descriptions = " ".join(_text(dataset, k) for k in ("StudyDescription", "SeriesDescription", "ProtocolName"))
-    return any(word in descriptions for word in CHEST_WORDS)
-
-
-def not_analysed_reason(dataset: Dataset) -> str | None:
-    """None when ``dataset`` is a frontal chest radiograph to analyse, else the reason it is not."""
+def select(dataset: Dataset, gate: IntendedUse) -> Selection:
+    """Sort one instance: our own object, outside the intended use by its header, or a candidate."""
     if is_lung_vision_object(sop_instance_uid=str(dataset.get("SOPInstanceUID", "")),
                              series_instance_uid=str(dataset.get("SeriesInstanceUID", "")),
                              manufacturer=dataset.get("Manufacturer")):
-        return "created by Lung Vision"
-    modality = _text(dataset, "Modality")
-    is_secondary_capture = str(dataset.get("SOPClassUID", "")) in SECONDARY_CAPTURE_CLASSES
-    if is_secondary_capture:
-        if modality not in SECONDARY_CAPTURE_MODALITIES or not _has_chest_hint(dataset):
-            return "secondary capture without chest radiograph hints"
-    elif modality not in RADIOGRAPH_MODALITIES:
-        return f"modality {modality or 'missing'} is not a radiograph (CR/DX)"
-    body_part = _text(dataset, "BodyPartExamined")
-    if body_part and body_part not in CHEST_BODY_PARTS:
-        return f"body part {body_part} is not the chest"
-    view = _text(dataset, "ViewPosition")
-    if view not in FRONTAL_VIEWS:
-        return f"{'lateral' if view in {'LL', 'RL', 'LATERAL', 'LAT'} else 'non-frontal'} view (ViewPosition {view})"
-    return None
+        return Selection(skip_reason=OWN_OBJECT)
+    return Selection(verdict=gate.header_verdict(dataset))

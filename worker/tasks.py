@@ -14,7 +14,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from dicom_node.messages import ANALYSE_STUDY_TASK, StudyReady
 from dicom_node.scu import DeliveryError
 from config.settings import Settings
-from inference.classifier import load_classifier
+from inference.classifier import load_model
 from lungvision import audit
 from worker.celery_app import app, current_settings
 from worker.deliver import DeadLetter, DeliveryJob, choose_destinations, dead_letters_for, retry_delay_s, send_files
@@ -48,12 +48,12 @@ def analyse_study_task(message: dict) -> dict:
     if existing is not None and existing.status != "analysing":  # "analysing": a crash interrupted it
         log.info("study round %s already handled; skipped", ready.message_id)
         return {"message_id": ready.message_id, "skipped": True}
-    classifier = load_classifier(settings.model.weights_dir)
+    classifier, gate = load_model(settings.model)
     store().save_result(analysing_result(ready, classifier))  # the worklist shows "analysing"
     audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round)
     started = time.perf_counter()
     try:
-        outcome = analyse_study(ready, classifier, settings.worker.outbox_dir,
+        outcome = analyse_study(ready, classifier, gate, settings.worker.outbox_dir,
                                 device_uid=device_uid_for(settings.node.ae_title),
                                 max_long_side=settings.worker.sc_max_long_side)
     except SoftTimeLimitExceeded:
@@ -64,35 +64,36 @@ def analyse_study_task(message: dict) -> dict:
         log.error("study round %s: analysis exceeded the soft time limit; recorded as failed", ready.message_id)
         return {"message_id": ready.message_id, "failed": True}
     modalities = {str(finding.source.get("Modality", "")) for finding in outcome.findings}
-    destinations = choose_destinations(settings, calling_ae=ready.calling_ae, modalities=modalities,
-                                       finding=outcome.finding)
+    destinations = [] if settings.delivery.shadow_mode else choose_destinations(
+        settings, calling_ae=ready.calling_ae, modalities=modalities, finding=outcome.finding, status=outcome.status)
     top = outcome.top
     first = outcome.findings[0].source
     result = StudyResult(
         message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
         calling_ae=ready.calling_ae, modality=str(first.get("Modality", "")) or None,
         accession_number=str(first.get("AccessionNumber", "")) or None,
-        status="not_analysed" if top is None else "analysed",
+        status=outcome.status,
         finding=outcome.finding, probability=None if top is None else top.probability,
-        threshold=classifier.card.threshold, model_version=classifier.version,
+        threshold=classifier.threshold, model_version=classifier.version,
         model_sha256=classifier.card.weights_sha256, images=outcome.images, timings_ms=outcome.timings_ms,
         received_at=ready.first_received_at)
     for name in destinations:
         job = DeliveryJob(ready.message_id, ready.study_instance_uid, name, [str(path) for path in outcome.files])
         deliver_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:{name}")
-    if top is not None:  # an HL7 result for every analysed study (not for "not analysed")
-        for endpoint in settings.hl7.endpoints:
-            job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, outcome.finding, top.probability,
-                         classifier.card.threshold, classifier.version, classifier.card.weights_sha256,
-                         datetime.now(timezone.utc).isoformat(), result.accession_number,
-                         outcome.output_uids)
-            send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
+    for endpoint in [] if settings.delivery.shadow_mode else settings.hl7.endpoints:  # analysed or not: say so
+        job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, outcome.finding,
+                     None if top is None else top.probability, classifier.threshold, classifier.version,
+                     classifier.card.weights_sha256, datetime.now(timezone.utc).isoformat(), result.accession_number,
+                     outcome.output_uids, classifier.operating_point.name, outcome.remark)
+        send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     store().save_result(result)
     for name in destinations:
         store().update_delivery(ready.message_id, name, status="pending", attempts=0)
     audit.record("analysed", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round,
                  calling_ae=ready.calling_ae, finding=outcome.finding, probability=result.probability,
                  model_version=classifier.version, model_sha256=classifier.card.weights_sha256,
+                 status=outcome.status, operating_point=classifier.operating_point.name,
+                 outside_intended_use=outcome.gate_counts(), shadow_mode=settings.delivery.shadow_mode,
                  instances=[image["sop_instance_uid"] for image in outcome.images],
                  outputs=outcome.output_uids,
                  destinations=destinations, duration_ms=round((time.perf_counter() - started) * 1000, 1),
@@ -107,7 +108,7 @@ def analysing_result(ready: StudyReady, classifier) -> StudyResult:
     return StudyResult(
         message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
         calling_ae=ready.calling_ae, modality=None, accession_number=None, status="analysing", finding="PENDING",
-        probability=None, threshold=classifier.card.threshold, model_version=classifier.version,
+        probability=None, threshold=classifier.threshold, model_version=classifier.version,
         model_sha256=classifier.card.weights_sha256, images=[], timings_ms={}, received_at=ready.first_received_at)
 
 
@@ -116,7 +117,7 @@ def failed_result(ready: StudyReady, classifier, reason: str) -> StudyResult:
     return StudyResult(
         message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
         calling_ae=ready.calling_ae, modality=None, accession_number=None, status="failed", finding="NOT_ANALYSED",
-        probability=None, threshold=classifier.card.threshold, model_version=classifier.version,
+        probability=None, threshold=classifier.threshold, model_version=classifier.version,
         model_sha256=classifier.card.weights_sha256, images=[{"error": reason}], timings_ms={},
         received_at=ready.first_received_at)
 

@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.scu import Destination, send_datasets
 from inference.sample_dicom import wrap_image
+from lungvision.demo import sample_studies
 from tests.dicom_node.node_testkit import free_port
 from tests.web.mllp_listener import MllpListener
 from tests.worker.conftest import chest_pixels
@@ -26,12 +27,16 @@ def test_demo_shows_a_result_for_every_sample_study(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-m", "lungvision", "demo", "--workdir", str(tmp_path / "demo")],
                             capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.split()[-1:] and line.split()[-1][:1].isdigit()]
-    assert len(rows) == 5, result.stdout
-    assert "NOT_ANALYSED" in next(line for line in rows if line.startswith("knee"))
-    assert all(("POSITIVE" in line or "NEGATIVE" in line) for line in rows if not line.startswith("knee"))
+    descriptions = [study.description for study in sample_studies()]
+    rows = {line[:56].strip(): line for line in result.stdout.splitlines() if line[:56].strip() in descriptions}
+    assert len(rows) == 6, result.stdout
+    knee, adult = rows["knee DX (not a chest)"], rows[descriptions[-1]]
+    assert "NOT_ANALYSED" in knee and "body part KNEE is not the chest" in knee
+    assert "NOT_ANALYSED" in adult and "patient age 58 years" in adult  # the intended-use gate
+    assert all(("POSITIVE" in line or "NEGATIVE" in line) for line in list(rows.values())[:4])
+    assert "lateral view" in rows[descriptions[1]]
     files = list((tmp_path / "demo" / "var" / "out").rglob("*.dcm"))
-    assert len(files) == 4 * 2 + 1 + 1  # SC + SR per analysed image, SR for the lateral and the knee
+    assert len(files) == 4 * 2 + 3  # SC + SR per analysed image, an SR each for the lateral, the knee, the adult
 
 
 class Serve:

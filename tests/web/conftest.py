@@ -76,7 +76,7 @@ def seed(root: Path) -> Site:
         dataset.AccessionNumber = accession
         path = write_dataset(dataset, root / "in" / f"{accession}.dcm")
         message = make_message([path])
-        outcome = analyse_study(message, classifier, Path(settings.worker.outbox_dir),
+        outcome = analyse_study(message, classifier, classifier.intended_use(), Path(settings.worker.outbox_dir),
                                 device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
         images = [{**image, "probability": probability, "positive": finding == "POSITIVE"} for image in outcome.images]
         received = start + timedelta(minutes=minutes)

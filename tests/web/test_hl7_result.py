@@ -58,7 +58,8 @@ def test_positive_study_gives_an_oru_with_abnormal_flag_and_patient_id(site, hl7
     finding, probability = message.segments("OBX")[:2]
     assert str(finding[3][0][0]) == "233604007" and str(finding[5][0][1]) == "Present" and str(finding[8]) == "A"
     assert float(str(probability[5])) == pytest.approx(0.93) and str(probability[8]) == "A"
-    assert str(message.segments("OBX")[3][5]) == site.studies["ACC-POS-HIGH"].study_uid
+    assert str(message.segments("OBX")[2][5]) == f"shipped (threshold {job['threshold']:.4f})"  # operating point
+    assert str(message.segments("OBX")[4][5]) == site.studies["ACC-POS-HIGH"].study_uid
     events = [json.loads(line) for line in site.settings.audit.path.read_text().splitlines()]
     sent = [e for e in events if e["event"] == "delivered" and e.get("destination") == "hl7:ris"]
     assert sent and sent[-1]["message_id"] == message_id
@@ -87,3 +88,19 @@ def test_unreachable_or_rejecting_endpoint_is_retried_then_given_up(site, hl7_wo
     events = [json.loads(line) for line in site.settings.audit.path.read_text().splitlines()]
     failures = [(e["attempts"], e["final"]) for e in events if e["event"] == "failed" and e.get("stage") == "hl7"]
     assert failures[-3:] == [(1, False), (2, True), (1, True)]
+
+
+def test_a_study_outside_the_intended_use_gets_an_explicit_not_analysed_result(site, hl7_worker) -> None:
+    job = {**job_for(site, "ACC-NEG"), "finding": "NOT_ANALYSED", "probability": None,
+           "operating_point": "site profile ward-7", "remark": "patient age 58 years, model's population 1 to <6 years"}
+    with MllpListener() as listener:
+        tasks = hl7_worker(listener.port)
+        assert tasks.send_hl7_task.apply(args=[job]).get() == "delivered"
+    (message,) = listener.messages
+    finding, operating_point = message.segments("OBX")[:2]
+    assert str(finding[3][0][0]) == "233604007" and str(finding[5]) == "" and str(finding[11]) == "X"
+    assert str(finding[8]) == ""  # no abnormal flag without a finding
+    assert "LV-PROB" not in str(message)  # never a probability
+    assert str(operating_point[5]).startswith("site profile ward-7")
+    notes = [str(note[3]) for note in message.segments("NTE")]
+    assert notes[1] == "Not analysed: patient age 58 years, model's population 1 to <6 years"

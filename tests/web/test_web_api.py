@@ -1,15 +1,20 @@
-"""The worklist JSON API, its OpenAPI schema, authentication of patient fields, replay and /metrics."""
+"""The worklist JSON API, its OpenAPI schema, authentication of patient fields, replay, reviews, intended use,
+shadow mode and /metrics."""
 
 import base64
 import json
 import re
+import uuid
+from datetime import datetime, timezone
 
 import pytest
 from fastapi.testclient import TestClient
+from pydicom.uid import generate_uid
 
 from tests.web.conftest import TOKEN
 from web.app import create_app
 from worker.deliver import DeliveryJob, StoreDeadLetters
+from worker.record import OUTSIDE_USE, StudyResult, Verdict
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"operator:{TOKEN}".encode()).decode()}
@@ -112,3 +117,161 @@ def test_metrics_are_computed_from_the_audit_trail_and_broker(client, site) -> N
     assert values["lungvision_queue_depth"] >= 0 and values["lungvision_broker_up"] == 1
     assert "lungvision_dead_letters" in values
     assert 'lungvision_delivery_failures_total{final="true",kind="dicom"}' in values
+
+
+# ---- reviews, intended use and shadow mode --------------------------------------------------------
+
+REVIEW_PAGE_CSRF = re.compile(r'name="csrf" value="([0-9a-f]+)"')
+
+
+def audit_events(site) -> list[dict]:
+    return [json.loads(line) for line in site.settings.audit.path.read_text().splitlines()]
+
+
+def metric_values(client) -> dict[str, float]:
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in client.get("/metrics").text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def extra_result(site, *, status: str, finding: str, probability: float | None, images: list[dict]) -> StudyResult:
+    """A round added by hand to the seeded store (sorting after the four seeded studies)."""
+    template = site.store.study_results(site.studies["ACC-NEG"].study_uid)[0]
+    result = StudyResult(message_id=uuid.uuid4().hex, study_instance_uid=generate_uid(), round=1, calling_ae="CR_ROOM3",
+                         modality="CR", accession_number=f"ACC-{uuid.uuid4().hex[:8]}", status=status, finding=finding,
+                         probability=probability, threshold=template.threshold, model_version=template.model_version,
+                         model_sha256=template.model_sha256, images=images, timings_ms={},
+                         received_at=datetime(2026, 11, 25, 9, 0, tzinfo=timezone.utc))
+    site.store.save_result(result)
+    return result
+
+
+def test_openapi_schema_describes_the_review_endpoint(client) -> None:
+    schema = client.get("/openapi.json").json()
+    review = schema["paths"]["/api/studies/{study_uid}/review"]["post"]
+    assert {"200", "401", "404", "409", "422"} <= set(review["responses"])
+    assert review["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ReviewAnswer")
+    assert review["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ReviewRequest")
+    assert schema["components"]["schemas"]["Verdict"]["enum"] == ["agree", "disagree"]
+    assert {"review", "outside_intended_use"} <= set(schema["components"]["schemas"]["StudySummary"]["properties"])
+    assert "intended_use" in schema["components"]["schemas"]["ImageResult"]["properties"]
+
+
+def test_reviewing_through_the_api_needs_a_bearer_token(client, site) -> None:
+    uid = site.studies["ACC-POS-LOW"].study_uid
+    for headers in ({}, {"Authorization": "Bearer nope"}, BASIC):  # browser credentials use the page form
+        answer = client.post(f"/api/studies/{uid}/review", json={"verdict": "agree"}, headers=headers)
+        assert answer.status_code == 401, headers
+    assert site.store.review(client.get(f"/api/studies/{uid}").json()["message_id"]) is None
+
+
+def test_a_verdict_is_stored_audited_counted_and_shown(client, site) -> None:
+    study = site.studies["ACC-POS-LOW"]
+    message_id = client.get(f"/api/studies/{study.study_uid}").json()["message_id"]
+    answer = client.post(f"/api/studies/{study.study_uid}/review", json={"verdict": "agree"}, headers=BEARER)
+    assert answer.status_code == 200
+    assert answer.json() == {"study_instance_uid": study.study_uid, "message_id": message_id, "verdict": "agree"}
+    stored = site.store.review(message_id)
+    assert (stored.verdict, stored.reviewer, stored.finding) == (Verdict.AGREE, "operator", "POSITIVE")
+    reviewed = [e for e in audit_events(site) if e["event"] == "reviewed"]
+    assert reviewed[-1] == {**reviewed[-1], "message_id": message_id, "study_uid": study.study_uid, "verdict": "agree",
+                            "finding": "POSITIVE", "model_sha256": stored.model_sha256}
+    assert not {"patient_name", "patient_id", "patient_birth_date", "reviewer"} & set(reviewed[-1])
+    by_uid = {s["study_instance_uid"]: s for s in client.get("/api/studies").json()}
+    assert by_uid[study.study_uid]["review"] == "agree"
+    assert by_uid[site.studies["ACC-POS-HIGH"].study_uid]["review"] is None
+    assert client.get(f"/api/studies/{study.study_uid}").json()["review"] == "agree"
+    row = re.search(rf'data-study-uid="{re.escape(study.study_uid)}".*?</tr>', client.get("/").text, re.S).group(0)
+    assert 'class="verdict agree"' in row
+    assert metric_values(client)['lungvision_reviews_total{verdict="agree"}'] == 1
+
+    changed = client.post(f"/api/studies/{study.study_uid}/review", json={"verdict": "disagree"}, headers=BEARER)
+    assert changed.json()["verdict"] == "disagree"
+    assert [r.verdict for r in site.store.reviews() if r.message_id == message_id] == [Verdict.DISAGREE]
+    assert client.get(f"/api/studies/{study.study_uid}").json()["review"] == "disagree"
+    assert metric_values(client)['lungvision_reviews_total{verdict="disagree"}'] == 1
+    assert client.post(f"/api/studies/{study.study_uid}/review", json={"verdict": "maybe"},
+                       headers=BEARER).status_code == 422
+
+
+def test_only_an_analysed_finding_can_be_reviewed(client, site) -> None:
+    not_analysed = extra_result(site, status="not_analysed", finding="NOT_ANALYSED", probability=None, images=[
+        {"sop_instance_uid": generate_uid(), "probability": None, "positive": None,
+         "not_analysed_reason": "not a chest radiograph", "sc_uid": None, "sr_uid": generate_uid()}])
+    for uid in (not_analysed.study_instance_uid, site.studies["analysing"].study_uid,
+                site.studies["received"].study_uid):
+        answer = client.post(f"/api/studies/{uid}/review", json={"verdict": "agree"}, headers=BEARER)
+        assert answer.status_code == 409, uid
+    assert site.store.review(not_analysed.message_id) is None
+    assert client.post("/api/studies/1.2.3.4/review", json={"verdict": "agree"}, headers=BEARER).status_code == 404
+    assert "Agree</button>" not in client.get(f"/studies/{not_analysed.study_instance_uid}", headers=BASIC).text
+
+
+def test_the_study_page_review_form_needs_sign_in_and_the_csrf_token(client, site) -> None:
+    study = site.studies["ACC-NEG"]
+    url = f"/studies/{study.study_uid}/review"
+    assert "Agree</button>" not in client.get(f"/studies/{study.study_uid}").text  # not signed in: no form
+    signed_in = client.get(f"/studies/{study.study_uid}", headers=BASIC).text
+    assert "Agree / Disagree with the finding" in signed_in
+    csrf = REVIEW_PAGE_CSRF.search(signed_in).group(1)
+    assert client.post(url, data={"csrf": csrf, "verdict": "disagree"}, follow_redirects=False).status_code == 401
+    assert client.post(url, data={"csrf": "x", "verdict": "disagree"}, headers=BASIC,
+                       follow_redirects=False).status_code == 403
+    assert client.post(url, data={"csrf": csrf, "verdict": "disagree"}, headers={**BASIC, "Origin": "http://evil.example"},
+                       follow_redirects=False).status_code == 403
+    message_id = client.get(f"/api/studies/{study.study_uid}").json()["message_id"]
+    assert site.store.review(message_id) is None
+    answer = client.post(url, data={"csrf": csrf, "verdict": "disagree"}, headers=BASIC, follow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["location"] == f"/studies/{study.study_uid}"
+    assert site.store.review(message_id).verdict == Verdict.DISAGREE
+    assert 'class="verdict disagree"' in client.get(f"/studies/{study.study_uid}").text
+    assert any(e["event"] == "reviewed" and e["message_id"] == message_id and e["verdict"] == "disagree"
+               and e["finding"] == "NEGATIVE" for e in audit_events(site))
+
+
+def test_outside_intended_use_is_a_status_and_a_per_image_flag(client, site) -> None:
+    refused = extra_result(site, status=OUTSIDE_USE, finding="NOT_ANALYSED", probability=None, images=[
+        {"sop_instance_uid": generate_uid(), "probability": None, "positive": None, "intended_use": False,
+         "gate_reason": "view", "gate_text": "lateral view (ViewPosition LL)", "not_analysed_reason": "lateral view "
+         "(ViewPosition LL)", "sc_uid": None, "sr_uid": generate_uid()}])
+    flagged = extra_result(site, status="analysed", finding="NEGATIVE", probability=0.004, images=[
+        {"sop_instance_uid": generate_uid(), "probability": 0.004, "positive": False, "intended_use": False,
+         "gate_reason": "age", "gate_text": "patient age 58 years is outside the model's population",
+         "not_analysed_reason": None, "logit": -5.5, "sc_uid": None, "sr_uid": generate_uid()}])
+    status = "outside intended use"
+    listed = client.get("/api/studies", params={"status": status}).json()
+    assert [s["study_instance_uid"] for s in listed] == [refused.study_instance_uid]
+    assert listed[0]["outside_intended_use"] is True
+    by_uid = {s["study_instance_uid"]: s for s in client.get("/api/studies").json()}
+    assert (by_uid[flagged.study_instance_uid]["status"], by_uid[flagged.study_instance_uid]["outside_intended_use"]) \
+        == ("analysed", True)
+    assert by_uid[site.studies["ACC-NEG"].study_uid]["outside_intended_use"] is False
+    images = client.get(f"/api/studies/{refused.study_instance_uid}").json()["images"]
+    assert (images[0]["intended_use"], images[0]["gate_reason"]) == (False, "view")
+    assert client.get(f"/api/studies/{site.studies['ACC-NEG'].study_uid}").json()["images"][0]["intended_use"] \
+        in (True, None)  # None: recorded before the gate existed
+
+    page = client.get("/", params={"status": status})
+    assert page.status_code == 200 and refused.study_instance_uid in page.text
+    assert flagged.study_instance_uid not in page.text
+    assert "outside intended use: lateral view (ViewPosition LL)" in \
+        client.get(f"/studies/{refused.study_instance_uid}").text
+    flagged_page = client.get(f"/studies/{flagged.study_instance_uid}").text
+    assert "probability 0.004" in flagged_page and 'class="badge outside-intended-use"' in flagged_page
+    assert "patient age 58 years is outside the model&#39;s population" in flagged_page
+    row = re.search(rf'data-study-uid="{re.escape(flagged.study_instance_uid)}".*?</tr>', client.get("/").text, re.S)
+    assert 'class="badge outside-intended-use"' in row.group(0)
+
+    site.store.update_delivery(refused.message_id, "pacs", status="delivered", attempts=1)  # status rolls up
+    assert client.get(f"/api/studies/{refused.study_instance_uid}").json()["status"] == status
+    assert client.post(f"/api/studies/{refused.study_instance_uid}/review", json={"verdict": "agree"},
+                       headers=BEARER).status_code == 409
+
+
+def test_shadow_mode_shows_a_banner_and_is_reported_by_healthz(client, site) -> None:
+    banner = "Shadow mode: results are kept here and not sent to PACS or RIS while this site validates the model"
+    assert banner not in client.get("/").text
+    assert client.get("/healthz").json() == {"ok": True, "shadow_mode": False}
+    delivery = site.settings.delivery.model_copy(update={"shadow_mode": True})
+    shadow = TestClient(create_app(site.settings.model_copy(update={"delivery": delivery})))
+    assert banner in shadow.get("/").text
+    assert shadow.get("/healthz").json() == {"ok": True, "shadow_mode": True}

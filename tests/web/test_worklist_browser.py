@@ -72,3 +72,21 @@ def test_signed_in_operator_sees_patient_fields(browser, live_server, site) -> N
     row = page.locator(f"tr[data-study-uid='{site.studies['ACC-POS-HIGH'].study_uid}']")
     assert site.studies["ACC-POS-HIGH"].patient_id in row.inner_text()
     context.close()
+
+
+def test_signed_in_operator_agrees_with_a_finding_on_the_study_page(browser, live_server, site) -> None:
+    study = site.studies["ACC-POS-LOW"]
+    context = browser.new_context(http_credentials={"username": "operator", "password": TOKEN})
+    page = context.new_page()
+    page.goto(f"{live_server}/login", wait_until="networkidle")  # the challenge: credentials are sent from now on
+    page.goto(f"{live_server}/studies/{study.study_uid}", wait_until="networkidle")
+    assert page.locator("#review .verdict").count() == 0
+    page.get_by_role("button", name="Agree", exact=True).click()  # a real form POST with the browser's Origin
+    page.wait_for_selector("#review .verdict.agree")
+    assert page.url == f"{live_server}/studies/{study.study_uid}"
+    assert page.locator("#review .verdict").inner_text() == "agree"
+    message_id = site.store.study_results(study.study_uid)[-1].message_id
+    assert site.store.review(message_id).verdict.value == "agree"
+    page.goto(f"{live_server}/", wait_until="networkidle")
+    assert page.locator(f"tr[data-study-uid='{study.study_uid}'] td.review").inner_text() == "agree"
+    context.close()

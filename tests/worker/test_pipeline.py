@@ -58,7 +58,8 @@ def sr_values(sr) -> dict[str, object]:
 @pytest.fixture
 def outcome(study_files, tmp_path):
     paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
-    return analyse_study(make_message(paths), load_classifier(), tmp_path / "outbox",
+    classifier = load_classifier()
+    return analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox",
                          device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
 
 
@@ -110,6 +111,61 @@ def test_sr_says_what_the_model_said(outcome) -> None:
 
 def test_analysing_again_gives_the_same_uids(outcome, study_files, tmp_path) -> None:
     paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
-    again = analyse_study(make_message(paths), load_classifier(), tmp_path / "outbox2",
+    classifier = load_classifier()
+    again = analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox2",
                           device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
     assert [path.name for path in again.files] == [path.name for path in outcome.files]
+
+
+@pytest.fixture
+def adult_and_child(tmp_path):
+    """A frontal chest image of a 58-year-old and one of a 4-year-old, in one study."""
+    from inference.sample_dicom import wrap_image, write_dataset
+    from tests.worker.conftest import chest_pixels
+
+    study_uid = generate_uid()
+    adult = wrap_image(chest_pixels(2), study_uid=study_uid)
+    adult.PatientAge = "058Y"
+    child = wrap_image(chest_pixels(3), study_uid=study_uid)
+    child.PatientBirthDate, child.StudyDate = "20200301", "20240301"
+    return [write_dataset(adult, tmp_path / "adult.dcm"), write_dataset(child, tmp_path / "child.dcm")]
+
+
+def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_path) -> None:
+    classifier = load_classifier()
+    outcome = analyse_study(make_message(adult_and_child), classifier, classifier.intended_use(), tmp_path / "outbox",
+                            device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    adult, child = outcome.images
+    assert adult["probability"] is None and adult["sc_uid"] is None and adult["intended_use"] is False
+    assert adult["gate_reason"] == "age" and "58 years" in adult["not_analysed_reason"]
+    assert child["probability"] is not None and child["intended_use"] is True
+    assert outcome.status == "analysed" and outcome.gate_counts() == {"refused": {"age": 1}, "flagged": {}}
+    adult_sr = dcmread(next(path for path in outcome.files if path.stem == adult["sr_uid"]))
+    values = sr_values(adult_sr)
+    assert values["Image not analysed"] == [adult["not_analysed_reason"]]
+    assert values["Outside intended use"] == ["Patient age outside the model's population"]
+    assert "Pneumonia probability (calibrated)" in values  # the study-level group (from the child) only
+    assert len(values["Pneumonia probability (calibrated)"]) == 1
+    assert "operating point shipped" in " ".join(values["Algorithm Parameters"])
+    for path in outcome.files:
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> None:
+    classifier = load_classifier()
+    gate = classifier.intended_use(policy="flag")
+    outcome = analyse_study(make_message(adult_and_child[:1]), classifier, gate, tmp_path / "outbox",
+                            device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    (adult,) = outcome.images
+    assert adult["probability"] is not None and adult["sc_uid"] and adult["intended_use"] is False
+    assert outcome.gate_counts() == {"refused": {}, "flagged": {"age": 1}}
+    assert "58 years" in outcome.remark
+    values = sr_values(dcmread(next(path for path in outcome.files if path.stem == adult["sr_uid"])))
+    assert "Patient age outside the model's population" in values["Outside intended use"]
+
+
+def test_every_image_refused_makes_the_round_outside_use(adult_and_child, tmp_path) -> None:
+    classifier = load_classifier()
+    outcome = analyse_study(make_message(adult_and_child[:1]), classifier, classifier.intended_use(),
+                            tmp_path / "outbox", device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    assert outcome.status == "outside_use" and outcome.finding == "NOT_ANALYSED" and outcome.top is None

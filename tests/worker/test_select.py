@@ -1,43 +1,28 @@
-"""Selection of frontal chest radiographs, with the reason for everything else."""
+"""Selection: our own objects are skipped; everything else gets the intended-use gate's header verdict."""
 
 import numpy as np
-import pytest
 
 from dicom_node.identity import MANUFACTURER
+from inference.classifier import load_classifier
+from inference.intended_use import GateReason
 from inference.sample_dicom import wrap_image
-from worker.select import not_analysed_reason
+from worker.select import OWN_OBJECT, select
 
 PIXELS = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
 
 
-@pytest.mark.parametrize(
-    ("options", "expected"),
-    [
-        ({}, None),
-        ({"view_position": "AP"}, None),
-        ({"view_position": ""}, None),
-        ({"body_part": ""}, None),
-        ({"body_part": "THORAX"}, None),
-        ({"sop_class": "DX"}, None),
-        ({"view_position": "LL"}, "lateral view (ViewPosition LL)"),
-        ({"view_position": "LATERAL"}, "lateral view (ViewPosition LATERAL)"),
-        ({"body_part": "KNEE"}, "body part KNEE is not the chest"),
-        ({"modality": "MR"}, "modality MR is not a radiograph (CR/DX)"),
-        ({"sop_class": "SC"}, None),  # SC with BodyPartExamined CHEST
-        ({"sop_class": "SC", "body_part": ""}, "secondary capture without chest radiograph hints"),
-    ],
-)
-def test_reasons(options: dict, expected: str | None) -> None:
-    assert not_analysed_reason(wrap_image(PIXELS, **options)) == expected
+def test_frontal_chest_radiographs_are_candidates() -> None:
+    selection = select(wrap_image(PIXELS), load_classifier().intended_use())
+    assert selection.skip_reason is None and selection.verdict is None
 
 
-def test_secondary_capture_with_chest_description_is_analysed() -> None:
-    dataset = wrap_image(PIXELS, sop_class="SC", body_part="")
-    dataset.StudyDescription = "XR CHEST 1 VIEW"
-    assert not_analysed_reason(dataset) is None
+def test_laterals_and_other_body_parts_get_the_gates_verdict() -> None:
+    gate = load_classifier().intended_use()
+    assert select(wrap_image(PIXELS, view_position="LL"), gate).verdict.reason is GateReason.VIEW
+    assert select(wrap_image(PIXELS, body_part="KNEE"), gate).verdict.reason is GateReason.BODY_PART
 
 
 def test_our_own_objects_are_never_analysed() -> None:
     dataset = wrap_image(PIXELS)
     dataset.Manufacturer = MANUFACTURER
-    assert not_analysed_reason(dataset) == "created by Lung Vision"
+    assert select(dataset, load_classifier().intended_use()).skip_reason == OWN_OBJECT

@@ -4,8 +4,11 @@ Content: one measurement group per source image (TID 1501) with the qualitative 
 "Pneumonia" (SNOMED CT 233604007) present/absent, the calibrated probability and the decision
 threshold as measurements, the algorithm (TID 4019: name, version, weights sha256 as a parameter)
 and references to the source image and its heatmap SC; an image that could not be analysed gets a
-group that says why. A first, study-level group carries the highest image probability. The
-observer is the Lung Vision device; the report is UNVERIFIED.
+group that says why. An image outside the model's intended use also names the gate's rule
+("Outside intended use": patient age, view, image check…) — in the "not analysed" group when the
+gate refused it, beside the finding when the site's policy only flags it. A first, study-level
+group carries the highest image probability. The operating point used (the shipped one, or a site
+profile) is an algorithm parameter. The observer is the Lung Vision device; the report is UNVERIFIED.
 """
 
 import hashlib
@@ -17,6 +20,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.identity import MANUFACTURER
+from inference.intended_use import GateReason, GateVerdict
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header
 from worker.uids import derived_uid
@@ -28,6 +32,14 @@ PNEUMONIA_PROBABILITY = Code("LV001", LOCAL_SCHEME, "Pneumonia probability (cali
 DECISION_THRESHOLD = Code("LV002", LOCAL_SCHEME, "Decision threshold")
 NOT_ANALYSED = Code("LV003", LOCAL_SCHEME, "Image not analysed")
 STUDY_LEVEL = Code("LV004", LOCAL_SCHEME, "Study-level finding (highest image probability)")
+OUTSIDE_INTENDED_USE = Code("LV005", LOCAL_SCHEME, "Outside intended use")
+GATE_RULES = {
+    GateReason.MODALITY: Code("LV011", LOCAL_SCHEME, "Not a radiograph (modality)"),
+    GateReason.BODY_PART: Code("LV012", LOCAL_SCHEME, "Not the chest (body part)"),
+    GateReason.VIEW: Code("LV013", LOCAL_SCHEME, "Not a frontal view"),
+    GateReason.AGE: Code("LV014", LOCAL_SCHEME, "Patient age outside the model's population"),
+    GateReason.IMAGE_CHECK: Code("LV015", LOCAL_SCHEME, "Image unlike the training radiographs"),
+}
 NO_UNITS = codes.UCUM.NoUnits
 SERIES_DESCRIPTION = "Lung Vision pneumonia findings (not for diagnostic use)"
 
@@ -41,6 +53,8 @@ class ImageFinding:
     positive: bool | None = None
     not_analysed_reason: str | None = None  # e.g. "lateral view (ViewPosition LL)"
     heatmap_sc: Dataset | None = None
+    gate: GateVerdict | None = None  # outside the intended use: refused (not analysed) or flagged (analysed)
+    logit: float | None = None  # raw network output (site calibration refits from it)
 
     @property
     def analysed(self) -> bool:
@@ -62,17 +76,20 @@ def _image_group(finding: ImageFinding, threshold: float, algorithm_id: hd.sr.Al
     if finding.heatmap_sc is not None:
         source_images.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(finding.heatmap_sc))
     tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"image {finding.source.SOPInstanceUID}"[:64])
+    gate = [] if finding.gate is None else [hd.sr.QualitativeEvaluation(OUTSIDE_INTENDED_USE,
+                                                                        GATE_RULES[finding.gate.reason])]
     if not finding.analysed:
         evaluation = hd.sr.QualitativeEvaluation(NOT_ANALYSED, _reason_code(finding.not_analysed_reason or "unknown"))
         return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, algorithm_id=algorithm_id, qualitative_evaluations=[evaluation],
+            tracking_identifier=tracking, algorithm_id=algorithm_id, qualitative_evaluations=[evaluation, *gate],
             source_images=source_images[:1])
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=PNEUMONIA,
         algorithm_id=algorithm_id,
         qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(PNEUMONIA, codes.SCT.Present if finding.positive else codes.SCT.Absent)
+            hd.sr.QualitativeEvaluation(PNEUMONIA, codes.SCT.Present if finding.positive else codes.SCT.Absent),
+            *gate,
         ],
         measurements=[
             hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id),
@@ -87,6 +104,7 @@ def build_findings_sr(
     *,
     study_finding: ImageFinding | None,
     threshold: float,
+    operating_point: str,
     algorithm: Algorithm,
     device_uid: str,
     series_instance_uid: str,
@@ -98,12 +116,14 @@ def build_findings_sr(
 
     ``study_finding`` is the study's analysed image with the highest probability (None when no
     image of the study could be analysed); it becomes the first, study-level group.
+    ``operating_point`` names where ``threshold`` comes from ("shipped" or "site profile <id>").
     """
     if not findings:
         raise ValueError("a findings SR needs at least one image")
     algorithm_id = hd.sr.AlgorithmIdentification(
-        name=algorithm.name, version=algorithm.version, parameters=[f"weights sha256 {algorithm.weights_sha256}"]
-    )
+        name=algorithm.name, version=algorithm.version,
+        parameters=[f"weights sha256 {algorithm.weights_sha256}",
+                    f"operating point {operating_point} (threshold {threshold:.4f})"])
     groups = [_image_group(finding, threshold, algorithm_id, _tracking_uid(finding, algorithm)) for finding in findings]
     if study_finding is not None:
         study_group = hd.sr.MeasurementsAndQualitativeEvaluations(

@@ -1,0 +1,91 @@
+"""Gated scoring — image files become model scores behind the intended-use gate, for the offline
+commands (``analyze``, ``evaluate``, ``calibrate``), the same way the worker decides: header rules
+(DICOM only: JPEG and PNG carry no header), then the image check from the same forward pass."""
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from inference.classifier import Classifier
+from inference.images import read_image
+from inference.intended_use import GateVerdict, IntendedUse
+from inference.preprocess import to_square_uint8
+
+
+@dataclass(frozen=True)
+class GatedScore:
+    """One readable image: its scores, and the gate's verdict (None = inside the intended use)."""
+
+    path: str
+    label: int | None
+    logit: float
+    probability: float
+    image_check_score: float | None
+    verdict: GateVerdict | None
+
+
+@dataclass
+class GatedScores:
+    """Every image of a run: accepted (scored), refused (outside the intended use) and unreadable."""
+
+    accepted: list[GatedScore] = field(default_factory=list)
+    refused: list[GatedScore] = field(default_factory=list)
+    unreadable: list[dict] = field(default_factory=list)  # {"path": …, "error": …}
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([score.label for score in self.accepted], dtype=int)
+
+    @property
+    def logits(self) -> np.ndarray:
+        return np.array([score.logit for score in self.accepted], dtype=float)
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return np.array([score.probability for score in self.accepted], dtype=float)
+
+    def refused_summary(self) -> dict:
+        """``{"n": …, "reasons": {rule: count}}`` of the refused images."""
+        return {"n": len(self.refused), "reasons": dict(Counter(s.verdict.reason.value for s in self.refused))}
+
+    @property
+    def coverage(self) -> float:
+        """The share of readable images the gate accepted."""
+        readable = len(self.accepted) + len(self.refused)
+        return len(self.accepted) / readable if readable else 0.0
+
+
+def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gate: IntendedUse,
+                batch_size: int = 32) -> GatedScores:
+    """Score ``(path, label)`` pairs (label None when unknown) through the gate."""
+    result = GatedScores()
+    pending: list[tuple[str, int | None, np.ndarray, GateVerdict | None]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        output = classifier.forward(np.stack([square for _, _, square, _ in pending]))
+        probabilities = classifier.calibrated(output.logits)
+        checks = classifier.image_check_scores(output.features)
+        for index, (path, label, _, header) in enumerate(pending):
+            check = None if checks is None else float(checks[index])
+            verdict = gate.verdict(header, check)
+            score = GatedScore(path, label, float(output.logits[index]), float(probabilities[index]), check, verdict)
+            (result.refused if gate.refuses(verdict) else result.accepted).append(score)
+        pending.clear()
+
+    for path, label in tqdm(files, desc="scoring", mininterval=5, disable=len(files) < 50):
+        try:
+            gray, dataset = read_image(Path(path))
+        except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: listed, not fatal
+            result.unreadable.append({"path": path, "error": str(error)})
+            continue
+        header = gate.header_verdict(dataset) if dataset is not None else None
+        pending.append((path, label, to_square_uint8(gray), header))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return result

@@ -1,0 +1,61 @@
+"""Image check — the classifier's own features become an out-of-distribution score, in the same pass.
+
+The spatial means of the ``layer3`` and ``layer4`` feature maps (256 + 512 values per image) are
+compared with the training images: one Gaussian per class with a shared covariance (Ledoit–Wolf
+shrinkage), fitted on the training side of the split. The score is the Mahalanobis distance to
+the nearest class mean: small for images like the training radiographs, large for other
+populations, other views, other species or no radiograph at all. The threshold is a high
+percentile of the *validation* side's scores (images the network never trained on), so only that
+share of in-distribution images is refused. Cost per image: one 768×768 quadratic form.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.covariance import LedoitWolf
+
+FEATURE_LAYERS = ("layer3", "layer4")
+IMAGE_CHECK_FILE = "image-check.safetensors"
+REFUSED_VALIDATION_SHARE = 0.01  # the threshold refuses this share of the validation images
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """Class means (C×D) and the shared precision matrix (D×D) of the training features."""
+
+    means: torch.Tensor
+    precision: torch.Tensor
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """N×D pooled features → N distances to the nearest class mean."""
+        differences = features.to(self.means.dtype)[:, None, :] - self.means[None]
+        squared = torch.einsum("ncd,de,nce->nc", differences, self.precision, differences)
+        return squared.min(dim=1).values.clamp_min(0).sqrt()
+
+    def save(self, path: Path) -> Path:
+        save_file({"means": self.means.contiguous(), "precision": self.precision.contiguous()}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "ImageCheck":
+        tensors = load_file(path)
+        return cls(tensors["means"], tensors["precision"])
+
+
+def fit_image_check(features: np.ndarray, labels: np.ndarray) -> ImageCheck:
+    """Fit the class means and the shrunk shared covariance on training features (N×D)."""
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels)
+    classes = sorted(set(labels.tolist()))
+    means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+    centred = features - means[np.searchsorted(classes, labels)]
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    return ImageCheck(torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(precision, dtype=torch.float32))
+
+
+def threshold_for(validation_scores: np.ndarray, refused_share: float = REFUSED_VALIDATION_SHARE) -> float:
+    """The score above which ``refused_share`` of the validation images lie."""
+    return float(np.quantile(np.asarray(validation_scores, dtype=np.float64), 1.0 - refused_share))

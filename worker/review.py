@@ -1,0 +1,60 @@
+"""Review — reviewers' verdicts in the store + the raw logits of the rounds they judged → a labelled set."""
+
+import enum
+from collections import Counter
+from dataclasses import dataclass
+
+from worker.record import Review, Store, StudyResult, Verdict
+
+
+class SkipReason(str, enum.Enum):
+    """Why a reviewed study round is left out of the labelled set."""
+
+    NO_RESULT = "no result stored"
+    OTHER_WEIGHTS = "made with other weights"
+    NO_SCORE = "no score stored"
+
+
+@dataclass(frozen=True)
+class ReviewedScores:
+    """Reference labels (1 = pneumonia) and model scores (raw logits) of reviewed study rounds, in the
+    same order, plus how many reviews were skipped, by reason."""
+
+    labels: list[int]
+    logits: list[float]
+    study_uids: list[str]
+    skipped: dict[str, int]
+
+
+def label(review: Review) -> int:
+    """1 when the reviewer confirmed a positive or contradicted a negative finding, else 0."""
+    return int((review.finding == "POSITIVE" and review.verdict == Verdict.AGREE)
+               or (review.finding == "NEGATIVE" and review.verdict == Verdict.DISAGREE))
+
+
+def study_logit(result: StudyResult) -> float | None:
+    """The highest raw logit among the round's images, or None when no image has one."""
+    logits = [float(image["logit"]) for image in result.images or [] if image.get("logit") is not None]
+    return max(logits) if logits else None
+
+
+def reviewed_scores(store: Store, weights_sha256: str) -> ReviewedScores:
+    """The labelled set of every reviewed round scored by the weights ``weights_sha256``."""
+    labels: list[int] = []
+    logits: list[float] = []
+    study_uids: list[str] = []
+    skipped: Counter[str] = Counter()
+    for review in store.reviews():
+        result = store.result(review.message_id)
+        logit = None if result is None else study_logit(result)
+        if result is None:
+            skipped[SkipReason.NO_RESULT.value] += 1
+        elif result.model_sha256 != weights_sha256:
+            skipped[SkipReason.OTHER_WEIGHTS.value] += 1
+        elif logit is None:
+            skipped[SkipReason.NO_SCORE.value] += 1
+        else:
+            labels.append(label(review))
+            logits.append(logit)
+            study_uids.append(review.study_instance_uid)
+    return ReviewedScores(labels, logits, study_uids, dict(skipped))
