@@ -33,20 +33,28 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
             typer.echo(f"error: cannot load the model: {error}", err=True)
             raise typer.Exit(2) from None
 
-    def labelled_source(data: Optional[Path], from_worklist: bool) -> None:
+    def labelled_cases(data: Optional[Path], from_worklist: bool) -> tuple:
+        """(classifier, labels, raw logits, source, facts) of the chosen labelled set; errors end the command."""
+        from inference.evaluate import folder_cases
+
         if (data is None) == (not from_worklist):
             typer.echo("error: give either --data DIR or --from-worklist", err=True)
             raise typer.Exit(2)
-        if data is not None:
-            require_dir(data, "data folder")
-
-    def reviewed(classifier) -> tuple[list[int], list[float], dict[str, int]]:
-        labels, logits, skipped = worklist_labels(get_settings(), classifier.card.weights_sha256)
-        if not labels:
-            typer.echo(f"error: no study reviewed in the worklist with these weights (skipped: {skipped or 'none'})",
-                       err=True)
-            raise typer.Exit(2)
-        return labels, logits, skipped
+        classifier, gate = model()
+        if from_worklist:
+            labels, logits, skipped = worklist_labels(get_settings(), classifier.card.weights_sha256)
+            if not labels:
+                typer.echo(f"error: no study reviewed in the worklist with these weights (skipped: {skipped or 'none'})",
+                           err=True)
+                raise typer.Exit(2)
+            return classifier, np.array(labels), np.array(logits), "worklist reviews", {"skipped_reviews": skipped}
+        require_dir(data, "data folder")
+        try:
+            labels, logits, facts = folder_cases(data, classifier, gate, get_settings().model.batch_size)
+        except (FileNotFoundError, ValueError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        return classifier, labels, logits, str(data), facts
 
     def require_dir(path: Path, what: str) -> None:
         if not path.is_dir():
@@ -93,21 +101,10 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
                                            help="use the studies radiologists marked agree/disagree in the worklist"),
     ) -> None:
         """Evaluate the model on labelled cases at its operating point (shipped or site profile)."""
-        from inference.evaluate import evaluate as run_evaluation
         from inference.evaluate import summary_table, write_evaluation
 
-        labelled_source(data, from_worklist)
-        classifier, gate = model()
-        try:
-            if from_worklist:
-                labels, logits, skipped = reviewed(classifier)
-                metrics = write_evaluation(out, "worklist reviews", np.array(labels), classifier.calibrated(
-                    np.array(logits)), classifier, skipped_reviews=skipped)
-            else:
-                metrics = run_evaluation(data, out, classifier, gate, batch_size=get_settings().model.batch_size)
-        except (FileNotFoundError, ValueError) as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(2) from None
+        classifier, labels, logits, source, facts = labelled_cases(data, from_worklist)
+        metrics = write_evaluation(out, source, labels, classifier.calibrated(logits), classifier, **facts)
         typer.echo(summary_table(metrics))
         typer.echo(f"written to {out}")
 
@@ -124,24 +121,17 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
                                            help="use the studies radiologists marked agree/disagree in the worklist"),
     ) -> None:
         """Fit this site's operating point so that the target sensitivity holds with confidence."""
-        from inference.dataset import list_labelled
-        from inference.gated import score_files
         from inference.site_calibration import calibrate_site, describe
 
-        labelled_source(data, from_worklist)
-        classifier, gate = model()
+        classifier, labels, logits, source, facts = labelled_cases(data, from_worklist)
         try:
-            if from_worklist:
-                labels, logits, skipped = reviewed(classifier)
-                refused, source = 0, f"worklist reviews (skipped: {skipped or 'none'})"
-            else:
-                scores = score_files(list_labelled(data), classifier, gate, get_settings().model.batch_size)
-                labels, logits, refused, source = scores.labels, scores.logits, len(scores.refused), str(data)
-            profile = calibrate_site(np.array(labels), np.array(logits), classifier,
-                                     target_sensitivity=target_sensitivity, confidence=confidence,
+            profile = calibrate_site(labels, logits, classifier, target_sensitivity=target_sensitivity,
+                                     confidence=confidence,
                                      profile_id=name or f"site-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
-                                     data=source, refused=refused)
-        except (FileNotFoundError, ValueError) as error:
+                                     data=f"{source} (skipped: {facts['skipped_reviews']})"
+                                     if facts.get("skipped_reviews") else source,
+                                     refused=facts.get("refused", {}).get("n", 0))
+        except ValueError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
         profile.save(out)

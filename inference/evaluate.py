@@ -68,15 +68,16 @@ def summary_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
-def evaluate(data_dir: Path, out_dir: Path, classifier: Classifier, gate: IntendedUse, batch_size: int = 32) -> dict:
-    """Score ``data_dir`` through the gate at the classifier's operating point; write metrics, plots
-    and report."""
+def folder_cases(data_dir: Path, classifier: Classifier, gate: IntendedUse,
+                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(labels, raw logits, facts for the report) of the images under ``data_dir`` the gate accepted;
+    the facts are the unreadable files (``skipped``), ``refused`` and ``flagged`` by rule, ``coverage``."""
     scores = score_files(list_labelled(data_dir), classifier, gate, batch_size)
     if not scores.accepted:
         raise ValueError(f"no image under {data_dir} was readable and inside the intended use "
                          f"({len(scores.refused)} refused, {len(scores.unreadable)} unreadable)")
-    return write_evaluation(out_dir, str(data_dir), scores.labels, scores.probabilities, classifier,
-                            skipped=scores.unreadable, refused=scores.refused_summary(), coverage=scores.coverage)
+    return scores.labels, scores.logits, {"skipped": scores.unreadable, "refused": scores.refused_summary(),
+                                          "coverage": scores.coverage, "flagged": scores.flagged_summary()}
 
 
 def write_evaluation(out_dir: Path, source: str, labels: np.ndarray, probabilities: np.ndarray,

@@ -39,10 +39,25 @@ THRESHOLD_RULE = (
     f"sensitivity ≥ {MIN_SENSITIVITY} on the stressed and on the clean validation split"
 )
 IMAGE_CHECK_RULE = (
-    f"Mahalanobis distance of the spatial means of {' and '.join(FEATURE_LAYERS)} to the nearest class of the "
+    f"Mahalanobis distance of the spatial means of {', '.join(FEATURE_LAYERS)} to the nearest class of the "
     f"training side (shared Ledoit–Wolf covariance); threshold = the {1 - REFUSED_VALIDATION_SHARE:.0%} quantile "
     "of the validation side's distances"
 )
+
+
+NEW_SITE_NOTE = (
+    "What a new site should expect: sensitivity near the clean split's (acquisition changes of the kind the stressed "
+    "split simulates raise pneumonia scores, so misses do not grow with them), and a specificity below both splits' — "
+    "both come from the training hospital, and other devices, positioning, processing and disease mix tend to move "
+    "normal images' scores up. How far cannot be measured from the training data: treat the figures above as upper "
+    "bounds for specificity, run in shadow mode and fit the site's own operating point on 100–300 local cases "
+    "(`lungvision calibrate`) before relying on the flag."
+)
+
+
+def _figure(figures: dict, name: str) -> str:
+    low, high = figures["ci95"][name]
+    return f"{figures[name]:.3f} (95 % CI {low:.3f}–{high:.3f})"
 
 
 @dataclass
@@ -117,6 +132,13 @@ def finalise(network: torch.nn.Module, images: SplitImages, input_size: int, run
         "validation": validation,
         "operating_point": {
             "rule": THRESHOLD_RULE,
+            "expectation": [
+                f"Clean validation split (n = {validation['n']}): sensitivity {_figure(validation, 'recall')}, "
+                f"specificity {_figure(validation, 'specificity')}.",
+                f"Stressed validation split (n = {expected['n']}): sensitivity {_figure(expected, 'recall')}, "
+                f"specificity {_figure(expected, 'specificity')}.",
+                NEW_SITE_NOTE,
+            ],
             "stressed_validation": {key: expected[key] for key in
                                     ("n", "recall", "specificity", "accuracy", "roc_auc", "ci95", "confusion")},
         },

@@ -49,13 +49,21 @@ class GatedScores:
 
     def refused_summary(self) -> dict:
         """``{"n": …, "reasons": {rule: count}}`` of the refused images."""
-        return {"n": len(self.refused), "reasons": dict(Counter(s.verdict.reason.value for s in self.refused))}
+        return _by_rule(self.refused)
+
+    def flagged_summary(self) -> dict:
+        """The same for accepted images outside the intended use (the ``flag`` policy)."""
+        return _by_rule([score for score in self.accepted if score.verdict is not None])
 
     @property
     def coverage(self) -> float:
         """The share of readable images the gate accepted."""
         readable = len(self.accepted) + len(self.refused)
         return len(self.accepted) / readable if readable else 0.0
+
+
+def _by_rule(scores: list[GatedScore]) -> dict:
+    return {"n": len(scores), "reasons": dict(Counter(score.verdict.reason.value for score in scores))}
 
 
 def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gate: IntendedUse,

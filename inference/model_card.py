@@ -110,13 +110,6 @@ def render_markdown(card: ModelCard) -> str:
     return "\n".join(lines)
 
 
-def _ci(figures: dict, name: str, label: str | None = None) -> str:
-    low_high = figures.get("ci95", {}).get(name)
-    value = figures.get(name)
-    text = "—" if value is None else f"{value:.3f}"
-    return f"{label or name} {text}" + (f" (95 % CI {low_high[0]:.3f}–{low_high[1]:.3f})" if low_high else "")
-
-
 def _gate_lines(card: ModelCard) -> list[str]:
     """The intended-use gate: population and image check (empty for cards without them)."""
     population, check = card.population, card.image_check
@@ -143,14 +136,11 @@ def _operating_point_lines(card: ModelCard) -> list[str]:
     point = card.operating_point
     if not point:
         return []
-    stressed = point.get("stressed_validation", {})
     return [
         "## Operating point",
         "",
-        f"- **Rule** (stated before any figure was seen): {point.get('rule')}.",
+        f"- **Rule** (its history is under \"What was tried and why\"): {point.get('rule')}.",
         f"- **Threshold** {card.threshold:.4f}, temperature {card.temperature:.4f}.",
-        f"- **On the stressed validation split** (n = {stressed.get('n')}, CIs resample whole images): "
-        f"{_ci(stressed, 'recall', 'sensitivity')}, {_ci(stressed, 'specificity')}, {_ci(stressed, 'roc_auc', 'AUC')}.",
         *[f"- {line}" for line in point.get("expectation", [])],
         "- A site that wants its own point fits one on 100–300 of its own labelled cases: "
         "`lungvision calibrate --data DIR --out site.json`, then `model.site_profile: site.json`.",

@@ -38,9 +38,20 @@ EXPERIMENTS = [
     "Class imbalance: balanced sampling (each batch draws NORMAL and PNEUMONIA equally often).",
     "Regularisation: label smoothing 0.05, AdamW weight decay 0.05, and an exponential moving average of the "
     "weights (decay 0.998) — the EMA weights are the ones shipped.",
-    "Threshold rule independent of prevalence: it depends only on the pneumonia cases' scores "
-    "(the highest threshold keeping validation sensitivity ≥ 0.98), so the lower pneumonia share of the "
-    "test split does not move it.",
+    "Operating point, version 1 (model 1.0.20261125): the highest threshold keeping clean validation sensitivity "
+    "≥ 0.98 (0.060). It sat in the far tail of the positives' scores, where a new site's normals also land, and "
+    "over-called there. Version 2 (this card) chooses the best Youden index on a stressed validation split (every "
+    "validation image under 4 seeded draws of the training augmentation) among thresholds keeping sensitivity ≥ "
+    "0.95 on both the stressed and the clean split. The rule was first stated with the floor on the stressed split "
+    "only; that gave threshold 0.466 with clean validation sensitivity 0.903 (augmentation raises pneumonia scores, "
+    "so the stressed split hid the misses), below the triage floor the rule meant to keep, so the floor was extended "
+    "to the clean split — decided on validation figures only, no test figure was seen.",
+    "Intended-use image check: Mahalanobis distance of the four residual stages' pooled features to the training "
+    "classes, threshold at the 99 % quantile of the validation split. Chosen in scripts/gate_design.py on the design "
+    "half of the adult training images (by patient group), refusing at 1.1 % of pediatric validation: layer3+4 "
+    "means 59.5 %, layer1–4 means 65.5 % (chosen), layer2–4 means 62.3 %, layer3+4 means and stds 58.9 %, "
+    "layer3 mean + layer4 2×2 grid 64.9 %, layer1–4 means and stds 63.8 %, per-layer scores combined 48.2–57.7 %, "
+    "nearest-neighbour distances 11.1–25.8 % of adults refused.",
     "What each choice bought is NOT measured: the CPU budget allowed one 20-epoch run, so nothing above was "
     "ablated. Observed for the shipped run: validation AUC 0.9955 (the reference run without the shift "
     "augmentations reached 0.999 on its own split — harder augmentation costs in-distribution fit, which "
@@ -49,8 +60,8 @@ EXPERIMENTS = [
     "threshold), so the model does not separate the two kinds; on the 16-image Kaggle val folder (too small "
     "to tune on, never used for choices) AUC 0.969, sensitivity 8/8, specificity 3/8 at the threshold.",
     "Balanced sampling makes the network's raw output assume 50 % prevalence; the validation split has 74 %, "
-    "so the shipped threshold is low (≈ 0.06) and the calibrated probability understates pneumonia on "
-    "populations like the training data (validation ECE 0.094); temperature scaling fixes spread, not bias.",
+    "so the calibrated probability understates pneumonia on populations like the training data (validation "
+    "ECE 0.094); temperature scaling fixes spread, not bias. A site profile can refit the temperature.",
 ]
 
 INTENDED_USE = (
@@ -71,8 +82,10 @@ LIMITATIONS = [
     "The validation split comes from the same distribution as training and overestimates performance: a "
     "reference run scored AUC 0.999 on such a split and 0.954 on the withheld test split.",
     "Calibration (temperature) and threshold were fitted on that validation split; probabilities on other "
-    "populations may be miscalibrated.",
-    "Frontal (PA/AP) views only; lateral views are not analysed by the worker.",
+    "populations may be miscalibrated, and a new site should expect a lower specificity (see Operating point).",
+    "Frontal (PA/AP) views only; lateral views, other body parts, other ages and images unlike the training "
+    "radiographs are refused by the intended-use gate. Its image check is not perfect: about a third of adult "
+    "films without an age in the header pass it (see Intended-use gate), so the header's patient age matters.",
     "Not a medical device; not cleared or approved for clinical use.",
 ]
 
@@ -144,7 +157,8 @@ def refit(data_dir: Path, run_dir: Path, weights_dir: Path = WEIGHTS_DIR, option
     finished = finalise(network, images, card.input_size, run_dir)
     if weights_dir.resolve() != run_dir.resolve():
         shutil.copyfile(weights_dir / card.weights_file, run_dir / card.weights_file)
-    card = replace(card, temperature=finished["temperature"], threshold=finished["threshold"],
+    major, minor, _ = card.version.split(".")
+    card = replace(card, version=f"{major}.{int(minor) + 1}.{date.today():%Y%m%d}", temperature=finished["temperature"], threshold=finished["threshold"],
                    threshold_rule=THRESHOLD_RULE, validation=finished["validation"], intended_use=INTENDED_USE,
                    population=population_of(options), image_check=finished["image_check"],
                    operating_point=finished["operating_point"], limitations=LIMITATIONS, experiments=EXPERIMENTS)

@@ -122,7 +122,9 @@ def test_calibrate_writes_a_site_profile_that_analyze_then_uses(tiny_labelled_fo
         assert line["threshold"] == pytest.approx(profile["threshold"])
 
     profile["weights_sha256"] = "f" * 64
-    profile_path.write_text(json.dumps(profile))
+    other = tmp_path / "other-weights.json"  # (a process loads its profile once: a new file, as a new start would)
+    other.write_text(json.dumps(profile))
+    monkeypatch.setenv("LUNGVISION_MODEL__SITE_PROFILE", str(other))
     result = CliRunner().invoke(app, ["analyze", str(jpeg)])
     assert result.exit_code == 2 and "made for weights sha256 ffff" in result.output
 
@@ -132,3 +134,46 @@ def test_calibrate_and_evaluate_need_one_source_of_labels(tmp_path) -> None:
     assert result.exit_code == 2 and "--data DIR or --from-worklist" in result.output
     result = CliRunner().invoke(app, ["evaluate", "--from-worklist", "--data", str(tmp_path), "--out", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def test_evaluate_and_calibrate_from_the_worklist_reviews(tmp_path, monkeypatch) -> None:
+    from datetime import datetime, timezone
+    from uuid import uuid4
+
+    from inference.classifier import load_classifier
+    from worker.record import Store, StudyResult, Verdict
+
+    sha = load_classifier().card.weights_sha256
+    store = Store(f"sqlite:///{tmp_path / 'lv.db'}")
+    rng = np.random.default_rng(4)
+    for index in range(160):  # 120 reviewed pneumonias and 40 normals, one study each
+        pneumonia = index < 120
+        logit = float(rng.normal(3.0 if pneumonia else -3.0, 1.0))
+        finding = "POSITIVE" if logit > 0 else "NEGATIVE"
+        result = StudyResult(message_id=uuid4().hex, study_instance_uid=f"2.25.{uuid4().int}", round=1,
+                             calling_ae="AE", modality="CR", accession_number=None, status="analysed",
+                             finding=finding, probability=None, threshold=0.5, model_version="m", model_sha256=sha,
+                             images=[{"sop_instance_uid": "1.2", "logit": logit}], timings_ms={},
+                             received_at=datetime.now(timezone.utc))
+        store.save_result(result)
+        agrees = (finding == "POSITIVE") == pneumonia
+        store.save_review(result, Verdict.AGREE if agrees else Verdict.DISAGREE, "operator")
+    monkeypatch.setenv("LUNGVISION_STORE__URL", f"sqlite:///{tmp_path / 'lv.db'}")
+
+    result = CliRunner().invoke(app, ["evaluate", "--from-worklist", "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 160 and metrics["confusion"]["tp"] + metrics["confusion"]["fn"] == 120
+    assert metrics["data_dir"] == "worklist reviews" and "recall" in metrics["ci95"]
+
+    result = CliRunner().invoke(app, ["calibrate", "--from-worklist", "--out", str(tmp_path / "site.json"),
+                                      "--target-sensitivity", "0.95"])
+    assert result.exit_code == 0, result.output
+    profile = json.loads((tmp_path / "site.json").read_text())
+    assert profile["n"] == {"positive": 120, "negative": 40, "refused": 0} and profile["target_met"] is True
+
+
+def test_from_worklist_without_reviews_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LUNGVISION_STORE__URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    result = CliRunner().invoke(app, ["calibrate", "--from-worklist", "--out", str(tmp_path / "site.json")])
+    assert result.exit_code == 2 and "no study reviewed" in result.output

@@ -109,3 +109,14 @@ def test_dead_letters_live_in_the_store_without_redis(tmp_path) -> None:
     assert [(found.id, found.job.destination) for found in letters.list()] == [(letter.id, "pacs")]
     assert letters.take(letter.id).error == "refused"
     assert letters.take(letter.id) is None and letters.list() == []
+
+
+def test_a_study_outside_the_intended_use_matches_not_analysed_and_its_own_rules() -> None:
+    settings = load_settings(destinations=DESTINATIONS, routing=[
+        {"result": "not_analysed", "destinations": ["pacs"]},
+        {"result": "outside_intended_use", "destinations": ["er"]},
+    ])
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NOT_ANALYSED",
+                               status="outside_use") == ["pacs", "er"]
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NOT_ANALYSED",
+                               status="not_analysed") == ["pacs"]

@@ -1,0 +1,64 @@
+"""The analysis task end to end (eager, embedded broker): shadow mode keeps results out of PACS and
+RIS; a study the intended-use gate refuses is recorded as outside the intended use and still gets
+its explicit results."""
+
+import json
+
+import pytest
+
+from config.settings import load_settings
+from lungvision import audit
+from tests.worker.test_pipeline import make_message
+from worker.record import OUTSIDE_USE
+
+
+@pytest.fixture
+def run_task(tmp_path):
+    """Run the analysis task on files with the given delivery settings; returns (result, settings)."""
+    from worker import celery_app, tasks
+
+    def run(paths, **delivery):
+        settings = load_settings(
+            store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
+            broker={"url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+                    "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}"},
+            worker={"outbox_dir": str(tmp_path / "outbox")}, audit={"path": str(tmp_path / "audit.jsonl")},
+            destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}],
+            hl7={"endpoints": [{"name": "ris", "host": "127.0.0.1", "port": 9}]}, delivery=delivery)
+        celery_app.configure(settings)
+        tasks.store.cache_clear()
+        message = make_message(paths)
+        answer = tasks.analyse_study_task.apply(args=[message.model_dump(mode="json")]).get()
+        return answer, tasks.store().result(message.message_id), settings
+
+    yield run
+    audit.configure(None)
+    from worker import tasks
+
+    tasks.store.cache_clear()
+
+
+def analysed_event(settings) -> dict:
+    events = [json.loads(line) for line in settings.audit.path.read_text().splitlines()]
+    return next(event for event in events if event["event"] == "analysed")
+
+
+def test_shadow_mode_sends_nothing_but_records_everything(study_files, run_task) -> None:
+    answer, result, settings = run_task([study_files["frontal"]], shadow_mode=True)
+    assert answer["destinations"] == []
+    assert result.status == "analysed" and result.finding in ("POSITIVE", "NEGATIVE")
+    assert result.images[0]["logit"] is not None and result.images[0]["operating_point"] == "shipped"
+    event = analysed_event(settings)
+    assert event["shadow_mode"] is True and event["destinations"] == []
+
+
+def test_without_shadow_mode_the_destination_is_chosen(study_files, run_task) -> None:
+    answer, _, _ = run_task([study_files["frontal"]], shadow_mode=False)
+    assert answer["destinations"] == ["files"]
+
+
+def test_a_refused_study_is_outside_use_and_audited_by_rule(study_files, run_task) -> None:
+    answer, result, settings = run_task([study_files["lateral"]], shadow_mode=True)
+    assert answer["finding"] == "NOT_ANALYSED"
+    assert result.status == OUTSIDE_USE and result.probability is None
+    assert analysed_event(settings)["outside_intended_use"] == {"refused": {"view": 1}, "flagged": {}}
