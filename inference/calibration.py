@@ -72,7 +72,7 @@ def balanced_threshold(probabilities: np.ndarray, labels: np.ndarray, min_sensit
     is ≥ the threshold)."""
     probabilities = np.asarray(probabilities, dtype=float)
     labels = np.asarray(labels)
-    candidates = np.unique(probabilities)
+    candidates = np.unique(np.append(probabilities[probabilities <= max_threshold], min(max_threshold, 1.0)))
     positives, negatives = probabilities[labels == 1], probabilities[labels == 0]
     if len(positives) == 0 or len(negatives) == 0:
         raise ValueError("a balanced threshold needs pneumonia and normal cases")

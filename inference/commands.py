@@ -85,12 +85,15 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
     def refit(
         data: Path = typer.Option(..., "--data", help="the Kaggle-layout folder the weights were trained on"),
         out: Path = typer.Option(..., "--out", help="run folder for the weights, image check and updated card"),
+        max_train_images: Optional[int] = typer.Option(None, hidden=True, help="smoke tests only"),
     ) -> None:
         """Finalise trained weights (model.weights_dir) again: temperature, operating point, image check."""
         from inference.publish import refit as run_refit
+        from inference.train import TrainOptions
 
         require_dir(data / "train", "training folder")
-        card_path = run_refit(data, out, get_settings().model.weights_dir or WEIGHTS_DIR)
+        card_path = run_refit(data, out, get_settings().model.weights_dir or WEIGHTS_DIR,
+                              TrainOptions(max_train_images=max_train_images))
         typer.echo(f"weights, image check and model card written to {card_path.parent}")
 
     @app.command()

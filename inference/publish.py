@@ -1,7 +1,7 @@
 """Publishing — a finished training run becomes its model card (JSON for code, Markdown for people).
 
-To ship a run, copy ``lungvision-resnet18.safetensors``, ``model_card.json`` and ``MODEL_CARD.md``
-from the run folder into ``inference/weights/``.
+To ship a run, copy ``lungvision-resnet18.safetensors``, ``image-check.safetensors``,
+``model_card.json`` and ``MODEL_CARD.md`` from the run folder into ``inference/weights/``.
 """
 
 import platform

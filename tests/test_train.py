@@ -24,6 +24,9 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     assert sides == {"train", "val"}
     card = json.loads((run / "model_card.json").read_text())
     assert card["input_size"] == 64 and 0 < card["threshold"] <= 1
+    assert card["image_check"]["file"] == "image-check.safetensors" and (run / "image-check.safetensors").exists()
+    assert card["image_check"]["threshold"] > 0 and "stressed" in card["operating_point"]["rule"]
+    assert card["population"]["min_age_years"] == 1.0
 
     classifier = Classifier(run)
     assert classifier.card.weights_sha256 == card["weights_sha256"]
@@ -39,3 +42,16 @@ def test_train_rejects_a_folder_without_train(tmp_path) -> None:
     result = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "training folder" in result.output
+
+
+def test_refit_finalises_existing_weights_again(tmp_path, monkeypatch) -> None:
+    from inference.model_card import WEIGHTS_DIR, ModelCard
+
+    data = require(CHEST_XRAY)
+    result = CliRunner().invoke(app, ["refit", "--data", str(data), "--out", str(tmp_path / "refit"),
+                                      "--max-train-images", "24"])
+    assert result.exit_code == 0, result.output
+    shipped, refitted = ModelCard.load(WEIGHTS_DIR), ModelCard.load(tmp_path / "refit")
+    assert refitted.weights_sha256 == shipped.weights_sha256  # the same network, finalised again
+    assert refitted.version.split(".")[1] == str(int(shipped.version.split(".")[1]) + 1)
+    assert Classifier(tmp_path / "refit").image_check is not None

@@ -19,11 +19,12 @@ import hmac
 import logging
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
@@ -106,6 +107,24 @@ class ReviewAnswer(BaseModel):
     verdict: Verdict
 
 
+class ErrorMessage(BaseModel):
+    """Every error answer of the API, including request validation (422)."""
+
+    detail: str
+
+
+class ReplayAnswer(BaseModel):
+    replayed: str  # the dead letter's id
+
+
+def errors(**descriptions: str) -> dict:
+    """OpenAPI ``responses`` for error statuses given as ``e401="…"``: each answers an ErrorMessage."""
+    return {int(code[1:]): {"model": ErrorMessage, "description": text} for code, text in descriptions.items()}
+
+
+UNAUTHENTICATED = "no Bearer token (or basic-auth sign-in), or a wrong one"
+
+
 class DeadLetterEntry(BaseModel):
     id: str
     message_id: str
@@ -136,6 +155,12 @@ def create_app(settings: Settings) -> FastAPI:
     registry = registry_for(settings, worklist.audit, lambda: len(dead_letters().list()))
     app = FastAPI(title="Lung Vision worklist", version="0.1.0",
                   description="Prioritised chest X-ray pneumonia triage results. NOT FOR DIAGNOSTIC USE.")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+        """A 422 answer like every other error: one ``detail`` sentence naming the bad fields."""
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors())
+        return JSONResponse(status_code=422, content={"detail": problems})
 
     def credentials(request: Request) -> str | None:
         """"bearer" or "basic" when the request carries the configured secret, else None."""
@@ -240,14 +265,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     # ---- JSON API -----------------------------------------------------------------------------
 
-    @app.get("/api/studies", response_model=list[StudySummary], tags=["api"])
-    def api_studies(auth: Auth, status: str | None = Query(None, description=" | ".join(STATUSES)),
-                    finding: str | None = Query(None, description=" | ".join(FINDINGS))) -> list[StudySummary]:
+    def signed_in(auth: str | None) -> None:
+        if auth is None:
+            raise HTTPException(401, "sign in (web.auth_token) to see dead letters",
+                                headers={"WWW-Authenticate": 'Basic realm="Lung Vision"'})
+
+    @app.get("/api/studies", response_model=list[StudySummary], tags=["api"],
+             responses=errors(e422="an unknown status or finding filter"))
+    def api_studies(auth: Auth, status: Literal[STATUSES] | None = Query(None),
+                    finding: Literal[FINDINGS] | None = Query(None)) -> list[StudySummary]:
         """The worklist in priority order: positives first, then higher probability, then arrival."""
-        status, finding = checked_filters(status, finding)
         return [summary(row, auth is not None) for row in worklist.rows(status=status, finding=finding)]
 
-    @app.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["api"])
+    @app.get("/api/studies/{study_uid}", response_model=StudyDetail, tags=["api"], responses=errors(e404="no such study"))
     def api_study(study_uid: str, auth: Auth) -> StudyDetail:
         """One study: per-image results, SR summary, deliveries and its audit events."""
         row = worklist.row(study_uid)
@@ -255,22 +285,26 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(404, "no such study")
         return detail(row, auth is not None)
 
-    @app.get("/api/dead-letters", response_model=list[DeadLetterEntry], tags=["api"])
-    def api_dead_letters() -> list[DeadLetterEntry]:
-        """Deliveries that ran out of attempts, oldest first."""
+    @app.get("/api/dead-letters", response_model=list[DeadLetterEntry], tags=["api"],
+             responses=errors(e401=UNAUTHENTICATED))
+    def api_dead_letters(auth: Auth) -> list[DeadLetterEntry]:
+        """Deliveries that ran out of attempts, oldest first (authentication required: the errors name
+        destinations)."""
+        signed_in(auth)
         return letters()
 
-    @app.post("/api/dead-letters/{letter_id}/replay", tags=["api"])
-    def api_replay(letter_id: str, auth: Auth) -> dict:
+    @app.post("/api/dead-letters/{letter_id}/replay", response_model=ReplayAnswer, tags=["api"],
+              responses=errors(e401="no Bearer token, or a wrong one", e404="no such dead letter"))
+    def api_replay(letter_id: str, auth: Auth) -> ReplayAnswer:
         """Replay one dead letter (Bearer token required)."""
         if auth != "bearer":
             raise HTTPException(401, "a Bearer token is required", headers={"WWW-Authenticate": "Bearer"})
-        return {"replayed": replay(letter_id)}
+        return ReplayAnswer(replayed=replay(letter_id))
 
-    @app.post("/api/studies/{study_uid}/review", response_model=ReviewAnswer, tags=["api"], responses={
-        401: {"description": "no Bearer token, or a wrong one"},
-        404: {"description": "no such study"},
-        409: {"description": "the study's latest round has no analysed finding (POSITIVE or NEGATIVE)"}})
+    @app.post("/api/studies/{study_uid}/review", response_model=ReviewAnswer, tags=["api"], responses=errors(
+        e401="no Bearer token, or a wrong one", e404="no such study",
+        e409="the study's latest round has no analysed finding (POSITIVE or NEGATIVE)",
+        e422="the body is not {\"verdict\": \"agree\" | \"disagree\"}"))
     def api_review(study_uid: str, body: ReviewRequest, auth: Auth) -> ReviewAnswer:
         """Agree or disagree with the finding of the study's latest round (Bearer token required); a later
         verdict on the same round replaces the earlier one."""
@@ -322,6 +356,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/dead-letters", response_class=HTMLResponse, include_in_schema=False)
     def dead_letters_page(request: Request, auth: Auth, replayed: str | None = None):
+        signed_in(auth)
         return page(request, "dead_letters.html", auth, letters=letters(), csrf_token=csrf_token if auth else None,
                     replayed=replayed)
 

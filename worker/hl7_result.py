@@ -4,7 +4,7 @@ The message carries the finding (OBX 1, SNOMED CT 233604007 "Pneumonia": Present
 calibrated probability (OBX 2, with the threshold as reference range), both with abnormal flag
 ``A`` for positives and ``N`` for negatives, the model identity and the Study Instance UID.
 
-Patient identity (PID-3, and PID-5 only when ``hl7.include_patient_name``) is read from the
+Patient identity (PID-3, and PID-5 only when ``hl7.include_patient_name``, else a pseudo-name) is read from the
 header of one of the study's result files in the outbox at send time — the outcome store holds
 none — and is never logged or audited. Messages are built and parsed with python-hl7; MLLP
 framing is the standard ``<VT> message <FS><CR>``.
@@ -21,6 +21,13 @@ from pydicom import dcmread
 from config.settings import Hl7Endpoint, Hl7Settings
 
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
+# PID-5 is required in v2.5. When the name is withheld (or the image has none) it carries this
+# pseudo-name, name type S ("coded pseudo-name to assure anonymity", HL7 table 0200) — not the HL7
+# null "" , which tells a receiver to *delete* the name it holds for the patient.
+WITHHELD_NAME = ("WITHHELD", "", "", "", "", "", "S")
+# PID-3 is required too; an image without Patient ID gets this identifier, type U ("unspecified
+# identifier", table 0203), so the result still reaches the RIS, which matches it by accession number.
+UNKNOWN_PATIENT_ID = ("UNKNOWN", "", "", "", "U")
 PNEUMONIA = ("233604007", "Pneumonia", "SCT")
 PRESENT = ("52101004", "Present", "SCT")
 ABSENT = ("2667000", "Absent", "SCT")
@@ -101,8 +108,8 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
     analysed = job.probability is not None
     flag = ("A" if positive else "N") if analysed else ""
     observed = _hl7_time(datetime.fromisoformat(job.analysed_at))
-    name = ""
-    if settings.include_patient_name and patient.name:
+    name = field(*WITHHELD_NAME)
+    if settings.include_patient_name and patient.name.strip("^ "):
         family, given, middle, prefix, suffix = (patient.name.split("^") + [""] * 5)[:5]  # DICOM PN order
         name = field(family, given, middle, suffix, prefix)  # HL7 XPN order
     accession = escape(patient.accession_number or job.accession_number or "")
@@ -127,8 +134,8 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
         "|".join(["MSH", "^~\\&", escape(settings.sending_application), escape(settings.sending_facility),
                   escape(endpoint.receiving_application), escape(endpoint.receiving_facility), _hl7_time(now), "",
                   "ORU^R01^ORU_R01", escape(control_id), "P", "2.5", "", "", "AL", "NE", "", "UNICODE UTF-8"]),
-        "|".join(["PID", "1", "", field(patient.patient_id, "", "", patient.issuer, "PI") if patient.patient_id else "",
-                  "", name]),
+        "|".join(["PID", "1", "", field(patient.patient_id, "", "", patient.issuer, "PI") if patient.patient_id
+                  else field(*UNKNOWN_PATIENT_ID), "", name]),
         "|".join(["OBR", "1", accession, accession, field("LV-PNEU", "Chest X-ray pneumonia triage (AI)", "L"), "", "",
                   observed, *[""] * 14, observed, "", "", "F"]),
         *["|".join(["OBX", str(number), kind, code, "1", *rest])

@@ -8,7 +8,7 @@ import pytest
 from config.settings import Hl7Endpoint
 from lungvision import audit
 from tests.web.conftest import free_port
-from worker.hl7_result import Hl7Job
+from worker.hl7_result import Hl7Job, PatientHeader, build_oru
 from tests.web.mllp_listener import MllpListener
 
 
@@ -34,6 +34,14 @@ def hl7_worker(site, monkeypatch):
     audit.configure(None)
 
 
+def assert_strict_v25(message) -> None:
+    """The message passes hl7apy's strict HL7 v2.5 validation (required fields, data types, structure)."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    parse_message(str(message), validation_level=VALIDATION_LEVEL.STRICT, find_groups=True).validate()
+
+
 def job_for(site, accession: str) -> dict:
     """The HL7 task's argument for a seeded study, as the analysis task builds it."""
     [row] = site.store.study_results(site.studies[accession].study_uid)
@@ -50,10 +58,11 @@ def test_positive_study_gives_an_oru_with_abnormal_flag_and_patient_id(site, hl7
         outcome = tasks.send_hl7_task.apply(args=[job]).get()
     assert outcome == "delivered"
     (message,) = listener.messages
+    assert_strict_v25(message)
     assert str(message.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(message.segment("MSH")[12]) == "2.5"
     pid = message.segment("PID")
     assert str(pid[3][0][0]) == site.studies["ACC-POS-HIGH"].patient_id
-    assert str(pid[5]) == ""  # no patient name unless the site asks for it
+    assert str(pid[5]) == "WITHHELD^^^^^^S"  # no patient name unless the site asks for it: a pseudo-name
     assert str(message.segment("OBR")[3]) == "ACC-POS-HIGH" and str(message.segment("OBR")[25]) == "F"
     finding, probability = message.segments("OBX")[:2]
     assert str(finding[3][0][0]) == "233604007" and str(finding[5][0][1]) == "Present" and str(finding[8]) == "A"
@@ -72,6 +81,7 @@ def test_negative_study_has_normal_flag_and_optional_patient_name(site, hl7_work
         tasks = hl7_worker(listener.port, include_name=True)
         tasks.send_hl7_task.apply(args=[job_for(site, "ACC-NEG")]).get()
     (message,) = listener.messages
+    assert_strict_v25(message)
     finding, probability = message.segments("OBX")[:2]
     assert str(finding[5][0][1]) == "Absent" and str(finding[8]) == "N" and str(probability[8]) == "N"
     assert str(message.segment("PID")[5]) == site.studies["ACC-NEG"].patient_name  # Doe^Patient0
@@ -97,6 +107,7 @@ def test_a_study_outside_the_intended_use_gets_an_explicit_not_analysed_result(s
         tasks = hl7_worker(listener.port)
         assert tasks.send_hl7_task.apply(args=[job]).get() == "delivered"
     (message,) = listener.messages
+    assert_strict_v25(message)
     finding, operating_point = message.segments("OBX")[:2]
     assert str(finding[3][0][0]) == "233604007" and str(finding[5]) == "" and str(finding[11]) == "X"
     assert str(finding[8]) == ""  # no abnormal flag without a finding
@@ -104,3 +115,25 @@ def test_a_study_outside_the_intended_use_gets_an_explicit_not_analysed_result(s
     assert str(operating_point[5]).startswith("site profile ward-7")
     notes = [str(note[3]) for note in message.segments("NTE")]
     assert notes[1] == "Not analysed: patient age 58 years, model's population 1 to <6 years"
+
+
+@pytest.mark.parametrize("finding", ["POSITIVE", "NEGATIVE", "NOT_ANALYSED"])
+@pytest.mark.parametrize("patient", [PatientHeader("PID-1", "HOSP", "Doe^Jane^Q^Dr^III", "ACC-9"),
+                                     PatientHeader("", "", "", ""),  # Type 2 attributes left empty in the image
+                                     PatientHeader("A|B^C&D~E\\F", "", "MARKERNAME", "ACC|1")])  # separators, one-part name
+@pytest.mark.parametrize("include_name", [False, True])
+def test_every_oru_passes_strict_v25_validation(finding, patient, include_name) -> None:
+    from config.settings import Hl7Settings
+
+    analysed = finding != "NOT_ANALYSED"
+    job = Hl7Job("m-1", "ris", "1.2.826.0.1.3680043.10.1514.1", finding, 0.42 if analysed else None, 0.1956,
+                 "lungvision-resnet18 1.1", "ab" * 32, "2026-11-30T10:00:00+00:00", "ACC-9", ["1.2.3"],
+                 "site profile ward-7", None if analysed else "patient age 58 years")
+    message = build_oru(job, patient, Hl7Settings(include_patient_name=include_name),
+                        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575), control_id="c0ffee")
+    assert_strict_v25(message)
+    pid = message.segment("PID")
+    if not patient.patient_id:
+        assert str(pid[3]) == "UNKNOWN^^^^U"
+    if not include_name or not patient.name:
+        assert str(pid[5]) == "WITHHELD^^^^^^S"

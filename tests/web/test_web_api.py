@@ -88,8 +88,9 @@ def test_replay_needs_authentication_and_a_csrf_token(client, site) -> None:
     study = site.studies["ACC-FAILED"]
     message_id = client.get(f"/api/studies/{study.study_uid}").json()["message_id"]
     letter = StoreDeadLetters(site.store).add(DeliveryJob(message_id, study.study_uid, "pacs", []), "rejected", 5)
-    page = client.get("/dead-letters").text
-    assert letter.id in page and "Replay</button>" not in page  # listed, but no replay without signing in
+    assert client.get("/dead-letters").status_code == 401  # the list names destinations: sign in first
+    assert client.get("/api/dead-letters").status_code == 401
+    assert letter.id in [entry["id"] for entry in client.get("/api/dead-letters", headers=BEARER).json()]
     url = f"/dead-letters/{letter.id}/replay"
     assert client.post(url, data={"csrf": "x"}, follow_redirects=False).status_code == 401
     assert client.post(url, data={"csrf": "x"}, headers=BASIC, follow_redirects=False).status_code == 403
@@ -99,7 +100,7 @@ def test_replay_needs_authentication_and_a_csrf_token(client, site) -> None:
     assert client.post(url, data={"csrf": csrf}, headers=cross_site, follow_redirects=False).status_code == 403
     answer = client.post(url, data={"csrf": csrf}, headers=BASIC, follow_redirects=False)
     assert answer.status_code == 303
-    assert letter.id not in [l["id"] for l in client.get("/api/dead-letters").json()]
+    assert letter.id not in [entry["id"] for entry in client.get("/api/dead-letters", headers=BEARER).json()]
     assert client.get(f"/api/studies/{study.study_uid}").json()["deliveries"][0]["status"] == "pending"
     events = [json.loads(line) for line in site.settings.audit.path.read_text().splitlines()]
     assert any(e["event"] == "replayed" and e["dead_letter"] == letter.id and e["destination"] == "pacs"
@@ -275,3 +276,12 @@ def test_shadow_mode_shows_a_banner_and_is_reported_by_healthz(client, site) -> 
     shadow = TestClient(create_app(site.settings.model_copy(update={"delivery": delivery})))
     assert banner in shadow.get("/").text
     assert shadow.get("/healthz").json() == {"ok": True, "shadow_mode": True}
+
+
+def test_every_error_answer_is_one_detail_sentence(client) -> None:
+    bad_filter = client.get("/api/studies", params={"status": "nonsense"})
+    bad_body = client.post("/api/studies/1.2.3/review", json={"verdict": "maybe"}, headers=BEARER)
+    for answer in (bad_filter, bad_body):
+        assert answer.status_code == 422 and isinstance(answer.json()["detail"], str)
+    assert "verdict" in bad_body.json()["detail"]
+    assert client.get("/api/studies/1.2.3").json() == {"detail": "no such study"}
