@@ -45,8 +45,6 @@ EXTRA_DESCRIPTIONS = {
     "broker.result_backend": "Celery result backend; the default SQLite file needs no server; production: the "
     "Redis URL of broker.url",
     "worker.time_limit_s": "an analysis still running after this long is killed and its worker process replaced",
-    "worker.dead_letter_key": "Redis hash of deliveries that ran out of attempts (with a redis:// broker; "
-    "otherwise they are kept in the outcome store)",
     "log_level": "log level of node and worker: DEBUG, INFO, WARNING, ERROR",
     "delivery.connection_timeout_s": "seconds to wait for the TCP connection to a DICOM destination",
     "node.allowed_calling_aes[].ae_title": "calling AE title allowed to associate (compared without padding spaces)",
@@ -139,8 +137,9 @@ destinations:
     port: 4242
 ```
 
-With a `redis://` (or `rediss://`) broker, dead letters are kept in the Redis hash
-`worker.dead_letter_key` and `worker.visibility_timeout_s` is passed to the Redis transport.
+Dead letters are kept in the outcome store (`store.url`) whatever the broker. With a `redis://` (or
+`rediss://`) broker, `worker.visibility_timeout_s` and `worker.unacked_restore_interval_s` are passed
+to the Redis transport.
 """
 
 

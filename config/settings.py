@@ -102,9 +102,17 @@ class WorkerSettings(Section):
     time_limit_s: float = Field(default=360.0, gt=0)  # analyse task process is killed and replaced
     visibility_timeout_s: float = Field(default=3600.0, gt=0)  # unacknowledged tasks return to the queue after this;
     # must exceed delivery.retry_max_delay_s and time_limit_s, or a waiting retry would run twice
+    unacked_restore_interval_s: float = Field(default=10.0, ge=1)  # Redis: how often a worker returns tasks past
+    # visibility_timeout_s to the queue (kombu's unacked_restore_interval; its throttle is set to 1)
+    requeue_after_s: float = Field(default=600.0, gt=0)  # a queued round without outcome this long is sent again
+    reconcile_interval_s: float = Field(default=30.0, gt=0)  # the sweeper compares spool and store this often
+    max_analysis_attempts: int = Field(default=3, ge=1)  # analysis starts (worker died each time) before "failed"
     outbox_dir: Path = Path("./var/outbox")  # result objects written here before they are sent
     sc_max_long_side: int = Field(default=1024, ge=64)  # heatmap Secondary Capture size limit in pixels
-    dead_letter_key: str = "lungvision:dead_letters"  # Redis hash of deliveries that ran out of attempts
+    dead_letter_key: str = Field(
+        default="lungvision:dead_letters",
+        description="Redis hash where versions before the reconciliation kept dead letters; a worker start moves "
+                    "any it finds into the outcome store, where every dead letter is kept now")
 
 
 class DestinationTlsSettings(Section):

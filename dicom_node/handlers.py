@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
 from pynetdicom.events import Event
@@ -18,6 +19,7 @@ from dicom_node.intake import Intake, Outcome, Received, StoreStatus
 from dicom_node.logs import log_event
 
 LOG = logging.getLogger("dicom_node.scp")
+ERROR_COMMENT_MAX = 64  # Error Comment is LO
 
 
 def handle_requested(event: Event, admission: Admission, journal: "AssociationJournal") -> None:
@@ -33,8 +35,8 @@ def handle_requested(event: Event, admission: Admission, journal: "AssociationJo
         event.assoc.kill()  # as pynetdicom's own rejections do: lets the A-ASSOCIATE-RJ leave before the socket closes
 
 
-def handle_store(event: Event, intake: Intake, journal: "AssociationJournal") -> int:
-    """C-STORE-RQ: hand the payload (already on disk) to the intake; answer its status."""
+def handle_store(event: Event, intake: Intake, journal: "AssociationJournal") -> Dataset:
+    """C-STORE-RQ: hand the payload (already on disk) to the intake; answer its status (and why, on failure)."""
     started = time.perf_counter()
     request = event.request
     received = Received(
@@ -46,7 +48,18 @@ def handle_store(event: Event, intake: Intake, journal: "AssociationJournal") ->
     )
     outcome = intake.receive(received)
     journal.instance(event, received, outcome, milliseconds=(time.perf_counter() - started) * 1000)
-    return int(outcome.status)
+    return store_response(outcome)
+
+
+def store_response(outcome: Outcome) -> Dataset:
+    """The C-STORE-RSP status; a failure also carries Error Comment (0000,0902): outcome and detail, ≤ 64 characters."""
+    response = Dataset()
+    response.Status = int(outcome.status)
+    if outcome.status != StoreStatus.SUCCESS:
+        comment = f"{outcome.disposition.value}: {outcome.detail}" if outcome.detail else outcome.disposition.value
+        text = " ".join(comment.replace("\\", "/").split())  # LO: no backslash, no control characters
+        response.ErrorComment = text[:ERROR_COMMENT_MAX]
+    return response
 
 
 def handle_echo(event: Event, journal: "AssociationJournal") -> int:

@@ -7,11 +7,12 @@ MANUFACTURER = "Lung Vision"
 
 
 def is_lung_vision_object(
-    *, sop_instance_uid: str, series_instance_uid: str, manufacturer: str | None
+    *, sop_instance_uid: str, series_instance_uid: str, manufacturer: object
 ) -> bool:
-    """True when the object was created by Lung Vision: our UID root on the instance or series, or our Manufacturer."""
+    """True when the object was created by Lung Vision: our UID root on the instance or series, or our
+    Manufacturer (whatever a source put there: None, text, or several values)."""
     return (
         sop_instance_uid.startswith(UID_ROOT)
         or series_instance_uid.startswith(UID_ROOT)
-        or (manufacturer or "").strip() == MANUFACTURER
+        or str(manufacturer or "").strip() == MANUFACTURER
     )

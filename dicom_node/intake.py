@@ -35,6 +35,7 @@ class Disposition(StrEnum):
     WRITE_FAILED = "write-failed"
     UNREADABLE = "unreadable"
     NO_PIXEL_DATA = "no-pixel-data"
+    INCOMPLETE_PIXEL_DATA = "incomplete-pixel-data"  # fewer pixel bytes than promised, or an unterminated stream
     INVALID_UID = "invalid-uid"
     SOP_CLASS_MISMATCH = "sop-class-mismatch"
     SOP_INSTANCE_MISMATCH = "sop-instance-mismatch"
@@ -49,6 +50,7 @@ _STATUS = {
     Disposition.WRITE_FAILED: StoreStatus.OUT_OF_RESOURCES,
     Disposition.UNREADABLE: StoreStatus.CANNOT_UNDERSTAND,
     Disposition.NO_PIXEL_DATA: StoreStatus.CANNOT_UNDERSTAND,
+    Disposition.INCOMPLETE_PIXEL_DATA: StoreStatus.CANNOT_UNDERSTAND,
     Disposition.INVALID_UID: StoreStatus.CANNOT_UNDERSTAND_UID,
     Disposition.SOP_CLASS_MISMATCH: StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS,
     Disposition.SOP_INSTANCE_MISMATCH: StoreStatus.CANNOT_UNDERSTAND,
@@ -121,6 +123,8 @@ class Intake:
             return Outcome(Disposition.SOP_INSTANCE_MISMATCH, study_uid, f"dataset says {sop_uid}")
         if not header.has_pixel_data:
             return Outcome(Disposition.NO_PIXEL_DATA, study_uid, "no Pixel Data element")
+        if header.pixel_data_problem is not None:  # verified before success: a PACS never resends what we acknowledged
+            return Outcome(Disposition.INCOMPLETE_PIXEL_DATA, study_uid, header.pixel_data_problem)
 
         own = is_lung_vision_object(
             sop_instance_uid=sop_uid, series_instance_uid=series_uid, manufacturer=header.manufacturer

@@ -1,12 +1,15 @@
 """Observability: node events with fields → one JSON object per log line on stderr.
 
 Callers pass UIDs, AE titles, statuses and timings only — never patient names, ids or birth dates.
+Library warnings and exceptions, which may quote header values, pass ``lungvision.logfilter`` first.
 """
 
 import json
 import logging
 import sys
 from datetime import datetime, timezone
+
+from lungvision import logfilter
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -22,11 +25,14 @@ class JsonLineFormatter(logging.Formatter):
         payload.update(getattr(record, "fields", {}))
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # logfilter keeps the (redacted) traceback here
+            payload["exception"] = record.exc_text
         return json.dumps(payload, default=str)
 
 
 def configure_logging(level: str) -> None:
-    """JSON lines on stderr, Python warnings included; pynetdicom's chatter only from WARNING up."""
+    """JSON lines on stderr, Python warnings included; pynetdicom's chatter only from WARNING up.
+    Every record is scrubbed of quoted values first (``lungvision.logfilter``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLineFormatter())
     root = logging.getLogger()
@@ -35,6 +41,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.captureWarnings(True)  # pydicom's parse warnings become JSON lines too ("py.warnings")
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # it logs each warning a second time
+    logfilter.install()
 
 
 def log_event(logger: logging.Logger, event: str, level: int = logging.INFO, **fields: object) -> None:

@@ -77,6 +77,23 @@ class SealedRound:
 
 
 @dataclass(frozen=True)
+class QueuedRound:
+    """A round whose message the broker took: its ``queued.json`` exists (read by the worker's sweeper)."""
+
+    sealed: SealedRound
+    queued_at: float  # POSIX seconds: when queued.json was written
+    marker: bytes  # queued.json as the dispatcher wrote it: {"task_id": …, "queued_at": …}
+
+    @property
+    def message_id(self) -> str:
+        """The task id the broker took (the message's ``message_id``); ValueError if queued.json is unreadable."""
+        try:
+            return str(json.loads(self.marker)["task_id"])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"no task_id in {self.sealed.queued_path}") from error
+
+
+@dataclass(frozen=True)
 class Recovered:
     """What a restart found: studies still collecting instances, and rounds sealed but never queued."""
 
@@ -189,6 +206,23 @@ class Spool:
     def mark_queued(self, sealed: SealedRound, payload: bytes) -> None:
         """Record that the round's message reached the broker."""
         _write_atomically(sealed.queued_path, payload)
+
+    def queued_rounds(self) -> Iterator[QueuedRound]:
+        """Every round marked queued, study by study (a read-only scan; no lock, so a round that retention
+        deletes meanwhile is simply not listed)."""
+        for study_uid, study_dir in self._study_dirs():
+            try:
+                round_dirs = _round_dirs(study_dir)
+            except FileNotFoundError:  # the study was deleted by retention meanwhile
+                continue
+            for round_dir in round_dirs:
+                sealed = SealedRound(study_uid, int(round_dir.name), round_dir)
+                try:
+                    queued_at = sealed.queued_path.stat().st_mtime
+                    marker = sealed.queued_path.read_bytes()
+                except FileNotFoundError:  # not queued yet, or deleted by retention meanwhile
+                    continue
+                yield QueuedRound(sealed, queued_at, marker)
 
     # --- restart and retention -----------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 Events: ``received`` (node, one per stored instance), ``analysing`` / ``analysed`` (worker),
 ``delivered`` / ``failed`` (DICOM and HL7 deliveries; ``final`` tells a dead-lettered or given-up
 job from a failure that will be retried), ``replayed`` (an operator replayed a dead letter) and
-``reviewed`` (a radiologist marked a finding agree / disagree in the worklist).
+``reviewed`` (a radiologist marked a finding agree / disagree in the worklist) and ``requeued``
+(the worker's sweeper sent a silent study round or delivery again).
 Fields are UIDs, AE titles, destinations, model sha256, outcomes and timings — callers must never
 pass patient names, ids or birth dates.
 

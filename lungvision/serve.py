@@ -5,8 +5,15 @@ stops the node first (no new associations; what it accepted is on disk), then th
 warm shutdown finishes the study in hand or returns it to the queue), then the web server (so the
 worklist shows the last results until the end), then exits 0. If a child dies on its own, the
 others are stopped and serve exits 1.
+
+The children die with serve even when serve itself is killed (SIGKILL, OOM killer): each runs
+through :func:`run_child` (``python -m lungvision.serve PARENT_PID GRACE_S ARGS...``), which asks
+Linux for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``) — the same clean stop as
+above — and keeps a watchdog thread that notices the parent is gone and, if the child has not
+finished stopping within GRACE_S, kills the child's whole process group (the worker's pool too).
 """
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +24,7 @@ import time
 from pathlib import Path
 
 from config.settings import Settings, mask_secrets
+from lungvision import logfilter
 
 FOLDER_DESTINATION = {"name": "local-folder", "kind": "folder", "path": "./var/out"}
 CHILDREN = ("node", "worker", "web")  # started in this order, and stopped in it: node first
@@ -50,6 +58,7 @@ def banner(settings: Settings, folder_fallback: bool) -> str:
 
 def serve(settings: Settings, config_args: list[str]) -> int:
     """Run node, worker and web server until a stop signal; return the exit code."""
+    logfilter.install()  # warnings of this parent process too (the children install it in their own set-up)
     folder_fallback = not settings.destinations
     environment = dict(os.environ)
     if folder_fallback:
@@ -60,9 +69,13 @@ def serve(settings: Settings, config_args: list[str]) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_timeout_s = {name: settings.worker.time_limit_s + 30 if name == "worker" else 60 for name in CHILDREN}
     children = {
-        name: subprocess.Popen([sys.executable, "-m", "lungvision", *config_args, name], env=environment,
-                               start_new_session=True)  # our signals reach them only through us, in order
+        name: subprocess.Popen(
+            [sys.executable, "-m", "lungvision.serve", str(os.getpid()), str(stop_timeout_s[name]), *config_args, name],
+            env=environment,
+            start_new_session=True,  # our signals reach them only through us, in order
+        )
         for name in CHILDREN
     }
     failed = None
@@ -72,7 +85,7 @@ def serve(settings: Settings, config_args: list[str]) -> int:
     if failed is not None:
         print(f"serve: the {failed} exited with status {children[failed].returncode}; stopping", file=sys.stderr)
     for name in CHILDREN:  # node first: stop accepting before the worker goes
-        _stop_child(children[name], timeout_s=settings.worker.time_limit_s + 30 if name == "worker" else 60)
+        _stop_child(children[name], timeout_s=stop_timeout_s[name])
     return 1 if failed is not None else 0
 
 
@@ -84,5 +97,58 @@ def _stop_child(child: subprocess.Popen, timeout_s: float) -> None:
     while child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     if child.poll() is None:
-        child.kill()
+        os.killpg(child.pid, signal.SIGKILL)  # the child leads its own group: this takes the worker's pool too
         child.wait()
+
+
+# --- in each child ---------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+WATCHDOG_INTERVAL_S = 0.5
+
+
+def run_child(argv: list[str]) -> None:
+    """``python -m lungvision.serve PARENT_PID GRACE_S ARGS...``: tie this process to serve, run ``lungvision ARGS``."""
+    parent_pid, grace_s, lungvision_args = int(argv[0]), float(argv[1]), argv[2:]
+    signal_on_parent_death = _request_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:  # serve died before the request took effect: nothing to serve for
+        print(f"serve child: serve (pid {parent_pid}) is already gone; not starting", file=sys.stderr)
+        raise SystemExit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, grace_s, not signal_on_parent_death),
+                     name="serve-watchdog", daemon=True).start()
+    from lungvision.cli import app
+
+    app(args=lungvision_args, prog_name="lungvision")
+
+
+def _request_parent_death_signal(signal_number: int) -> bool:
+    """Ask Linux to send ``signal_number`` to this process when its parent dies; False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) != 0:
+        print(f"serve child: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}; "
+              "relying on the watchdog", file=sys.stderr)
+        return False
+    return True
+
+
+def _watch_parent(parent_pid: int, grace_s: float, send_sigterm: bool) -> None:
+    """Once serve is gone: stop this process cleanly (SIGTERM), and after ``grace_s`` kill its whole process group."""
+    while os.getppid() == parent_pid:
+        time.sleep(WATCHDOG_INTERVAL_S)
+    print(f"serve child: serve (pid {parent_pid}) is gone; stopping", file=sys.stderr, flush=True)
+    if send_sigterm:  # otherwise the kernel has already sent it (PR_SET_PDEATHSIG)
+        os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    # Still running: the clean stop hangs. serve started us as a session (and group) leader, so the
+    # group is us and what we started, e.g. the worker's pool processes.
+    print(f"serve child: not stopped after {grace_s:.0f} s; killing process group {os.getpgrp()}",
+          file=sys.stderr, flush=True)
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    run_child(sys.argv[1:])

@@ -7,7 +7,8 @@ in-process counter would see everything. Instead a custom collector reads, at sc
   of the previous scrape): instances received, studies queued and analysed, task durations and
   inference times, deliveries and delivery failures, reviewer verdicts;
 * the broker: how many study messages wait in the ``lungvision`` queue;
-* the dead-letter list (Redis hash or store table): how many deliveries ran out of attempts.
+* the dead-letter list (a table of the outcome store): deliveries that ran out of attempts and
+  analyses that failed.
 
 Counters therefore survive restarts of every process (the trail is the source of truth), and a
 worker on another host is counted as long as it writes the same trail (shared volume).

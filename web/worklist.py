@@ -20,7 +20,7 @@ from config.settings import Settings
 from lungvision.audit import read_events
 from worker.record import OUTSIDE_USE, Store, StudyResult, Verdict
 
-STATUSES = ("received", "queued", "analysing", "analysed", "delivered", "failed", "not analysed",
+STATUSES = ("received", "queued", "requeued", "analysing", "analysed", "delivered", "failed", "not analysed",
             "outside intended use")
 FINDINGS = ("POSITIVE", "NEGATIVE", "NOT_ANALYSED", "PENDING")
 

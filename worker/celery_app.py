@@ -3,10 +3,10 @@
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from config.settings import Settings, load_settings
-from lungvision import audit
+from lungvision import audit, logfilter
 from dicom_node.messages import QUEUE
 
 app = Celery("lungvision", include=["worker.tasks"])
@@ -38,11 +38,30 @@ def configure(settings: Settings) -> Celery:
         task_time_limit=settings.worker.time_limit_s,
         result_expires=86400,
     )
-    if settings.broker.url.startswith(("redis://", "rediss://")):
+    # (the SQLAlchemy transport would hand Redis options to create_engine: set them for Redis only)
+    is_redis = settings.broker.url.startswith(("redis://", "rediss://"))
+    app.conf.broker_transport_options = redis_transport_options(settings) if is_redis else {}
+    return app
+
+
+UNACKED_MUTEX_EXPIRE_S = 60  # kombu's default: 300
+
+
+def redis_transport_options(settings: Settings) -> dict:
+    """kombu's Redis options that bound how late a killed worker's task returns to the queue:
+    ``visibility_timeout_s`` + ``unacked_restore_interval_s`` (+ 60 s, once, if the process that died
+    was itself restoring tasks at that moment and held kombu's restore lock)."""
+    return {
         # An unacknowledged task returns to the queue after this long (the worker died). Countdown
         # retries are held unacknowledged too, so it must exceed the longest retry delay.
-        app.conf.broker_transport_options = {"visibility_timeout": settings.worker.visibility_timeout_s}
-    return app
+        "visibility_timeout": settings.worker.visibility_timeout_s,
+        # Each worker looks for such tasks every interval × throttle seconds; kombu's 10 × 10 made the
+        # look up to 100 s late. Throttle 1: every interval.
+        "unacked_restore_interval": settings.worker.unacked_restore_interval_s,
+        "unacked_restore_throttle": 1,
+        # The lock a restoring worker holds (milliseconds per look) expires after this if it dies holding it.
+        "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+    }
 
 
 def current_settings() -> Settings:
@@ -58,3 +77,10 @@ def _share_cores(**_: object) -> None:
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // current_settings().worker.concurrency))
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _keep_patient_data_out_of_logs(logger, **_: object) -> None:
+    """Celery has set up its log handlers: scrub every record of this process (lungvision.logfilter)."""
+    logfilter.install(logger)

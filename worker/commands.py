@@ -1,5 +1,5 @@
-"""Command hooks: ``lungvision worker`` runs the Celery worker; ``lungvision jobs`` lists and replays
-dead-lettered deliveries."""
+"""Command hooks: ``lungvision worker`` runs the Celery worker and its sweeper; ``lungvision jobs`` lists
+and replays dead letters (failed analyses and deliveries that ran out of attempts)."""
 
 from collections.abc import Callable
 import typer
@@ -22,16 +22,24 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
 
     @app.command("worker")
     def worker() -> None:
-        """Run the analysis worker: consume studies from the queue, analyse, send and record results."""
+        """Run the analysis worker: consume studies from the queue, analyse, send and record results; its
+        sweeper sends again what a dead process or a lost message left without outcome."""
         from dicom_node.messages import QUEUE
         from worker.celery_app import configure
+        from worker.reconcile import start_sweeper, stop_sweeper
 
         settings = get_settings()
         celery = configure(settings)
-        celery.worker_main(["worker", "--loglevel", settings.log_level, "--queues", QUEUE,
-                            "--concurrency", str(settings.worker.concurrency), "--without-gossip", "--without-mingle"])
+        prepare_store(settings)  # before the pool forks
+        sweeper = start_sweeper()
+        try:
+            celery.worker_main(["worker", "--loglevel", settings.log_level, "--queues", QUEUE, "--concurrency",
+                                str(settings.worker.concurrency), "--without-gossip", "--without-mingle"])
+        finally:
+            stop_sweeper(sweeper)
 
-    jobs = typer.Typer(help="Dead-lettered deliveries: list and replay.", no_args_is_help=True)
+    jobs = typer.Typer(help="Dead letters (failed analyses, deliveries that ran out of attempts): list and replay.",
+                       no_args_is_help=True)
     app.add_typer(jobs, name="jobs")
 
     def dead_letters():
@@ -45,7 +53,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
 
     @jobs.command("failed")
     def failed() -> None:
-        """List deliveries that ran out of attempts (one line each: id, time, destination, study round, error)."""
+        """List dead letters, one line each: id, time, destination ("(analysis)" for a failed analysis),
+        study round, attempts, error."""
         letters = dead_letters().list()
         if not letters:
             typer.echo("no failed jobs")
@@ -55,7 +64,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
 
     @jobs.command("retry")
     def retry(job_id: str = typer.Argument(..., help="id shown by 'lungvision jobs failed'")) -> None:
-        """Replay one dead-lettered delivery with a fresh set of attempts."""
+        """Replay one dead letter (analysis or delivery) with a fresh set of attempts."""
         from worker.celery_app import configure
         from worker.tasks import replay_dead_letter
 
@@ -66,3 +75,17 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
             typer.echo(f"error: no failed job with id {job_id!r} (see 'lungvision jobs failed')", err=True)
             raise typer.Exit(2)
         typer.echo(f"replaying {job_id}: {letter.job.message_id} → {letter.job.destination}")
+
+
+def prepare_store(settings: Settings) -> None:
+    """Create the outcome store's tables once, in the worker's main process before it forks its pool
+    (children creating them at once on a fresh SQLite file failed), and move dead letters that earlier
+    versions kept in Redis into the store."""
+    from worker.deliver import move_legacy_dead_letters
+    from worker.record import Store
+
+    store = Store(settings.store.url)
+    try:
+        move_legacy_dead_letters(settings, store)
+    finally:
+        store.engine.dispose()  # no connection is inherited by the pool's processes

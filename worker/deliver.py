@@ -1,9 +1,12 @@
 """Delivery — a study's result files go to the destinations its routing rules choose; failures are
-retried with exponential back-off and jitter, and the last failure lands on a dead-letter list."""
+retried with exponential back-off and jitter, and the last failure lands on a dead-letter list (in the
+outcome store), beside the analyses that failed."""
 
 import json
+import logging
 import random
 import shutil
+import traceback
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -14,7 +17,11 @@ from pydicom import dcmread
 
 from config.settings import DestinationSettings, RoutingRule, Settings
 from dicom_node.scu import ClientTls, Destination, Timeouts, send_datasets
-from worker.record import OUTSIDE_USE, Store
+from worker.record import OUTSIDE_USE, Store, StudyResult
+
+DELIVER_TASK = "lungvision.deliver"  # Celery task name: one round's files to one destination
+ANALYSIS_STAGE = "(analysis)"  # what an analysis dead letter shows where a delivery names its destination
+log = logging.getLogger("lungvision.worker")
 
 
 def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: str,
@@ -72,6 +79,27 @@ def send_files(settings: Settings, destination_name: str, files: list[Path]) -> 
     send_datasets(to_destination(destination), datasets, calling_ae=settings.node.ae_title, timeouts=timeouts)
 
 
+def output_files(outbox: Path, result: StudyResult) -> list[Path]:
+    """The SC and SR files of an analysed round in the outbox, in the order the analysis wrote them."""
+    return [Path(outbox) / result.study_instance_uid / f"{uid}.dcm"
+            for image in result.images or [] for uid in (image.get("sc_uid"), image.get("sr_uid")) if uid]
+
+
+def describe_failure(error: BaseException) -> str:
+    """What went wrong, for the store, the audit trail and the logs: the exception's type and the code
+    line that raised it — never its message, which may quote a DICOM value (a patient's name) — plus the
+    operating system's words for an OSError ("No space left on device")."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = ""
+    if frames:
+        frame = frames[-1]
+        where = f" in {'/'.join(Path(frame.filename).parts[-2:])}:{frame.lineno} ({frame.name})"
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    detail = f": {error.strerror}" if isinstance(error, OSError) and error.strerror else ""
+    return f"{name}{where}{detail}"
+
+
 def copy_to_folder(folder: Path, files: list[Path]) -> None:
     """Copy outbox files (``<StudyInstanceUID>/<SOPInstanceUID>.dcm``) to ``folder`` with the same
     two-level layout; each file appears complete or not at all (copy, then rename)."""
@@ -94,50 +122,42 @@ class DeliveryJob:
 
 
 @dataclass(frozen=True)
+class AnalysisJob:
+    """A study round whose analysis failed: its queued message, to analyse it again."""
+
+    message_id: str
+    study_instance_uid: str
+    message: dict  # the StudyReady message as JSON
+
+    @property
+    def destination(self) -> str:
+        """Listings show dead letters by destination; an analysis has none, so they say "(analysis)"."""
+        return ANALYSIS_STAGE
+
+
+@dataclass(frozen=True)
 class DeadLetter:
-    """A delivery that used up its attempts."""
+    """A delivery that used up its attempts, or an analysis that failed."""
 
     id: str
-    job: DeliveryJob
+    job: DeliveryJob | AnalysisJob
     error: str
     attempts: int
     failed_at: str
 
-
-class RedisDeadLetters:
-    """The dead-letter list in Redis (the production broker): a hash of id → JSON record."""
-
-    def __init__(self, redis_url: str, key: str) -> None:
-        self.client = redis.Redis.from_url(redis_url)
-        self.key = key
-
-    def add(self, job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
-        letter = new_dead_letter(job, error, attempts)
-        self.client.hset(self.key, letter.id, json.dumps(asdict(letter)))
-        return letter
-
-    def list(self) -> list[DeadLetter]:
-        """All dead letters, oldest first."""
-        letters = [_letter(json.loads(raw)) for raw in self.client.hvals(self.key)]
-        return sorted(letters, key=lambda letter: letter.failed_at)
-
-    def take(self, letter_id: str) -> DeadLetter | None:
-        """Remove and return one dead letter (None if there is no such id)."""
-        raw = self.client.hget(self.key, letter_id)
-        if raw is None or not self.client.hdel(self.key, letter_id):
-            return None
-        return _letter(json.loads(raw))
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "kind": "analysis" if isinstance(self.job, AnalysisJob) else "delivery"})
 
 
 class StoreDeadLetters:
-    """The dead-letter list in the outcome store, for installations without Redis (embedded broker)."""
+    """The dead-letter list, in the outcome store whatever the broker (a broker restart cannot erase it)."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
 
     def add(self, job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
         letter = new_dead_letter(job, error, attempts)
-        self.store.put_dead_letter(letter.id, json.dumps(asdict(letter)))
+        self.store.put_dead_letter(letter.id, letter.to_json())
         return letter
 
     def list(self) -> list[DeadLetter]:
@@ -150,17 +170,41 @@ class StoreDeadLetters:
         return None if raw is None else _letter(json.loads(raw))
 
 
-def dead_letters_for(settings: Settings, store: Store) -> RedisDeadLetters | StoreDeadLetters:
-    """Redis when the broker is Redis (``worker.dead_letter_key``), else the outcome store."""
-    if settings.broker.url.startswith(("redis://", "rediss://")):
-        return RedisDeadLetters(settings.broker.url, settings.worker.dead_letter_key)
+def dead_letters_for(settings: Settings, store: Store) -> StoreDeadLetters:
+    """The dead-letter list: always the outcome store, whatever the broker (``settings`` is unused; kept
+    for the callers)."""
     return StoreDeadLetters(store)
 
 
-def new_dead_letter(job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
+def move_legacy_dead_letters(settings: Settings, store: Store) -> int:
+    """Move the dead letters that earlier versions kept in the Redis hash ``worker.dead_letter_key``
+    into the outcome store; return how many. A no-op without a Redis broker."""
+    if not settings.broker.url.startswith(("redis://", "rediss://")):
+        return 0
+    client = redis.Redis.from_url(settings.broker.url, socket_timeout=10)
+    key = settings.worker.dead_letter_key
+    try:
+        legacy = client.hgetall(key)
+        for letter_id, record in legacy.items():
+            store.put_dead_letter(letter_id.decode(), record.decode())
+            client.hdel(key, letter_id)
+    except redis.exceptions.ConnectionError as error:
+        log.warning("dead letters of earlier versions in Redis (%s) not moved to the store, Redis is unreachable "
+                    "(%s); the next worker start tries again", key, type(error).__name__)
+        return 0
+    finally:
+        client.close()
+    if legacy:
+        log.info("moved %d dead letter(s) from the Redis hash %s to the outcome store", len(legacy), key)
+    return len(legacy)
+
+
+def new_dead_letter(job: DeliveryJob | AnalysisJob, error: str, attempts: int) -> DeadLetter:
     """A dead letter with a fresh short id, stamped now."""
     return DeadLetter(uuid.uuid4().hex[:12], job, error, attempts, datetime.now(timezone.utc).isoformat())
 
 
 def _letter(data: dict) -> DeadLetter:
-    return DeadLetter(**{**data, "job": DeliveryJob(**data["job"])})
+    kind = data.pop("kind", "delivery")  # records of earlier versions have no kind: they are deliveries
+    job = AnalysisJob(**data["job"]) if kind == "analysis" else DeliveryJob(**data["job"])
+    return DeadLetter(**{**data, "job": job})

@@ -18,6 +18,7 @@ from inference.preprocess import to_square_uint8
 from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import ImageFinding, build_findings_sr
 from worker.encode.heatmap_sc import build_heatmap_sc
+from worker.encode.source_header import instance_number
 from worker.record import OUTSIDE_USE
 from worker.select import select
 from worker.uids import derived_uid, output_instance_uid, output_series_uid
@@ -160,7 +161,7 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
             source, render_overlay(grays[index], prediction.heatmap, legend, max_long_side), algorithm=algorithm,
             series_instance_uid=output_series_uid(study_uid, sha, "sc"),
             sop_instance_uid=output_instance_uid(source.SOPInstanceUID, sha, "sc"),
-            series_number=SC_SERIES_NUMBER, instance_number=int(source.get("InstanceNumber") or index + 1))
+            series_number=SC_SERIES_NUMBER, instance_number=instance_number(source, index + 1))
         findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc,
                                      gate=verdicts.get(index), logit=prediction.logit))
 
@@ -173,7 +174,7 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
             operating_point=classifier.operating_point.name, algorithm=algorithm,
             device_uid=device_uid, series_instance_uid=output_series_uid(study_uid, sha, "sr"),
             sop_instance_uid=output_instance_uid(finding.source.SOPInstanceUID, sha, "sr"),
-            series_number=SR_SERIES_NUMBER, instance_number=int(finding.source.get("InstanceNumber") or index + 1))
+            series_number=SR_SERIES_NUMBER, instance_number=instance_number(finding.source, index + 1))
         outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
         images.append(image_record(finding, sr, classifier.operating_point.name))
     files = [write_output(dataset, outbox / study_uid) for dataset in outputs]

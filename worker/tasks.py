@@ -1,5 +1,9 @@
 """Tasks — thin Celery adapters: a StudyReady message is analysed (pipeline), its files are routed to
-destinations (one delivery task each), and every outcome is recorded in the store."""
+destinations (one delivery task each), and every outcome is recorded in the store.
+
+Every round ends visibly: an analysis that raises anything is recorded as failed (with the reason and a
+dead letter to replay it); a delivery that raises anything unexpected is dead-lettered; what a dead
+process or a lost message leaves behind is sent again by the sweeper (worker/reconcile.py)."""
 
 import functools
 import logging
@@ -14,15 +18,16 @@ from celery.exceptions import SoftTimeLimitExceeded
 from dicom_node.messages import ANALYSE_STUDY_TASK, StudyReady
 from dicom_node.scu import DeliveryError
 from config.settings import Settings
-from inference.classifier import load_model
+from inference.classifier import Classifier, load_model
 from lungvision import audit
 from worker.celery_app import app, current_settings
-from worker.deliver import DeadLetter, DeliveryJob, choose_destinations, dead_letters_for, retry_delay_s, send_files
+from worker.deliver import (DELIVER_TASK, AnalysisJob, DeadLetter, DeliveryJob, choose_destinations, dead_letters_for,
+                            describe_failure, new_dead_letter, retry_delay_s, send_files)
 from worker.hl7_result import Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
 from worker.pipeline import analyse_study, device_uid_for
-from worker.record import Store, StudyResult
+from worker.reconcile import Claim, Limits, claim_round
+from worker.record import DeliveryStatus, Store, StudyResult, StudyStatus
 
-DELIVER_TASK = "lungvision.deliver"
 HL7_TASK = "lungvision.send_hl7"
 log = logging.getLogger("lungvision.worker")
 
@@ -37,32 +42,44 @@ def store() -> Store:
 def analyse_study_task(message: dict) -> dict:
     """Analyse one study round, write its SC/SR files, queue their delivery and record the outcome.
 
-    A row saying "analysing" is written first (the worklist shows it). A message id recorded with
-    any other status was fully handled (its deliveries were queued before the record was written),
-    so a redelivered message is skipped. A crash before that point reruns the round: the outputs
-    have the same UIDs, so destinations replace rather than duplicate them.
+    First the round is claimed (worker/reconcile.py): a round with a final outcome, or one another
+    live process is analysing right now, is skipped; a round whose worker died while analysing it is
+    analysed again (its outputs have the same UIDs, so destinations replace rather than duplicate
+    them) until ``worker.max_analysis_attempts``. The claim shows the round as "analysing".
+
+    Whatever the analysis raises — the soft time limit, a decoder bug, a full disk, a store error — the
+    round is recorded as failed with the reason (no patient data), audited and dead-lettered, so
+    ``lungvision jobs retry`` can replay it.
     """
     ready = StudyReady.model_validate(message)
     settings = current_settings()
-    existing = store().result(ready.message_id)
-    if existing is not None and existing.status != "analysing":  # "analysing": a crash interrupted it
-        log.info("study round %s already handled; skipped", ready.message_id)
-        return {"message_id": ready.message_id, "skipped": True}
-    classifier, gate = load_model(settings.model)
-    store().save_result(analysing_result(ready, classifier))  # the worklist shows "analysing"
-    audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round)
-    started = time.perf_counter()
+    classifier: Classifier | None = None
     try:
-        outcome = analyse_study(ready, classifier, gate, settings.worker.outbox_dir,
-                                device_uid=device_uid_for(settings.node.ae_title),
-                                max_long_side=settings.worker.sc_max_long_side)
+        classifier, gate = load_model(settings.model)
+        claim = claim_round(store(), analysing_result(ready, classifier), Limits.of(settings))
+        if claim in (Claim.DONE, Claim.RUNNING):
+            log.info("study round %s %s; skipped", ready.message_id,
+                     "already handled" if claim is Claim.DONE else "is being analysed by another worker process")
+            return {"message_id": ready.message_id, "skipped": True}
+        if claim is Claim.GIVE_UP:
+            return record_analysis_failure(
+                ready, classifier, f"the analysis was started {settings.worker.max_analysis_attempts} times and never "
+                                   f"finished (its worker process died each time)")
+        audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round)
+        return analyse_and_route(ready, settings, classifier, gate)
     except SoftTimeLimitExceeded:
-        store().save_result(failed_result(ready, classifier, f"analysis took longer than "
-                                                             f"{settings.worker.soft_time_limit_s:.0f} s"))
-        audit.record("failed", stage="analysis", message_id=ready.message_id, study_uid=ready.study_instance_uid,
-                     model_sha256=classifier.card.weights_sha256, outcome="soft time limit exceeded", final=True)
-        log.error("study round %s: analysis exceeded the soft time limit; recorded as failed", ready.message_id)
-        return {"message_id": ready.message_id, "failed": True}
+        return record_analysis_failure(ready, classifier,
+                                       f"analysis took longer than {settings.worker.soft_time_limit_s:.0f} s")
+    except Exception as error:  # the boundary: any other failure also ends the round visibly
+        return record_analysis_failure(ready, classifier, describe_failure(error), error)
+
+
+def analyse_and_route(ready: StudyReady, settings: Settings, classifier: Classifier, gate) -> dict:
+    """The analysis proper: outputs into the outbox, deliveries and HL7 results queued, outcome recorded."""
+    started = time.perf_counter()
+    outcome = analyse_study(ready, classifier, gate, settings.worker.outbox_dir,
+                            device_uid=device_uid_for(settings.node.ae_title),
+                            max_long_side=settings.worker.sc_max_long_side)
     modalities = {str(finding.source.get("Modality", "")) for finding in outcome.findings}
     destinations = [] if settings.delivery.shadow_mode else choose_destinations(
         settings, calling_ae=ready.calling_ae, modalities=modalities, finding=outcome.finding, status=outcome.status)
@@ -86,9 +103,7 @@ def analyse_study_task(message: dict) -> dict:
                      classifier.card.weights_sha256, datetime.now(timezone.utc).isoformat(), result.accession_number,
                      outcome.output_uids, classifier.operating_point.name, outcome.remark)
         send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
-    store().save_result(result)
-    for name in destinations:
-        store().update_delivery(ready.message_id, name, status="pending", attempts=0)
+    store().save_outcome(result, destinations)
     audit.record("analysed", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round,
                  calling_ae=ready.calling_ae, finding=outcome.finding, probability=result.probability,
                  model_version=classifier.version, model_sha256=classifier.card.weights_sha256,
@@ -103,57 +118,87 @@ def analyse_study_task(message: dict) -> dict:
     return {"message_id": ready.message_id, "finding": outcome.finding, "destinations": destinations}
 
 
-def analysing_result(ready: StudyReady, classifier) -> StudyResult:
+def record_analysis_failure(ready: StudyReady, classifier: Classifier | None, reason: str,
+                            error: BaseException | None = None) -> dict:
+    """Record the round as failed with ``reason`` and a dead letter to replay it, audit and log it —
+    unless another attempt already recorded a final outcome. If the store itself fails here, the
+    exception propagates and the sweeper sends the round again later."""
+    letter = new_dead_letter(AnalysisJob(ready.message_id, ready.study_instance_uid, ready.model_dump(mode="json")),
+                             reason, attempts=1)
+    if not store().record_failure(failed_result(ready, classifier, reason), letter.id, letter.to_json()):
+        log.warning("study round %s: an analysis attempt failed (%s), but another one recorded the outcome; kept it",
+                    ready.message_id, reason)
+        return {"message_id": ready.message_id, "skipped": True}
+    audit.record("failed", stage="analysis", message_id=ready.message_id, study_uid=ready.study_instance_uid,
+                 round=ready.round, model_sha256=None if classifier is None else classifier.card.weights_sha256,
+                 outcome=reason, final=True, dead_letter=letter.id)
+    # with the traceback: lungvision.logfilter keeps its frames and redacts the exception's message
+    log.error("study round %s: analysis failed, recorded as failed and dead-lettered as %s: %s", ready.message_id,
+              letter.id, reason, exc_info=error)
+    return {"message_id": ready.message_id, "failed": True, "dead_letter": letter.id}
+
+
+def analysing_result(ready: StudyReady, classifier: Classifier) -> StudyResult:
     """The placeholder row of a study round whose analysis has started."""
     return StudyResult(
         message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
-        calling_ae=ready.calling_ae, modality=None, accession_number=None, status="analysing", finding="PENDING",
-        probability=None, threshold=classifier.threshold, model_version=classifier.version,
+        calling_ae=ready.calling_ae, modality=None, accession_number=None, status=StudyStatus.ANALYSING,
+        finding="PENDING", probability=None, threshold=classifier.threshold, model_version=classifier.version,
         model_sha256=classifier.card.weights_sha256, images=[], timings_ms={}, received_at=ready.first_received_at)
 
 
-def failed_result(ready: StudyReady, classifier, reason: str) -> StudyResult:
-    """The outcome row of a study round that could not be analysed at all."""
+MODEL_UNAVAILABLE = "unavailable"  # model version of a failed round when the model itself could not be loaded
+
+
+def failed_result(ready: StudyReady, classifier: Classifier | None, reason: str) -> StudyResult:
+    """The outcome row of a study round that could not be analysed at all (``classifier``: None when
+    loading the model was what failed)."""
     return StudyResult(
         message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
-        calling_ae=ready.calling_ae, modality=None, accession_number=None, status="failed", finding="NOT_ANALYSED",
-        probability=None, threshold=classifier.threshold, model_version=classifier.version,
-        model_sha256=classifier.card.weights_sha256, images=[{"error": reason}], timings_ms={},
-        received_at=ready.first_received_at)
+        calling_ae=ready.calling_ae, modality=None, accession_number=None, status=StudyStatus.FAILED,
+        finding="NOT_ANALYSED", probability=None, threshold=0.0 if classifier is None else classifier.threshold,
+        model_version=MODEL_UNAVAILABLE if classifier is None else classifier.version,
+        model_sha256="" if classifier is None else classifier.card.weights_sha256, images=[{"error": reason}],
+        timings_ms={}, received_at=ready.first_received_at)
 
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=None)
 def deliver_task(self, job: dict) -> str:
     """Send one study round's files to one destination; retry transient failures with back-off,
-    dead-letter the job after the last attempt or on a permanent failure."""
+    dead-letter the job after the last attempt, on a permanent failure, and on any unexpected exception
+    (a bug or a broken file: another attempt would fail the same way)."""
     delivery = DeliveryJob(**job)
     settings = current_settings()
     attempt = self.request.retries + 1
     try:
         send_files(settings, delivery.destination, [Path(name) for name in delivery.files])
-    except (DeliveryError, LookupError, OSError) as error:  # LookupError: destination no longer configured
+    except Exception as error:
         transient = isinstance(error, DeliveryError) and error.transient
+        # Our own errors (LookupError: destination no longer configured; OSError: an unreadable outbox file)
+        # say what happened; any other exception's message might quote a DICOM value: type and place only.
+        reason = str(error) if isinstance(error, (DeliveryError, LookupError, OSError)) else describe_failure(error)
         if transient and attempt < settings.delivery.max_attempts:
-            store().update_delivery(delivery.message_id, delivery.destination, status="retrying",
-                                    attempts=attempt, error=str(error))
+            store().update_delivery(delivery.message_id, delivery.destination, status=DeliveryStatus.RETRYING,
+                                    attempts=attempt, error=reason)
             delay = retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)
             log.warning("delivery of %s to %s failed (attempt %d), retry in %.0f s: %s", delivery.message_id,
-                        delivery.destination, attempt, delay, error)
+                        delivery.destination, attempt, delay, reason)
             audit.record("failed", stage="delivery", message_id=delivery.message_id,
                          study_uid=delivery.study_instance_uid, destination=delivery.destination, attempts=attempt,
-                         outcome=str(error)[:300], final=False, retry_in_s=round(delay, 1),
+                         outcome=reason[:300], final=False, retry_in_s=round(delay, 1),
                          model_sha256=_sha_of(delivery))
             raise self.retry(countdown=delay, exc=error)
-        letter = dead_letters_for(settings, store()).add(delivery, str(error), attempt)
-        store().update_delivery(delivery.message_id, delivery.destination, status="failed", attempts=attempt,
-                                error=str(error))
+        letter = dead_letters_for(settings, store()).add(delivery, reason, attempt)
+        store().update_delivery(delivery.message_id, delivery.destination, status=DeliveryStatus.FAILED,
+                                attempts=attempt, error=reason)
         audit.record("failed", stage="delivery", message_id=delivery.message_id,
                      study_uid=delivery.study_instance_uid, destination=delivery.destination, attempts=attempt,
-                     outcome=str(error)[:300], final=True, dead_letter=letter.id, model_sha256=_sha_of(delivery))
+                     outcome=reason[:300], final=True, dead_letter=letter.id, model_sha256=_sha_of(delivery))
         log.error("delivery of %s to %s dead-lettered as %s after %d attempt(s): %s", delivery.message_id,
-                  delivery.destination, letter.id, attempt, error)
+                  delivery.destination, letter.id, attempt, reason)
         return "failed"
-    store().update_delivery(delivery.message_id, delivery.destination, status="delivered", attempts=attempt)
+    store().update_delivery(delivery.message_id, delivery.destination, status=DeliveryStatus.DELIVERED,
+                            attempts=attempt)
     audit.record("delivered", message_id=delivery.message_id, study_uid=delivery.study_instance_uid,
                  destination=delivery.destination, attempts=attempt, outcome="success",
                  outputs=[Path(name).stem for name in delivery.files], model_sha256=_sha_of(delivery))
@@ -170,7 +215,8 @@ def _sha_of(delivery: DeliveryJob) -> str | None:
 @app.task(name=HL7_TASK, bind=True, max_retries=None)
 def send_hl7_task(self, job: dict) -> str:
     """Send the ORU^R01 of one analysed study round to one HL7 endpoint; retry like DICOM delivery
-    (same back-off and attempts), give up with a ``failed`` audit event after the last attempt."""
+    (same back-off and attempts), give up with a ``failed`` audit event after the last attempt, on a
+    permanent failure and on any unexpected exception."""
     settings = current_settings()
     oru_job = Hl7Job(**job)
     message_id, name = oru_job.message_id, oru_job.endpoint
@@ -183,18 +229,20 @@ def send_hl7_task(self, job: dict) -> str:
         message = build_oru(oru_job, read_patient_header(settings.worker.outbox_dir, oru_job), settings.hl7, endpoint,
                             control_id=uuid.uuid4().hex[:20])
         send_mllp(endpoint, message, settings.hl7.timeout_s)
-    except (Hl7DeliveryError, OSError) as error:  # OSError: the outbox file could not be read
+    except Exception as error:
         transient = isinstance(error, Hl7DeliveryError) and error.transient
+        # OSError: the outbox file could not be read; other unexpected exceptions: type and place only
+        reason = str(error) if isinstance(error, (Hl7DeliveryError, OSError)) else describe_failure(error)
         final = not transient or attempt >= settings.delivery.max_attempts
         delay = retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)
         audit.record("failed", stage="hl7", message_id=message_id, study_uid=oru_job.study_instance_uid,
-                     destination=destination, attempts=attempt, outcome=str(error)[:300], final=final,
+                     destination=destination, attempts=attempt, outcome=reason[:300], final=final,
                      model_sha256=oru_job.model_sha256)
         if final:
-            log.error("HL7 result of %s to %s given up after %d attempt(s): %s", message_id, name, attempt, error)
+            log.error("HL7 result of %s to %s given up after %d attempt(s): %s", message_id, name, attempt, reason)
             return "failed"
         log.warning("HL7 result of %s to %s failed (attempt %d), retry in %.0f s: %s", message_id, name, attempt,
-                    delay, error)
+                    delay, reason)
         raise self.retry(countdown=delay, exc=error)
     audit.record("delivered", message_id=message_id, study_uid=oru_job.study_instance_uid, destination=destination,
                  attempts=attempt, outcome="ACK AA", finding=oru_job.finding, model_sha256=oru_job.model_sha256)
@@ -203,14 +251,23 @@ def send_hl7_task(self, job: dict) -> str:
 
 
 def replay_dead_letter(settings: Settings, letter_id: str) -> DeadLetter | None:
-    """Take one dead letter off the list and queue its delivery again with a fresh set of attempts
-    (None when there is no such id). Used by ``lungvision jobs retry`` and the worklist page."""
+    """Take one dead letter off the list and queue its analysis or delivery again with a fresh set of
+    attempts (None when there is no such id). Used by ``lungvision jobs retry`` and the worklist page.
+
+    The round (or delivery) is marked as waiting before the task is sent, so if sending fails the
+    sweeper sends it later (``worker.requeue_after_s``) instead of the replay being lost."""
     letter = dead_letters_for(settings, store()).take(letter_id)
     if letter is None:
         return None
-    deliver_task.apply_async(args=[asdict(letter.job)])
-    store().update_delivery(letter.job.message_id, letter.job.destination, status="pending", attempts=0)
-    audit.record("replayed", dead_letter=letter_id, message_id=letter.job.message_id,
-                 study_uid=letter.job.study_instance_uid, destination=letter.job.destination,
-                 outcome="queued for delivery", model_sha256=_sha_of(letter.job))
+    job = letter.job
+    if isinstance(job, AnalysisJob):
+        store().mark_replayed(job.message_id, datetime.now(timezone.utc))
+        analyse_study_task.apply_async(args=[job.message], task_id=job.message_id)
+        outcome = "queued for analysis"
+    else:
+        store().update_delivery(job.message_id, job.destination, status=DeliveryStatus.PENDING, attempts=0)
+        deliver_task.apply_async(args=[asdict(job)])
+        outcome = "queued for delivery"
+    audit.record("replayed", dead_letter=letter_id, message_id=job.message_id, study_uid=job.study_instance_uid,
+                 destination=job.destination, outcome=outcome, model_sha256=_sha_of(job))
     return letter

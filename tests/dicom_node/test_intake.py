@@ -150,3 +150,15 @@ def test_deflated_payloads_are_read_and_truncated_ones_refused(intake, spool, tm
     assert intake.receive(received(truncated, str(dataset.SOPInstanceUID))).status == StoreStatus.CANNOT_UNDERSTAND
     whole = full.rename(spool.receiving_dir / "whole.dcm")
     assert intake.receive(received(whole, str(dataset.SOPInstanceUID))).status == StoreStatus.SUCCESS
+
+
+def test_failure_responses_carry_a_short_error_comment_and_success_none() -> None:
+    from dicom_node.handlers import ERROR_COMMENT_MAX, store_response
+    from dicom_node.intake import Outcome
+
+    stored = store_response(Outcome(Disposition.STORED, "1.2.3"))
+    assert stored.Status == 0x0000 and "ErrorComment" not in stored
+    refused = store_response(Outcome(Disposition.INCOMPLETE_PIXEL_DATA, "1.2.3", "Pixel Data has 2 of 4 bytes"))
+    assert (refused.Status, refused.ErrorComment) == (0xC000, "incomplete-pixel-data: Pixel Data has 2 of 4 bytes")
+    long = store_response(Outcome(Disposition.UNREADABLE, detail="a\\b\nc " + "x" * 100))
+    assert long.ErrorComment.startswith("unreadable: a/b c xxx") and len(long.ErrorComment) == ERROR_COMMENT_MAX

@@ -5,11 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
 from dicom_node.identity import MANUFACTURER
+from dicom_node.intake import StoreStatus
 from node_testkit import (
     PATIENT_BIRTH_DATE,
     PATIENT_ID,
@@ -121,6 +122,7 @@ def test_200_instances_over_8_parallel_associations_are_all_spooled_with_one_tas
 
 
 def test_calling_aes_off_the_allow_list_or_from_other_hosts_are_rejected(node: NodeProcess) -> None:
+    associations_before = len(node.events("association"))  # earlier tests' lines are in the same log
     result = run_tool(dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "LUNGVISION", "127.0.0.1", node.port)
     assert result.returncode != 0
     for title in ("INTRUDER2", "HOSTCHECK"):  # HOSTCHECK is allowed, but only from 10.9.9.0/24
@@ -128,7 +130,8 @@ def test_calling_aes_off_the_allow_list_or_from_other_hosts_are_rejected(node: N
         ae.add_requested_context(ComputedRadiographyImageStorage)
         assoc = ae.associate("127.0.0.1", node.port, ae_title="LUNGVISION")
         assert assoc.is_rejected
-    rejected = [e for e in node.wait_for_event("association", count=3) if e["result"] == "rejected"]
+    logged = node.wait_for_event("association", count=associations_before + 3)
+    rejected = [e for e in logged if e["result"] == "rejected"]
     assert {e["calling_ae"] for e in rejected} >= {"INTRUDER", "INTRUDER2", "HOSTCHECK"}
     assert any("not allowed from 127.0.0.1" in (e["reason"] or "") for e in rejected)
 
@@ -211,3 +214,32 @@ def test_log_lines_are_structured_and_free_of_patient_data(node: NodeProcess) ->
     assert {"calling_ae", "sop_class", "transfer_syntax", "status", "ms", "association"} <= instance.keys()
     association = node.events("association")[-1]
     assert {"calling_ae", "peer", "result", "instances", "ms"} <= association.keys()
+
+
+def test_a_cut_file_sent_by_pynetdicom_is_refused_and_neither_spooled_nor_queued(node, redis_queue, tmp_path) -> None:
+    """Issue 10: a 512×512 16-bit CR whose last 200 kB were cut, sent with a plain ``send_c_store(path)``."""
+    cut_study, good_study = generate_uid(), generate_uid()
+    whole = save(make_image(study_uid=cut_study, size=(512, 512)), tmp_path / "whole.dcm")
+    cut = truncated_copy(whole, tmp_path / "cut.dcm", drop_bytes=200_000)
+    good = make_image(study_uid=good_study)
+    ae = AE(ae_title="PYSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(ComputedRadiographyImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="LUNGVISION")
+    assert assoc.is_established
+    try:
+        refused = assoc.send_c_store(str(cut))
+        accepted = assoc.send_c_store(good)  # the same association goes on
+    finally:
+        assoc.release()
+    assert refused.Status == StoreStatus.CANNOT_UNDERSTAND == 0xC000
+    assert refused.ErrorComment == "incomplete-pixel-data: Pixel Data has 324288 of 524288 bytes"
+    assert accepted.Status == 0x0000
+    assert node.spooled(cut_study) == []
+    assert not (node.spool / "studies" / cut_study).exists()
+    assert list((node.spool / ".receiving").iterdir()) == []  # the payload was not kept either
+    # The good study, sent after the cut one, is queued; the cut one would have been queued no later.
+    assert len(redis_queue.wait_for({good_study}, 1, timeout_s=STABLE_S + 15)) == 1
+    assert redis_queue.for_studies({cut_study}) == []
+    [event] = [e for e in node.events("instance") if e["study_uid"] == cut_study]
+    assert (event["status"], event["outcome"]) == ("0xC000", "incomplete-pixel-data")

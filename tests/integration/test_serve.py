@@ -15,6 +15,7 @@ from pydicom.uid import generate_uid
 from dicom_node.scu import Destination, send_datasets
 from inference.sample_dicom import wrap_image
 from lungvision.demo import sample_studies
+from lungvision.ports import wait_until_listening
 from tests.dicom_node.node_testkit import free_port
 from tests.web.mllp_listener import MllpListener
 from tests.worker.conftest import chest_pixels
@@ -52,17 +53,22 @@ class Serve:
                        "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1", "LUNGVISION_SPOOL__STABLE_SECONDS": "3",
                        "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0", "LUNGVISION_WEB__PORT": str(self.web_port),
                        **self.environment}
-        with open(self.folder / "serve.log", "ab") as log:
+        log_path = self.folder / "serve.log"
+        self.log_offset = log_path.stat().st_size if log_path.exists() else 0  # this run's lines start here
+        with open(log_path, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=self.folder,
                                             env=environment, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, (self.folder / "serve.log").read_text()[-3000:]
-            if '"event": "node.listening"' in (self.folder / "serve.log").read_text() \
-                    and "ready." in (self.folder / "serve.log").read_text():
+            assert self.process.poll() is None, self.log()[-3000:]
+            if '"event": "node.listening"' in self.log() and "ready." in self.log():
                 return self
             time.sleep(0.3)
         raise AssertionError("serve did not start")
+
+    def log(self) -> str:
+        """What this run (since the last start) wrote to serve.log."""
+        return (self.folder / "serve.log").read_bytes()[self.log_offset:].decode(errors="replace")
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -127,3 +133,58 @@ def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
             assert "LV-TEST" not in trail and "Test^Patient" not in trail
         finally:
             assert serve.terminate() == 0
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a process from /proc, or None when it no longer exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:  # it ended while we looked: that is an answer, not an error
+        return None
+    state, parent, group = stat[stat.rindex(")") + 2:].split()[:3]  # the command name may hold spaces
+    return state, int(parent), int(group)
+
+
+def _live_processes() -> dict[int, tuple[int, int]]:
+    """pid → (parent pid, process group) of every process that is not a zombie."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None and stat[0] != "Z":
+            found[int(entry.name)] = stat[1:]
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except FileNotFoundError:  # ended meanwhile
+        return "?"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_killed_serve_takes_its_children_along_and_a_new_serve_gets_the_same_ports(tmp_path) -> None:
+    """Issue 10: kill -9 of serve must not orphan node, worker (with its pool) or web."""
+    serve = Serve(tmp_path).start()
+    children = {pid: _command(pid) for pid, (parent, _) in _live_processes().items() if parent == serve.process.pid}
+    assert sorted(command.split()[-1] for command in children.values()) == ["node", "web", "worker"], children
+    groups = set(children)  # serve starts each child as the leader of a group (session) of its own
+    assert len([pid for pid, (_, group) in _live_processes().items() if group in groups]) > len(groups)  # the pool
+
+    serve.process.kill()  # SIGKILL: serve runs no clean-up of its own
+    serve.process.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    left = [pid for pid, (_, group) in _live_processes().items() if group in groups]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = [pid for pid, (_, group) in _live_processes().items() if group in groups]
+    assert left == [], {pid: _command(pid) for pid in left}
+
+    serve.start()  # the same folder, the same node and web ports
+    try:
+        [listening] = [json.loads(line) for line in serve.log().splitlines() if '"event": "node.listening"' in line]
+        assert listening["port"] == serve.port
+        wait_until_listening(serve.web_port, serve.process, timeout_s=60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{serve.web_port}/api/studies", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        assert serve.terminate() == 0

@@ -21,8 +21,10 @@ from pydicom.sr.coding import Code
 
 from dicom_node.identity import MANUFACTURER
 from inference.intended_use import GateReason, GateVerdict
+from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header
+from worker.encode.vr_values import MAX_LENGTH, fit_text, replace_controls
 from worker.uids import derived_uid
 
 LOCAL_SCHEME = "99LUNGVISION"  # private coding scheme for concepts without a standard code
@@ -62,8 +64,10 @@ class ImageFinding:
 
 
 def _reason_code(reason: str) -> Code:
-    """A local code whose meaning is the human-readable reason (≤ 64 characters)."""
-    return Code(f"LV-{hashlib.sha256(reason.encode()).hexdigest()[:8]}", LOCAL_SCHEME, reason[:64])
+    """A local code whose meaning is the human-readable reason, made a valid LO: reasons quote header
+    values ("ViewPosition …"), which may hold control characters or a backslash; ≤ 64 bytes."""
+    meaning = fit_text(replace_controls(reason).replace("\\", "/").strip(), MAX_LENGTH["LO"]) or "unknown"
+    return Code(f"LV-{hashlib.sha256(reason.encode()).hexdigest()[:8]}", LOCAL_SCHEME, meaning)
 
 
 def _tracking_uid(finding: ImageFinding, algorithm: Algorithm) -> str:
@@ -172,4 +176,4 @@ def build_findings_sr(
     sr.SeriesDescription = SERIES_DESCRIPTION
     sr.SoftwareVersions = algorithm.software_versions
     sr.ManufacturerModelName = algorithm.name
-    return sr
+    return declare_character_set(sr)

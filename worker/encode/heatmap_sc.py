@@ -1,5 +1,6 @@
 """Heatmap Secondary Capture — a source radiograph and its overlay picture become an RGB SC image
-in the same study (patient and study attributes copied by highdicom from the source)."""
+in the same study (patient and study attributes copied by highdicom from the source's clean
+reference header, see ``source_header``)."""
 
 import highdicom as hd
 import numpy as np
@@ -7,6 +8,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.identity import MANUFACTURER
+from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header
 
@@ -14,9 +16,10 @@ SERIES_DESCRIPTION = "Lung Vision pneumonia heatmap (not for diagnostic use)"
 _VALID_ORIENTATION_LETTERS = set("APRLHF")
 
 
-def _patient_orientation(source: Dataset) -> tuple[str, str] | None:
+def _patient_orientation(header: Dataset) -> tuple[str, str] | None:
     """The source's Patient Orientation when it is a valid pair of direction codes, else None."""
-    values = list(source.get("PatientOrientation") or [])
+    values = header.get("PatientOrientation") or []
+    values = [values] if isinstance(values, str) else list(values)
     if len(values) == 2 and all(value and set(value) <= _VALID_ORIENTATION_LETTERS for value in values):
         return values[0], values[1]
     return None
@@ -38,9 +41,10 @@ def build_heatmap_sc(
     DERIVED\\SECONDARY, says BurnedInAnnotation YES, references its source instance, and names
     Lung Vision in Manufacturer, Software Versions and Contributing Equipment.
     """
-    orientation = _patient_orientation(source)
+    header = complete_source_header(source)
+    orientation = _patient_orientation(header)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=complete_source_header(source),
+        ref_dataset=header,
         pixel_array=overlay_rgb,
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -56,7 +60,7 @@ def build_heatmap_sc(
     )
     if orientation is None:
         sc.PatientOrientation = ""  # Type 2: unknown stays empty rather than guessed
-    sc.Laterality = source.get("Laterality", "")  # Type 2C for paired body parts: empty when unknown
+    sc.Laterality = header.get("Laterality", "")  # Type 2C for paired body parts: empty when unknown (or invalid)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = SERIES_DESCRIPTION
@@ -64,7 +68,7 @@ def build_heatmap_sc(
     sc.ManufacturerModelName = algorithm.name
     sc.DerivationDescription = "Grad-CAM heatmap and legend blended over the source image"
     reference = Dataset()
-    reference.ReferencedSOPClassUID = source.SOPClassUID
-    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
     sc.SourceImageSequence = [reference]
-    return sc
+    return declare_character_set(sc)
