@@ -77,16 +77,21 @@ class Population:
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
-    """An attribute as upper-case text, read from the element's stored value without pydicom's
-    value conversion (whose warnings would print invalid values — birth dates — into the logs);
-    '' when absent or empty."""
+    """``header_text`` in upper case."""
+    return header_text(dataset, keyword).upper()
+
+
+def header_text(dataset: Dataset, keyword: str) -> str:
+    """An attribute as text, read from the element's stored value without pydicom's value
+    conversion (whose warnings would print invalid values — birth dates — into the logs, and which
+    raises on a wrong VR or length); '' when absent or empty."""
     element = dataset.get_item(Tag(keyword))
     value = None if element is None else element.value
     if isinstance(value, bytes):
         value = value.decode("latin-1", errors="replace")
     if isinstance(value, (list, tuple, MultiValue)):
         value = "\\".join(str(item) for item in value)
-    return str(value or "").strip().strip("\x00").strip().upper()
+    return str(value or "").strip().strip("\x00").strip()
 
 
 def parse_age_string(value: str) -> float | None:
@@ -144,7 +149,7 @@ class IntendedUse:
     def header_verdict(self, dataset: Dataset) -> GateVerdict | None:
         """None when the header allows analysis, else the first rule it breaks."""
         modality = _text(dataset, "Modality")
-        if str(dataset.get("SOPClassUID", "")) in SECONDARY_CAPTURE_CLASSES:
+        if header_text(dataset, "SOPClassUID") in SECONDARY_CAPTURE_CLASSES:
             if modality not in SECONDARY_CAPTURE_MODALITIES or not _has_chest_hint(dataset):
                 return GateVerdict(GateReason.MODALITY, "secondary capture without chest radiograph hints")
         elif modality not in RADIOGRAPH_MODALITIES:

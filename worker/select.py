@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pydicom import Dataset
 
 from dicom_node.identity import is_lung_vision_object
-from inference.intended_use import GateVerdict, IntendedUse
+from inference.intended_use import GateVerdict, IntendedUse, header_text
 
 OWN_OBJECT = "created by Lung Vision"
 
@@ -21,8 +21,8 @@ class Selection:
 
 def select(dataset: Dataset, gate: IntendedUse) -> Selection:
     """Sort one instance: our own object, outside the intended use by its header, or a candidate."""
-    if is_lung_vision_object(sop_instance_uid=str(dataset.get("SOPInstanceUID", "")),
-                             series_instance_uid=str(dataset.get("SeriesInstanceUID", "")),
-                             manufacturer=dataset.get("Manufacturer")):
+    if is_lung_vision_object(sop_instance_uid=header_text(dataset, "SOPInstanceUID"),
+                             series_instance_uid=header_text(dataset, "SeriesInstanceUID"),
+                             manufacturer=header_text(dataset, "Manufacturer")):
         return Selection(skip_reason=OWN_OBJECT)
     return Selection(verdict=gate.header_verdict(dataset))

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.application_entity import ANALYSED_SOP_CLASSES
+from dicom_node.completion import StudyCompletionTracker
+from dicom_node.intake import Intake
+from dicom_node.spool import Spool
 from node_testkit import TEST_REDIS_DB, NodeProcess, QueueReader, node_settings
 
 
@@ -35,3 +39,19 @@ def node_factory(tmp_path: Path, redis_queue: QueueReader) -> Iterator[Callable[
         node.stop()
 
 
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty spool in the test's folder (no free-space watermark)."""
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.prepare()
+    return spool
+
+
+@pytest.fixture
+def tracker() -> StudyCompletionTracker:
+    return StudyCompletionTracker(stable_seconds=5)
+
+
+@pytest.fixture
+def intake(spool: Spool, tracker: StudyCompletionTracker) -> Intake:
+    return Intake(spool, tracker, ANALYSED_SOP_CLASSES, monotonic_clock=lambda: 42.0)

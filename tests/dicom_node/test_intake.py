@@ -6,29 +6,10 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
-from dicom_node.application_entity import ANALYSED_SOP_CLASSES
-from dicom_node.completion import StudyCompletionTracker
 from dicom_node.identity import MANUFACTURER, UID_ROOT
 from dicom_node.intake import Disposition, Intake, Received, StoreStatus
 from dicom_node.spool import Spool
 from node_testkit import make_image, raw_part10, save, truncated_copy
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool", min_free_bytes=0)
-    spool.prepare()
-    return spool
-
-
-@pytest.fixture
-def tracker() -> StudyCompletionTracker:
-    return StudyCompletionTracker(stable_seconds=5)
-
-
-@pytest.fixture
-def intake(spool: Spool, tracker: StudyCompletionTracker) -> Intake:
-    return Intake(spool, tracker, ANALYSED_SOP_CLASSES, monotonic_clock=lambda: 42.0)
 
 
 def received(path: Path, sop_uid: str, sop_class_uid: str = ComputedRadiographyImageStorage) -> Received:

@@ -19,11 +19,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.application_entity import ANALYSED_SOP_CLASSES
-from dicom_node.completion import StudyCompletionTracker
 from dicom_node.intake import Disposition, Intake, Received, StoreStatus
 from dicom_node.pixel_data import PIXEL_DATA, SEQUENCE_DELIMITER, pixel_data_problem
-from dicom_node.spool import Spool
 from inference.sample_dicom import wrap_image, write_dataset
 from node_testkit import make_image, save, truncated_copy
 
@@ -178,23 +175,6 @@ def test_a_compressed_syntax_with_native_pixel_data_is_named(tmp_path) -> None:
 
 
 # --- the intake refuses them ----------------------------------------------------------------------
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    spool = Spool(tmp_path / "spool", min_free_bytes=0)
-    spool.prepare()
-    return spool
-
-
-@pytest.fixture
-def tracker() -> StudyCompletionTracker:
-    return StudyCompletionTracker(stable_seconds=5)
-
-
-@pytest.fixture
-def intake(spool: Spool, tracker: StudyCompletionTracker) -> Intake:
-    return Intake(spool, tracker, ANALYSED_SOP_CLASSES, monotonic_clock=lambda: 42.0)
 
 
 def receive(intake: Intake, path: Path):
