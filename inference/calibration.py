@@ -2,7 +2,13 @@
 
 import numpy as np
 import torch
+from scipy.special import expit
 from scipy.stats import beta
+
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``sigmoid(logit / temperature)``, computed without overflow for very negative logits."""
+    return expit(np.asarray(logits, dtype=np.float64) / temperature)
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

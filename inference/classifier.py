@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from inference.calibration import calibrated_probabilities
 from inference.gradcam import class_activation_map, heatmap_in_image
 from inference.image_check import FEATURE_LAYERS, ImageCheck
 from inference.intended_use import IntendedUse, Policy, Population
@@ -121,7 +122,7 @@ class Classifier:
 
     def calibrated(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """Raw logits → calibrated probabilities at this classifier's operating point."""
-        return torch.sigmoid(torch.as_tensor(logits) / self.operating_point.temperature).numpy()
+        return calibrated_probabilities(torch.as_tensor(logits).numpy(), self.operating_point.temperature)
 
     def image_check_scores(self, features: torch.Tensor) -> np.ndarray | None:
         """The image check's score per image (None when the weights ship no image check)."""

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from inference.augment import training_transform
-from inference.calibration import balanced_threshold, choose_threshold, fit_temperature
+from inference.calibration import balanced_threshold, calibrated_probabilities, choose_threshold, fit_temperature
 from inference.classifier import ForwardPass, forward_pass
-from inference.image_check import FEATURE_LAYERS, IMAGE_CHECK_FILE, REFUSED_VALIDATION_SHARE, fit_image_check, threshold_for
+from inference.image_check import (FEATURE_LAYERS, IMAGE_CHECK_FILE, REFUSED_VALIDATION_SHARE, fit_image_check,
+                                   threshold_for)
 from inference.metrics import metrics_with_ci
 from inference.model_card import sha256_of
 
@@ -97,10 +98,6 @@ def stressed_logits(network: torch.nn.Module, squares: np.ndarray, input_size: i
     return np.concatenate(logits), np.concatenate(index)
 
 
-def _sigmoid(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
-
-
 def finalise(network: torch.nn.Module, images: SplitImages, input_size: int, run_dir: Path) -> dict:
     """Calibrate, choose the operating point and fit the image check; writes the image-check file
     into ``run_dir`` and returns what the model card records about all three."""
@@ -111,8 +108,8 @@ def finalise(network: torch.nn.Module, images: SplitImages, input_size: int, run
 
     stressed, image_of = stressed_logits(network, images.val_squares, input_size)
     stressed_labels = images.val_labels[image_of]
-    stressed_probabilities = _sigmoid(stressed, temperature)
-    val_probabilities = _sigmoid(val_logits, temperature)
+    stressed_probabilities = calibrated_probabilities(stressed, temperature)
+    val_probabilities = calibrated_probabilities(val_logits, temperature)
     clean_floor = choose_threshold(val_probabilities, images.val_labels, MIN_SENSITIVITY)
     threshold = balanced_threshold(stressed_probabilities, stressed_labels, MIN_SENSITIVITY, max_threshold=clean_floor)
     validation = metrics_with_ci(images.val_labels, val_probabilities, threshold)

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from inference.calibration import fit_temperature, threshold_with_confidence
+from inference.calibration import calibrated_probabilities, fit_temperature, threshold_with_confidence
 from inference.classifier import Classifier
 from inference.metrics import metrics_with_ci
 from inference.site_profile import SiteProfile
@@ -58,7 +58,7 @@ def calibrate_site(labels: np.ndarray, logits: np.ndarray, classifier: Classifie
     if positives == 0 or negatives == 0:
         raise ValueError(f"calibration needs pneumonia and normal cases; got {positives} and {negatives}")
     temperature, temperature_fit = choose_temperature(logits, labels, classifier.card.temperature)
-    probabilities = 1.0 / (1.0 + np.exp(-logits / temperature))
+    probabilities = calibrated_probabilities(logits, temperature)
     threshold, bound, met = threshold_with_confidence(probabilities, labels, target_sensitivity, confidence)
     figures = metrics_with_ci(labels, probabilities, threshold)
     expected = {

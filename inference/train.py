@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from inference.augment import training_transform
+from inference.calibration import calibrated_probabilities
 from inference.dataset import list_labelled, load_squares
 from inference.finalise import SplitImages, finalise
 from inference.metrics import point_metrics
@@ -162,7 +163,7 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
             running = 0.98 * running + 0.02 * loss.item() if step_in_epoch else loss.item()
             progress.set_postfix(loss=f"{running:.3f}")
         val_logits = predict_logits(ema.module, val_squares, options.input_size)
-        val = point_metrics(val_labels, 1 / (1 + np.exp(-val_logits)), 0.5)
+        val = point_metrics(val_labels, calibrated_probabilities(val_logits, 1.0), 0.5)
         train_seconds += time.monotonic() - epoch_start
         history.append({"epoch": epoch + 1, "train_loss": running, "val_auc": val["roc_auc"],
                         "val_accuracy": val["accuracy"], "seconds": train_seconds})
