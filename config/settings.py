@@ -21,14 +21,19 @@ class Section(BaseModel):
 
 
 class ModelSettings(Section):
-    """Which weights the worker and the offline commands load."""
+    """Which weights the worker and the offline commands load, and how they apply them. Each image is
+    judged at the operating point (threshold, temperature) of its population — children, adults… from
+    the model card: the population its header's patient age falls in, else (no age) the one whose
+    training images the image check finds nearest; an age in no population is outside the intended
+    use. The points are the model card's, or a site profile's per population; the age bounds here
+    only narrow the card's populations."""
 
     weights_dir: Path | None = None  # None = the weights shipped in the package
     batch_size: int = 16
-    site_profile: Path | None = None  # a site's operating point from 'lungvision calibrate'; None = the shipped one
+    site_profile: Path | None = None  # a site's operating points from 'lungvision calibrate'; None = the shipped ones
     intended_use_policy: Literal["refuse", "flag"] = "refuse"  # images outside the intended use
-    min_age_years: float | None = Field(default=None, ge=0)  # None = the model card's training population
-    max_age_years: float | None = Field(default=None, gt=0)  # None = the model card's training population
+    min_age_years: float | None = Field(default=None, ge=0)  # outer bound narrowing the card's populations; None: none
+    max_age_years: float | None = Field(default=None, gt=0)  # outer bound narrowing the card's populations; None: none
 
 
 class BrokerSettings(Section):

@@ -1,7 +1,9 @@
 """Offline analysis — image files (DICOM, PNG, JPEG) become one JSON line each and overlay PNGs.
 
 Every line says whether the image is inside the model's intended use (``"intended_use"``) and, when
-not, why (``"reason"``); under the ``refuse`` policy such a line carries no probability.
+not, why (``"reason"``); under the ``refuse`` policy such a line carries no probability. An analysed
+image's line names its population (by the header's age, else the image check) and the operating
+point it was judged at.
 """
 
 import json
@@ -39,14 +41,15 @@ def analyze(paths: list[Path], classifier: Classifier, gate: IntendedUse, out_di
         started = time.perf_counter()
         try:
             gray, dataset = read_image(path)
-            prediction = classifier.predict([gray], with_heatmap=out_dir is not None)[0]
+            header = gate.read_header(dataset)
+            prediction = classifier.predict([gray], with_heatmap=out_dir is not None,
+                                            populations=[header.population])[0]
         except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: report, go on
             errors += 1
             output.write(json.dumps({"path": str(path), "error": str(error)}) + "\n")
             continue
         milliseconds = (time.perf_counter() - started) * 1000
-        verdict = gate.verdict(gate.header_verdict(dataset) if dataset is not None else None,
-                               prediction.image_check_score)
+        verdict = gate.verdict(header.verdict, prediction.image_check_score)
         record = {"path": str(path), "intended_use": verdict is None, "reason": verdict.text if verdict else None}
         if gate.refuses(verdict):
             record.update(model_version=prediction.model_version, milliseconds=round(milliseconds, 1))
@@ -54,7 +57,8 @@ def analyze(paths: list[Path], classifier: Classifier, gate: IntendedUse, out_di
             output.flush()
             continue
         record.update(probability=round(prediction.probability, 4), label=prediction.label,
-                      threshold=prediction.threshold, operating_point=prediction.operating_point,
+                      threshold=prediction.threshold, population=prediction.population,
+                      operating_point=prediction.operating_point,
                       model_version=prediction.model_version, milliseconds=round(milliseconds, 1))
         if out_dir is not None:
             legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold,

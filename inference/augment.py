@@ -7,6 +7,7 @@ markers). Intensity normalisation (``preprocess.normalise``) is applied after, a
 """
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 
@@ -59,13 +60,18 @@ class RandomResolutionLoss(torch.nn.Module):
         return torch.nn.functional.interpolate(down, size=(size, size), mode="bilinear")[0]
 
 
-def training_transform(crop_size: int) -> v2.Compose:
-    """The augmentation applied to one 1×224×224 uint8 square; returns 1×crop×crop float in 0..1."""
-    return v2.Compose(
-        [
+class TrainingTransform:
+    """The augmentation of one 1×224×224 uint8 square → 1×crop×crop float in 0..1. The geometric part
+    (crop, flip, rotation) moves a box mask given with the square the same way; the photometric part
+    (gamma, contrast, blur, resolution, noise, bands, erasing) changes the image only."""
+
+    def __init__(self, crop_size: int) -> None:
+        self.geometric = v2.Compose([
             v2.RandomResizedCrop(crop_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomAffine(degrees=10, translate=(0.05, 0.05), shear=5),
+        ])
+        self.photometric = v2.Compose([
             v2.ToDtype(torch.float32, scale=True),
             RandomGamma(),
             v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3)], p=0.5),
@@ -75,5 +81,17 @@ def training_transform(crop_size: int) -> v2.Compose:
             RandomSideBands(),
             v2.RandomApply([v2.GaussianNoise(sigma=0.02, clip=True)], p=0.3),
             v2.RandomErasing(p=0.25, scale=(0.005, 0.03), value=0.0),
-        ]
-    )
+        ])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.photometric(self.geometric(image))
+
+    def with_mask(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment ``image`` and move the 1×224×224 ``mask`` (uint8) with it."""
+        moved_image, moved_mask = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return self.photometric(moved_image.as_subclass(torch.Tensor)), moved_mask.as_subclass(torch.Tensor)
+
+
+def training_transform(crop_size: int) -> TrainingTransform:
+    """The augmentation applied to one 1×224×224 uint8 square; returns 1×crop×crop float in 0..1."""
+    return TrainingTransform(crop_size)

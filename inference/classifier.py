@@ -2,8 +2,12 @@
 
 The shipped weights are loaded once per process (``load_classifier``) and verified against the
 sha256 in the model card before use, with the image check shipped beside them (an
-out-of-distribution score from the same forward pass) and the operating point: the model card's,
-or a site profile's from ``lungvision calibrate``.
+out-of-distribution score from the same forward pass) and one operating point per population (e.g.
+children and adults): the model card's, or a site profile's from ``lungvision calibrate``.
+
+Which population's point an image gets: the one its header's patient age falls in, given by the
+caller (``IntendedUse.read_header``); for an image without a known age, the population whose
+training images are nearest in feature space (the image check's ``nearest_population``).
 """
 
 import functools
@@ -18,11 +22,11 @@ from safetensors.torch import load_file
 from inference.calibration import calibrated_probabilities
 from inference.gradcam import class_activation_map, heatmap_in_image
 from inference.image_check import FEATURE_LAYERS, ImageCheck
-from inference.intended_use import IntendedUse, Policy, Population
+from inference.intended_use import DEFAULT_POPULATION, IntendedUse, Policy, Population
 from inference.model_card import WEIGHTS_DIR, ModelCard, sha256_of
 from inference.network import build_resnet18
 from inference.preprocess import normalise, to_square_uint8
-from inference.site_profile import OperatingPoint, SiteProfile
+from inference.site_profile import SHIPPED, OperatingPoint, SiteProfile
 
 
 class WeightsMismatch(RuntimeError):
@@ -57,7 +61,8 @@ class Prediction:
     heatmap: np.ndarray | None  # float32 0..1, the input image's shape; None if not asked for
     logit: float = 0.0  # raw network output, before temperature (site calibration refits from it)
     image_check_score: float | None = None  # distance from the training images; None: no image check shipped
-    operating_point: str = "shipped"  # "shipped" or "site profile <id>"
+    operating_point: str = f"{SHIPPED} / {DEFAULT_POPULATION}"  # ``OperatingPoint.name`` of the point used
+    population: str = DEFAULT_POPULATION  # whose operating point: by the header's age, else the image check
 
 
 def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int) -> ForwardPass:
@@ -76,8 +81,18 @@ def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int)
     return ForwardPass(logits, cams, features)
 
 
+def card_populations(card: ModelCard) -> list[dict]:
+    """The card's populations (name, age range, temperature, threshold…); a card made before
+    populations has one, "children", from its top-level population, temperature and threshold."""
+    if card.populations:
+        return card.populations
+    return [{**card.population, "name": DEFAULT_POPULATION, "temperature": card.temperature,
+             "threshold": card.threshold}]
+
+
 class Classifier:
-    """ResNet-18 pneumonia classifier with its model card (threshold, temperature, input size)."""
+    """ResNet-18 pneumonia classifier with its model card (populations with their thresholds and
+    temperatures, input size), image check and operating points."""
 
     def __init__(self, weights_dir: Path = WEIGHTS_DIR, site_profile: Path | None = None) -> None:
         self.card = ModelCard.load(weights_dir)
@@ -89,26 +104,57 @@ class Classifier:
         if self.card.image_check:
             self.image_check = ImageCheck.load(_verified(weights_dir / self.card.image_check["file"],
                                                          self.card.image_check["sha256"]))
-        self.operating_point = OperatingPoint(self.card.threshold, self.card.temperature)
+        entries = card_populations(self.card)
+        self.populations = tuple(Population(float(entry["min_age_years"]), float(entry["max_age_years"]),
+                                            entry["name"]) for entry in entries)
+        self.shipped_points = {entry["name"]: OperatingPoint(entry["threshold"], entry["temperature"], SHIPPED,
+                                                             entry["name"]) for entry in entries}
+        # the image check's population indices → names (its own list when it has one, else the card's order)
+        self.image_check_populations: list[str] = (self.card.image_check.get("populations")
+                                                   or [population.name for population in self.populations])
+        unknown = set(self.image_check_populations) - set(self.shipped_points)
+        if unknown:
+            raise ValueError(f"model card of {weights_dir}: the image check names populations {sorted(unknown)} "
+                             f"the card does not have ({', '.join(self.shipped_points)})")
+        self.operating_points: dict[str, OperatingPoint] = dict(self.shipped_points)
         self.site_profile: SiteProfile | None = None
         if site_profile is not None:
             self.site_profile = SiteProfile.load(site_profile, self.card.weights_sha256)
-            self.operating_point = self.site_profile.operating_point
+            self.operating_points = self.site_profile.operating_points(self.shipped_points)
+
+    @property
+    def population_names(self) -> list[str]:
+        return [population.name for population in self.populations]
+
+    @property
+    def operating_point(self) -> OperatingPoint:
+        """The first population's operating point (the children's), for callers that know one population."""
+        return self.operating_points[self.populations[0].name]
 
     @property
     def threshold(self) -> float:
+        """The first population's threshold (see ``operating_point``)."""
         return self.operating_point.threshold
 
     def intended_use(self, policy: Policy | str = Policy.REFUSE, min_age_years: float | None = None,
                      max_age_years: float | None = None) -> IntendedUse:
-        """The gate for this model: its card's population unless a site sets the age range."""
-        population = self.card.population
-        return IntendedUse(
-            Population(population["min_age_years"] if min_age_years is None else min_age_years,
-                       population["max_age_years"] if max_age_years is None else max_age_years),
-            self.card.image_check.get("threshold") if self.card.image_check else None,
-            Policy(policy))
+        """The gate for this model: its card's populations, within the site's outer age bounds if set."""
+        return IntendedUse(self.populations,
+                           self.card.image_check.get("threshold") if self.card.image_check else None,
+                           Policy(policy), min_age_years, max_age_years)
 
+    def nearest_populations(self, features: torch.Tensor) -> list[str]:
+        """Per image, the population whose training images are nearest in feature space (the first
+        population for every image when the weights ship no image check)."""
+        if self.image_check is None:
+            return [self.populations[0].name] * len(features)
+        indices = self.image_check.nearest_population(features).tolist()
+        return [self.image_check_populations[index] for index in indices]
+
+    def choose_populations(self, features: torch.Tensor, known: Sequence[str | None] | None) -> list[str]:
+        """Per image, the population given in ``known`` (from the header's age), else the image check's."""
+        nearest = self.nearest_populations(features)
+        return nearest if known is None else [given or guess for given, guess in zip(known, nearest, strict=True)]
 
     @property
     def version(self) -> str:
@@ -120,38 +166,50 @@ class Classifier:
         return forward_pass(self.network, torch.from_numpy(np.ascontiguousarray(squares))[:, None],
                             self.card.input_size)
 
-    def calibrated(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Raw logits → calibrated probabilities at this classifier's operating point."""
-        return calibrated_probabilities(torch.as_tensor(logits).numpy(), self.operating_point.temperature)
+    def calibrated(self, logits: torch.Tensor | np.ndarray, populations: Sequence[str] | None = None) -> np.ndarray:
+        """Raw logits → calibrated probabilities, each at the temperature of its image's population
+        (``populations``: one name per logit; None: the first population's for all)."""
+        logits = torch.as_tensor(logits).numpy()
+        if populations is None:
+            return calibrated_probabilities(logits, self.operating_point.temperature)
+        temperatures = np.array([self.operating_points[name].temperature for name in populations], dtype=np.float64)
+        return calibrated_probabilities(logits, temperatures)
 
     def image_check_scores(self, features: torch.Tensor) -> np.ndarray | None:
         """The image check's score per image (None when the weights ship no image check)."""
         return None if self.image_check is None else self.image_check.scores(features).numpy()
 
     def probabilities(self, squares: np.ndarray) -> np.ndarray:
-        """Calibrated pneumonia probabilities for N×224×224 uint8 squares."""
-        return self.calibrated(self.forward(squares).logits)
+        """Calibrated pneumonia probabilities for N×224×224 uint8 squares (populations by the image check)."""
+        output = self.forward(squares)
+        return self.calibrated(output.logits, self.nearest_populations(output.features))
 
-    def predict(self, images: Sequence[np.ndarray], with_heatmap: bool = True) -> list[Prediction]:
-        """One forward pass for a batch of 2-D gray images (any size, bright = dense)."""
+    def predict(self, images: Sequence[np.ndarray], with_heatmap: bool = True,
+                populations: Sequence[str | None] | None = None) -> list[Prediction]:
+        """One forward pass for a batch of 2-D gray images (any size, bright = dense); ``populations`` as
+        in ``predict_squares``."""
         if not images:
             return []
         squares = np.stack([to_square_uint8(image) for image in images])
-        return self.predict_squares(squares, [image.shape for image in images] if with_heatmap else None)
+        return self.predict_squares(squares, [image.shape for image in images] if with_heatmap else None, populations)
 
-    def predict_squares(self, squares: np.ndarray, image_shapes: Sequence[tuple[int, int]] | None) -> list[Prediction]:
-        """Predictions for preprocessed squares; heatmaps sized to ``image_shapes`` (None: no heatmaps)."""
+    def predict_squares(self, squares: np.ndarray, image_shapes: Sequence[tuple[int, int]] | None,
+                        populations: Sequence[str | None] | None = None) -> list[Prediction]:
+        """Predictions for preprocessed squares; heatmaps sized to ``image_shapes`` (None: no heatmaps).
+        Each image is judged at the operating point of its population: the name given in
+        ``populations`` (from the header's age), else — None, or no list — the image check's nearest."""
         output = self.forward(squares)
-        probabilities = self.calibrated(output.logits).tolist()
+        chosen = self.choose_populations(output.features, populations)
+        probabilities = self.calibrated(output.logits, chosen).tolist()
         scores = self.image_check_scores(output.features)
-        threshold, point = self.operating_point.threshold, self.operating_point.name
         predictions = []
-        for index, (probability, cam) in enumerate(zip(probabilities, output.cams)):
-            positive = probability >= threshold
+        for index, (probability, cam, population) in enumerate(zip(probabilities, output.cams, chosen)):
+            point = self.operating_points[population]
+            positive = probability >= point.threshold
             heatmap = None if image_shapes is None else heatmap_in_image(cam, probability, image_shapes[index]).numpy()
-            predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL", threshold,
-                                          self.version, heatmap, float(output.logits[index]),
-                                          None if scores is None else float(scores[index]), point))
+            predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL",
+                                          point.threshold, self.version, heatmap, float(output.logits[index]),
+                                          None if scores is None else float(scores[index]), point.name, population))
         return predictions
 
 
@@ -164,7 +222,8 @@ def load_classifier(weights_dir: Path | None = None, site_profile: Path | None =
 
 def load_model(model_settings) -> tuple[Classifier, IntendedUse]:
     """The classifier and its intended-use gate as the ``model`` settings section configures them
-    (weights_dir, site_profile, intended_use_policy, min_age_years, max_age_years)."""
+    (weights_dir, site_profile, intended_use_policy, and min_age_years / max_age_years: outer age
+    bounds that narrow the model's populations)."""
     classifier = load_classifier(model_settings.weights_dir, model_settings.site_profile)
     gate = classifier.intended_use(model_settings.intended_use_policy, model_settings.min_age_years,
                                    model_settings.max_age_years)

@@ -14,9 +14,10 @@ from config.settings import Settings
 from inference.model_card import WEIGHTS_DIR
 
 
-# (labels, raw logits, skipped reasons → counts) of the studies radiologists marked in the worklist,
-# for the given weights sha256; supplied by the wiring (the store belongs to the worker package).
-WorklistLabels = Callable[[Settings, str], tuple[list[int], list[float], dict[str, int]]]
+# (labels, raw logits, populations — None where the round recorded none —, skipped reasons → counts) of
+# the studies radiologists marked in the worklist, for the given weights sha256; supplied by the wiring
+# (the store belongs to the worker package).
+WorklistLabels = Callable[[Settings, str], tuple[list[int], list[float], list[str | None], dict[str, int]]]
 
 
 def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_labels: WorklistLabels) -> None:
@@ -34,7 +35,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
             raise typer.Exit(2) from None
 
     def labelled_cases(data: Optional[Path], from_worklist: bool) -> tuple:
-        """(classifier, labels, raw logits, source, facts) of the chosen labelled set; errors end the command."""
+        """(classifier, labels, raw logits, source, facts) of the chosen labelled set, the facts with each
+        case's population (``populations``); errors end the command."""
         from inference.evaluate import folder_cases
 
         if (data is None) == (not from_worklist):
@@ -42,12 +44,15 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
             raise typer.Exit(2)
         classifier, gate = model()
         if from_worklist:
-            labels, logits, skipped = worklist_labels(get_settings(), classifier.card.weights_sha256)
+            labels, logits, populations, skipped = worklist_labels(get_settings(), classifier.card.weights_sha256)
             if not labels:
                 typer.echo(f"error: no study reviewed in the worklist with these weights (skipped: {skipped or 'none'})",
                            err=True)
                 raise typer.Exit(2)
-            return classifier, np.array(labels), np.array(logits), "worklist reviews", {"skipped_reviews": skipped}
+            # a round recorded before populations were stored was made with weights of one population
+            populations = [name or classifier.population_names[0] for name in populations]
+            return classifier, np.array(labels), np.array(logits), "worklist reviews", {"skipped_reviews": skipped,
+                                                                                       "populations": populations}
         require_dir(data, "data folder")
         try:
             labels, logits, facts = folder_cases(data, classifier, gate, get_settings().model.batch_size)
@@ -65,8 +70,17 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
     def train(
         data: Path = typer.Option(..., "--data", help="Kaggle-layout folder with train/NORMAL and train/PNEUMONIA"),
         out: Path = typer.Option(..., "--out", help="run folder: split.csv, checkpoints, weights, model card"),
-        epochs: int = typer.Option(20, help="training epochs"),
+        adult_data: Optional[Path] = typer.Option(None, "--adult-data",
+                                                  help="the adult set (MANIFEST.tsv, train/NORMAL|PNEUMONIA|OTHER)"),
+        epochs: int = typer.Option(9, help="training epochs"),
+        samples_per_epoch: int = typer.Option(6000, help="images drawn per epoch (0: the training side's size)"),
         input_size: int = typer.Option(160, help="model input size in pixels"),
+        augment: bool = typer.Option(True, "--augment/--no-augment", help="training augmentation"),
+        use_other: bool = typer.Option(True, "--other/--no-other", help="adult OTHER images as negatives"),
+        nih_positive_weight: float = typer.Option(0.5, help="loss weight of NIH's text-mined pneumonia labels"),
+        adult_share: float = typer.Option(0.5, max=1.0,
+                                          help="share of each batch drawn from adults (negative: as in the data)"),
+        localisation_weight: float = typer.Option(0.5, help="weight of the box loss on RSNA-boxed positives (0: off)"),
         resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/checkpoint.pt"),
         max_train_images: Optional[int] = typer.Option(None, hidden=True, help="smoke tests only"),
     ) -> None:
@@ -76,24 +90,33 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         from inference.publish import write_model_card
 
         require_dir(data / "train", "training folder")
-        options = TrainOptions(epochs=epochs, input_size=input_size, max_train_images=max_train_images)
-        summary = run_training(data, out, options, resume=resume)
-        card_path = write_model_card(out, summary, options)
+        if adult_data is not None and not (adult_data / "MANIFEST.tsv").is_file():
+            typer.echo(f"error: adult data folder {adult_data} has no MANIFEST.tsv", err=True)
+            raise typer.Exit(2)
+        options = TrainOptions(epochs=epochs, samples_per_epoch=samples_per_epoch or None, input_size=input_size,
+                               augment=augment, use_other=use_other,
+                               nih_positive_weight=nih_positive_weight,
+                               adult_share=adult_share if adult_share >= 0 else None,
+                               localisation_weight=localisation_weight, max_train_images=max_train_images)
+        summary = run_training(data, out, options, resume=resume, adult_dir=adult_data)
+        card_path = write_model_card(out, summary, options, adult_data is not None)
         typer.echo(f"weights and model card written to {card_path.parent}")
 
     @app.command()
     def refit(
         data: Path = typer.Option(..., "--data", help="the Kaggle-layout folder the weights were trained on"),
         out: Path = typer.Option(..., "--out", help="run folder for the weights, image check and updated card"),
+        adult_data: Optional[Path] = typer.Option(None, "--adult-data",
+                                                  help="the adult set the weights were trained on (MANIFEST.tsv)"),
         max_train_images: Optional[int] = typer.Option(None, hidden=True, help="smoke tests only"),
     ) -> None:
-        """Finalise trained weights (model.weights_dir) again: temperature, operating point, image check."""
+        """Finalise trained weights (model.weights_dir) again: temperature, operating points, image check."""
         from inference.publish import refit as run_refit
         from inference.train import TrainOptions
 
         require_dir(data / "train", "training folder")
         card_path = run_refit(data, out, get_settings().model.weights_dir or WEIGHTS_DIR,
-                              TrainOptions(max_train_images=max_train_images))
+                              TrainOptions(max_train_images=max_train_images), adult_data)
         typer.echo(f"weights, image check and model card written to {card_path.parent}")
 
     @app.command()
@@ -102,13 +125,33 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         out: Path = typer.Option(..., "--out", help="where metrics.json, plots and report.md go"),
         from_worklist: bool = typer.Option(False, "--from-worklist",
                                            help="use the studies radiologists marked agree/disagree in the worklist"),
+        boxes: Optional[Path] = typer.Option(None, "--boxes", help="CSV of radiologists' boxes (columns file, boxes "
+                                             "or rsna_boxes, optionally orig_width/orig_height): also measure where "
+                                             "the heatmap points"),
     ) -> None:
-        """Evaluate the model on labelled cases at its operating point (shipped or site profile)."""
-        from inference.evaluate import summary_table, write_evaluation
+        """Evaluate the model on labelled cases at their populations' operating points (shipped or site profile)."""
+        from inference.evaluate import folder_localisation, summary_table, write_evaluation
 
+        if boxes is not None and (data is None or not boxes.is_file()):
+            typer.echo(f"error: --boxes needs --data and an existing CSV file ({boxes})", err=True)
+            raise typer.Exit(2)
         classifier, labels, logits, source, facts = labelled_cases(data, from_worklist)
-        metrics = write_evaluation(out, source, labels, classifier.calibrated(logits), classifier, **facts)
+        located = None
+        if boxes is not None:
+            try:
+                located = folder_localisation(data, boxes, classifier, model()[1])
+            except ValueError as error:
+                typer.echo(f"error: {error}", err=True)
+                raise typer.Exit(2) from None
+        populations = facts.pop("populations")
+        metrics = write_evaluation(out, source, labels, classifier.calibrated(logits, populations), classifier,
+                                   populations, located, **facts)
         typer.echo(summary_table(metrics))
+        for name, figures in metrics["by_population"].items():
+            if len(metrics["by_population"]) > 1:
+                typer.echo(f"\n{name} ({figures['operating_point']}):\n{summary_table(figures)}")
+        if located is not None:
+            typer.echo(f"\nheatmap: {located['summary']}")
         typer.echo(f"written to {out}")
 
     @app.command()
@@ -123,7 +166,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         from_worklist: bool = typer.Option(False, "--from-worklist",
                                            help="use the studies radiologists marked agree/disagree in the worklist"),
     ) -> None:
-        """Fit this site's operating point so that the target sensitivity holds with confidence."""
+        """Fit this site's operating point per population so that the target sensitivity holds with confidence."""
         from inference.site_calibration import calibrate_site, describe
 
         classifier, labels, logits, source, facts = labelled_cases(data, from_worklist)
@@ -133,7 +176,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
                                      profile_id=name or f"site-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
                                      data=f"{source} (skipped: {facts['skipped_reviews']})"
                                      if facts.get("skipped_reviews") else source,
-                                     refused=facts.get("refused", {}).get("n", 0))
+                                     refused=facts.get("refused", {}).get("n", 0), populations=facts["populations"])
         except ValueError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
@@ -146,7 +189,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         paths: list[Path] = typer.Argument(..., help="DICOM, PNG or JPEG files or folders"),
         out: Optional[Path] = typer.Option(None, "--out", help="folder for heatmap overlay PNGs"),
     ) -> None:
-        """Print one JSON line per image (probability, label, threshold, model version, ms)."""
+        """Print one JSON line per image (probability, label, threshold, population, operating point, model
+        version, ms)."""
         from inference.analyze import analyze as run_analysis
 
         missing = [str(path) for path in paths if not path.exists()]

@@ -18,41 +18,74 @@ operating point and the intended-use gate's image check (all from the training d
   (``inference.image_check``).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 from inference.augment import training_transform
 from inference.calibration import balanced_threshold, calibrated_probabilities, choose_threshold, fit_temperature
 from inference.classifier import ForwardPass, forward_pass
 from inference.image_check import (FEATURE_LAYERS, IMAGE_CHECK_FILE, REFUSED_VALIDATION_SHARE, fit_image_check,
                                    threshold_for)
+from inference.localisation import localisation_figures
 from inference.metrics import metrics_with_ci
 from inference.model_card import sha256_of
+from inference.split import SplitRow
 
 STRESS_DRAWS = 4
-MIN_SENSITIVITY = 0.95
-THRESHOLD_RULE = (
-    f"highest Youden index (sensitivity + specificity − 1) on the stressed validation split (each validation "
-    f"image under {STRESS_DRAWS} seeded draws of the training augmentation), among thresholds keeping "
-    f"sensitivity ≥ {MIN_SENSITIVITY} on the stressed and on the clean validation split"
+
+
+@dataclass(frozen=True)
+class PopulationRule:
+    """A population of the training data: its ages, the sensitivity floor of its operating point and
+    which validation images the point is fitted on."""
+
+    name: str
+    min_age_years: float
+    max_age_years: float
+    min_sensitivity: float
+    fitted_on: str  # "all" or "radiologist" (only images whose labels a radiologist gave)
+    description: str
+
+    def threshold_rule(self) -> str:
+        subset = "" if self.fitted_on == "all" else " radiologist-labelled"
+        return (f"highest Youden index (sensitivity + specificity − 1) on the stressed{subset} {self.name} validation "
+                f"split (each validation image under {STRESS_DRAWS} seeded draws of the training augmentation), among "
+                f"thresholds keeping sensitivity ≥ {self.min_sensitivity} on the stressed and on the clean{subset} "
+                f"{self.name} validation split; temperature fitted on the clean{subset} {self.name} validation split")
+
+
+# The rules were fixed before any adult figure was seen. Adults: the withheld adult test data is
+# radiologist-labelled (RSNA) while about half of NIH's text-mined pneumonia labels are wrong, so
+# the adults' point is fitted on the radiologist-labelled validation images only; its floor (0.92)
+# sits above the goal (0.90) because that subset holds only about 45 positives.
+POPULATIONS = (
+    PopulationRule("children", 1.0, 6.0, 0.95, "all",
+                   "children aged one to five years (Kermany et al.: Guangzhou Women and Children's Medical Center)"),
+    PopulationRule("adults", 18.0, 88.0, 0.92, "radiologist",
+                   "adults aged 18 to 87 years (NIH Clinical Center ChestX-ray14 images; labels text-mined by NIH or "
+                   "given by RSNA/STR radiologists)"),
 )
+MIN_SENSITIVITY = POPULATIONS[0].min_sensitivity
+THRESHOLD_RULE = "per population: " + "; ".join(f"{rule.name}: {rule.threshold_rule()}" for rule in POPULATIONS)
 IMAGE_CHECK_RULE = (
-    f"Mahalanobis distance of the spatial means of {', '.join(FEATURE_LAYERS)} to the nearest class of the "
-    f"training side (shared Ledoit–Wolf covariance); threshold = the {1 - REFUSED_VALIDATION_SHARE:.0%} quantile "
-    "of the validation side's distances"
+    f"Mahalanobis distance of the spatial means of {', '.join(FEATURE_LAYERS)} to the nearest (population, class) "
+    "group of the training side (shared Ledoit–Wolf covariance); threshold = the "
+    f"{1 - REFUSED_VALIDATION_SHARE:.0%} quantile of the validation side's distances; the nearest group's population "
+    "chooses the operating point when the header gives no age"
 )
 
 
 NEW_SITE_NOTE = (
     "What a new site should expect: sensitivity near the clean split's (acquisition changes of the kind the stressed "
     "split simulates raise pneumonia scores, so misses do not grow with them), and a specificity below both splits' — "
-    "both come from the training hospital, and other devices, positioning, processing and disease mix tend to move "
+    "both come from the training hospitals, and other devices, positioning, processing and disease mix tend to move "
     "normal images' scores up. How far cannot be measured from the training data: treat the figures above as upper "
-    "bounds for specificity, run in shadow mode and fit the site's own operating point on 100–300 local cases "
-    "(`lungvision calibrate`) before relying on the flag."
+    "bounds for specificity, run in shadow mode and fit the site's own operating points on 100–300 local cases "
+    "per population (`lungvision calibrate`) before relying on the flag."
 )
 
 
@@ -63,12 +96,25 @@ def _figure(figures: dict, name: str) -> str:
 
 @dataclass
 class SplitImages:
-    """The run's decoded squares (N×224×224 uint8) and labels, train and validation side."""
+    """The run's decoded squares (N×224×224 uint8), labels and rows (population, source, boxes),
+    train and validation side."""
 
     train_squares: np.ndarray
     train_labels: np.ndarray
     val_squares: np.ndarray
     val_labels: np.ndarray
+    train_rows: list[SplitRow] = field(default_factory=list)
+    val_rows: list[SplitRow] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, train_rows: list[SplitRow], val_rows: list[SplitRow], train_squares: np.ndarray,
+           val_squares: np.ndarray) -> "SplitImages":
+        return cls(train_squares, np.array([row.label for row in train_rows]), val_squares,
+                   np.array([row.label for row in val_rows]), train_rows, val_rows)
+
+    def val_column(self, name: str) -> np.ndarray:
+        """One attribute (population, source, label_source…) of every validation row."""
+        return np.array([getattr(row, name) for row in self.val_rows])
 
 
 def forward_batches(network: torch.nn.Module, images: torch.Tensor, input_size: int,
@@ -98,52 +144,115 @@ def stressed_logits(network: torch.nn.Module, squares: np.ndarray, input_size: i
     return np.concatenate(logits), np.concatenate(index)
 
 
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+
+
+def population_validation(network: torch.nn.Module, images: SplitImages, input_size: int) -> dict[str, float]:
+    """Per-epoch figures: validation AUC per population (and per adult label source) and the share of
+    boxed adult positives whose heatmap peak lies in a box."""
+    val = forward_batches(network, torch.from_numpy(images.val_squares)[:, None], input_size)
+    logits = val.logits.numpy()
+    populations, sources = images.val_column("population"), images.val_column("source")
+    figures = {}
+    for population in dict.fromkeys(populations):
+        members = populations == population
+        figures[f"auc_{population}"] = _auc(images.val_labels[members], logits[members])
+    if "auc_adults" in figures:
+        for source in ("rsna", "nih"):
+            members = sources == source
+            figures[f"auc_adults_{source}"] = _auc(images.val_labels[members], logits[members])
+        located = localisation_figures(val.cams, [row.boxes for row in images.val_rows])
+        figures["pointing"] = located.get("pointing", float("nan"))
+    return figures
+
+
+def _operating_point(rule: PopulationRule, images: SplitImages, val_logits: np.ndarray, stressed: np.ndarray,
+                     image_of: np.ndarray) -> dict:
+    """Temperature, threshold and validation figures of one population."""
+    populations, label_sources = images.val_column("population"), images.val_column("label_source")
+    members = populations == rule.name
+    fitted = members & ((label_sources == "radiologist") if rule.fitted_on == "radiologist" else True)
+    labels = images.val_labels
+    temperature = fit_temperature(val_logits[fitted], labels[fitted])
+    probabilities = calibrated_probabilities(val_logits, temperature)
+    stressed_probabilities = calibrated_probabilities(stressed, temperature)
+    stressed_fitted = fitted[image_of]
+    clean_floor = choose_threshold(probabilities[fitted], labels[fitted], rule.min_sensitivity)
+    threshold = balanced_threshold(stressed_probabilities[stressed_fitted], labels[image_of][stressed_fitted],
+                                   rule.min_sensitivity, max_threshold=clean_floor)
+    validation = metrics_with_ci(labels[members], probabilities[members], threshold)
+    expected = metrics_with_ci(labels[image_of][stressed_fitted], stressed_probabilities[stressed_fitted], threshold,
+                               groups=image_of[stressed_fitted])
+    expectation = [f"Clean {rule.name} validation split (n = {validation['n']}): sensitivity "
+                   f"{_figure(validation, 'recall')}, specificity {_figure(validation, 'specificity')}, "
+                   f"AUC {_figure(validation, 'roc_auc')}."]
+    by_source = {}
+    if rule.fitted_on == "radiologist":
+        sources = images.val_column("source")
+        for source in sorted(set(sources[members])):
+            subset = members & (sources == source)
+            by_source[source] = metrics_with_ci(labels[subset], probabilities[subset], threshold)
+            expectation.append(f"Of which {source} (n = {by_source[source]['n']}): sensitivity "
+                               f"{_figure(by_source[source], 'recall')}, specificity "
+                               f"{_figure(by_source[source], 'specificity')}, AUC "
+                               f"{_figure(by_source[source], 'roc_auc')}.")
+    expectation += [f"Stressed{'' if rule.fitted_on == 'all' else ' radiologist-labelled'} {rule.name} validation "
+                    f"split (n = {expected['n']}): sensitivity {_figure(expected, 'recall')}, specificity "
+                    f"{_figure(expected, 'specificity')}.", NEW_SITE_NOTE]
+    return {
+        "name": rule.name, "min_age_years": rule.min_age_years, "max_age_years": rule.max_age_years,
+        "description": rule.description, "temperature": temperature, "threshold": threshold,
+        "threshold_rule": rule.threshold_rule(), "validation": validation, "validation_by_source": by_source,
+        "operating_point": {
+            "rule": rule.threshold_rule(), "expectation": expectation,
+            "stressed_validation": {key: expected[key] for key in
+                                    ("n", "recall", "specificity", "accuracy", "roc_auc", "ci95", "confusion")},
+        },
+    }
+
+
 def finalise(network: torch.nn.Module, images: SplitImages, input_size: int, run_dir: Path) -> dict:
-    """Calibrate, choose the operating point and fit the image check; writes the image-check file
-    into ``run_dir`` and returns what the model card records about all three."""
+    """Calibrate, choose each population's operating point, fit the image check and measure the
+    heatmap against the validation boxes; writes the image-check file into ``run_dir`` and returns
+    what the model card records about them."""
     train = forward_batches(network, torch.from_numpy(images.train_squares)[:, None], input_size)
     val = forward_batches(network, torch.from_numpy(images.val_squares)[:, None], input_size)
     val_logits = val.logits.numpy()
-    temperature = fit_temperature(val_logits, images.val_labels)
-
     stressed, image_of = stressed_logits(network, images.val_squares, input_size)
-    stressed_labels = images.val_labels[image_of]
-    stressed_probabilities = calibrated_probabilities(stressed, temperature)
-    val_probabilities = calibrated_probabilities(val_logits, temperature)
-    clean_floor = choose_threshold(val_probabilities, images.val_labels, MIN_SENSITIVITY)
-    threshold = balanced_threshold(stressed_probabilities, stressed_labels, MIN_SENSITIVITY, max_threshold=clean_floor)
-    validation = metrics_with_ci(images.val_labels, val_probabilities, threshold)
-    expected = metrics_with_ci(stressed_labels, stressed_probabilities, threshold, groups=image_of)
+    val_populations = images.val_column("population")
+    rules = [rule for rule in POPULATIONS if (val_populations == rule.name).any()]
+    points = [_operating_point(rule, images, val_logits, stressed, image_of) for rule in rules]
 
-    check = fit_image_check(train.features.numpy(), images.train_labels)
+    names = [rule.name for rule in rules]
+    train_population = np.array([names.index(row.population) for row in images.train_rows])
+    val_population = np.array([names.index(population) for population in val_populations])
+    check = fit_image_check(train.features.numpy(), images.train_labels, train_population)
     val_scores = check.scores(val.features).numpy()
     train_scores = check.scores(train.features).numpy()
     check_threshold = threshold_for(val_scores)
     check_path = check.save(run_dir / IMAGE_CHECK_FILE)
+    nearest = check.nearest_population(val.features).numpy()
+    located = localisation_figures(val.cams, [row.boxes for row in images.val_rows])
     np.savez(run_dir / "finalise-scores.npz", val_logits=val_logits, val_labels=images.val_labels,
-             stressed_logits=stressed, stressed_image=image_of, val_image_check=val_scores,
-             train_image_check=train_scores)
+             val_population=val_population, stressed_logits=stressed, stressed_image=image_of,
+             val_image_check=val_scores, train_image_check=train_scores, val_cams=val.cams.numpy())
+    first = points[0]
     return {
-        "temperature": temperature,
-        "threshold": threshold,
-        "validation": validation,
-        "operating_point": {
-            "rule": THRESHOLD_RULE,
-            "expectation": [
-                f"Clean validation split (n = {validation['n']}): sensitivity {_figure(validation, 'recall')}, "
-                f"specificity {_figure(validation, 'specificity')}.",
-                f"Stressed validation split (n = {expected['n']}): sensitivity {_figure(expected, 'recall')}, "
-                f"specificity {_figure(expected, 'specificity')}.",
-                NEW_SITE_NOTE,
-            ],
-            "stressed_validation": {key: expected[key] for key in
-                                    ("n", "recall", "specificity", "accuracy", "roc_auc", "ci95", "confusion")},
-        },
+        "temperature": first["temperature"],
+        "threshold": first["threshold"],
+        "validation": first["validation"],
+        "operating_point": first["operating_point"],
+        "populations": points,
+        "localisation": {"data": "boxed adult validation positives (RSNA radiologists' opacity boxes)", **located},
         "image_check": {
             "file": IMAGE_CHECK_FILE,
             "sha256": sha256_of(check_path),
             "threshold": check_threshold,
             "rule": IMAGE_CHECK_RULE,
+            "populations": names,
+            "population_agreement_validation": {
+                name: float((nearest[val_population == index] == index).mean()) for index, name in enumerate(names)},
             "refused_share": {"validation": float((val_scores > check_threshold).mean()),
                               "train": float((train_scores > check_threshold).mean())},
             "score_quantiles_validation": {str(q): float(np.quantile(val_scores, q)) for q in (0.5, 0.9, 0.99)},

@@ -1,6 +1,7 @@
 """Gated scoring — image files become model scores behind the intended-use gate, for the offline
-commands (``analyze``, ``evaluate``, ``calibrate``), the same way the worker decides: header rules
-(DICOM only: JPEG and PNG carry no header), then the image check from the same forward pass."""
+commands (``evaluate``, ``calibrate``), the same way the worker decides: header rules (DICOM only:
+JPEG and PNG carry no header), then the image check from the same forward pass; each image's
+population (whose operating point it gets) from the header's age, else from the image check."""
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from inference.classifier import Classifier
 from inference.images import read_image
-from inference.intended_use import GateVerdict, IntendedUse
+from inference.intended_use import GateVerdict, HeaderReading, IntendedUse
 from inference.preprocess import to_square_uint8
 
 
@@ -22,9 +23,10 @@ class GatedScore:
     path: str
     label: int | None
     logit: float
-    probability: float
+    probability: float  # at the temperature of its population
     image_check_score: float | None
     verdict: GateVerdict | None
+    population: str  # whose operating point: by the header's age, else the image check
 
 
 @dataclass
@@ -45,7 +47,13 @@ class GatedScores:
 
     @property
     def probabilities(self) -> np.ndarray:
+        """Each accepted image's probability, at the temperature of its population."""
         return np.array([score.probability for score in self.accepted], dtype=float)
+
+    @property
+    def populations(self) -> np.ndarray:
+        """Each accepted image's population name (e.g. ``scores.populations == "adults"`` selects them)."""
+        return np.array([score.population for score in self.accepted], dtype=str)
 
     def refused_summary(self) -> dict:
         """``{"n": …, "reasons": {rule: count}}`` of the refused images."""
@@ -70,18 +78,17 @@ def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gat
                 batch_size: int = 32) -> GatedScores:
     """Score ``(path, label)`` pairs (label None when unknown) through the gate."""
     result = GatedScores()
-    pending: list[tuple[str, int | None, np.ndarray, GateVerdict | None]] = []
+    pending: list[tuple[str, int | None, np.ndarray, HeaderReading]] = []
 
     def flush() -> None:
         if not pending:
             return
-        output = classifier.forward(np.stack([square for _, _, square, _ in pending]))
-        probabilities = classifier.calibrated(output.logits)
-        checks = classifier.image_check_scores(output.features)
-        for index, (path, label, _, header) in enumerate(pending):
-            check = None if checks is None else float(checks[index])
-            verdict = gate.verdict(header, check)
-            score = GatedScore(path, label, float(output.logits[index]), float(probabilities[index]), check, verdict)
+        predictions = classifier.predict_squares(np.stack([square for _, _, square, _ in pending]), None,
+                                                 [header.population for _, _, _, header in pending])
+        for (path, label, _, header), prediction in zip(pending, predictions):
+            verdict = gate.verdict(header.verdict, prediction.image_check_score)
+            score = GatedScore(path, label, prediction.logit, prediction.probability, prediction.image_check_score,
+                               verdict, prediction.population)
             (result.refused if gate.refuses(verdict) else result.accepted).append(score)
         pending.clear()
 
@@ -91,8 +98,7 @@ def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gat
         except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: listed, not fatal
             result.unreadable.append({"path": path, "error": str(error)})
             continue
-        header = gate.header_verdict(dataset) if dataset is not None else None
-        pending.append((path, label, to_square_uint8(gray), header))
+        pending.append((path, label, to_square_uint8(gray), gate.read_header(dataset)))
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -27,36 +27,53 @@ REFUSED_VALIDATION_SHARE = 0.01  # the threshold refuses this share of the valid
 
 @dataclass(frozen=True)
 class ImageCheck:
-    """Class means (C×D) and the shared precision matrix (D×D) of the training features."""
+    """Group means (G×D), the shared precision matrix (D×D) of the training features, and the
+    population (an index into the model card's population names) each group belongs to."""
 
     means: torch.Tensor
     precision: torch.Tensor
+    group_population: torch.Tensor | None = None  # G int64; None: one population
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """N×D pooled features → N distances to the nearest class mean."""
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """N×D pooled features → N×G Mahalanobis distances to every group mean."""
         differences = features.to(self.means.dtype)[:, None, :] - self.means[None]
         squared = torch.einsum("ncd,de,nce->nc", differences, self.precision, differences)
-        return squared.min(dim=1).values.clamp_min(0).sqrt()
+        return squared.clamp_min(0).sqrt()
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """N×D pooled features → N distances to the nearest group mean."""
+        return self.distances(features).min(dim=1).values
+
+    def nearest_population(self, features: torch.Tensor) -> torch.Tensor:
+        """N×D pooled features → the population index of each image's nearest group (0 with one population)."""
+        nearest = self.distances(features).argmin(dim=1)
+        return torch.zeros_like(nearest) if self.group_population is None else self.group_population[nearest]
 
     def save(self, path: Path) -> Path:
-        save_file({"means": self.means.contiguous(), "precision": self.precision.contiguous()}, path)
+        tensors = {"means": self.means.contiguous(), "precision": self.precision.contiguous()}
+        if self.group_population is not None:
+            tensors["group_population"] = self.group_population.contiguous()
+        save_file(tensors, path)
         return path
 
     @classmethod
     def load(cls, path: Path) -> "ImageCheck":
         tensors = load_file(path)
-        return cls(tensors["means"], tensors["precision"])
+        return cls(tensors["means"], tensors["precision"], tensors.get("group_population"))
 
 
-def fit_image_check(features: np.ndarray, labels: np.ndarray) -> ImageCheck:
-    """Fit the class means and the shrunk shared covariance on training features (N×D)."""
+def fit_image_check(features: np.ndarray, labels: np.ndarray, populations: np.ndarray | None = None) -> ImageCheck:
+    """Fit one mean per (population, class) group and the shrunk shared covariance on training
+    features (N×D); ``populations`` holds each image's population index (None: one population)."""
     features = np.asarray(features, dtype=np.float64)
-    labels = np.asarray(labels)
-    classes = sorted(set(labels.tolist()))
-    means = np.stack([features[labels == c].mean(axis=0) for c in classes])
-    centred = features - means[np.searchsorted(classes, labels)]
+    populations = np.zeros(len(labels), dtype=np.int64) if populations is None else np.asarray(populations)
+    groups = np.asarray(populations) * 2 + np.asarray(labels)
+    present = sorted(set(groups.tolist()))
+    means = np.stack([features[groups == g].mean(axis=0) for g in present])
+    centred = features - means[np.searchsorted(present, groups)]
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    return ImageCheck(torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(precision, dtype=torch.float32))
+    return ImageCheck(torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(precision, dtype=torch.float32),
+                      torch.as_tensor([g // 2 for g in present], dtype=torch.int64))
 
 
 def threshold_for(validation_scores: np.ndarray, refused_share: float = REFUSED_VALIDATION_SHARE) -> float:

@@ -4,7 +4,8 @@ model was validated for, or outside it with a reason, decided before any probabi
 Two layers:
 
 * **Header rules** (no pixels needed): a radiograph (CR/DX, or a Secondary Capture with chest
-  hints) of the chest, a frontal view, and a patient age inside the model's population. The age
+  hints) of the chest, a frontal view, and a patient age inside one of the model's populations
+  (e.g. children 1 to <6 years and adults 18 to <90 years: an age between them is refused). The age
   comes from Patient's Age, else from Patient's Birth Date and the Study / Acquisition / Content /
   Series Date, read tolerantly ("058Y", "58", "5 Y", "005M", "3 years"…); an unreadable, empty or
   impossible age (birth after the study) is *unknown*, which the header rules let through and the
@@ -12,8 +13,10 @@ Two layers:
 * **Image check**: the classifier's out-of-distribution score (``inference.image_check``) from the
   same forward pass, compared with the threshold shipped in the model card.
 
-The population (age range) comes from the model card, i.e. from the training data; a site may
-narrow or widen it in the settings. ``Policy.REFUSE`` turns a verdict into "not analysed";
+The populations (name and age range) come from the model card, i.e. from the training data; a
+site may narrow them with outer age bounds in the settings. The header also chooses the population
+whose operating point an image gets (``read_header``): the one its age falls in; with no age the
+classifier's image check chooses. ``Policy.REFUSE`` turns a verdict into "not analysed";
 ``Policy.FLAG`` analyses the image and marks it "outside intended use".
 """
 
@@ -65,15 +68,31 @@ class GateVerdict:
     text: str
 
 
+DEFAULT_POPULATION = "children"  # the one population of model cards made before populations (Kermany only)
+
+
 @dataclass(frozen=True)
 class Population:
-    """The patients the model was validated for: ages ``min_age_years`` ≤ age < ``max_age_years``."""
+    """Patients the model was validated for: ages ``min_age_years`` ≤ age < ``max_age_years``."""
 
     min_age_years: float
     max_age_years: float
+    name: str = DEFAULT_POPULATION
 
     def describe(self) -> str:
         return f"{self.min_age_years:g} to <{self.max_age_years:g} years"
+
+    def contains(self, age_years: float) -> bool:
+        return self.min_age_years <= age_years < self.max_age_years
+
+
+@dataclass(frozen=True)
+class HeaderReading:
+    """What the header rules say about one image: the verdict (None = the header allows analysis) and
+    the population its patient's age falls in (None: no age in the header, or an age in no population)."""
+
+    verdict: GateVerdict | None = None
+    population: str | None = None
 
 
 def _text(dataset: Dataset, keyword: str) -> str:
@@ -140,11 +159,31 @@ def _has_chest_hint(dataset: Dataset) -> bool:
 
 @dataclass(frozen=True)
 class IntendedUse:
-    """The intended-use gate of one loaded model: its population, image-check threshold and policy."""
+    """The intended-use gate of one loaded model: its populations, image-check threshold and policy, and
+    the site's outer age bounds (settings ``model.min_age_years`` / ``max_age_years``; None: none)."""
 
-    population: Population
+    populations: tuple[Population, ...]
     image_check_threshold: float | None  # None: the weights ship no image check
     policy: Policy = Policy.REFUSE
+    min_age_years: float | None = None  # younger patients are refused, whatever their population
+    max_age_years: float | None = None  # patients this old or older are refused, whatever their population
+
+    def read_header(self, dataset: Dataset | None) -> HeaderReading:
+        """The header rules' verdict and the population of the patient's age; an image without a header
+        (JPEG, PNG: ``dataset`` None) has neither, so the image check decides both."""
+        if dataset is None:
+            return HeaderReading()
+        return HeaderReading(self.header_verdict(dataset), self.header_population(dataset))
+
+    def header_population(self, dataset: Dataset) -> str | None:
+        """The name of the population the header's patient age falls in; None when the header gives no
+        age (the image check then chooses) or an age in no population (the header verdict refuses it)."""
+        age = patient_age_years(dataset)
+        population = None if age is None else self.population_of_age(age)
+        return None if population is None else population.name
+
+    def population_of_age(self, age_years: float) -> Population | None:
+        return next((population for population in self.populations if population.contains(age_years)), None)
 
     def header_verdict(self, dataset: Dataset) -> GateVerdict | None:
         """None when the header allows analysis, else the first rule it breaks."""
@@ -162,10 +201,21 @@ class IntendedUse:
             kind = "lateral" if view in LATERAL_VIEWS else "non-frontal"
             return GateVerdict(GateReason.VIEW, f"{kind} view (ViewPosition {view})")
         age = patient_age_years(dataset)
-        if age is not None and not self.population.min_age_years <= age < self.population.max_age_years:
-            return GateVerdict(GateReason.AGE, f"patient age {_age_words(age)}, model's population "
-                                               f"{self.population.describe()}")
+        if age is None:
+            return None
+        if not (self.min_age_years or 0.0) <= age < (self.max_age_years or float("inf")):
+            return GateVerdict(GateReason.AGE, f"patient age {_age_words(age)}, site allows "
+                                               f"{_bounds_words(self.min_age_years, self.max_age_years)}")
+        if self.population_of_age(age) is None:
+            return GateVerdict(GateReason.AGE, f"patient age {_age_words(age)}, {self.describe_populations()}")
         return None
+
+    def describe_populations(self) -> str:
+        """The age ranges of the populations, short enough for an SR code meaning (64 characters)."""
+        if len(self.populations) == 1:
+            return f"model's population {self.populations[0].describe()}"
+        ranges = ", ".join(f"{p.min_age_years:g} to <{p.max_age_years:g}" for p in self.populations)
+        return f"populations {ranges} years"
 
     def verdict(self, header: GateVerdict | None, image_check_score: float | None) -> GateVerdict | None:
         """The header's verdict if it has one, else the image check's."""
@@ -186,3 +236,9 @@ class IntendedUse:
 
 def _age_words(years: float) -> str:
     return f"{years:.0f} years" if years >= 2 else f"{years * 12:.0f} months"
+
+
+def _bounds_words(min_years: float | None, max_years: float | None) -> str:
+    if max_years is None:
+        return f"{min_years:g} years and older"
+    return f"{min_years or 0:g} to <{max_years:g} years"

@@ -32,6 +32,12 @@ class ModelCard:
     operating_point: dict = field(default_factory=dict)  # the threshold rule's evidence and expectations
     limitations: list[str] = field(default_factory=list)
     experiments: list[str] = field(default_factory=list)
+    # per population: name, min_age_years, max_age_years, description, temperature, threshold, threshold_rule,
+    # validation, operating_point; empty in cards made before populations (one population, from the fields above)
+    populations: list = field(default_factory=list)
+    localisation: dict = field(default_factory=dict)  # heatmap vs radiologist boxes on validation (pointing game…)
+    ablations: list = field(default_factory=list)  # rows: change, what it measured, figures with CIs
+    attribution: list[str] = field(default_factory=list)  # what the training data's terms require us to carry
 
     def save(self, folder: Path) -> Path:
         """Write ``model_card.json`` into ``folder``."""
@@ -86,6 +92,8 @@ def render_markdown(card: ModelCard) -> str:
         "",
         *_gate_lines(card),
         *_operating_point_lines(card),
+        *_population_lines(card),
+        *_localisation_lines(card),
         "## Training",
         "",
         *[f"- **{key.replace('_', ' ')}**: {value}" for key, value in card.training.items()],
@@ -98,10 +106,12 @@ def render_markdown(card: ModelCard) -> str:
           ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "ece")],
         f"| confusion at threshold | {validation.get('confusion')} |",
         "",
+        *_ablation_lines(card),
         "## What was tried and why",
         "",
         *[f"- {item}" for item in card.experiments],
         "",
+        *(["## Attribution", "", *[f"- {item}" for item in card.attribution], ""] if card.attribution else []),
         "## Limitations",
         "",
         *[f"- {item}" for item in card.limitations],
@@ -146,3 +156,65 @@ def _operating_point_lines(card: ModelCard) -> list[str]:
         "`lungvision calibrate --data DIR --out site.json`, then `model.site_profile: site.json`.",
         "",
     ]
+
+
+def _with_ci(figures: dict, name: str) -> str:
+    value = figures.get(name)
+    if value is None:
+        return "—"
+    low_high = figures.get("ci95", {}).get(name)
+    return f"{value:.3f}" + (f" ({low_high[0]:.3f}–{low_high[1]:.3f})" if low_high else "")
+
+
+def _population_lines(card: ModelCard) -> list[str]:
+    """One operating point and validation table per population (empty for single-population cards)."""
+    if not card.populations:
+        return []
+    lines = ["## Populations and their operating points", "",
+             "The population is the one whose age range holds the header's patient age; without an age, the image "
+             "check's nearest population. Figures: patient-grouped validation split, 95 % bootstrap CIs.", "",
+             "| population | ages | n | threshold | temperature | AUC | sensitivity | specificity | accuracy |",
+             "|---|---|---:|---:|---:|---|---|---|---|"]
+    for point in card.populations:
+        validation = point["validation"]
+        lines.append(f"| {point['name']} | {point['min_age_years']:g} to <{point['max_age_years']:g} | "
+                     f"{validation['n']} | {point['threshold']:.4f} | {point['temperature']:.3f} | "
+                     f"{_with_ci(validation, 'roc_auc')} | {_with_ci(validation, 'recall')} | "
+                     f"{_with_ci(validation, 'specificity')} | {_with_ci(validation, 'accuracy')} |")
+        for source, figures in point.get("validation_by_source", {}).items():
+            lines.append(f"| {point['name']}: {source} only | | {figures['n']} | | | {_with_ci(figures, 'roc_auc')} | "
+                         f"{_with_ci(figures, 'recall')} | {_with_ci(figures, 'specificity')} | "
+                         f"{_with_ci(figures, 'accuracy')} |")
+    lines.append("")
+    for point in card.populations:
+        lines += [f"- **{point['name']}** ({point['description']}): {point['threshold_rule']}.",
+                  *[f"  - {line}" for line in point.get("operating_point", {}).get("expectation", [])]]
+    return lines + [""]
+
+
+def _localisation_lines(card: ModelCard) -> list[str]:
+    """How often the heatmap points at the radiologists' boxes, against two baselines."""
+    figures = card.localisation
+    if not figures.get("n"):
+        return []
+    return ["## Heatmap localisation", "",
+            f"{figures.get('data', '')}, n = {figures['n']} (95 % bootstrap CIs):", "",
+            "| measure | heatmap | baseline |", "|---|---|---|",
+            f"| peak inside a box (pointing game) | {_with_ci(figures, 'pointing')} | image centre "
+            f"{_with_ci(figures, 'pointing_centre')} |",
+            f"| share of heatmap energy inside the boxes | {_with_ci(figures, 'energy')} | uniform map "
+            f"{_with_ci(figures, 'energy_uniform')} |", "",
+            "Check it on your own boxed DICOMs: `lungvision evaluate --data DIR --boxes boxes.csv --out OUT`.", ""]
+
+
+def _ablation_lines(card: ModelCard) -> list[str]:
+    """What each training choice bought, one change at a time."""
+    if not card.ablations:
+        return []
+    head = card.ablations[0]
+    columns = [key for key in head["figures"] if key != "ci95"]
+    lines = ["## Ablations (one change at a time)", "", head.get("protocol", ""), "",
+             "| change | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row in card.ablations:
+        lines.append(f"| {row['change']} | " + " | ".join(_with_ci(row["figures"], name) for name in columns) + " |")
+    return lines + [""]

@@ -21,13 +21,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from inference.augment import training_transform
-from inference.calibration import calibrated_probabilities
-from inference.dataset import list_labelled, load_squares
-from inference.finalise import SplitImages, finalise
-from inference.metrics import point_metrics
+from inference.dataset import adult_rows, list_labelled, load_squares
+from inference.finalise import SplitImages, finalise, population_validation
 from inference.network import build_resnet18
 from inference.preprocess import normalise
-from inference.split import split_by_patient, write_split_csv
+from inference.split import SplitRow, assign_sides, kermany_rows, write_split_csv
 
 WEIGHTS_NAME = "lungvision-resnet18.safetensors"
 
@@ -36,45 +34,83 @@ WEIGHTS_NAME = "lungvision-resnet18.safetensors"
 class TrainOptions:
     """Hyper-parameters of one training run (their reasons are in the model card)."""
 
-    epochs: int = 20
+    epochs: int = 9
     input_size: int = 160
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.05
     ema_decay: float = 0.998
-    val_fraction: float = 0.15
+    val_fraction: float = 0.15  # children: share of each class's patients held out for validation
+    adult_val_fraction: float = 0.2  # adults: share of each (folder, source) stratum's patient groups
     seed: int = 42
-    min_age_years: float = 1.0  # the training population (Kermany: children aged one to five years)
-    max_age_years: float = 6.0
+    augment: bool = True
+    use_other: bool = True  # the adult set's OTHER folder (abnormal, not pneumonia) as negatives
+    nih_positive_weight: float = 0.5  # loss weight of NIH's text-mined pneumonia labels (about half confirmed)
+    adult_share: float | None = 0.5  # share of each batch drawn from adults; None: as many as the data holds
+    localisation_weight: float = 0.5  # auxiliary loss: the class map of RSNA-boxed positives against the boxes
+    samples_per_epoch: int | None = 6000  # images drawn per epoch (None: as many as the training side holds)
     max_train_images: int | None = None  # for smoke tests only
 
 
 class SquaresDataset(torch.utils.data.Dataset):
-    """Cached squares with labels; applies ``transform`` (if any) to a 1×224×224 uint8 tensor."""
+    """Cached squares with labels, loss weights and box masks; ``transform`` (a ``TrainingTransform``,
+    or None) turns a 1×224×224 uint8 square into model input and moves its box mask with it."""
 
-    def __init__(self, squares: np.ndarray, labels: np.ndarray, transform=None) -> None:
+    def __init__(self, squares: np.ndarray, labels: np.ndarray, transform=None, weights: np.ndarray | None = None,
+                 boxes: list | None = None, input_size: int = 224) -> None:
         self.squares, self.labels, self.transform = squares, labels, transform
+        self.weights = np.ones(len(labels), dtype=np.float32) if weights is None else weights
+        self.boxes = boxes or [()] * len(labels)
+        self.input_size = input_size
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, float]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, float, float, torch.Tensor, bool]:
         image = torch.from_numpy(self.squares[index])[None]
+        boxes = self.boxes[index]
+        mask = box_mask(boxes, image.shape[-1])
         if self.transform is not None:
-            image = self.transform(image)
-        return image, float(self.labels[index])
+            image, mask = self.transform.with_mask(image, mask)
+        else:
+            image = image.float() / 255.0
+        if mask.shape[-1] != self.input_size:
+            mask = torch.nn.functional.interpolate(mask[None].float(), size=(self.input_size,) * 2)[0]
+        return image, float(self.labels[index]), float(self.weights[index]), mask.float(), bool(boxes)
 
 
-def predict_logits(model: torch.nn.Module, squares: np.ndarray, input_size: int, batch_size: int = 64) -> np.ndarray:
-    """Raw logits for a stack of uint8 squares (no augmentation)."""
-    model.eval()
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(squares), batch_size):
-            batch = torch.from_numpy(squares[start : start + batch_size])[:, None]
-            outputs.append(model(normalise(batch, input_size)).flatten())
-    return torch.cat(outputs).numpy()
+def box_mask(boxes, size: int) -> torch.Tensor:
+    """1×size×size uint8 mask: 1 inside any of ``boxes`` (fractions x, y, w, h), 0 elsewhere."""
+    mask = torch.zeros(1, size, size, dtype=torch.uint8)
+    for x, y, w, h in boxes:
+        mask[0, round(y * size): round((y + h) * size), round(x * size): round((x + w) * size)] = 1
+    return mask
+
+
+def sample_weights(rows: list[SplitRow], adult_share: float | None) -> np.ndarray:
+    """Sampling weight per training image: each population gets its share of the draws (``adult_share``
+    for adults; None: its share of the data) and, within a population, both classes equally many."""
+    populations = np.array([row.population for row in rows])
+    labels = np.array([row.label for row in rows])
+    weights = np.zeros(len(rows))
+    for population in np.unique(populations):
+        members = populations == population
+        if adult_share is None or len(np.unique(populations)) == 1:
+            share = members.mean()
+        else:
+            share = adult_share if population == "adults" else 1.0 - adult_share
+        for label in (0, 1):
+            cell = members & (labels == label)
+            if cell.any():
+                weights[cell] = share / 2 / cell.sum()
+    return weights
+
+
+def loss_weights(rows: list[SplitRow], nih_positive_weight: float) -> np.ndarray:
+    """Loss weight per training image: NIH's text-mined positives count ``nih_positive_weight``."""
+    return np.array([nih_positive_weight if row.label == 1 and row.label_source == "nlp-report-mining" else 1.0
+                     for row in rows], dtype=np.float32)
 
 
 def _learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -84,10 +120,16 @@ def _learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def split_images(data_dir: Path, run_dir: Path, options: TrainOptions) -> tuple[SplitImages, float]:
-    """The patient-grouped split of ``data_dir/train`` (written to ``run_dir/split.csv``), decoded
-    into squares through the shared cache; returns the images and the decoding time in seconds."""
-    rows = split_by_patient(list_labelled(data_dir / "train"), options.val_fraction, options.seed)
+def split_images(data_dir: Path, run_dir: Path, options: TrainOptions,
+                 adult_dir: Path | None = None) -> tuple[SplitImages, float]:
+    """The patient-grouped split of ``data_dir/train`` (children) and, if given, of the adult set in
+    ``adult_dir`` (written to ``run_dir/split.csv``), decoded into squares through the shared cache;
+    returns the images and the decoding time in seconds."""
+    rows = kermany_rows(list_labelled(data_dir / "train"))
+    fractions = {"children": options.val_fraction, "adults": options.adult_val_fraction}
+    if adult_dir is not None:
+        rows += adult_rows(adult_dir, options.use_other)
+    rows = assign_sides(rows, fractions, options.seed)
     write_split_csv(rows, run_dir / "split.csv")
     train_rows = [row for row in rows if row.side == "train"]
     val_rows = [row for row in rows if row.side == "val"]
@@ -97,40 +139,81 @@ def split_images(data_dir: Path, run_dir: Path, options: TrainOptions) -> tuple[
 
     started = time.monotonic()
     cache_dir = run_dir.parent / ".cache"
-    train_squares = load_squares([row.path for row in train_rows], cache_dir)
-    val_squares = load_squares([row.path for row in val_rows], cache_dir)
-    train_labels = np.array([row.label for row in train_rows])
-    val_labels = np.array([row.label for row in val_rows])
+    images = SplitImages.of(train_rows, val_rows, load_squares([row.path for row in train_rows], cache_dir),
+                            load_squares([row.path for row in val_rows], cache_dir))
     decode_seconds = time.monotonic() - started
     print(f"decoded {len(train_rows)} train / {len(val_rows)} val images in {decode_seconds:.0f} s")
-    return SplitImages(train_squares, train_labels, val_squares, val_labels), decode_seconds
+    return images, decode_seconds
 
 
-def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = False) -> dict:
-    """Train, then finalise (calibration, operating point, image check) and write weights into
+def class_map_logits(features: torch.Tensor, fc: torch.nn.Linear) -> torch.Tensor:
+    """The pneumonia logit at every position of the layer4 features (N×C×h×w → N×h×w); their mean is
+    the network's output, and their positive part is the Grad-CAM heatmap (``inference.gradcam``)."""
+    return torch.einsum("nchw,c->nhw", features, fc.weight[0]) + fc.bias[0]
+
+
+def training_loader(images: SplitImages, options: TrainOptions,
+                    keep: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+    """Batches of augmented training images (with labels, loss weights, box masks), drawn with the
+    population and class balance of ``options``; ``keep`` (bool per training image) drops the others."""
+    rows = images.train_rows
+    weights = sample_weights(rows, options.adult_share) * (1.0 if keep is None else keep)
+    draws = options.samples_per_epoch or len(rows)
+    sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
+                                                     num_samples=min(draws, len(rows)) if options.max_train_images
+                                                     else draws, replacement=True)
+    dataset = SquaresDataset(images.train_squares, images.train_labels,
+                             training_transform(options.input_size) if options.augment else None,
+                             loss_weights(rows, options.nih_positive_weight), [row.boxes for row in rows],
+                             options.input_size)
+    return torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True)
+
+
+class LossStep:
+    """One optimisation step: weighted, label-smoothed BCE of the image logit, plus (for RSNA-boxed
+    positives) the box loss — BCE of the class map's logit in every layer4 cell against the share of
+    the cell inside the boxes."""
+
+    def __init__(self, model: torch.nn.Module, options: TrainOptions) -> None:
+        self.model, self.options = model, options
+        self.layer4: list[torch.Tensor] = []
+        model.layer4.register_forward_hook(lambda _module, _inputs, output: self.layer4.append(output))
+
+    def __call__(self, batch, optimiser: torch.optim.Optimizer, learning_rate: float) -> float:
+        images, labels, weights, masks, boxed = batch
+        options, model = self.options, self.model
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate
+        inputs = normalise(images, options.input_size).contiguous(memory_format=torch.channels_last)
+        targets = labels.float() * (1 - options.label_smoothing) + options.label_smoothing / 2
+        self.layer4.clear()
+        logits = model(inputs).flatten()
+        per_image = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        loss = (per_image * weights).sum() / weights.sum()
+        if options.localisation_weight and boxed.any():
+            cell_logits = class_map_logits(self.layer4[0][boxed], model.fc)
+            cell_targets = torch.nn.functional.adaptive_avg_pool2d(masks[boxed], cell_logits.shape[-2:])[:, 0]
+            loss = loss + options.localisation_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                cell_logits, cell_targets)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return loss.item()
+
+
+def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = False,
+          adult_dir: Path | None = None) -> dict:
+    """Train, then finalise (calibration, operating points, image check) and write weights into
     ``run_dir``; returns the summary the model card is made from."""
     torch.manual_seed(options.seed)
     np.random.seed(options.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    images, decode_seconds = split_images(data_dir, run_dir, options)
-    train_squares, train_labels, val_squares, val_labels = (images.train_squares, images.train_labels,
-                                                            images.val_squares, images.val_labels)
+    images, decode_seconds = split_images(data_dir, run_dir, options, adult_dir)
 
     model = build_resnet18().to(memory_format=torch.channels_last)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
-    class_counts = np.bincount(train_labels, minlength=2)
-    sampler = torch.utils.data.WeightedRandomSampler(
-        weights=torch.as_tensor(1.0 / class_counts[train_labels], dtype=torch.double),
-        num_samples=len(train_labels),
-        replacement=True,
-    )
-    loader = torch.utils.data.DataLoader(
-        SquaresDataset(train_squares, train_labels, training_transform(options.input_size)),
-        batch_size=options.batch_size,
-        sampler=sampler,
-        drop_last=True,
-    )
+    loader = training_loader(images, options)
     total_steps = options.epochs * len(loader)
     checkpoint_path = run_dir / "checkpoint.pt"
     first_epoch, train_seconds, history = 0, 0.0, []
@@ -143,45 +226,37 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
         first_epoch, train_seconds, history = state["epoch"], state["train_seconds"], state["history"]
         print(f"resumed after epoch {first_epoch}")
 
-    smoothing = options.label_smoothing
+    step = LossStep(model, options)
     for epoch in range(first_epoch, options.epochs):
         epoch_start = time.monotonic()
         model.train()
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{options.epochs}", mininterval=10)
         running = 0.0
-        for step_in_epoch, (images, labels) in enumerate(progress):
-            step = epoch * len(loader) + step_in_epoch
-            for group in optimiser.param_groups:
-                group["lr"] = _learning_rate(step, total_steps, len(loader), options.learning_rate)
-            inputs = normalise(images, options.input_size).contiguous(memory_format=torch.channels_last)
-            targets = labels.float() * (1 - smoothing) + smoothing / 2
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(inputs).flatten(), targets)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
+        for step_in_epoch, batch in enumerate(progress):
+            learning_rate = _learning_rate(epoch * len(loader) + step_in_epoch, total_steps, len(loader),
+                                           options.learning_rate)
+            loss = step(batch, optimiser, learning_rate)
             ema.update_parameters(model)
-            running = 0.98 * running + 0.02 * loss.item() if step_in_epoch else loss.item()
+            running = 0.98 * running + 0.02 * loss if step_in_epoch else loss
             progress.set_postfix(loss=f"{running:.3f}")
-        val_logits = predict_logits(ema.module, val_squares, options.input_size)
-        val = point_metrics(val_labels, calibrated_probabilities(val_logits, 1.0), 0.5)
         train_seconds += time.monotonic() - epoch_start
-        history.append({"epoch": epoch + 1, "train_loss": running, "val_auc": val["roc_auc"],
-                        "val_accuracy": val["accuracy"], "seconds": train_seconds})
-        print(f"epoch {epoch + 1}: train loss {running:.4f} | val AUC {val['roc_auc']:.4f} "
-              f"acc@0.5 {val['accuracy']:.4f} recall {val['recall']:.4f} spec {val['specificity']:.4f} "
-              f"| {train_seconds / 60:.1f} min", flush=True)
+        figures = population_validation(ema.module, images, options.input_size)
+        history.append({"epoch": epoch + 1, "train_loss": running, "seconds": train_seconds, **figures})
+        print(f"epoch {epoch + 1}: train loss {running:.4f} | "
+              + " | ".join(f"{key} {value:.4f}" for key, value in figures.items())
+              + f" | {train_seconds / 60:.1f} min", flush=True)
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
                     "rng": torch.get_rng_state(), "epoch": epoch + 1, "train_seconds": train_seconds,
                     "history": history}, checkpoint_path)
 
     with (run_dir / "history.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(history[-1]))
         writer.writeheader()
         writer.writerows(history)
 
     save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, run_dir / WEIGHTS_NAME)
     summary = {**finalise(ema.module, images, options.input_size, run_dir),
                "train_seconds": train_seconds, "decode_seconds": decode_seconds,
-               "n_train": len(train_labels), "n_val": len(val_labels), "history": history}
+               "n_train": len(images.train_labels), "n_val": len(images.val_labels), "history": history}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -36,3 +36,40 @@ def tiny_labelled_folder(tmp_path_factory) -> Path:
         for path in sorted((source / name).glob("*.jpeg"))[:: 300][:4]:
             shutil.copy(path, folder / name / path.name)
     return folder
+
+
+TWO_POPULATIONS = [  # a two-population model card's operating points, far apart so tests can tell them apart
+    {"name": "children", "min_age_years": 1.0, "max_age_years": 6.0, "description": "children (test)",
+     "temperature": 1.0, "threshold": 0.2},
+    {"name": "adults", "min_age_years": 18.0, "max_age_years": 90.0, "description": "adults (test)",
+     "temperature": 2.0, "threshold": 0.7},
+]
+
+
+@pytest.fixture(scope="session")
+def two_population_weights(tmp_path_factory) -> Path:
+    """The shipped weights as a two-population model: the card gains ``populations`` (children 1 to <6
+    years at threshold 0.2 / temperature 1.0, adults 18 to <90 at 0.7 / 2.0) and the image check's
+    groups are assigned to them alternately (the shipped check's NORMAL-class group to children, its
+    PNEUMONIA-class group to adults), so that an image without an age gets its nearest group's population."""
+    import json
+
+    import torch
+
+    from inference.image_check import ImageCheck
+    from inference.model_card import WEIGHTS_DIR, ModelCard, sha256_of
+
+    folder = tmp_path_factory.mktemp("two-population-weights")
+    for path in WEIGHTS_DIR.iterdir():
+        shutil.copy(path, folder / path.name)
+    card = json.loads((folder / "model_card.json").read_text())
+    check = ImageCheck.load(folder / card["image_check"]["file"])
+    alternate = torch.arange(len(check.means), dtype=torch.int64) % 2  # the shipped check: NORMAL, PNEUMONIA
+    two_groups = ImageCheck(check.means, check.precision, alternate)
+    two_groups.save(folder / card["image_check"]["file"])
+    card["image_check"].update(sha256=sha256_of(folder / card["image_check"]["file"]),
+                               populations=["children", "adults"])
+    card["populations"] = TWO_POPULATIONS
+    (folder / "model_card.json").write_text(json.dumps(card, indent=2))
+    assert ModelCard.load(folder).populations == TWO_POPULATIONS
+    return folder

@@ -11,7 +11,7 @@ from inference.intended_use import (GateReason, IntendedUse, Policy, Population,
 from inference.sample_dicom import wrap_image
 
 PIXELS = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
-CHILDREN = IntendedUse(Population(1.0, 6.0), image_check_threshold=30.0)
+CHILDREN = IntendedUse((Population(1.0, 6.0),), image_check_threshold=30.0)
 
 
 def chest(**header) -> object:
@@ -105,10 +105,57 @@ def test_image_check_threshold_and_policies() -> None:
     assert CHILDREN.image_verdict(29.9) is None
     assert CHILDREN.image_verdict(30.1).reason is GateReason.IMAGE_CHECK
     assert CHILDREN.image_verdict(None) is None
-    assert IntendedUse(Population(1, 6), None).image_verdict(1e9) is None  # weights without an image check
+    assert IntendedUse((Population(1, 6),), None).image_verdict(1e9) is None  # weights without an image check
     verdict = CHILDREN.image_verdict(50.0)
     assert CHILDREN.refuses(verdict) and not CHILDREN.refuses(None)
-    assert not IntendedUse(Population(1, 6), 30.0, Policy.FLAG).refuses(verdict)
+    assert not IntendedUse((Population(1, 6),), 30.0, Policy.FLAG).refuses(verdict)
     assert CHILDREN.verdict(None, 50.0) == verdict
     header = CHILDREN.header_verdict(chest(ViewPosition="LL"))
     assert CHILDREN.verdict(header, 50.0) == header  # the header's reason comes first
+
+
+TWO = IntendedUse((Population(1.0, 6.0, "children"), Population(18.0, 90.0, "adults")), image_check_threshold=30.0)
+
+
+@pytest.mark.parametrize(("header", "population", "reason"), [
+    ({"PatientAge": "004Y"}, "children", None),
+    ({"PatientAge": "012M"}, "children", None),
+    ({"PatientAge": "040Y"}, "adults", None),
+    ({"PatientAge": "018Y"}, "adults", None),
+    ({"PatientBirthDate": "19700101", "StudyDate": "20240101"}, "adults", None),
+    ({"PatientAge": "010Y"}, None, GateReason.AGE),  # between the populations
+    ({"PatientAge": "006Y"}, None, GateReason.AGE),
+    ({"PatientAge": "006M"}, None, GateReason.AGE),  # younger than the children
+    ({"PatientAge": "095Y"}, None, GateReason.AGE),  # older than the adults' maximum
+    ({}, None, None),  # no age: the image check chooses the population
+    ({"PatientAge": "040Y", "ViewPosition": "LL"}, "adults", GateReason.VIEW),
+])
+def test_the_header_age_chooses_the_population(header: dict, population: str | None,
+                                               reason: GateReason | None) -> None:
+    reading = TWO.read_header(chest(**header))
+    assert reading.population == population and TWO.header_population(chest(**header)) == population
+    assert (reading.verdict.reason if reading.verdict else None) == reason
+    if reading.verdict is not None:
+        assert len(reading.verdict.text) <= 64  # it becomes an SR code meaning
+
+
+def test_an_age_in_no_population_names_the_ranges_and_no_header_decides_nothing() -> None:
+    assert TWO.header_verdict(chest(PatientAge="010Y")).text == \
+        "patient age 10 years, populations 1 to <6, 18 to <90 years"
+    assert CHILDREN.header_verdict(chest(PatientAge="058Y")).text == \
+        "patient age 58 years, model's population 1 to <6 years"
+    assert TWO.read_header(None).verdict is None and TWO.read_header(None).population is None  # JPEG, PNG
+
+
+def test_the_site_settings_are_outer_bounds_that_only_narrow() -> None:
+    from dataclasses import replace
+
+    narrowed = replace(TWO, min_age_years=2.0, max_age_years=65.0)
+    assert narrowed.header_verdict(chest(PatientAge="018M")).text == "patient age 18 months, site allows 2 to <65 years"
+    assert narrowed.header_verdict(chest(PatientAge="070Y")).reason is GateReason.AGE
+    assert narrowed.header_verdict(chest(PatientAge="040Y")) is None
+    assert narrowed.header_verdict(chest(PatientAge="010Y")).reason is GateReason.AGE  # still in no population
+    wide = replace(TWO, min_age_years=0.0, max_age_years=120.0)  # bounds never widen a population
+    assert wide.header_verdict(chest(PatientAge="095Y")).reason is GateReason.AGE
+    assert replace(TWO, min_age_years=3.0).header_verdict(chest(PatientAge="002Y")).text == \
+        "patient age 2 years, site allows 3 years and older"

@@ -41,7 +41,7 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_labelled_folder, tmp_path
     assert metrics["n"] == 10 - refused["n"] and metrics["coverage"] == pytest.approx(metrics["n"] / 10)
     assert set(metrics["confusion"]) == {"tp", "fp", "tn", "fn"}
     assert sum(metrics["confusion"].values()) == metrics["n"]
-    assert metrics["operating_point"] == "shipped"
+    assert metrics["operating_point"] == "shipped / children"
     assert [entry["path"].endswith("broken.png") for entry in metrics["skipped"]] == [True]
     for name in ("roc.png", "pr.png", "reliability.png", "report.md"):
         assert (out / name).stat().st_size > 0, name
@@ -118,7 +118,7 @@ def test_calibrate_writes_a_site_profile_that_analyze_then_uses(tiny_labelled_fo
     result = CliRunner().invoke(app, ["analyze", str(jpeg)])
     line = json.loads(result.stdout.splitlines()[0])
     if line["intended_use"]:
-        assert line["operating_point"] == "site profile ward-7"
+        assert line["operating_point"] == "site profile ward-7 / children"
         assert line["threshold"] == pytest.approx(profile["threshold"])
 
     profile["weights_sha256"] = "f" * 64
@@ -177,3 +177,25 @@ def test_from_worklist_without_reviews_is_a_clear_error(tmp_path, monkeypatch) -
     monkeypatch.setenv("LUNGVISION_STORE__URL", f"sqlite:///{tmp_path / 'empty.db'}")
     result = CliRunner().invoke(app, ["calibrate", "--from-worklist", "--out", str(tmp_path / "site.json")])
     assert result.exit_code == 2 and "no study reviewed" in result.output
+
+
+def test_analyze_names_each_images_population_and_operating_point(tiny_labelled_folder, two_population_weights,
+                                                                    tmp_path, monkeypatch) -> None:
+    jpeg = sorted((tiny_labelled_folder / "PNEUMONIA").iterdir())[0]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for age in ("040Y", "004Y", "010Y"):
+        dataset = wrap_image(np.asarray(Image.open(jpeg).convert("L")))
+        dataset.PatientAge = age
+        write_dataset(dataset, inputs / f"{age}.dcm")
+    monkeypatch.setenv("LUNGVISION_MODEL__WEIGHTS_DIR", str(two_population_weights))
+    monkeypatch.setenv("LUNGVISION_MODEL__INTENDED_USE_POLICY", "flag")  # the image check must not hide the choice
+    result = CliRunner().invoke(app, ["analyze", str(inputs)])
+    assert result.exit_code == 0, result.output
+    lines = {json.loads(line)["path"].rsplit("/", 1)[-1]: json.loads(line) for line in result.stdout.splitlines()}
+    adult, child, gap = lines["040Y.dcm"], lines["004Y.dcm"], lines["010Y.dcm"]
+    assert (adult["population"], adult["operating_point"], adult["threshold"]) == ("adults", "shipped / adults", 0.7)
+    assert (child["population"], child["operating_point"], child["threshold"]) == \
+        ("children", "shipped / children", 0.2)
+    assert gap["intended_use"] is False and "populations 1 to <6, 18 to <90 years" in gap["reason"]
+    assert gap["population"] in ("children", "adults")  # no age in a population: the image check chose

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from inference.classifier import Classifier
 from lungvision.cli import app
-from tests.conftest import CHEST_XRAY, require
+from tests.conftest import CHEST_XRAY, SHARED_DATA, require
 
 
 def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
@@ -27,6 +27,7 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     assert card["image_check"]["file"] == "image-check.safetensors" and (run / "image-check.safetensors").exists()
     assert card["image_check"]["threshold"] > 0 and "stressed" in card["operating_point"]["rule"]
     assert card["population"]["min_age_years"] == 1.0
+    assert [point["name"] for point in card["populations"]] == ["children"]
 
     classifier = Classifier(run)
     assert classifier.card.weights_sha256 == card["weights_sha256"]
@@ -36,6 +37,28 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 1" in result.output
     assert json.loads((run / "model_card.json").read_text())["training"]["epochs"] == 2
+
+
+def test_train_on_both_populations_gives_each_its_operating_point(tmp_path) -> None:
+    data, adults = require(CHEST_XRAY), require(SHARED_DATA / "adult_cxr")
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--adult-data", str(adults), "--out", str(run),
+                                      "--epochs", "1", "--input-size", "64", "--max-train-images", "120"])
+    assert result.exit_code == 0, result.output
+    with (run / "split.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(row["population"], row["side"]) for row in rows} >= {("children", "val"), ("adults", "val"),
+                                                                  ("children", "train"), ("adults", "train")}
+    card = json.loads((run / "model_card.json").read_text())
+    points = {point["name"]: point for point in card["populations"]}
+    assert set(points) == {"children", "adults"} and card["version"].startswith("2.")
+    assert points["adults"]["min_age_years"] == 18.0 and "radiologist" in points["adults"]["threshold_rule"]
+    assert set(points["adults"]["validation_by_source"]) == {"nih", "rsna"}
+    assert card["image_check"]["populations"] == ["children", "adults"]
+    assert card["localisation"]["n"] > 0 and "pointing_centre" in card["localisation"]
+    assert any("NIH Clinical Center" in line for line in card["attribution"])
+    assert "Populations and their operating points" in (run / "MODEL_CARD.md").read_text()
+    assert len(Classifier(run).populations) == 2
 
 
 def test_train_rejects_a_folder_without_train(tmp_path) -> None:

@@ -63,6 +63,8 @@ class StudySummary(BaseModel):
     detail_url: str
     review: Verdict | None = None  # the current reviewer verdict on this round's finding
     outside_intended_use: bool = False  # any image of the round is outside the intended use
+    population: str | None = None  # the population of the study's finding, e.g. children (None: nothing analysed)
+    operating_point: str | None = None  # the operating point it was judged at, e.g. "shipped / adults"
     patient: PatientFields | None = None
 
 
@@ -74,6 +76,9 @@ class ImageResult(BaseModel):
     intended_use: bool | None  # False: outside the intended use (refused, or analysed and flagged); None: not checked
     gate_reason: str | None  # the intended-use gate's rule (modality, body_part, view, age, image_check) when it said no
     gate_text: str | None  # ...and its sentence for people
+    population: str | None = None  # whose operating point: by the header's patient age, else the image check
+    operating_point: str | None = None  # e.g. "shipped / adults" or "site profile ward-7 / children"
+    threshold: float | None = None  # the operating point's threshold
     sc_uid: str | None
     sr_uid: str | None
     image_url: str | None
@@ -191,6 +196,7 @@ def create_app(settings: Settings) -> FastAPI:
             modality=row.modality, calling_ae=row.calling_ae, message_id=row.message_id, round=row.round,
             thumbnail_url=f"/studies/{uid}/thumbnail.png" if row.has_heatmap else None,
             detail_url=f"/studies/{uid}", review=row.review, outside_intended_use=row.outside_intended_use,
+            population=row.population, operating_point=row.operating_point,
             patient=PatientFields(**patient) if patient else None)
 
     def detail(row: StudyRow, authenticated: bool) -> StudyDetail:
@@ -202,7 +208,8 @@ def create_app(settings: Settings) -> FastAPI:
                                   probability=image.get("probability"), positive=image.get("positive"),
                                   not_analysed_reason=image.get("not_analysed_reason") or image.get("error"),
                                   intended_use=image.get("intended_use"), gate_reason=image.get("gate_reason"),
-                                  gate_text=image.get("gate_text"),
+                                  gate_text=image.get("gate_text"), population=image.get("population"),
+                                  operating_point=image.get("operating_point"), threshold=image.get("threshold"),
                                   sc_uid=image.get("sc_uid"), sr_uid=image.get("sr_uid"),
                                   image_url=f"/studies/{uid}/images/{image['sc_uid']}.png" if image.get("sc_uid")
                                   else None) for image in result.images or []]

@@ -115,6 +115,8 @@ class StudyRow:
     calling_ae: str | None = None
     probability: float | None = None
     threshold: float | None = None
+    population: str | None = None  # the population of the study's finding (whose operating point judged it)
+    operating_point: str | None = None  # e.g. "shipped / adults"
     has_heatmap: bool = False
     result: StudyResult | None = None
     review: Verdict | None = None  # the current reviewer verdict on this round's finding
@@ -177,11 +179,13 @@ class Worklist:
         return sorted(rows, key=lambda row: row.priority)[: self.settings.web.page_size]
 
     def _row(self, result: StudyResult, review: Verdict | None) -> StudyRow:
+        image = study_image(result) or {}
         return StudyRow(result.study_instance_uid, _aware(result.received_at), display_status(result), result.finding,
                         message_id=result.message_id, round=result.round, accession_number=result.accession_number,
                         modality=result.modality, calling_ae=result.calling_ae, probability=result.probability,
-                        threshold=result.threshold, has_heatmap=top_sc_uid(result) is not None, result=result,
-                        review=review)
+                        threshold=result.threshold, population=image.get("population"),
+                        operating_point=image.get("operating_point"), has_heatmap=top_sc_uid(result) is not None,
+                        result=result, review=review)
 
     def row(self, study_uid: str) -> StudyRow | None:
         """The worklist row of one study (its latest round), or None."""
@@ -199,10 +203,17 @@ class Worklist:
         return Path(self.settings.worker.outbox_dir) / study_uid / f"{sop_instance_uid}.dcm"
 
 
+def study_image(result: StudyResult) -> dict | None:
+    """The stored analysed image the study's finding comes from — positive first, then the highest
+    probability, as the worker chose it — or None when no image was analysed."""
+    analysed = [image for image in result.images or [] if image.get("probability") is not None]
+    return max(analysed, key=lambda image: (bool(image.get("positive")), image["probability"])) if analysed else None
+
+
 def top_sc_uid(result: StudyResult) -> str | None:
-    """The heatmap SC of the image with the highest probability."""
-    analysed = [image for image in result.images or [] if image.get("sc_uid") and image.get("probability") is not None]
-    return max(analysed, key=lambda image: image["probability"])["sc_uid"] if analysed else None
+    """The heatmap SC of the image the study's finding comes from."""
+    image = study_image(result)
+    return None if image is None else image.get("sc_uid")
 
 
 def patient_fields(outbox: Path, result: StudyResult | None) -> dict[str, str] | None:

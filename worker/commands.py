@@ -7,14 +7,15 @@ import typer
 from config.settings import Settings
 
 
-def worklist_labels(settings: Settings, weights_sha256: str) -> tuple[list[int], list[float], dict[str, int]]:
-    """Labels and raw logits of the studies radiologists marked agree/disagree in the worklist
-    (for ``calibrate --from-worklist`` and ``evaluate --from-worklist``)."""
+def worklist_labels(settings: Settings,
+                    weights_sha256: str) -> tuple[list[int], list[float], list[str | None], dict[str, int]]:
+    """Labels, raw logits and populations of the studies radiologists marked agree/disagree in the
+    worklist (for ``calibrate --from-worklist`` and ``evaluate --from-worklist``)."""
     from worker.record import Store
     from worker.review import reviewed_scores
 
     scores = reviewed_scores(Store(settings.store.url), weights_sha256)
-    return scores.labels, scores.logits, scores.skipped
+    return scores.labels, scores.logits, scores.populations, scores.skipped
 
 
 def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:

@@ -2,7 +2,9 @@
 
 The message carries the finding (OBX 1, SNOMED CT 233604007 "Pneumonia": Present/Absent) and the
 calibrated probability (OBX 2, with the threshold as reference range), both with abnormal flag
-``A`` for positives and ``N`` for negatives, the model identity and the Study Instance UID.
+``A`` for positives and ``N`` for negatives, the operating point (OBX "LV-OPPT": where it comes from
+and the population of the study's finding, e.g. "shipped / adults (threshold 0.2000)"), the model
+identity and the Study Instance UID.
 
 Patient identity (PID-3, and PID-5 only when ``hl7.include_patient_name``, else a pseudo-name) is read from the
 header of one of the study's result files in the outbox at send time — the outcome store holds
@@ -57,7 +59,7 @@ class Hl7Job:
     analysed_at: str  # ISO 8601
     accession_number: str | None = None
     output_uids: list[str] = field(default_factory=list)  # SR and SC SOP Instance UIDs in the outbox
-    operating_point: str = "shipped"  # "shipped" or "site profile <id>"
+    operating_point: str = "shipped"  # OperatingPoint.name: "shipped / children", "site profile <id> / adults"
     remark: str | None = None  # why not analysed, or why the result is outside the intended use
 
 

@@ -1,6 +1,7 @@
 """Pipeline — a StudyReady message becomes result files in the outbox: load → select (intended-use
-header rules) → decode → predict (with the image check) → encode. Delivery and recording happen in
-the tasks; this module knows no Celery."""
+header rules, the population of the patient's age) → decode → predict (with the image check, each
+image at its population's operating point) → encode. Delivery and recording happen in the tasks;
+this module knows no Celery."""
 
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
 from inference.intended_use import GateVerdict, IntendedUse
 from inference.overlay import legend_lines, render_overlay
 from inference.preprocess import to_square_uint8
+from inference.site_profile import OperatingPoint
 from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import ImageFinding, build_findings_sr
 from worker.encode.heatmap_sc import build_heatmap_sc
@@ -39,8 +41,14 @@ class StudyOutcome:
 
     @property
     def top(self) -> ImageFinding | None:
-        """The analysed image with the highest probability (the study-level finding)."""
-        return highest_probability(self.findings)
+        """The image of the study-level finding (see ``study_finding``)."""
+        return study_finding(self.findings)
+
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        """The operating point of the study-level finding (its image's population's); None: nothing analysed."""
+        top = self.top
+        return None if top is None else top.operating_point
 
     @property
     def output_uids(self) -> list[str]:
@@ -78,10 +86,13 @@ class StudyOutcome:
         return counts
 
 
-def highest_probability(findings: list[ImageFinding]) -> ImageFinding | None:
-    """The analysed finding with the highest probability, or None when nothing was analysed."""
+def study_finding(findings: list[ImageFinding]) -> ImageFinding | None:
+    """The analysed finding the study's finding comes from: the positive one with the highest
+    probability, else the one with the highest probability (images of different populations have
+    different thresholds, so the highest probability alone may be a negative beside a positive);
+    None when nothing was analysed."""
     analysed = [finding for finding in findings if finding.analysed]
-    return max(analysed, key=lambda finding: finding.probability) if analysed else None
+    return max(analysed, key=lambda finding: (finding.positive, finding.probability)) if analysed else None
 
 
 class _Stopwatch:
@@ -105,7 +116,8 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
 
     An image outside the intended use (header rules first, then the image check from the same
     forward pass) is not analysed under ``Policy.REFUSE`` — its probability is dropped, never
-    shown — and analysed but marked under ``Policy.FLAG``.
+    shown — and analysed but marked under ``Policy.FLAG``. Each analysed image is judged at the
+    operating point of its population: the header's patient age's, else the image check's.
     """
     watch = _Stopwatch()
     started = time.perf_counter()
@@ -113,6 +125,7 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
     grays: dict[int, np.ndarray] = {}
     skipped: dict[int, tuple[str, GateVerdict | None]] = {}  # index → (reason, gate verdict)
     verdicts: dict[int, GateVerdict] = {}
+    populations: dict[int, str | None] = {}  # index → population of the header's age (None: unknown)
     for index, instance in enumerate(message.instances):
         dataset = dcmread(instance.path, force=True)
         sources.append(dataset)
@@ -124,6 +137,7 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
         else:
             try:
                 grays[index] = dataset_to_gray(dataset)
+                populations[index] = selection.population
                 if selection.verdict is not None:
                     verdicts[index] = selection.verdict
             except UnsupportedImage as error:
@@ -133,7 +147,8 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
     candidates = sorted(grays)
     squares = np.stack([to_square_uint8(grays[index]) for index in candidates]) if candidates else None
     started = watch.lap("preprocess", started)
-    predictions = classifier.predict_squares(squares, [grays[i].shape for i in candidates]) if candidates else []
+    predictions = classifier.predict_squares(squares, [grays[i].shape for i in candidates],
+                                             [populations[i] for i in candidates]) if candidates else []
     started = watch.lap("model_heatmap", started)
 
     by_index: dict[int, Prediction] = {}
@@ -163,31 +178,37 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
             sop_instance_uid=output_instance_uid(source.SOPInstanceUID, sha, "sc"),
             series_number=SC_SERIES_NUMBER, instance_number=instance_number(source, index + 1))
         findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc,
-                                     gate=verdicts.get(index), logit=prediction.logit))
+                                     gate=verdicts.get(index), logit=prediction.logit,
+                                     operating_point=classifier.operating_points[prediction.population]))
 
-    top = highest_probability(findings)
+    top = study_finding(findings)
     outputs: list[Dataset] = []
     images: list[dict] = []
     for index, finding in enumerate(findings):
+        # an image not analysed names the point of the study's finding, or the first population's
+        point = finding.operating_point or (top.operating_point if top else classifier.operating_point)
         sr = build_findings_sr(
-            [finding], study_finding=top, threshold=classifier.threshold,
-            operating_point=classifier.operating_point.name, algorithm=algorithm,
+            [finding], study_finding=top, threshold=point.threshold, operating_point=point.name, algorithm=algorithm,
             device_uid=device_uid, series_instance_uid=output_series_uid(study_uid, sha, "sr"),
             sop_instance_uid=output_instance_uid(finding.source.SOPInstanceUID, sha, "sr"),
             series_number=SR_SERIES_NUMBER, instance_number=instance_number(finding.source, index + 1))
         outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
-        images.append(image_record(finding, sr, classifier.operating_point.name))
+        images.append(image_record(finding, sr))
     files = [write_output(dataset, outbox / study_uid) for dataset in outputs]
     watch.lap("encode", started)
     return StudyOutcome(message, findings, files, images, watch.timings)
 
 
-def image_record(finding: ImageFinding, sr: Dataset, operating_point: str) -> dict:
-    """What the store keeps about one source image (no patient data)."""
+def image_record(finding: ImageFinding, sr: Dataset) -> dict:
+    """What the store keeps about one source image (no patient data); population, operating point and
+    threshold are None for an image not analysed."""
+    point = finding.operating_point
     return {"sop_instance_uid": str(finding.source.SOPInstanceUID), "probability": finding.probability,
             "positive": finding.positive, "logit": finding.logit, "not_analysed_reason": finding.not_analysed_reason,
             "intended_use": finding.gate is None, "gate_reason": finding.gate.reason.value if finding.gate else None,
-            "gate_text": finding.gate.text if finding.gate else None, "operating_point": operating_point,
+            "gate_text": finding.gate.text if finding.gate else None,
+            "population": point.population if point else None, "operating_point": point.name if point else None,
+            "threshold": point.threshold if point else None,
             "sc_uid": str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
             "sr_uid": str(sr.SOPInstanceUID)}
 

@@ -1,4 +1,5 @@
-"""Review — reviewers' verdicts in the store + the raw logits of the rounds they judged → a labelled set."""
+"""Review — reviewers' verdicts in the store + the raw logits (and populations) of the rounds they
+judged → a labelled set."""
 
 import enum
 from collections import Counter
@@ -17,13 +18,22 @@ class SkipReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class ReviewedScores:
-    """Reference labels (1 = pneumonia) and model scores (raw logits) of reviewed study rounds, in the
-    same order, plus how many reviews were skipped, by reason."""
+    """Reference labels (1 = pneumonia), model scores (raw logits) and populations of reviewed study
+    rounds, in the same order, plus how many reviews were skipped, by reason."""
 
     labels: list[int]
     logits: list[float]
     study_uids: list[str]
     skipped: dict[str, int]
+    populations: list[str | None]  # the scored image's population; None: recorded before populations were
+
+
+@dataclass(frozen=True)
+class StudyScore:
+    """The score of one study round: its image with the highest raw logit, and that image's population."""
+
+    logit: float
+    population: str | None
 
 
 def label(review: Review) -> int:
@@ -32,29 +42,35 @@ def label(review: Review) -> int:
                or (review.finding == "NEGATIVE" and review.verdict == Verdict.DISAGREE))
 
 
-def study_logit(result: StudyResult) -> float | None:
-    """The highest raw logit among the round's images, or None when no image has one."""
-    logits = [float(image["logit"]) for image in result.images or [] if image.get("logit") is not None]
-    return max(logits) if logits else None
+def study_score(result: StudyResult) -> StudyScore | None:
+    """The highest raw logit among the round's images with its image's population, or None when no
+    image has a logit."""
+    scored = [image for image in result.images or [] if image.get("logit") is not None]
+    if not scored:
+        return None
+    top = max(scored, key=lambda image: float(image["logit"]))
+    return StudyScore(float(top["logit"]), top.get("population"))
 
 
 def reviewed_scores(store: Store, weights_sha256: str) -> ReviewedScores:
     """The labelled set of every reviewed round scored by the weights ``weights_sha256``."""
     labels: list[int] = []
     logits: list[float] = []
+    populations: list[str | None] = []
     study_uids: list[str] = []
     skipped: Counter[str] = Counter()
     for review in store.reviews():
         result = store.result(review.message_id)
-        logit = None if result is None else study_logit(result)
+        score = None if result is None else study_score(result)
         if result is None:
             skipped[SkipReason.NO_RESULT.value] += 1
         elif result.model_sha256 != weights_sha256:
             skipped[SkipReason.OTHER_WEIGHTS.value] += 1
-        elif logit is None:
+        elif score is None:
             skipped[SkipReason.NO_SCORE.value] += 1
         else:
             labels.append(label(review))
-            logits.append(logit)
+            logits.append(score.logit)
+            populations.append(score.population)
             study_uids.append(review.study_instance_uid)
-    return ReviewedScores(labels, logits, study_uids, dict(skipped))
+    return ReviewedScores(labels, logits, study_uids, dict(skipped), populations)

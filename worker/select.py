@@ -1,5 +1,6 @@
 """Selection — each instance of a study becomes one of: our own object (skipped), outside the model's
-intended use by its header (the rule and the reason), or a candidate for analysis."""
+intended use by its header (the rule and the reason), or a candidate for analysis; the header also
+names the population of the patient's age when it gives one."""
 
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ class Selection:
 
     skip_reason: str | None = None  # never analysed, and no intended-use question (our own objects)
     verdict: GateVerdict | None = None  # outside the intended use by its header
+    population: str | None = None  # the population of the header's patient age; None: the image check chooses
 
 
 def select(dataset: Dataset, gate: IntendedUse) -> Selection:
@@ -25,4 +27,5 @@ def select(dataset: Dataset, gate: IntendedUse) -> Selection:
                              series_instance_uid=header_text(dataset, "SeriesInstanceUID"),
                              manufacturer=header_text(dataset, "Manufacturer")):
         return Selection(skip_reason=OWN_OBJECT)
-    return Selection(verdict=gate.header_verdict(dataset))
+    header = gate.read_header(dataset)
+    return Selection(verdict=header.verdict, population=header.population)

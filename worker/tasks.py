@@ -84,6 +84,8 @@ def analyse_and_route(ready: StudyReady, settings: Settings, classifier: Classif
     destinations = [] if settings.delivery.shadow_mode else choose_destinations(
         settings, calling_ae=ready.calling_ae, modalities=modalities, finding=outcome.finding, status=outcome.status)
     top = outcome.top
+    # the study's point: its finding's image's population's; nothing analysed: the first population's
+    point = outcome.operating_point or classifier.operating_point
     first = outcome.findings[0].source
     result = StudyResult(
         message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
@@ -91,7 +93,7 @@ def analyse_and_route(ready: StudyReady, settings: Settings, classifier: Classif
         accession_number=str(first.get("AccessionNumber", "")) or None,
         status=outcome.status,
         finding=outcome.finding, probability=None if top is None else top.probability,
-        threshold=classifier.threshold, model_version=classifier.version,
+        threshold=point.threshold, model_version=classifier.version,
         model_sha256=classifier.card.weights_sha256, images=outcome.images, timings_ms=outcome.timings_ms,
         received_at=ready.first_received_at)
     for name in destinations:
@@ -99,15 +101,15 @@ def analyse_and_route(ready: StudyReady, settings: Settings, classifier: Classif
         deliver_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:{name}")
     for endpoint in [] if settings.delivery.shadow_mode else settings.hl7.endpoints:  # analysed or not: say so
         job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, outcome.finding,
-                     None if top is None else top.probability, classifier.threshold, classifier.version,
+                     None if top is None else top.probability, point.threshold, classifier.version,
                      classifier.card.weights_sha256, datetime.now(timezone.utc).isoformat(), result.accession_number,
-                     outcome.output_uids, classifier.operating_point.name, outcome.remark)
+                     outcome.output_uids, point.name, outcome.remark)
         send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     store().save_outcome(result, destinations)
     audit.record("analysed", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round,
                  calling_ae=ready.calling_ae, finding=outcome.finding, probability=result.probability,
                  model_version=classifier.version, model_sha256=classifier.card.weights_sha256,
-                 status=outcome.status, operating_point=classifier.operating_point.name,
+                 status=outcome.status, operating_point=point.name,
                  outside_intended_use=outcome.gate_counts(), shadow_mode=settings.delivery.shadow_mode,
                  instances=[image["sop_instance_uid"] for image in outcome.images],
                  outputs=outcome.output_uids,

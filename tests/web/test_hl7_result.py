@@ -137,3 +137,17 @@ def test_every_oru_passes_strict_v25_validation(finding, patient, include_name) 
         assert str(pid[3]) == "UNKNOWN^^^^U"
     if not include_name or not patient.name:
         assert str(pid[5]) == "WITHHELD^^^^^^S"
+
+
+@pytest.mark.parametrize("operating_point", ["shipped / adults", "site profile ward-7 / children"])
+def test_the_operating_point_obx_names_the_population(operating_point) -> None:
+    from config.settings import Hl7Settings
+
+    job = Hl7Job("m-1", "ris", "1.2.826.0.1.3680043.10.1514.1", "POSITIVE", 0.81, 0.7, "lungvision-resnet18 1.2",
+                 "ab" * 32, "2026-11-30T10:00:00+00:00", "ACC-9", ["1.2.3"], operating_point)
+    message = build_oru(job, PatientHeader("PID-1", "", "", "ACC-9"), Hl7Settings(),
+                        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575), control_id="c0ffee")
+    assert_strict_v25(message)
+    point = next(obx for obx in message.segments("OBX") if str(obx[3][0][0]) == "LV-OPPT")
+    assert str(point[5]) == f"{operating_point} (threshold 0.7000)"
+    assert str(message.segments("OBX")[1][7]) == "<0.7000"  # the population's threshold is the reference range

@@ -65,6 +65,23 @@ def test_study_detail_has_images_sr_summary_and_delivery_log(client, site) -> No
     assert client.get(f"/api/studies/1.2.3.4").status_code == 404
 
 
+def test_every_result_names_its_population_and_operating_point(client, site) -> None:
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"population", "operating_point"} <= set(schema["StudySummary"]["properties"])
+    assert {"population", "operating_point", "threshold"} <= set(schema["ImageResult"]["properties"])
+    study = site.studies["ACC-POS-HIGH"]
+    detail = client.get(f"/api/studies/{study.study_uid}").json()
+    assert (detail["population"], detail["operating_point"]) == ("children", "shipped / children")
+    (image,) = detail["images"]
+    assert (image["population"], image["operating_point"]) == ("children", "shipped / children")
+    assert image["threshold"] == pytest.approx(detail["threshold"])
+    summaries = {s["study_instance_uid"]: s for s in client.get("/api/studies").json()}
+    assert summaries[study.study_uid]["population"] == "children"
+    assert summaries[site.studies["analysing"].study_uid]["population"] is None
+    page = client.get("/").text
+    assert "<th>Population</th>" in page and 'title="operating point shipped / children">children</td>' in page
+
+
 def test_unauthenticated_requests_see_no_patient_fields(client, site) -> None:
     secrets = [s.patient_id for s in site.studies.values() if s.patient_id] + \
               [s.patient_name.replace("^", " ") for s in site.studies.values() if s.patient_name] + \

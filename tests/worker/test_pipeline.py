@@ -169,3 +169,54 @@ def test_every_image_refused_makes_the_round_outside_use(adult_and_child, tmp_pa
     outcome = analyse_study(make_message(adult_and_child[:1]), classifier, classifier.intended_use(),
                             tmp_path / "outbox", device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
     assert outcome.status == "outside_use" and outcome.finding == "NOT_ANALYSED" and outcome.top is None
+
+
+def test_each_image_gets_its_populations_operating_point(two_population_weights, tmp_path) -> None:
+    """A two-population model: the header's age chooses each image's operating point; the SR and the
+    store name population and point; an age between the populations is refused."""
+    from inference.classifier import Classifier
+    from inference.sample_dicom import wrap_image, write_dataset
+    from tests.worker.conftest import chest_pixels
+
+    study_uid = generate_uid()
+    paths = []
+    for name, age in (("adult", "040Y"), ("child", "004Y"), ("gap", "010Y")):
+        dataset = wrap_image(chest_pixels(4), study_uid=study_uid)
+        dataset.PatientAge = age
+        paths.append(write_dataset(dataset, tmp_path / f"{name}.dcm"))
+    classifier = Classifier(two_population_weights)
+    outcome = analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox",
+                            device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    adult, child, gap = outcome.images
+    assert (adult["population"], adult["threshold"], adult["operating_point"]) == ("adults", 0.7, "shipped / adults")
+    assert (child["population"], child["threshold"], child["operating_point"]) == \
+        ("children", 0.2, "shipped / children")
+    assert gap["probability"] is None and gap["gate_reason"] == "age" and gap["population"] is None
+    assert "populations 1 to <6, 18 to <90 years" in gap["not_analysed_reason"]
+    # the same pixels: one logit, two temperatures and thresholds
+    assert adult["logit"] == pytest.approx(child["logit"], abs=1e-4)
+    assert adult["positive"] == (adult["probability"] >= 0.7) and child["positive"] == (child["probability"] >= 0.2)
+    for image, threshold in ((adult, 0.7), (child, 0.2)):
+        values = sr_values(dcmread(next(path for path in outcome.files if path.stem == image["sr_uid"])))
+        assert f"operating point shipped / {image['population']} (threshold {threshold:.4f})" in \
+            values["Algorithm Parameters"]
+        assert values["Decision threshold"] == [pytest.approx(threshold)]
+    top = outcome.top  # the study's finding: a positive image first, then the highest probability
+    assert top.positive == any(image["positive"] for image in (adult, child))
+    assert outcome.operating_point is top.operating_point
+    for path in outcome.files:
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_the_study_finding_is_a_positive_image_before_a_higher_negative_one() -> None:
+    """With per-population thresholds a lower probability can be positive beside a higher negative one."""
+    from pydicom import Dataset
+
+    from worker.encode.findings_sr import ImageFinding
+    from worker.pipeline import study_finding
+
+    negative_adult = ImageFinding(Dataset(), probability=0.6, positive=False)
+    positive_child = ImageFinding(Dataset(), probability=0.3, positive=True)
+    refused = ImageFinding(Dataset(), not_analysed_reason="lateral view")
+    assert study_finding([negative_adult, positive_child, refused]) is positive_child
+    assert study_finding([negative_adult, refused]) is negative_adult and study_finding([refused]) is None

@@ -87,3 +87,15 @@ def test_the_verdict_is_stored_as_its_value(store) -> None:
     with store.engine.connect() as connection:
         stored = connection.exec_driver_sql("SELECT verdict FROM reviews").scalar_one()
     assert stored == "agree"
+
+
+def test_the_scored_images_population_comes_with_the_score(store) -> None:
+    result = saved(store, "POSITIVE", [1.0, 2.5])
+    result.images[1]["population"], result.images[0]["population"] = "adults", "children"
+    store.save_result(result)
+    older = saved(store, "NEGATIVE", [-1.0])  # recorded before populations were stored
+    for reviewed in (result, older):
+        store.save_review(reviewed, Verdict.AGREE, "operator")
+    scores = reviewed_scores(store, WEIGHTS)
+    assert dict(zip(scores.study_uids, zip(scores.logits, scores.populations))) == {
+        result.study_instance_uid: (2.5, "adults"), older.study_instance_uid: (-1.0, None)}

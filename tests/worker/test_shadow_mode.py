@@ -17,8 +17,9 @@ def run_task(tmp_path):
     """Run the analysis task on files with the given delivery settings; returns (result, settings)."""
     from worker import celery_app, tasks
 
-    def run(paths, **delivery):
+    def run(paths, model: dict | None = None, **delivery):
         settings = load_settings(
+            model=model or {},
             store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
             broker={"url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
                     "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}"},
@@ -47,7 +48,7 @@ def test_shadow_mode_sends_nothing_but_records_everything(study_files, run_task)
     answer, result, settings = run_task([study_files["frontal"]], shadow_mode=True)
     assert answer["destinations"] == []
     assert result.status == "analysed" and result.finding in ("POSITIVE", "NEGATIVE")
-    assert result.images[0]["logit"] is not None and result.images[0]["operating_point"] == "shipped"
+    assert result.images[0]["logit"] is not None and result.images[0]["operating_point"] == "shipped / children"
     event = analysed_event(settings)
     assert event["shadow_mode"] is True and event["destinations"] == []
 
@@ -62,3 +63,16 @@ def test_a_refused_study_is_outside_use_and_audited_by_rule(study_files, run_tas
     assert answer["finding"] == "NOT_ANALYSED"
     assert result.status == OUTSIDE_USE and result.probability is None
     assert analysed_event(settings)["outside_intended_use"] == {"refused": {"view": 1}, "flagged": {}}
+
+
+def test_the_task_records_the_population_and_point_of_each_image(two_population_weights, tmp_path, run_task) -> None:
+    from inference.sample_dicom import wrap_image, write_dataset
+    from tests.worker.conftest import chest_pixels
+
+    adult = wrap_image(chest_pixels(5))
+    adult.PatientAge = "052Y"
+    answer, result, settings = run_task([write_dataset(adult, tmp_path / "adult.dcm")],
+                                        model={"weights_dir": str(two_population_weights)}, shadow_mode=True)
+    (image,) = result.images
+    assert (image["population"], image["operating_point"], image["threshold"]) == ("adults", "shipped / adults", 0.7)
+    assert result.threshold == 0.7 and analysed_event(settings)["operating_point"] == "shipped / adults"

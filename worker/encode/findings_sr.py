@@ -7,8 +7,10 @@ and references to the source image and its heatmap SC; an image that could not b
 group that says why. An image outside the model's intended use also names the gate's rule
 ("Outside intended use": patient age, view, image check…) — in the "not analysed" group when the
 gate refused it, beside the finding when the site's policy only flags it. A first, study-level
-group carries the highest image probability. The operating point used (the shipped one, or a site
-profile) is an algorithm parameter. The observer is the Lung Vision device; the report is UNVERIFIED.
+group carries the study's finding (its positive image with the highest probability, else its image
+with the highest probability). The operating point used — where it comes from (shipped, or a site
+profile) and the image's population, e.g. "shipped / adults" — is an algorithm parameter. The
+observer is the Lung Vision device; the report is UNVERIFIED.
 """
 
 import hashlib
@@ -21,6 +23,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node.identity import MANUFACTURER
 from inference.intended_use import GateReason, GateVerdict
+from inference.site_profile import OperatingPoint
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header
@@ -33,7 +36,7 @@ CHEST_XRAY = Code("168731009", "SCT", "Chest X-ray")
 PNEUMONIA_PROBABILITY = Code("LV001", LOCAL_SCHEME, "Pneumonia probability (calibrated)")
 DECISION_THRESHOLD = Code("LV002", LOCAL_SCHEME, "Decision threshold")
 NOT_ANALYSED = Code("LV003", LOCAL_SCHEME, "Image not analysed")
-STUDY_LEVEL = Code("LV004", LOCAL_SCHEME, "Study-level finding (highest image probability)")
+STUDY_LEVEL = Code("LV004", LOCAL_SCHEME, "Study-level finding (positive first, highest probability)")
 OUTSIDE_INTENDED_USE = Code("LV005", LOCAL_SCHEME, "Outside intended use")
 GATE_RULES = {
     GateReason.MODALITY: Code("LV011", LOCAL_SCHEME, "Not a radiograph (modality)"),
@@ -57,6 +60,7 @@ class ImageFinding:
     heatmap_sc: Dataset | None = None
     gate: GateVerdict | None = None  # outside the intended use: refused (not analysed) or flagged (analysed)
     logit: float | None = None  # raw network output (site calibration refits from it)
+    operating_point: OperatingPoint | None = None  # the point it was judged at: its population's; None: not analysed
 
     @property
     def analysed(self) -> bool:
@@ -118,9 +122,10 @@ def build_findings_sr(
 ) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR about ``findings`` (images of one study).
 
-    ``study_finding`` is the study's analysed image with the highest probability (None when no
-    image of the study could be analysed); it becomes the first, study-level group.
-    ``operating_point`` names where ``threshold`` comes from ("shipped" or "site profile <id>").
+    ``study_finding`` is the analysed image the study's finding comes from (``pipeline.study_finding``;
+    None when no image of the study could be analysed); it becomes the first, study-level group.
+    ``operating_point`` names where ``threshold`` comes from and its population ("shipped / children",
+    "site profile <id> / adults": ``OperatingPoint.name``).
     """
     if not findings:
         raise ValueError("a findings SR needs at least one image")
