@@ -307,7 +307,7 @@ def _read_record(path: Path) -> ArrivalRecord | None:
     """The arrival record, or None when it is missing or unreadable (the instance itself is intact)."""
     try:
         return ArrivalRecord.from_bytes(path.read_bytes())
-    except FileNotFoundError:
+    except FileNotFoundError:  # the record is lost: callers fall back on the instance file (its mtime)
         return None
     except (ValueError, TypeError):  # half-written before a crash, or an older format
         return None
@@ -338,7 +338,7 @@ def _ensure_dir(path: Path) -> None:
     _ensure_dir(path.parent)
     try:
         path.mkdir()
-    except FileExistsError:
+    except FileExistsError:  # made by a concurrent caller meanwhile, which fsyncs the parent itself
         return
     _fsync_dir(path.parent)
 

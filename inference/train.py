@@ -10,6 +10,7 @@ epoch; ``resume=True`` continues from it.
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class TrainOptions:
     nih_positive_weight: float = 0.5  # loss weight of NIH's text-mined pneumonia labels (about half confirmed)
     adult_share: float | None = 0.5  # share of each batch drawn from adults; None: as many as the data holds
     localisation_weight: float = 0.5  # auxiliary loss: the class map of RSNA-boxed positives against the boxes
+    ablation_epoch: int | None = 5  # keep checkpoint-epoch<N>.pt, where scripts/ablate.py branches off
     samples_per_epoch: int | None = 6000  # images drawn per epoch (None: as many as the training side holds)
     max_train_images: int | None = None  # for smoke tests only
 
@@ -248,6 +250,8 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
                     "rng": torch.get_rng_state(), "epoch": epoch + 1, "train_seconds": train_seconds,
                     "history": history}, checkpoint_path)
+        if epoch + 1 == options.ablation_epoch:
+            shutil.copyfile(checkpoint_path, run_dir / f"checkpoint-epoch{epoch + 1}.pt")
 
     with (run_dir / "history.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[-1]))

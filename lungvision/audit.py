@@ -17,6 +17,7 @@ written, so library use and unit tests leave no trail behind.
 
 import fcntl
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ FORBIDDEN_FIELDS = frozenset({"patient_name", "patient_id", "patient_birth_date"
 
 _lock = threading.Lock()
 _path: Path | None = None
+log = logging.getLogger("lungvision.audit")
 
 
 def configure(path: Path | None) -> None:
@@ -67,15 +69,21 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         with open(path, "rb") as handle:
             handle.seek(offset)
             data = handle.read()
-    except FileNotFoundError:
+    except FileNotFoundError:  # nothing has been audited yet: no events
         return [], 0
     end = data.rfind(b"\n") + 1  # a line still being written is left for the next read
     events = []
-    for raw in data[:end].splitlines():
+    position = offset
+    for raw in data[:end].splitlines(keepends=True):
+        if not raw.strip():  # an empty line carries no event
+            position += len(raw)
+            continue
         try:
             events.append(json.loads(raw))
-        except ValueError:
-            continue
+        except ValueError as error:  # skipped, said once per reader; the line itself is not quoted
+            log.warning("audit trail %s: the line at byte %d is not a JSON event (%s); skipped", path, position,
+                        type(error).__name__)
+        position += len(raw)
     return events, offset + end
 
 

@@ -52,11 +52,14 @@ def serve() -> None:
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path("var/demo"), help="folder for the demo's spool, store and results")) -> None:
-    """Start 'serve' on embedded defaults, send the bundled sample studies, print the results, stop."""
+def demo(workdir: Path = typer.Option(Path("var/demo"), help="folder for the demo's spool, store and results"),
+         keep: bool = typer.Option(False, "--keep",
+                                   help="keep 'serve' and its worklist running after the results, until Ctrl-C/SIGTERM")
+         ) -> None:
+    """Start 'serve' on embedded defaults, send the bundled sample studies, print the results, stop (--keep: stay up)."""
     from lungvision.demo import run_demo
 
-    raise typer.Exit(run_demo(workdir.resolve()))
+    raise typer.Exit(run_demo(workdir.resolve(), keep=keep))
 
 
 inference_commands.register(app, State.settings, worker_commands.worklist_labels)

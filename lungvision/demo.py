@@ -3,6 +3,8 @@
 Sends five studies (chest radiographs wrapped as DICOM in several photometric interpretations and
 transfer syntaxes, one with a lateral view, and one non-chest image), waits until their results
 are delivered to the local folder destination, prints a table and the result files, and stops.
+With ``keep`` (``lungvision demo --keep``) it leaves ``serve`` running after the table, so that the
+worklist keeps answering, until SIGINT (Ctrl-C) or SIGTERM; then it stops ``serve`` cleanly.
 """
 
 import os
@@ -10,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from lungvision.ports import free_port, wait_until_listening
 SAMPLES = Path(__file__).with_name("samples")
 START_TIMEOUT_S = 180.0
 RESULTS_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -70,8 +74,34 @@ def sample_studies() -> list[DemoStudy]:
     ]
 
 
-def run_demo(workdir: Path) -> int:
-    """Run the whole demo in ``workdir`` (emptied first); returns the exit code."""
+def keep_serving(server: subprocess.Popen, url: str) -> int:
+    """Keep ``server`` running until SIGINT or SIGTERM reaches this process; returns the exit code.
+
+    0 after a signal; 1 if the server exits on its own first. The caller still stops the server.
+    The previous signal handlers are restored before returning (this must run in the main thread).
+    """
+    stop = threading.Event()
+    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"\nworklist at {url} — Ctrl-C to stop", flush=True)
+        while not stop.is_set():
+            if server.poll() is not None:
+                print(f"'lungvision serve' exited with status {server.returncode}; stopping", file=sys.stderr,
+                      flush=True)
+                return 1
+            stop.wait(0.5)
+        print("stopping ...", flush=True)
+        return 0
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def run_demo(workdir: Path, keep: bool = False) -> int:
+    """Run the whole demo in ``workdir`` (emptied first); returns the exit code.
+
+    With ``keep``, 'serve' (and so the worklist) stays up after the results until SIGINT or SIGTERM.
+    """
     from worker.record import Store
 
     shutil.rmtree(workdir, ignore_errors=True)
@@ -92,7 +122,9 @@ def run_demo(workdir: Path) -> int:
         for study in studies:
             sent_at[study.study_uid] = time.monotonic()
             send_datasets(Destination("LUNGVISION", "127.0.0.1", port), study.datasets, calling_ae="LV_DEMO")
-        print(f"worklist: http://127.0.0.1:{web_port}/ (while the demo runs)", flush=True)
+        url = f"http://127.0.0.1:{web_port}/"
+        print(f"worklist: {url} ({'kept after the results: --keep' if keep else 'while the demo runs'})",
+              flush=True)
         print(f"sent {len(studies)} studies ({sum(len(s.datasets) for s in studies)} images); waiting for results ...",
               flush=True)
         store = Store(f"sqlite:///{workdir / 'var' / 'lungvision.db'}")
@@ -119,10 +151,15 @@ def run_demo(workdir: Path) -> int:
         print(f"\n{len(files)} result files (Secondary Capture heatmaps and Structured Reports) under {out}:")
         for path in files:
             print(f"  {os.path.relpath(path)}")
-        return 0 if len(done) == len(studies) else 1
+        code = 0 if len(done) == len(studies) else 1
+        if keep:
+            wait_until_listening(web_port, server, START_TIMEOUT_S)
+            code = keep_serving(server, url) or code
+        return code
     finally:
         server.send_signal(signal.SIGTERM)
         try:
-            server.wait(timeout=120)
+            server.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            print(f"'lungvision serve' did not stop within {STOP_TIMEOUT_S:.0f} s; killed", file=sys.stderr, flush=True)
             server.kill()

@@ -1,12 +1,13 @@
-"""Refusal rates of the intended-use gate on in-distribution and out-of-distribution images.
+"""Refusal rates of the intended-use gate on in-distribution and out-of-distribution images, and the
+population the image check chooses for images without an age.
 
-Run: ``.venv/bin/python scripts/gate_report.py [--data ../shared/data] [--weights-dir DIR]``.
-Prints one table (set, images, refused, share, by rule). The sets: the Kaggle ``val/`` folder of
-the pediatric data (in distribution, never used for any choice), the *report half* of the adult
-training images by patient group (NORMAL / PNEUMONIA / OTHER; adults are outside the pediatric
-model's population and carry no header, so only the image check can refuse them; the other half
-chose the image check's features in ``scripts/gate_design.py``), the three vendor DICOM samples (adults), and
-images made here: the pediatric ``val/`` images inverted, turned 90°, and synthetic
+Run: ``.venv/bin/python scripts/gate_report.py [--data ../shared/data] [--weights-dir DIR] [--run RUN]``.
+Prints one table (set, images, refused, share, by rule, population of the accepted). The sets: the
+Kaggle ``val/`` folder of the pediatric data (in distribution, never used for any choice); with
+``--run``, the adult validation split of that training run (in distribution for a two-population
+model; JPEGs without a header, so the image check alone decides and chooses the population);
+otherwise the *report half* of the adult images by patient group; the three vendor DICOM samples;
+and images made here: the pediatric ``val/`` images inverted, turned 90°, and synthetic
 non-radiographs (noise, gradients, shapes, text). Nothing is tuned on these figures.
 """
 
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 from inference.classifier import Classifier  # noqa: E402
 from inference.gated import score_files  # noqa: E402
 from inference.model_card import WEIGHTS_DIR  # noqa: E402
+from inference.split import read_split_csv  # noqa: E402
 from scripts.gate_design import adult_files  # noqa: E402
 
 
@@ -67,16 +69,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
+    parser.add_argument("--run", type=Path, help="training run whose adult validation split to use (split.csv)")
     arguments = parser.parse_args()
     classifier = Classifier(arguments.weights_dir)
     gate = classifier.intended_use()
     pediatric_val = sorted((arguments.data / "chest_xray" / "val").rglob("*.jpeg"))
-    adult = [Path(path) for path in adult_files(arguments.data, design=False)]
+    if arguments.run:
+        adult = [Path(row.path) for row in read_split_csv(arguments.run / "split.csv")
+                 if row.population == "adults" and row.side == "val"]
+        adult_set = "validation split"
+    else:
+        adult = [Path(path) for path in adult_files(arguments.data, design=False)]
+        adult_set = "report half"
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         sets = {
             "pediatric val/ folder (in distribution)": pediatric_val,
-            **{f"adult {label} (report half)": [path for path in adult if path.parent.name == label]
+            **{f"adult {label} ({adult_set})": [path for path in adult if path.parent.name == label]
                for label in ("NORMAL", "PNEUMONIA", "OTHER")},
             "vendor DICOM samples (adults)": sorted((arguments.data / "dicom_samples").glob("*.dcm")),
             "pediatric val/, inverted": transformed(pediatric_val, folder, "inverted", lambda p: 255 - p),
@@ -84,16 +93,16 @@ def main() -> None:
             "synthetic non-radiographs": synthetic_images(folder),
         }
         print(f"image check threshold {gate.image_check_threshold:.2f}; model {classifier.version}")
-        print(f"| set | images | refused | share | by rule |\n|---|---:|---:|---:|---|")
+        print("| set | images | refused | share | by rule | population of the accepted |\n|---|---:|---:|---:|---|---|")
         for name, paths in sets.items():
             if not paths:
-                print(f"| {name} | 0 | | | (absent) |")
+                print(f"| {name} | 0 | | | (absent) | |")
                 continue
             scores = score_files([(str(path), None) for path in paths], classifier, gate)
             readable = len(scores.accepted) + len(scores.refused)
             rules = Counter(score.verdict.reason.value for score in scores.refused)
             print(f"| {name} | {readable} | {len(scores.refused)} | {len(scores.refused) / readable:.1%} | "
-                  f"{dict(rules)} |", flush=True)
+                  f"{dict(rules)} | {dict(Counter(scores.populations.tolist()))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from inference.images import read_gray
 from inference.sample_dicom import wrap_image, write_dataset
 from lungvision.cli import app
-from tests.conftest import DICOM_SAMPLES
+from tests.conftest import DICOM_SAMPLES, SHARED_DATA, require
 
 
 def _as_dicom(jpeg, target, **options) -> None:
@@ -199,3 +199,44 @@ def test_analyze_names_each_images_population_and_operating_point(tiny_labelled_
         ("children", "shipped / children", 0.2)
     assert gap["intended_use"] is False and "populations 1 to <6, 18 to <90 years" in gap["reason"]
     assert gap["population"] in ("children", "adults")  # no age in a population: the image check chose
+
+
+def test_evaluate_reports_each_population_and_the_heatmap_against_boxes(tiny_labelled_folder, two_population_weights,
+                                                                        tmp_path, monkeypatch) -> None:
+    """Adult DICOMs (header age) with radiologists' boxes beside the pediatric JPEGs: one section per
+    population at its own operating point, and the pointing game / energy with their baselines."""
+    import csv
+
+    adults_dir = require(SHARED_DATA / "adult_cxr")
+    with (adults_dir / "MANIFEST.tsv").open() as handle:
+        boxed = [row for row in csv.DictReader(handle, delimiter="\t") if row["rsna_boxes"]][:3]
+    data = tmp_path / "data"
+    shutil.copytree(tiny_labelled_folder, data)
+    for row in boxed:
+        dataset = wrap_image(np.asarray(Image.open(adults_dir / row["file"]).convert("L")))
+        dataset.PatientAge = "045Y"
+        write_dataset(dataset, data / "PNEUMONIA" / f"{row['original_id']}.dcm")
+    with (tmp_path / "boxes.csv").open("w", newline="") as handle:  # boxes in the 1024 px originals' space
+        writer = csv.writer(handle)
+        writer.writerow(["file", "rsna_boxes", "orig_width", "orig_height"])
+        writer.writerows([f"PNEUMONIA/{row['original_id']}.dcm", row["rsna_boxes"], 1024, 1024] for row in boxed)
+    monkeypatch.setenv("LUNGVISION_MODEL__WEIGHTS_DIR", str(two_population_weights))
+    monkeypatch.setenv("LUNGVISION_MODEL__INTENDED_USE_POLICY", "flag")  # the test card's image check is pediatric
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--boxes", str(tmp_path / "boxes.csv"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    adults = metrics["by_population"]["adults"]
+    # the three DICOMs by their age; the JPEGs (no header) by the test card's image check, which may say adults
+    assert adults["n"] >= 3 and adults["threshold"] == 0.7 and adults["operating_point"] == "shipped / adults"
+    assert metrics["threshold"] == "per population" and "children" in metrics["by_population"]
+    located = metrics["localisation"]
+    assert located["n"] == 3 and 0 <= located["pointing"] <= 1 and 0 < located["energy_uniform"] < 1
+    assert {"pointing_centre", "energy", "ci95"} <= set(located)
+    assert "## adults" in (out / "report.md").read_text() and "heatmap: n = 3 boxed images" in result.output
+
+    result = CliRunner().invoke(app, ["evaluate", "--boxes", str(tmp_path / "missing.csv"), "--data", str(data),
+                                      "--out", str(out)])
+    assert result.exit_code == 2 and "--boxes" in result.output

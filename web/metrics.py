@@ -15,6 +15,7 @@ worker on another host is counted as long as it writes the same trail (shared vo
 """
 
 import bisect
+import logging
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -23,10 +24,12 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from config.settings import Settings
 from inference.intended_use import GateReason
 from web.worklist import AuditIndex
+from worker.deliver import describe_failure
 from worker.record import Verdict
 
 DURATION_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 INFERENCE_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+log = logging.getLogger("lungvision.web.metrics")
 
 
 def histogram(name: str, documentation: str, values: list[float], bounds: tuple[float, ...]) -> HistogramMetricFamily:
@@ -49,6 +52,20 @@ def queue_depth(settings: Settings) -> int:
 class LungVisionCollector(Collector):
     def __init__(self, settings: Settings, audit: AuditIndex, dead_letter_count) -> None:
         self.settings, self.audit, self.dead_letter_count = settings, audit, dead_letter_count
+        self._failing: set[str] = set()  # sources that failed at the last scrape: logged once, not every scrape
+
+    def _source_failed(self, source: str, consequence: str, error: Exception) -> None:
+        """A source the scrape reads failed: say so in the log when it starts failing (a scrape every few
+        seconds would repeat it), with the error's type and code line only, never its message."""
+        if source not in self._failing:
+            self._failing.add(source)
+            log.warning("metrics: %s failed, %s (logged again after it recovers): %s", source, consequence,
+                        describe_failure(error))
+
+    def _source_answered(self, source: str) -> None:
+        if source in self._failing:
+            self._failing.discard(source)
+            log.info("metrics: %s answers again", source)
 
     def collect(self) -> Iterator:
         index = self.audit.refresh()
@@ -93,15 +110,22 @@ class LungVisionCollector(Collector):
         up = 1
         try:
             depth = queue_depth(self.settings)
-            yield GaugeMetricFamily("lungvision_queue_depth", "Study rounds waiting in the analysis queue", value=depth)
-        except Exception:  # the broker is down: say so instead of failing the scrape
+        except Exception as error:  # the broker is down: say so (gauge and log) instead of failing the scrape
             up = 0
+            self._source_failed("the broker", "lungvision_queue_depth left out and lungvision_broker_up 0", error)
+        else:
+            self._source_answered("the broker")
+            yield GaugeMetricFamily("lungvision_queue_depth", "Study rounds waiting in the analysis queue", value=depth)
         yield GaugeMetricFamily("lungvision_broker_up", "1 when the broker answered this scrape", value=up)
         try:
+            dead_letters = self.dead_letter_count()
+        except Exception as error:  # the outcome store is unreachable: the other metrics are still worth a scrape
+            self._source_failed("counting dead letters in the outcome store", "lungvision_dead_letters left out",
+                                error)
+        else:
+            self._source_answered("counting dead letters in the outcome store")
             yield GaugeMetricFamily("lungvision_dead_letters", "Deliveries that ran out of attempts, not yet replayed",
-                                    value=self.dead_letter_count())
-        except Exception:
-            pass
+                                    value=dead_letters)
 
 
 def registry_for(settings: Settings, audit: AuditIndex, dead_letter_count) -> CollectorRegistry:

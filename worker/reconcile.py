@@ -126,7 +126,7 @@ def _runs(pid: int) -> bool:
     if Path("/proc/self/stat").exists():
         try:
             state = stat.read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
+        except FileNotFoundError:  # no /proc entry: no such process
             return False
         return state != "Z"  # a zombie has exited; only its parent has not collected its status yet
     try:
@@ -381,6 +381,7 @@ def stop_sweeper(process: subprocess.Popen) -> None:
     try:
         process.wait(timeout=STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        log.warning("sweeper (pid %d) did not stop within %.0f s of SIGTERM; killed", process.pid, STOP_TIMEOUT_S)
         process.kill()
         process.wait(timeout=STOP_TIMEOUT_S)
 

@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES
 from dicom_node.completion import StudyCompletionTracker
@@ -14,7 +15,6 @@ from node_testkit import TEST_REDIS_DB, NodeProcess, QueueReader, node_settings
 
 @pytest.fixture(scope="session")
 def redis_queue() -> QueueReader:
-    redis = pytest.importorskip("redis")
     client = redis.Redis(host="127.0.0.1", port=6379, db=TEST_REDIS_DB, socket_timeout=5)
     try:
         client.ping()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -37,7 +38,6 @@ ROUTING_TIMEOUT_S = 30.0
 
 
 def redis_broker(folder: Path) -> tuple[str, str]:
-    redis = pytest.importorskip("redis")
     try:
         redis.Redis(host="127.0.0.1", port=6379, db=AUTOROUTE_REDIS_DB, socket_timeout=5).flushdb()
     except redis.exceptions.ConnectionError:

@@ -40,6 +40,28 @@ def test_demo_shows_a_result_for_every_sample_study(tmp_path) -> None:
     assert len(files) == 4 * 2 + 3  # SC + SR per analysed image, an SR each for the lateral, the knee, the adult
 
 
+def test_demo_keep_keeps_the_worklist_up_after_the_results_until_ctrl_c(tmp_path) -> None:
+    from tests.test_demo_keep import _lines, listening, wait_for_line
+
+    process = subprocess.Popen([sys.executable, "-m", "lungvision", "demo", "--keep", "--workdir", str(tmp_path / "demo")],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        line = wait_for_line(_lines(process.stdout), "Ctrl-C to stop", timeout_s=600)  # after the results table
+        url = line.split("worklist at ", 1)[1].split(" ", 1)[0]
+        with urllib.request.urlopen(f"{url}api/studies", timeout=10) as answer:
+            assert len(json.load(answer)) == len(sample_studies())
+        time.sleep(2)
+        with urllib.request.urlopen(url, timeout=10) as answer:  # still there: not stopped after the demo
+            assert answer.status == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=180) == 0
+        assert not listening(int(url.rstrip("/").rsplit(":", 1)[1]))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 class Serve:
     """``lungvision serve`` in a folder of its own (relative ./var paths land there)."""
 

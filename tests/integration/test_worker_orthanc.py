@@ -8,6 +8,7 @@ import time
 import urllib.request
 
 import pytest
+import redis
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -99,7 +100,6 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    redis = pytest.importorskip("redis")
     try:
         redis.Redis(host="127.0.0.1", port=6379, db=INTEGRATION_REDIS_DB, socket_timeout=5).flushdb()
     except redis.exceptions.ConnectionError:
