@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from inference.calibration import calibrated_probabilities
-from inference.gradcam import class_activation_map, heatmap_in_image
+from inference.gradcam import Heatmap, class_map, heatmap_in_image
 from inference.image_check import FEATURE_LAYERS, ImageCheck
 from inference.intended_use import DEFAULT_POPULATION, IntendedUse, Policy, Population
 from inference.model_card import WEIGHTS_DIR, ModelCard, sha256_of
@@ -45,7 +45,7 @@ class ForwardPass:
     """What one forward pass gives for N squares: raw logits, Grad-CAM maps, pooled features."""
 
     logits: torch.Tensor  # N
-    cams: torch.Tensor  # N×h×w
+    cams: torch.Tensor  # N×h×w class maps (each cell's evidence, before Grad-CAM's ReLU)
     features: torch.Tensor  # N×D spatial means of FEATURE_LAYERS (the image check's input)
 
 
@@ -73,7 +73,7 @@ def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int)
     try:
         with torch.inference_mode():
             logits = network(normalise(batch, input_size)).flatten()
-            cams = class_activation_map(maps["layer4"], network.fc.weight[0])
+            cams = class_map(maps["layer4"], network.fc.weight[0])
             features = torch.cat([maps[name].mean(dim=(2, 3)) for name in FEATURE_LAYERS], dim=1)
     finally:
         for hook in hooks:
@@ -100,6 +100,7 @@ class Classifier:
         self.network.load_state_dict(load_file(_verified(weights_dir / self.card.weights_file,
                                                          self.card.weights_sha256)))
         self.network.eval()
+        self.heatmap = Heatmap(self.card.localisation.get("heatmap", Heatmap.GRADCAM.value))
         self.image_check: ImageCheck | None = None
         if self.card.image_check:
             self.image_check = ImageCheck.load(_verified(weights_dir / self.card.image_check["file"],
@@ -206,7 +207,8 @@ class Classifier:
         for index, (probability, cam, population) in enumerate(zip(probabilities, output.cams, chosen)):
             point = self.operating_points[population]
             positive = probability >= point.threshold
-            heatmap = None if image_shapes is None else heatmap_in_image(cam, probability, image_shapes[index]).numpy()
+            heatmap = None if image_shapes is None else heatmap_in_image(cam, probability, image_shapes[index],
+                                                                                 self.heatmap).numpy()
             predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL",
                                           point.threshold, self.version, heatmap, float(output.logits[index]),
                                           None if scores is None else float(scores[index]), point.name, population))

@@ -30,6 +30,7 @@ from inference.calibration import balanced_threshold, calibrated_probabilities, 
 from inference.classifier import ForwardPass, forward_pass
 from inference.image_check import (FEATURE_LAYERS, IMAGE_CHECK_FILE, REFUSED_VALIDATION_SHARE, fit_image_check,
                                    threshold_for)
+from inference.gradcam import Heatmap
 from inference.localisation import localisation_figures
 from inference.metrics import metrics_with_ci
 from inference.model_card import sha256_of
@@ -162,9 +163,25 @@ def population_validation(network: torch.nn.Module, images: SplitImages, input_s
         for source in ("rsna", "nih"):
             members = sources == source
             figures[f"auc_adults_{source}"] = _auc(images.val_labels[members], logits[members])
-        located = localisation_figures(val.cams, [row.boxes for row in images.val_rows])
-        figures["pointing"] = located.get("pointing", float("nan"))
+        boxes = [row.boxes for row in images.val_rows]
+        for kind in Heatmap:
+            figures[f"pointing_{kind.value}"] = localisation_figures(val.cams, boxes, kind).get("pointing", float("nan"))
     return figures
+
+
+HEATMAP_RULE = ("the heatmap variant with the higher pointing game on the boxed adult validation positives; "
+                "Grad-CAM on a tie")
+
+
+def choose_heatmap(cams: torch.Tensor, boxes: list) -> dict:
+    """Localisation figures of both heatmap variants on the boxed validation images, and the one the
+    rule chooses (``HEATMAP_RULE``); no boxes: Grad-CAM, unmeasured."""
+    variants = {kind.value: localisation_figures(cams, boxes, kind) for kind in Heatmap}
+    if not variants[Heatmap.GRADCAM.value].get("n"):
+        return {"heatmap": Heatmap.GRADCAM.value, "n": 0}
+    chosen = max(Heatmap, key=lambda kind: (variants[kind.value]["pointing"], kind is Heatmap.GRADCAM))
+    return {"data": "boxed adult validation positives (RSNA radiologists' opacity boxes)", "heatmap": chosen.value,
+            "rule": HEATMAP_RULE, **variants[chosen.value], "variants": variants}
 
 
 def _operating_point(rule: PopulationRule, images: SplitImages, val_logits: np.ndarray, stressed: np.ndarray,
@@ -233,7 +250,7 @@ def finalise(network: torch.nn.Module, images: SplitImages, input_size: int, run
     check_threshold = threshold_for(val_scores)
     check_path = check.save(run_dir / IMAGE_CHECK_FILE)
     nearest = check.nearest_population(val.features).numpy()
-    located = localisation_figures(val.cams, [row.boxes for row in images.val_rows])
+    located = choose_heatmap(val.cams, [row.boxes for row in images.val_rows])
     np.savez(run_dir / "finalise-scores.npz", val_logits=val_logits, val_labels=images.val_labels,
              val_population=val_population, stressed_logits=stressed, stressed_image=image_of,
              val_image_check=val_scores, train_image_check=train_scores, val_cams=val.cams.numpy())
@@ -244,7 +261,7 @@ def finalise(network: torch.nn.Module, images: SplitImages, input_size: int, run
         "validation": first["validation"],
         "operating_point": first["operating_point"],
         "populations": points,
-        "localisation": {"data": "boxed adult validation positives (RSNA radiologists' opacity boxes)", **located},
+        "localisation": located,
         "image_check": {
             "file": IMAGE_CHECK_FILE,
             "sha256": sha256_of(check_path),

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from inference.gradcam import Heatmap, relative_map
+
 GRID = 224  # heatmaps are compared with boxes on this grid (the model's square)
 BOOTSTRAP_ROUNDS = 2000
 
@@ -27,29 +29,31 @@ def box_grid(boxes, size: int = GRID) -> np.ndarray:
     return inside
 
 
-def upsampled(cam: torch.Tensor, size: int = GRID) -> np.ndarray:
-    """An h×w class map → size×size, resized like the shown heatmap (bilinear)."""
-    return F.interpolate(cam.float()[None, None], size=(size, size), mode="bilinear",
+def upsampled(cam: torch.Tensor, size: int = GRID, kind: Heatmap = Heatmap.GRADCAM) -> np.ndarray:
+    """An h×w class map (or a shown heatmap) → the relative map ``kind`` shows, size×size, resized
+    like the shown heatmap (bilinear)."""
+    return F.interpolate(relative_map(cam.float(), kind)[None, None], size=(size, size), mode="bilinear",
                          align_corners=False)[0, 0].clamp_min(0).numpy()
 
 
-def image_figures(cam: torch.Tensor, boxes) -> dict[str, float]:
-    """Pointing hit, energy share and both baselines for one image's map and boxes."""
+def image_figures(cam: torch.Tensor, boxes, kind: Heatmap = Heatmap.GRADCAM) -> dict[str, float]:
+    """Pointing hit, energy share and both baselines for one image's map and boxes. A blank map
+    points nowhere (no hit) and spreads nothing (energy share 0)."""
     inside = box_grid(boxes)
-    heat = upsampled(cam)
+    heat = upsampled(cam, kind=kind)
     peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    total = float(heat.sum())
+    total = float(heat.sum())  # 0: a blank map
     return {
-        "pointing": float(inside[peak]),
+        "pointing": float(inside[peak]) if total > 0 else 0.0,
         "pointing_centre": float(inside[GRID // 2, GRID // 2]),
-        "energy": float(heat[inside].sum() / total) if total > 0 else float(inside.mean()),
+        "energy": float(heat[inside].sum() / total) if total > 0 else 0.0,
         "energy_uniform": float(inside.mean()),
     }
 
 
-def localisation_figures(cams, boxes_per_image, seed: int = 0) -> dict:
+def localisation_figures(cams, boxes_per_image, kind: Heatmap = Heatmap.GRADCAM, seed: int = 0) -> dict:
     """Mean figures (with 95 % bootstrap CIs) over the images that have boxes."""
-    rows = [image_figures(cam, boxes) for cam, boxes in zip(cams, boxes_per_image) if boxes]
+    rows = [image_figures(cam, boxes, kind) for cam, boxes in zip(cams, boxes_per_image) if boxes]
     if not rows:
         return {"n": 0}
     names = list(rows[0])

@@ -82,8 +82,10 @@ def render_markdown(card: ModelCard) -> str:
         f"| Architecture | {card.architecture} |",
         f"| Labels | {', '.join(card.labels)} (output = probability of {card.labels[-1]}) |",
         f"| Input | {card.input_size}×{card.input_size} gray; {card.preprocessing} |",
-        f"| Temperature | {card.temperature:.4f} (temperature scaling fitted on validation) |",
-        f"| Threshold | {card.threshold:.4f} — {card.threshold_rule} |",
+        *([f"| Temperature, threshold | one per population — see *Populations and their operating points* |"]
+          if len(card.populations) > 1 else
+          [f"| Temperature | {card.temperature:.4f} (temperature scaling fitted on validation) |",
+           f"| Threshold | {card.threshold:.4f} — {card.threshold_rule} |"]),
         f"| Weights | `{card.weights_file}`, sha256 `{card.weights_sha256}` |",
         "",
         "## Intended use",
@@ -91,7 +93,7 @@ def render_markdown(card: ModelCard) -> str:
         card.intended_use,
         "",
         *_gate_lines(card),
-        *_operating_point_lines(card),
+        *(_operating_point_lines(card) if len(card.populations) <= 1 else []),
         *_population_lines(card),
         *_localisation_lines(card),
         "## Training",
@@ -126,12 +128,19 @@ def _gate_lines(card: ModelCard) -> list[str]:
     if not check:
         return []
     refused = check.get("refused_share", {})
+    ranges = [(point["min_age_years"], point["max_age_years"], point["description"]) for point in card.populations] \
+        or [(population.get("min_age_years"), population.get("max_age_years"), population.get("description", ""))]
+    agreement = check.get("population_agreement_validation")
     return [
         "## Intended-use gate",
         "",
-        f"- **Population** (header rule): patient age {population.get('min_age_years'):g} to under "
-        f"{population.get('max_age_years'):g} years — {population.get('description', '')}. Age from Patient's Age or "
-        "from Birth Date and the study date; an unknown age is left to the image check.",
+        "- **Populations** (header rule): patient age "
+        + "; or ".join(f"{low:g} to under {high:g} years — {text}" for low, high, text in ranges)
+        + ". Any other age is refused. Age from Patient's Age or from Birth Date and the study date; an unknown "
+        "age is left to the image check, which also chooses the population"
+        + (" (it agrees with the true population for " + ", ".join(f"{share:.1%} of {name}" for name, share in
+                                                                    agreement.items()) + " of the validation split)"
+           if agreement else "") + ".",
         "- **Header rules**: CR/DX (or a Secondary Capture with chest hints), body part chest, frontal view.",
         f"- **Image check**: {check.get('rule')}; threshold {check.get('threshold', 0):.2f}; refuses "
         f"{refused.get('validation', 0):.1%} of the validation split and {refused.get('train', 0):.1%} of the "
@@ -197,12 +206,16 @@ def _localisation_lines(card: ModelCard) -> list[str]:
     figures = card.localisation
     if not figures.get("n"):
         return []
+    rows = []
+    for kind, variant in figures.get("variants", {figures.get("heatmap", "gradcam"): figures}).items():
+        shipped = " (shipped)" if kind == figures.get("heatmap") else ""
+        rows.append(f"| {kind}{shipped} | {_with_ci(variant, 'pointing')} | {_with_ci(variant, 'energy')} |")
     return ["## Heatmap localisation", "",
-            f"{figures.get('data', '')}, n = {figures['n']} (95 % bootstrap CIs):", "",
-            "| measure | heatmap | baseline |", "|---|---|---|",
-            f"| peak inside a box (pointing game) | {_with_ci(figures, 'pointing')} | image centre "
-            f"{_with_ci(figures, 'pointing_centre')} |",
-            f"| share of heatmap energy inside the boxes | {_with_ci(figures, 'energy')} | uniform map "
+            f"{figures.get('data', '')}, n = {figures['n']} (95 % bootstrap CIs). Shipped heatmap: "
+            f"{figures.get('heatmap')} — {figures.get('rule', '')}.", "",
+            "| heatmap | peak inside a box (pointing game) | share of heatmap energy inside the boxes |",
+            "|---|---|---|", *rows,
+            f"| baseline: image centre / uniform map | {_with_ci(figures, 'pointing_centre')} | "
             f"{_with_ci(figures, 'energy_uniform')} |", "",
             "Check it on your own boxed DICOMs: `lungvision evaluate --data DIR --boxes boxes.csv --out OUT`.", ""]
 

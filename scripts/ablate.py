@@ -10,7 +10,7 @@ A branch therefore measures what a choice buys over the last part of training, n
 (a from-scratch run per choice does not fit on two CPU cores); the model card says so.
 
     .venv/bin/python scripts/ablate.py --run runs/main-v2 --checkpoint runs/main-v2/checkpoint-epoch5.pt \\
-        --out runs/ablations.json
+        --out runs/main-v2/ablations.json [--card inference/weights]
 """
 
 import argparse
@@ -29,9 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.dataset import load_squares  # noqa: E402
 from inference.finalise import SplitImages, forward_batches  # noqa: E402
+from inference.gradcam import Heatmap  # noqa: E402
 from inference.localisation import localisation_figures  # noqa: E402
 from inference.metrics import metrics_with_ci  # noqa: E402
 from inference.network import build_resnet18  # noqa: E402
+from inference.publish import add_ablations  # noqa: E402
 from inference.split import read_split_csv  # noqa: E402
 from inference.train import LossStep, TrainOptions, _learning_rate, training_loader  # noqa: E402
 
@@ -58,10 +60,12 @@ def score(network: torch.nn.Module, images: SplitImages, input_size: int) -> dic
         result = metrics_with_ci(images.val_labels[members], probabilities[members], 0.5, rounds=300)
         figures[name] = result["roc_auc"]
         figures["ci95"][name] = result["ci95"]["roc_auc"]
-    located = localisation_figures(val.cams, [row.boxes for row in images.val_rows])
-    for key, name in (("pointing", "peak in box"), ("energy", "energy in boxes")):
-        figures[name] = located[key]
-        figures["ci95"][name] = located["ci95"][key]
+    boxes = [row.boxes for row in images.val_rows]
+    for kind in Heatmap:
+        located = localisation_figures(val.cams, boxes, kind)
+        for key, name in (("pointing", f"peak in box ({kind.value})"), ("energy", f"energy in boxes ({kind.value})")):
+            figures[name] = located[key]
+            figures["ci95"][name] = located["ci95"][key]
     return figures
 
 
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3000, help="images each branch trains on")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="*", help="run only these branches (by position, 0 = baseline)")
+    parser.add_argument("--card", type=Path, help="also put the table into this folder's model card (e.g. the run)")
     arguments = parser.parse_args()
 
     rows = read_split_csv(arguments.run / "split.csv")
@@ -118,6 +123,8 @@ def main() -> None:
                         "seconds": round(seconds), "figures": figures})
         arguments.out.write_text(json.dumps(results, indent=2))
         print(change, {k: round(v, 4) for k, v in figures.items() if k != "ci95"}, f"{seconds:.0f} s", flush=True)
+    if arguments.card:
+        print(f"ablation table written into {add_ablations(arguments.card, results)}")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,15 @@ def test_heatmap_is_scaled_by_probability_and_fills_the_image() -> None:
     assert confident_normal.max() <= 0.02 + 1e-6
     assert confident_positive.max() == pytest.approx(0.97, abs=0.01)
     assert heatmap_in_image(torch.zeros(2, 2), 0.9, (8, 8)).max() == 0
+
+
+def test_the_two_heatmap_variants_of_one_class_map() -> None:
+    from inference.gradcam import Heatmap, relative_map
+
+    evidence = torch.tensor([[-3.0, -1.0], [-2.0, -0.5]])  # every cell against pneumonia
+    assert relative_map(evidence, Heatmap.GRADCAM).max() == 0  # Grad-CAM's ReLU leaves nothing to show
+    ranged = relative_map(evidence, Heatmap.CAM_RANGE)
+    assert ranged.max() == 1 and ranged.min() == 0 and ranged[1, 1] == 1  # still points at the strongest cell
+    mixed = torch.tensor([[-1.0, 2.0], [0.0, 4.0]])
+    assert torch.equal(relative_map(mixed, Heatmap.GRADCAM), torch.tensor([[0.0, 0.5], [0.0, 1.0]]))
+    assert heatmap_in_image(evidence, 0.8, (6, 6), Heatmap.CAM_RANGE).max() == pytest.approx(0.8, abs=0.01)

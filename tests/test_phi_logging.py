@@ -132,7 +132,8 @@ def test_a_record_that_cannot_be_formatted_is_logged_not_raised(captured_logs) -
 @pytest.fixture
 def marked_study(tmp_path):
     """Four images of one study: single-component and two-component names, an invalid and a non-date
-    birth date, an over-long id, national characters without a character set, an adult (refused)."""
+    birth date, an over-long id, national characters without a character set, a 12-year-old (refused: no
+    shipped population covers that age)."""
     study_uid = generate_uid()
     files = [
         write_broken(radiograph(0, study_uid=study_uid, PatientName=f"{MARKER}NAME", PatientID=f"{MARKER}ID01",
@@ -143,7 +144,7 @@ def marked_study(tmp_path):
                      values={"PatientBirthDate": f"{MARKER}DOB".encode(), "PatientID": (f"{MARKER}ID" * 9).encode()}),
         write_broken(radiograph(2, study_uid=study_uid), tmp_path / "c.dcm", without=("SpecificCharacterSet",),
                      values={"PatientName": f"{MARKER}ÜMLAUT".encode("latin-1"), "PatientID": b"MARKERID03"}),
-        write_broken(radiograph(3, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="058Y"),
+        write_broken(radiograph(3, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="012Y"),
                      tmp_path / "d.dcm", values={"PatientBirthDate": INVALID_BIRTH_DATE.encode()}),
     ]
     return files

@@ -119,13 +119,14 @@ def test_analysing_again_gives_the_same_uids(outcome, study_files, tmp_path) -> 
 
 @pytest.fixture
 def adult_and_child(tmp_path):
-    """A frontal chest image of a 58-year-old and one of a 4-year-old, in one study."""
+    """A frontal chest image of a 12-year-old (an age no shipped population covers: the model has seen
+    children of one to five and adults) and one of a 4-year-old, in one study."""
     from inference.sample_dicom import wrap_image, write_dataset
     from tests.worker.conftest import chest_pixels
 
     study_uid = generate_uid()
     adult = wrap_image(chest_pixels(2), study_uid=study_uid)
-    adult.PatientAge = "058Y"
+    adult.PatientAge = "012Y"
     child = wrap_image(chest_pixels(3), study_uid=study_uid)
     child.PatientBirthDate, child.StudyDate = "20200301", "20240301"
     return [write_dataset(adult, tmp_path / "adult.dcm"), write_dataset(child, tmp_path / "child.dcm")]
@@ -137,7 +138,7 @@ def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_pat
                             device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
     adult, child = outcome.images
     assert adult["probability"] is None and adult["sc_uid"] is None and adult["intended_use"] is False
-    assert adult["gate_reason"] == "age" and "58 years" in adult["not_analysed_reason"]
+    assert adult["gate_reason"] == "age" and "12 years" in adult["not_analysed_reason"]
     assert child["probability"] is not None and child["intended_use"] is True
     assert outcome.status == "analysed" and outcome.gate_counts() == {"refused": {"age": 1}, "flagged": {}}
     adult_sr = dcmread(next(path for path in outcome.files if path.stem == adult["sr_uid"]))
@@ -159,7 +160,7 @@ def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> 
     (adult,) = outcome.images
     assert adult["probability"] is not None and adult["sc_uid"] and adult["intended_use"] is False
     assert outcome.gate_counts() == {"refused": {}, "flagged": {"age": 1}}
-    assert "58 years" in outcome.remark
+    assert "12 years" in outcome.remark
     values = sr_values(dcmread(next(path for path in outcome.files if path.stem == adult["sr_uid"])))
     assert "Patient age outside the model's population" in values["Outside intended use"]
 
