@@ -12,7 +12,9 @@ threshold at which a target sensitivity holds *with confidence*, and a temperatu
 * **Populations**: a model with several populations (children, adults) gets one point per
   population, fitted on that population's cases only, for each population with at least
   ``MIN_CASES_PER_CLASS`` pneumonia and as many normal cases; the others keep the shipped point and
-  the profile says why. A model with one population fits it on whatever the set holds, as before.
+  the profile says why. A set whose cases all belong to one population (e.g. a children's hospital)
+  fits that population's point on whatever it holds, as a one-population model always did; the
+  other populations keep the shipped point.
 """
 
 from collections.abc import Sequence
@@ -89,17 +91,19 @@ def calibrate_site(labels: np.ndarray, logits: np.ndarray, classifier: Classifie
     unknown = sorted(set(of_case.tolist()) - set(names))
     if unknown:
         raise ValueError(f"cases of populations {unknown} the model does not have ({', '.join(names)})")
+    present = [name for name in names if (of_case == name).any()]
     fits = []
     for name in names:
         members = of_case == name
         shipped = classifier.shipped_points[name]
         positives, negatives = int(labels[members].sum()), int(members.sum() - labels[members].sum())
-        if len(names) > 1 and min(positives, negatives) < MIN_CASES_PER_CLASS:
+        if name not in present or (len(present) > 1 and min(positives, negatives) < MIN_CASES_PER_CLASS):
             fits.append(PopulationFit(
                 name, PointSource.SHIPPED, shipped.threshold, shipped.temperature,
                 {"positive": positives, "negative": negatives},
-                note=f"{positives} pneumonia / {negatives} normal cases; a point of its own needs at least "
-                     f"{MIN_CASES_PER_CLASS} of each"))
+                note="no case of this population in the set" if name not in present else
+                f"{positives} pneumonia / {negatives} normal cases; a point of its own needs at least "
+                f"{MIN_CASES_PER_CLASS} of each"))
             continue
         fits.append(fit_population(labels[members], logits[members], shipped, target_sensitivity=target_sensitivity,
                                    confidence=confidence))

@@ -70,7 +70,7 @@ def sample_studies() -> list[DemoStudy]:
         study("pneumonia SC, JPEG baseline", ("pneumonia-person1020", {"sop_class": "SC",
                                                                        "transfer_syntax": JPEGBaseline8Bit})),
         study("knee DX (not a chest)", ("normal-IM-0135", {"sop_class": "DX", "body_part": "KNEE"})),
-        study("CR of a 58-year-old (outside the pediatric model's use)", ("normal-IM-0137", {}), PatientAge="058Y"),
+        study("CR of a 12-year-old (no training data for that age)", ("normal-IM-0137", {}), PatientAge="012Y"),
     ]
 
 

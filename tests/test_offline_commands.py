@@ -62,9 +62,9 @@ def test_analyze_prints_json_lines_and_overlays(tiny_labelled_folder, tmp_path) 
     _as_dicom(jpeg, inputs / "mono1-j2k.dcm", photometric="MONOCHROME1", bits_stored=12, transfer_syntax=JPEG2000)
     _as_dicom(jpeg, inputs / "rle.dcm", transfer_syntax=RLELossless)
     (inputs / "garbage.dcm").write_bytes(b"\x00" * 300)
-    adult = wrap_image(np.asarray(Image.open(jpeg).convert("L")))
-    adult.PatientAge = "058Y"
-    write_dataset(adult, inputs / "adult.dcm")
+    adolescent = wrap_image(np.asarray(Image.open(jpeg).convert("L")))
+    adolescent.PatientAge = "012Y"  # between the shipped populations (children 1–5, adults 18+): refused
+    write_dataset(adolescent, inputs / "adolescent.dcm")
     samples = sorted(DICOM_SAMPLES.glob("*.dcm")) if DICOM_SAMPLES.exists() else []
 
     out = tmp_path / "overlays"
@@ -76,9 +76,9 @@ def test_analyze_prints_json_lines_and_overlays(tiny_labelled_folder, tmp_path) 
     assert [line["path"].endswith("garbage.dcm") for line in errors] == [True]
     readable = [line for line in lines if "error" not in line]
     assert all(isinstance(line["intended_use"], bool) and "reason" in line for line in readable)
-    (refused_adult,) = [line for line in readable if line["path"].endswith("adult.dcm")]
-    assert refused_adult["intended_use"] is False and "58 years" in refused_adult["reason"]
-    assert "probability" not in refused_adult and "overlay" not in refused_adult  # never a probability
+    (refused,) = [line for line in readable if line["path"].endswith("adolescent.dcm")]
+    assert refused["intended_use"] is False and "12 years" in refused["reason"]
+    assert "probability" not in refused and "overlay" not in refused  # never a probability
     good = [line for line in readable if "probability" in line]
     assert all(line["intended_use"] and line["reason"] is None for line in good)
     for line in good:

@@ -59,10 +59,11 @@ def test_the_classifier_uses_a_site_profile_and_names_it(tmp_path) -> None:
     site = Classifier(WEIGHTS_DIR, path)
     assert site.threshold == 0.5 and site.operating_point.temperature == 1.5
     image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.float32)
-    prediction = site.predict([image], with_heatmap=False)[0]
+    prediction = site.predict([image], with_heatmap=False, populations=["children"])[0]
     assert prediction.threshold == 0.5 and prediction.operating_point == "site profile test-site / children"
     assert prediction.probability == pytest.approx(1 / (1 + np.exp(-prediction.logit / 1.5)), abs=1e-5)
-    assert shipped.predict([image], with_heatmap=False)[0].operating_point == "shipped / children"
+    assert shipped.predict([image], with_heatmap=False, populations=["children"])[0].operating_point == \
+        "shipped / children"
 
 
 def test_a_profile_for_other_weights_is_refused(tmp_path) -> None:

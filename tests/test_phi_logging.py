@@ -248,7 +248,7 @@ def test_serve_logs_no_patient_fields(tmp_path) -> None:
     datasets = [
         radiograph(0, study_uid=study_uid, PatientName=f"{MARKER}NAME", PatientID=f"{MARKER}ID01",
                    ReferringPhysicianName=f"{MARKER}DOCTOR"),
-        radiograph(1, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="58"),
+        radiograph(1, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="12"),  # no population: refused
     ]
     for dataset in datasets:
         dataset["PatientBirthDate"].value = INVALID_BIRTH_DATE

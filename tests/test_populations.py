@@ -34,9 +34,20 @@ def images(count: int) -> np.ndarray:
                      .astype(np.uint8) for i in range(count)])
 
 
-def test_a_card_without_populations_is_one_population_named_children() -> None:
-    classifier = load_classifier()
-    card = ModelCard.load()
+def test_a_card_without_populations_is_one_population_named_children(tmp_path) -> None:
+    """A card from before populations (model 1.x): the shipped weights' card without ``populations``
+    and without its two-population image check."""
+    import json
+    import shutil
+
+    from inference.model_card import WEIGHTS_DIR
+
+    card_json = json.loads((WEIGHTS_DIR / "model_card.json").read_text())
+    card_json.update(populations=[], image_check={}, population={"min_age_years": 1.0, "max_age_years": 6.0})
+    shutil.copy(WEIGHTS_DIR / card_json["weights_file"], tmp_path)
+    (tmp_path / "model_card.json").write_text(json.dumps(card_json))
+    classifier = Classifier(tmp_path)
+    card = ModelCard.load(tmp_path)
     assert card.populations == []
     assert classifier.populations == (Population(card.population["min_age_years"], card.population["max_age_years"],
                                                  "children"),)
@@ -160,9 +171,16 @@ def test_a_population_with_too_few_cases_keeps_the_shipped_point(two, two_popula
     assert site.operating_points["adults"].name == "shipped / adults"
     assert site.operating_points["children"].name == "site profile kids / children"
 
+    # a set of one population fits it on whatever it holds (as a one-population model always did)
+    only_adults = calibrate_site(adult_labels, adult_logits, two, target_sensitivity=0.95, confidence=0.95,
+                                 profile_id="ward", data="synthetic", populations=["adults"] * len(adult_labels))
+    assert [fit.source.value for fit in only_adults.populations] == ["shipped", "site"]
+    # both populations present and both short: nothing to fit
+    mixed_labels = np.concatenate([child_labels[:5], child_labels[-5:], adult_labels])
+    mixed_logits = np.concatenate([child_logits[:5], child_logits[-5:], adult_logits])
     with pytest.raises(ValueError, match="no population has enough cases"):
-        calibrate_site(adult_labels, adult_logits, two, target_sensitivity=0.95, confidence=0.95, profile_id="none",
-                       data="synthetic", populations=["adults"] * len(adult_labels))
+        calibrate_site(mixed_labels, mixed_logits, two, target_sensitivity=0.95, confidence=0.95, profile_id="none",
+                       data="synthetic", populations=["children"] * 10 + ["adults"] * len(adult_labels))
     with pytest.raises(ValueError, match="populations \\['elderly'\\]"):
         calibrate_site(child_labels, child_logits, two, target_sensitivity=0.95, confidence=0.95, profile_id="x",
                        data="synthetic", populations=["elderly"] * 300)

@@ -33,11 +33,11 @@ def test_demo_shows_a_result_for_every_sample_study(tmp_path) -> None:
     assert len(rows) == 6, result.stdout
     knee, adult = rows["knee DX (not a chest)"], rows[descriptions[-1]]
     assert "NOT_ANALYSED" in knee and "body part KNEE is not the chest" in knee
-    assert "NOT_ANALYSED" in adult and "patient age 58 years" in adult  # the intended-use gate
+    assert "NOT_ANALYSED" in adult and "patient age 12 years" in adult  # the intended-use gate: no population
     assert all(("POSITIVE" in line or "NEGATIVE" in line) for line in list(rows.values())[:4])
     assert "lateral view" in rows[descriptions[1]]
     files = list((tmp_path / "demo" / "var" / "out").rglob("*.dcm"))
-    assert len(files) == 4 * 2 + 3  # SC + SR per analysed image, an SR each for the lateral, the knee, the adult
+    assert len(files) == 4 * 2 + 3  # SC + SR per analysed image, an SR each for the lateral, the knee, the 12-year-old
 
 
 def test_demo_keep_keeps_the_worklist_up_after_the_results_until_ctrl_c(tmp_path) -> None:

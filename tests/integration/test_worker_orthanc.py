@@ -191,20 +191,20 @@ def test_compressed_and_monochrome1_inputs(deployment, tmp_path, options) -> Non
     deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
 
 
-def test_vendor_samples_are_decoded_and_refused_as_adults(deployment) -> None:
-    """The three real vendor files decode (the image check needs their pixels), and, being adult chest
-    films, are outside the pediatric model's intended use: an SR that says why, no heatmap."""
+def test_vendor_samples_are_decoded_and_analysed_as_adults(deployment) -> None:
+    """The three real vendor files decode, and, being adult frontal chest films with an adult age, are
+    inside the model's intended use: each gets an SC (heatmap) and an SR at the adults' operating point."""
     samples = sorted(DICOM_SAMPLES.glob("*.dcm")) if DICOM_SAMPLES.exists() else []
     if not samples:
         pytest.skip("no vendor samples in ../shared/data/dicom_samples")
     deployment.send(*samples)
     for path in samples:
         study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
-        deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 0), RESULT_TIMEOUT_S)
+        deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
         [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
         [image] = row.images
-        assert image["intended_use"] is False and image["gate_reason"] in ("image_check", "age")
-        assert image["probability"] is None and image["sc_uid"] is None
+        assert image["intended_use"] is True and image["probability"] is not None and image["sc_uid"]
+        assert image["population"] == "adults" and image["operating_point"] == "shipped / adults"
 
 
 def test_results_arrive_after_a_30_second_orthanc_outage(deployment, tmp_path) -> None:
