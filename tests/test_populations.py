@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.special import expit, logit
 
-from inference.classifier import Classifier, load_classifier
+from inference.classifier import Classifier
 from inference.evaluate import folder_cases
 from inference.gated import score_files
 from inference.images import read_gray
@@ -37,7 +37,6 @@ def images(count: int) -> np.ndarray:
 def test_a_card_without_populations_is_one_population_named_children(tmp_path) -> None:
     """A card from before populations (model 1.x): the shipped weights' card without ``populations``
     and without its two-population image check."""
-    import json
     import shutil
 
     from inference.model_card import WEIGHTS_DIR
