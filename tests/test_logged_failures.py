@@ -53,3 +53,15 @@ def test_an_audit_line_that_is_not_json_is_skipped_and_logged_without_quoting_it
     assert offset == trail.stat().st_size
     assert len(caplog.records) == 1  # the empty line is no event, and no warning either
     assert f"byte {len(good) + 1}" in caplog.text and "Doe^Jane" not in caplog.text
+
+
+def test_an_audit_event_with_an_unreadable_time_is_logged_and_still_shown(caplog) -> None:
+    from datetime import datetime, timezone
+
+    from web.worklist import _parse_time
+
+    with caplog.at_level(logging.WARNING, logger="lungvision.web.worklist"):
+        parsed = _parse_time("Doe^Jane 31/02")
+    assert abs((parsed - datetime.now(timezone.utc)).total_seconds()) < 60
+    assert "unreadable time" in caplog.text and "Doe" not in caplog.text
+    assert _parse_time("2026-11-30T10:00:00+00:00") == datetime(2026, 11, 30, 10, tzinfo=timezone.utc)

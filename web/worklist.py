@@ -7,6 +7,7 @@ for authenticated requests.
 
 import functools
 import io
+import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,6 +20,8 @@ from pydicom import dcmread
 from config.settings import Settings
 from lungvision.audit import read_events
 from worker.record import OUTSIDE_USE, Store, StudyResult, Verdict
+
+log = logging.getLogger("lungvision.web.worklist")
 
 STATUSES = ("received", "queued", "requeued", "analysing", "analysed", "delivered", "failed", "not analysed",
             "outside intended use")
@@ -94,9 +97,12 @@ class AuditIndex:
 
 
 def _parse_time(value: object) -> datetime:
+    """An audit event's ISO time; an unreadable one (a hand-edited or damaged trail) is logged — without
+    the value — and read as now, so the study still shows."""
     try:
         return datetime.fromisoformat(str(value))
     except ValueError:
+        log.warning("audit event with an unreadable time; shown with the current time")
         return datetime.now(timezone.utc)
 
 
