@@ -368,8 +368,8 @@ def _window_is_sane(view: Dataset, low: float, high: float) -> bool:
     try:
         center = float(_first_value(view["WindowCenter"].value))
         width = float(_first_value(view["WindowWidth"].value))
-    except (TypeError, ValueError, IndexError):
-        return False
+    except (TypeError, ValueError, IndexError):  # an unreadable window is not used: the caller keeps the values
+        return False                              # unwindowed, and preprocessing stretches their own percentiles
     function = str(view.get("VOILUTFunction") or "LINEAR").strip().upper()
     if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
         return False

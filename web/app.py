@@ -178,8 +178,8 @@ def create_app(settings: Settings) -> FastAPI:
         if scheme.lower() == "basic":
             try:
                 user, _, password = base64.b64decode(value.strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                return None
+            except (binascii.Error, UnicodeDecodeError):  # a malformed header: simply not signed in (the answer
+                return None                               # is 401 and says so; nothing to log per request)
             if hmac.compare_digest(user.encode(), settings.web.auth_user.encode()) \
                     and hmac.compare_digest(password.encode(), token.encode()):
                 return "basic"
