@@ -11,6 +11,9 @@ Boxes are ``(x, y, width, height)`` as fractions of the image; only images with 
 count. Figures come with 95 % percentile-bootstrap CIs over images.
 """
 
+import csv
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -88,9 +91,6 @@ def read_boxes_csv(path) -> dict[str, tuple[str, float | None, float | None]]:
     width, height)}``. Columns: ``file``; ``rsna_boxes`` or ``boxes`` ("x y w h;x y w h", pixels);
     optionally ``orig_width`` / ``orig_height`` (or ``width`` / ``height``): the pixel space of the
     boxes — without them, the boxes are in the image's own pixels."""
-    import csv
-    from pathlib import Path
-
     text = Path(path).read_text()
     rows = csv.DictReader(text.splitlines(), delimiter="\t" if "\t" in text.splitlines()[0] else ",")
     columns = set(rows.fieldnames or [])

@@ -1,8 +1,11 @@
-"""Training — a Kaggle-layout folder becomes calibrated ResNet-18 weights and a model card.
+"""Training — a Kaggle-layout pediatric folder (and, optionally, the adult set) becomes calibrated
+ResNet-18 weights and a model card.
 
-Steps: patient-grouped validation split carved from ``train/`` → decode once into a cache →
-from-scratch training with balanced sampling, augmentation, AdamW with warm-up + cosine decay and an
-exponential moving average (EMA) of the weights → temperature scaling and threshold on validation →
+Steps: patient-grouped validation split carved from ``train/`` (and the adult manifest) → decode once
+into a cache → from-scratch training with population- and class-balanced sampling, per-label-source
+loss weights, a box loss on the RSNA-boxed positives, augmentation, AdamW with warm-up + cosine decay
+and an exponential moving average (EMA) of the weights → each population's temperature and threshold
+on validation →
 ``RUN_DIR/lungvision-resnet18.safetensors`` + ``model_card.json``. A checkpoint is written every
 epoch; ``resume=True`` continues from it.
 """
@@ -24,6 +27,7 @@ from tqdm import tqdm
 from inference.augment import training_transform
 from inference.dataset import adult_rows, list_labelled, load_squares
 from inference.finalise import SplitImages, finalise, population_validation
+from inference.localisation import box_grid
 from inference.network import build_resnet18
 from inference.preprocess import normalise
 from inference.split import SplitRow, assign_sides, kermany_rows, write_split_csv
@@ -84,10 +88,7 @@ class SquaresDataset(torch.utils.data.Dataset):
 
 def box_mask(boxes, size: int) -> torch.Tensor:
     """1×size×size uint8 mask: 1 inside any of ``boxes`` (fractions x, y, w, h), 0 elsewhere."""
-    mask = torch.zeros(1, size, size, dtype=torch.uint8)
-    for x, y, w, h in boxes:
-        mask[0, round(y * size): round((y + h) * size), round(x * size): round((x + w) * size)] = 1
-    return mask
+    return torch.from_numpy(box_grid(boxes, size)).to(torch.uint8)[None]
 
 
 def sample_weights(rows: list[SplitRow], adult_share: float | None) -> np.ndarray:
