@@ -37,7 +37,7 @@ from inference.image_check import (FEATURE_LAYERS, IMAGE_CHECK_FILE, REFUSED_VAL
                                    threshold_for)
 from inference.gradcam import Heatmap
 from inference.localisation import localisation_figures
-from inference.metrics import metrics_with_ci
+from inference.metrics import bootstrap_ci, metrics_with_ci, specificity_at_sensitivity
 from inference.model_card import sha256_of
 from inference.split import SplitRow
 
@@ -153,24 +153,43 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
-def population_validation(network: torch.nn.Module, images: SplitImages, input_size: int) -> dict[str, float]:
-    """Per-epoch figures: validation AUC per population (and per adult label source) and the share of
-    boxed adult positives whose heatmap peak lies in a box."""
+def _specificity_at_90(labels: np.ndarray, scores: np.ndarray) -> float:
+    return specificity_at_sensitivity(labels, scores, 0.90)
+
+
+def population_validation(network: torch.nn.Module, images: SplitImages, input_size: int,
+                          ci_rounds: int = 0) -> dict:
+    """Validation figures of one network (per epoch, and per ablation branch): AUC per population and
+    per adult label source, the specificity at sensitivity 0.90 on the radiologist-labelled adults
+    (the adult goal's point), and where the heatmap points on the boxed adult positives (peak in a
+    box, energy in the boxes, per heatmap kind). With ``ci_rounds`` > 0, ``ci95`` holds 95 %
+    bootstrap CIs of each figure."""
     val = forward_batches(network, torch.from_numpy(images.val_squares)[:, None], input_size)
     logits = val.logits.numpy()
+    labels = images.val_labels
     populations, sources = images.val_column("population"), images.val_column("source")
-    figures = {}
+    figures: dict = {}
+    intervals: dict = {}
+
+    def add(name: str, statistic, members: np.ndarray) -> None:
+        figures[name] = statistic(labels[members], logits[members])
+        if ci_rounds:
+            intervals[name] = bootstrap_ci(statistic, labels[members], logits[members], ci_rounds)
+
     for population in dict.fromkeys(populations):
-        members = populations == population
-        figures[f"auc_{population}"] = _auc(images.val_labels[members], logits[members])
+        add(f"auc_{population}", _auc, populations == population)
     if "auc_adults" in figures:
         for source in ("rsna", "nih"):
-            members = sources == source
-            figures[f"auc_adults_{source}"] = _auc(images.val_labels[members], logits[members])
+            add(f"auc_adults_{source}", _auc, sources == source)
+        add("specificity_at_sensitivity_0.90_rsna", _specificity_at_90, sources == "rsna")
         boxes = [row.boxes for row in images.val_rows]
         for kind in Heatmap:
-            figures[f"pointing_{kind.value}"] = localisation_figures(val.cams, boxes, kind).get("pointing", float("nan"))
-    return figures
+            located = localisation_figures(val.cams, boxes, kind)
+            for key in ("pointing", "energy"):
+                if key in located:
+                    figures[f"{key}_{kind.value}"] = located[key]
+                    intervals[f"{key}_{kind.value}"] = located["ci95"][key]
+    return {**figures, "ci95": intervals} if ci_rounds else figures
 
 
 HEATMAP_RULE = ("the heatmap variant with the higher pointing game on the boxed adult validation positives; "

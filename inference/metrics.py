@@ -71,3 +71,23 @@ def metrics_with_ci(
         for name, values in samples.items()
     }
     return result
+
+
+def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
+    """Specificity at the highest threshold that still calls at least ``sensitivity`` of the positives."""
+    positives = np.sort(scores[labels == 1])
+    negatives = scores[labels == 0]
+    if not len(positives) or not len(negatives):
+        return float("nan")
+    threshold = positives[int(np.floor((1 - sensitivity) * len(positives)))]
+    return float((negatives < threshold).mean())
+
+
+def bootstrap_ci(statistic, labels: np.ndarray, scores: np.ndarray, rounds: int = 1000,
+                 seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap CI of ``statistic(labels, scores)`` over resampled cases."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(labels[index], scores[index])
+              for index in (rng.integers(0, len(labels), len(labels)) for _ in range(rounds))]
+    values = [value for value in values if not np.isnan(value)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [float("nan")] * 2

@@ -55,7 +55,8 @@ class TrainOptions:
     adult_share: float | None = 0.5  # share of each batch drawn from adults; None: as many as the data holds
     localisation_weight: float = 0.5  # auxiliary loss: the class map of RSNA-boxed positives against the boxes
     ablation_epoch: int | None = 5  # keep checkpoint-epoch<N>.pt, where scripts/ablate.py branches off
-    samples_per_epoch: int | None = 6000  # images drawn per epoch (None: as many as the training side holds)
+    samples_per_epoch: int | None = 12000  # images drawn per epoch (None: as many as the training side holds)
+    mixed_precision: bool = True  # forward pass in bfloat16 autocast (weights, optimiser and losses stay fp32)
     max_train_images: int | None = None  # for smoke tests only
 
 
@@ -190,11 +191,12 @@ class LossStep:
         inputs = normalise(images, options.input_size).contiguous(memory_format=torch.channels_last)
         targets = labels.float() * (1 - options.label_smoothing) + options.label_smoothing / 2
         self.layer4.clear()
-        logits = model(inputs).flatten()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.mixed_precision):
+            logits = model(inputs).flatten().float()
         per_image = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         loss = (per_image * weights).sum() / weights.sum()
         if options.localisation_weight and boxed.any():
-            cell_logits = class_map_logits(self.layer4[0][boxed], model.fc)
+            cell_logits = class_map_logits(self.layer4[0][boxed].float(), model.fc)
             cell_targets = torch.nn.functional.adaptive_avg_pool2d(masks[boxed], cell_logits.shape[-2:])[:, 0]
             loss = loss + options.localisation_weight * torch.nn.functional.binary_cross_entropy_with_logits(
                 cell_logits, cell_targets)

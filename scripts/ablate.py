@@ -1,16 +1,18 @@
 """Ablations, one change at a time, within the CPU budget: branch a training run at a checkpoint.
 
 Protocol (fixed before any branch was run): every branch starts from the same checkpoint of the
-shipped run (model, EMA and optimiser after epoch ``--from-epoch``), trains ``--samples`` more images
-with the learning rate falling on a cosine from the run's rate at that point to zero, and is scored
-on the run's validation split (EMA weights): AUC per population and per adult label source, and the
-pointing game / energy in boxes on the boxed adult validation positives, with 95 % bootstrap CIs.
+shipped run (model and optimiser after epoch 5 of its 9), trains ``--samples`` more images (default:
+one epoch of the run) with the learning rate falling on a cosine from the run's rate at that point
+to zero, and is scored on the run's validation split with the branch's own weights (not the EMA,
+which would still be mostly the shared checkpoint): ``finalise.population_validation`` — AUC per
+population and per adult label source, RSNA specificity at sensitivity 0.90, pointing game and
+energy in boxes on the boxed adult validation positives — with 95 % bootstrap CIs.
 The ``baseline`` branch keeps the shipped recipe; each other branch changes exactly one choice.
 A branch therefore measures what a choice buys over the last part of training, not from scratch
 (a from-scratch run per choice does not fit on two CPU cores); the model card says so.
 
-    .venv/bin/python scripts/ablate.py --run runs/main-v2 --checkpoint runs/main-v2/checkpoint-epoch5.pt \\
-        --out runs/main-v2/ablations.json [--card inference/weights]
+    .venv/bin/python scripts/ablate.py --run runs/main-v3 --checkpoint runs/main-v3/checkpoint-epoch5.pt \\
+        --out runs/main-v3/ablations.json [--card inference/weights]
 """
 
 import argparse
@@ -23,16 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.dataset import load_squares  # noqa: E402
-from inference.finalise import SplitImages, forward_batches  # noqa: E402
-from inference.gradcam import Heatmap  # noqa: E402
-from inference.localisation import localisation_figures  # noqa: E402
-from inference.metrics import metrics_with_ci  # noqa: E402
+from inference.finalise import SplitImages, population_validation  # noqa: E402
 from inference.network import build_resnet18  # noqa: E402
+from inference.model_card import ModelCard  # noqa: E402
 from inference.publish import add_ablations  # noqa: E402
 from inference.split import read_split_csv  # noqa: E402
 from inference.train import LossStep, TrainOptions, _learning_rate, training_loader  # noqa: E402
@@ -48,32 +47,11 @@ BRANCHES = {
 }
 
 
-def score(network: torch.nn.Module, images: SplitImages, input_size: int) -> dict:
-    """AUCs with CIs per population / adult source, and localisation, on the validation split."""
-    val = forward_batches(network, torch.from_numpy(images.val_squares)[:, None], input_size)
-    logits = val.logits.numpy()
-    probabilities = 1 / (1 + np.exp(-logits))
-    populations, sources = images.val_column("population"), images.val_column("source")
-    figures: dict = {"ci95": {}}
-    for name, members in (("AUC children", populations == "children"), ("AUC adults", populations == "adults"),
-                          ("AUC adults RSNA", sources == "rsna"), ("AUC adults NIH", sources == "nih")):
-        result = metrics_with_ci(images.val_labels[members], probabilities[members], 0.5, rounds=300)
-        figures[name] = result["roc_auc"]
-        figures["ci95"][name] = result["ci95"]["roc_auc"]
-    boxes = [row.boxes for row in images.val_rows]
-    for kind in Heatmap:
-        located = localisation_figures(val.cams, boxes, kind)
-        for key, name in (("pointing", f"peak in box ({kind.value})"), ("energy", f"energy in boxes ({kind.value})")):
-            figures[name] = located[key]
-            figures["ci95"][name] = located["ci95"][key]
-    return figures
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="the run folder (split.csv)")
     parser.add_argument("--checkpoint", type=Path, required=True, help="the checkpoint every branch starts from")
-    parser.add_argument("--samples", type=int, default=3000, help="images each branch trains on")
+    parser.add_argument("--samples", type=int, help="images each branch trains on (default: one epoch of the run)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="*", help="run only these branches (by position, 0 = baseline)")
     parser.add_argument("--card", type=Path, help="also put the table into this folder's model card (e.g. the run)")
@@ -86,7 +64,9 @@ def main() -> None:
     images = SplitImages.of(train_rows, val_rows, load_squares([r.path for r in train_rows], cache),
                             load_squares([r.path for r in val_rows], cache))
     state = torch.load(arguments.checkpoint, weights_only=True)
-    base = TrainOptions()
+    training = ModelCard.load(arguments.run).training  # the run's own recipe
+    base = TrainOptions(epochs=training["epochs"], samples_per_epoch=training["images_per_epoch"])
+    samples = arguments.samples or base.samples_per_epoch
     steps_per_epoch = base.samples_per_epoch // base.batch_size
     start_rate = _learning_rate(state["epoch"] * steps_per_epoch, base.epochs * steps_per_epoch, steps_per_epoch,
                                 base.learning_rate)
@@ -95,12 +75,10 @@ def main() -> None:
     for index, (change, overrides) in enumerate(BRANCHES.items()):
         if change in done or (arguments.only and str(index) not in arguments.only):
             continue
-        options = replace(base, samples_per_epoch=arguments.samples, **overrides)
+        options = replace(base, samples_per_epoch=samples, **overrides)
         torch.manual_seed(base.seed)
         model = build_resnet18().to(memory_format=torch.channels_last)
         model.load_state_dict(state["model"])
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(options.ema_decay), use_buffers=True)
-        ema.load_state_dict(state["ema"])
         optimiser = torch.optim.AdamW(model.parameters(), lr=start_rate, weight_decay=options.weight_decay)
         optimiser.load_state_dict(state["optimiser"])
         keep = np.array([options.use_other or row.folder != "OTHER" for row in train_rows])
@@ -110,14 +88,14 @@ def main() -> None:
         model.train()
         for number, batch in enumerate(loader):
             step(batch, optimiser, start_rate * 0.5 * (1 + math.cos(math.pi * number / len(loader))))
-            ema.update_parameters(model)
         seconds = time.monotonic() - started
-        figures = score(ema.module, images, options.input_size)
+        figures = population_validation(model, images, options.input_size, ci_rounds=1000)
         results.append({"change": change, "overrides": {k: v for k, v in overrides.items()},
                         "protocol": f"Each row: the shipped run's checkpoint after epoch {state['epoch']} of "
-                        f"{base.epochs}, trained on {arguments.samples} more images (learning rate on a cosine from "
-                        f"{start_rate:.2e} to 0) with that one change, scored on the validation split (EMA "
-                        "weights; AUC before calibration; localisation on the boxed adult validation positives); "
+                        f"{base.epochs}, trained on {samples} more images (learning rate on a cosine from "
+                        f"{start_rate:.2e} to 0) with that one change, scored on the validation split with the "
+                        "branch's own weights (AUC before calibration; RSNA specificity at sensitivity 0.90; "
+                        "localisation on the boxed adult validation positives); "
                         "95 % bootstrap CIs in brackets. A branch measures what a choice buys over the last part of "
                         "training, not from scratch.",
                         "seconds": round(seconds), "figures": figures})
