@@ -220,6 +220,14 @@ def _localisation_lines(card: ModelCard) -> list[str]:
             "Check it on your own boxed DICOMs: `lungvision evaluate --data DIR --boxes boxes.csv --out OUT`.", ""]
 
 
+FIGURE_NAMES = {  # figure keys of ``finalise.population_validation`` → table headings
+    "auc_children": "AUC children", "auc_adults": "AUC adults", "auc_adults_rsna": "AUC adults RSNA",
+    "auc_adults_nih": "AUC adults NIH", "specificity_at_sensitivity_0.90_rsna": "RSNA specificity at sensitivity 0.90",
+    "pointing_gradcam": "peak in box (Grad-CAM)", "energy_gradcam": "energy in boxes (Grad-CAM)",
+    "pointing_cam-range": "peak in box (CAM)", "energy_cam-range": "energy in boxes (CAM)",
+}
+
+
 def _ablation_lines(card: ModelCard) -> list[str]:
     """What each training choice bought, one change at a time."""
     if not card.ablations:
@@ -227,7 +235,8 @@ def _ablation_lines(card: ModelCard) -> list[str]:
     head = card.ablations[0]
     columns = [key for key in head["figures"] if key != "ci95"]
     lines = ["## Ablations (one change at a time)", "", head.get("protocol", ""), "",
-             "| change | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+             "| change | " + " | ".join(FIGURE_NAMES.get(name, name) for name in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for row in card.ablations:
         lines.append(f"| {row['change']} | " + " | ".join(_with_ci(row["figures"], name) for name in columns) + " |")
     return lines + [""]
