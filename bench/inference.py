@@ -1,14 +1,18 @@
 """Benchmark — images/s for plain inference, inference + closed-form Grad-CAM, the same + the
-intended-use gate's image check (what the worker runs), and pytorch-grad-cam.
+intended-use gate's image check (what the worker runs), and pytorch-grad-cam, all in float32; then
+the float32 forward pass against the bf16 one (``model.precision``), alone and as the worker runs it.
 
-Run: ``.venv/bin/python bench/inference.py [--seconds 10]``. Prints one table; nothing is asserted.
+Run: ``.venv/bin/python bench/inference.py [--seconds 10]``. Prints two tables; nothing is asserted.
 All paths start from 224 px squares and use the shipped model at its input size, batch 1 and 16
-(grad-cam gets the already-normalised tensor, so it is timed without preprocessing).
+(grad-cam gets the already-normalised tensor, so it is timed without preprocessing). The paths of
+one row are timed in alternating rounds and each path's best round counts (``best_rates``), so that
+a shared machine's load disturbs the ratios less.
 """
 
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 # This script shares its name with the package it measures: look for packages in the repo, not in bench/.
@@ -19,33 +23,35 @@ import torch  # noqa: E402
 from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-from inference.classifier import load_classifier  # noqa: E402
+from inference.classifier import Classifier, load_classifier  # noqa: E402
+from inference.equivalence import best_rates  # noqa: E402
 from inference.gradcam import class_activation_map, heatmap_in_image  # noqa: E402
+from inference.precision import Precision, resolve  # noqa: E402
 from inference.preprocess import SQUARE_SIZE, normalise  # noqa: E402
 
 
-def images_per_second(step, batch_size: int, seconds: float) -> float:
-    """Run ``step`` repeatedly (after one warm-up call) for about ``seconds``; return images/s."""
-    step()
-    runs, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        step()
-        runs += 1
-    return runs * batch_size / (time.perf_counter() - started)
+def random_squares(batch_size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (batch_size, SQUARE_SIZE, SQUARE_SIZE), dtype=np.uint8)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=10.0, help="time per measurement")
-    seconds = parser.parse_args().seconds
-    classifier = load_classifier()
+def worker_path(classifier: Classifier, squares: np.ndarray):
+    """What the worker runs per batch: forward pass, heatmaps, image check score and verdict."""
+    gate, size = classifier.intended_use(), classifier.card.input_size
+
+    def step() -> None:
+        for prediction in classifier.predict_squares(squares, [(size, size)] * len(squares)):
+            gate.image_verdict(prediction.image_check_score)
+
+    return step
+
+
+def fp32_paths(classifier: Classifier, seconds: float, timed) -> None:
+    """The float32 table: plain, + heatmap, + gate, pytorch-grad-cam."""
     network, size = classifier.network, classifier.card.input_size
-    print(f"model {classifier.version}, input {size}x{size}, torch threads {torch.get_num_threads()}")
-    gate = classifier.intended_use()
     print(f"{'batch':>5} | {'plain img/s':>11} | {'+heatmap img/s':>14} | {'overhead':>8} | "
           f"{'+gate img/s':>11} | {'gate cost':>9} | {'grad-cam img/s':>14} | {'ours / grad-cam':>15}")
     for batch_size in (1, 16):
-        squares = np.random.default_rng(0).integers(0, 256, (batch_size, SQUARE_SIZE, SQUARE_SIZE), dtype=np.uint8)
+        squares = random_squares(batch_size)
         inputs = normalise(torch.from_numpy(squares)[:, None], size)
 
         def plain() -> None:
@@ -62,24 +68,54 @@ def main() -> None:
             for cam, probability in zip(cams, classifier.calibrated(logits).tolist()):
                 heatmap_in_image(cam, probability, (size, size))
 
-        def with_gate() -> None:  # what the worker runs: + pooled features, image check score and verdict
-            for prediction in classifier.predict_squares(squares, [(size, size)] * batch_size):
-                gate.image_verdict(prediction.image_check_score)
-
         reference = GradCAM(model=network, target_layers=[network.layer4])
         targets = [ClassifierOutputTarget(0)] * batch_size
 
         def autograd() -> None:
             reference(input_tensor=inputs, targets=targets)
 
-        plain_rate = images_per_second(plain, batch_size, seconds)
-        heatmap_rate = images_per_second(with_heatmap, batch_size, seconds)
-        gate_rate = images_per_second(with_gate, batch_size, seconds)
-        autograd_rate = images_per_second(autograd, batch_size, seconds)
+        steps = {"plain": plain, "heatmap": with_heatmap, "gate": worker_path(classifier, squares),
+                 "grad-cam": autograd}
+        rates = timed(steps, batch_size, seconds * len(steps))
+        plain_rate, heatmap_rate, gate_rate, autograd_rate = (rates[name] for name in steps)
         reference.__exit__(None, None, None)
         print(f"{batch_size:>5} | {plain_rate:>11.1f} | {heatmap_rate:>14.1f} | "
               f"{plain_rate / heatmap_rate - 1:>8.1%} | {gate_rate:>11.1f} | {heatmap_rate / gate_rate - 1:>9.1%} | "
               f"{autograd_rate:>14.1f} | {heatmap_rate / autograd_rate:>14.1f}x")
+
+
+def precision_paths(reference: Classifier, fast: Classifier, seconds: float, timed) -> None:
+    """The precision table: the forward pass alone and the worker's path, float32 against the fast one."""
+    name = fast.precision.value
+    print(f"{'batch':>5} | {'fp32 forward img/s':>18} | {name + ' forward img/s':>18} | {name + ' / fp32':>11} | "
+          f"{'fp32 worker img/s':>17} | {name + ' worker img/s':>17} | {name + ' / fp32':>11}")
+    for batch_size in (1, 16):
+        squares = random_squares(batch_size)
+        forward = timed({"fp32": lambda: reference.forward(squares), name: lambda: fast.forward(squares)},
+                        batch_size, 2 * seconds)
+        worker = timed({"fp32": worker_path(reference, squares), name: worker_path(fast, squares)},
+                       batch_size, 2 * seconds)
+        print(f"{batch_size:>5} | {forward['fp32']:>18.1f} | {forward[name]:>18.1f} | "
+              f"{forward[name] / forward['fp32']:>10.2f}x | {worker['fp32']:>17.1f} | {worker[name]:>17.1f} | "
+              f"{worker[name] / worker['fp32']:>10.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="time per path and measurement")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="images per CPU-second of this process instead of per wall-clock second "
+                             "(steadier on a machine other jobs load)")
+    arguments = parser.parse_args()
+    seconds = arguments.seconds
+    timed = partial(best_rates, clock=time.process_time) if arguments.cpu_time else best_rates
+    reference = load_classifier(precision=Precision.FP32)
+    size = reference.card.input_size
+    print(f"model {reference.version}, input {size}x{size}, torch threads {torch.get_num_threads()}, "
+          f"images per {'CPU' if arguments.cpu_time else 'wall-clock'} second")
+    fp32_paths(reference, seconds, timed)
+    print(f"\nmodel.precision auto runs {resolve(Precision.AUTO).value} on this CPU")
+    precision_paths(reference, load_classifier(precision=Precision.BF16), seconds, timed)
 
 
 if __name__ == "__main__":

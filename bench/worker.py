@@ -2,8 +2,9 @@
 
 Run: ``.venv/bin/python bench/worker.py [--studies 12]``. Each study is one generated ~2000×2500
 16-bit CR (uncompressed). Prints median and p95 per stage (read+decode, preprocess, model+heatmap,
-SC/SR build, send) for studies run one after another, then studies/s with 2 worker processes.
-Nothing is asserted.
+encode — SC build (overlay and highdicom), SR build, durable write — and send) for studies run one
+after another, the ratio of encoding to model+heatmap of the same studies, then studies/s with 2
+worker processes. Nothing is asserted.
 """
 
 import argparse
@@ -29,7 +30,9 @@ from tests.worker.test_pipeline import make_message  # noqa: E402
 from worker.deliver import send_files  # noqa: E402
 from worker.pipeline import analyse_study, device_uid_for  # noqa: E402
 
-STAGES = ("read_decode", "preprocess", "model_heatmap", "encode", "send")
+ENCODE = ("sc_build", "sr_build", "write")  # the pipeline's encode stages, also shown together as "encode"
+STAGES = ("read_decode", "preprocess", "model_heatmap", *ENCODE, "send")
+ROWS = ("read_decode", "preprocess", "model_heatmap", *ENCODE, "encode", "send", "total")
 
 
 def make_studies(folder: Path, count: int) -> list[Path]:
@@ -74,9 +77,13 @@ def main() -> None:
             timings = [run_one(path, folder / "outbox", settings) for path in paths]
             print(f"{count} studies, one 2500x2000 16-bit CR each, sequential (torch threads: default)")
             print(f"{'stage':>14} | {'median ms':>9} | {'p95 ms':>8}")
-            for stage in (*STAGES, "total"):
-                values = [sum(t[s] for s in STAGES) if stage == "total" else t[stage] for t in timings]
-                print(f"{stage:>14} | {np.median(values):>9.0f} | {np.percentile(values, 95):>8.0f}")
+            for stage in ROWS:
+                parts = {"encode": ENCODE, "total": STAGES}.get(stage, (stage,))
+                values = [sum(t[part] for part in parts) for t in timings]
+                print(f"{stage:>14} | {np.median(values):>9.1f} | {np.percentile(values, 95):>8.1f}")
+            ratios = [sum(t[part] for part in ENCODE) / t["model_heatmap"] for t in timings]
+            print(f"encode / model+heatmap, same studies: median {np.median(ratios):.2f}x "
+                  f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
 
             halves = [(paths[0::2], folder / "outbox-a", settings), (paths[1::2], folder / "outbox-b", settings)]
             started = time.perf_counter()

@@ -30,6 +30,7 @@ class ModelSettings(Section):
 
     weights_dir: Path | None = None  # None = the weights shipped in the package
     batch_size: int = 16
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # forward pass arithmetic; auto = bf16 where the CPU has it
     site_profile: Path | None = None  # a site's operating points from 'lungvision calibrate'; None = the shipped ones
     intended_use_policy: Literal["refuse", "flag"] = "refuse"  # images outside the intended use
     min_age_years: float | None = Field(default=None, ge=0)  # outer bound narrowing the card's populations; None: none
@@ -169,6 +170,7 @@ class DeliverySettings(Section):
     acse_timeout_s: float = Field(default=30.0, gt=0)  # association set-up and release
     dimse_timeout_s: float = Field(default=60.0, gt=0)  # waiting for each C-STORE response
     network_timeout_s: float = Field(default=60.0, gt=0)  # idle network
+    association_idle_s: float = Field(default=5.0, ge=0)  # an association stays open this long for the next study
     shadow_mode: bool = False  # true = results stay in the worklist and store; nothing goes to destinations or HL7
 
 

@@ -15,6 +15,8 @@ made idempotent; no broker offers exactly-once publish).
 
 import json
 import logging
+import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,7 +45,8 @@ class _Unqueued:
 
 
 class Dispatcher:
-    """Turns quiet studies into queued rounds; call :meth:`resume` once, then :meth:`tick` periodically."""
+    """Turns quiet studies into queued rounds; call :meth:`resume` once, then :meth:`dispatch_due` whenever
+    the moment it returned arrives or a new study does (:func:`dispatch_until_stopped` does both)."""
 
     def __init__(
         self,
@@ -71,13 +74,16 @@ class Dispatcher:
             self._unqueued[sealed.path] = _Unqueued(sealed)
         log_event(LOG, "spool.recovered", pending_studies=len(recovered.pending), unqueued_rounds=len(recovered.unqueued))
 
-    def tick(self) -> None:
+    def dispatch_due(self) -> float:
+        """Seal the studies that fell quiet, queue the rounds whose (re)try is due; return when something is
+        next due (monotonic seconds; ``math.inf`` when nothing is waiting — then only a new study is)."""
         now = self._monotonic_clock()
         for study_uid, last_seen in self._tracker.due(now):
             self._seal(study_uid, last_seen, now)
         for item in list(self._unqueued.values()):
             if item.next_attempt <= now:
                 self._queue(item, now)
+        return min([self._tracker.next_deadline(), *(item.next_attempt for item in self._unqueued.values())])
 
     @property
     def backlog(self) -> int:
@@ -132,6 +138,23 @@ class Dispatcher:
         message = build_study_ready(sealed, records, message_id=str(uuid.uuid4()))
         self._spool.write_message(sealed, message.model_dump_json(indent=1).encode())
         return message
+
+
+def dispatch_until_stopped(
+    dispatcher: Dispatcher,
+    stop: threading.Event,
+    wake: threading.Event,
+    *,
+    housekeeping: Callable[[], float] = lambda: math.inf,
+    monotonic_clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Dispatch until ``stop`` is set, sleeping between times until the next study falls quiet, the next
+    retry is due, ``housekeeping`` wants to run again (it returns when), or ``wake`` is set — the
+    tracker's ``on_new_study`` and the signal handlers set it. No periodic tick."""
+    while not stop.is_set():
+        wake.clear()  # before looking: whatever arrives from here on ends the wait below at once
+        wake_at = min(dispatcher.dispatch_due(), housekeeping())
+        wake.wait(None if wake_at == math.inf else max(0.0, wake_at - monotonic_clock()))
 
 
 def build_study_ready(sealed: SealedRound, records: dict[Path, ArrivalRecord], *, message_id: str) -> StudyReady:

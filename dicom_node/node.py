@@ -17,7 +17,7 @@ from config.settings import ConfigError, Settings
 from lungvision import audit
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
 from dicom_node.completion import StudyCompletionTracker
-from dicom_node.dispatcher import Dispatcher
+from dicom_node.dispatcher import Dispatcher, dispatch_until_stopped
 from dicom_node.enqueue import CeleryEnqueuer
 from dicom_node.handlers import AssociationJournal, bindings
 from dicom_node.intake import Intake
@@ -25,7 +25,6 @@ from dicom_node.logs import configure_logging, log_event
 from dicom_node.spool import Spool
 
 LOG = logging.getLogger("dicom_node")
-TICK_S = 0.25  # how often the dispatch loop looks for quiet studies
 SWEEP_INTERVAL_S = 3600.0  # retention and stale-partial clean-up; also once at start
 RELOADABLE = ("spool.min_free_bytes",)
 
@@ -41,12 +40,13 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     tempfile.tempdir = str(spool.receiving_dir)
 
-    tracker = StudyCompletionTracker(settings.spool.stable_seconds)
+    wake = threading.Event()  # ends the dispatch loop's wait: a new study, a signal
+    tracker = StudyCompletionTracker(settings.spool.stable_seconds, on_new_study=wake.set)
     enqueuer = CeleryEnqueuer(settings.broker.url)
     dispatcher = Dispatcher(spool, tracker, enqueuer.send)
     dispatcher.resume()
 
-    stop, reload_requested = _signal_events()
+    stop, reload_requested = _signal_events(wake)
     node = settings.node
     intake = Intake(spool, tracker, ANALYSED_SOP_CLASSES)
     journal = AssociationJournal()
@@ -62,30 +62,58 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         stable_seconds=settings.spool.stable_seconds, max_associations=node.max_associations,
     )
 
-    next_sweep = 0.0
     try:
-        while not stop.is_set():
-            dispatcher.tick()
-            if reload_requested.is_set():
-                reload_requested.clear()
-                settings = _reload(settings, reload_settings, spool)
-            if time.monotonic() >= next_sweep:
-                _sweep(spool, settings)
-                next_sweep = time.monotonic() + SWEEP_INTERVAL_S
-            stop.wait(TICK_S)
+        dispatch_until_stopped(
+            dispatcher, stop, wake, housekeeping=_Housekeeping(settings, reload_settings, spool, reload_requested)
+        )
     finally:
         server.shutdown()
         enqueuer.close()
         log_event(LOG, "node.stopped", unqueued_rounds=dispatcher.backlog, pending_studies=len(tracker))
 
 
-def _signal_events() -> tuple[threading.Event, threading.Event]:
-    """(stop: SIGTERM/SIGINT, reload: SIGHUP), installed before the port opens."""
+def _signal_events(wake: threading.Event) -> tuple[threading.Event, threading.Event]:
+    """(stop: SIGTERM/SIGINT, reload: SIGHUP), installed before the port opens; each also sets ``wake``."""
     stop, reload_requested = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+
+    def request(event: threading.Event) -> Callable[..., None]:
+        def handler(*_: object) -> None:
+            event.set()
+            wake.set()
+
+        return handler
+
+    signal.signal(signal.SIGTERM, request(stop))
+    signal.signal(signal.SIGINT, request(stop))
+    signal.signal(signal.SIGHUP, request(reload_requested))
     return stop, reload_requested
+
+
+class _Housekeeping:
+    """Run between dispatches: apply a requested reload (SIGHUP), sweep the spool at start and hourly."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        reload_settings: Callable[[], Settings] | None,
+        spool: Spool,
+        reload_requested: threading.Event,
+    ) -> None:
+        self._settings = settings
+        self._reload_settings = reload_settings
+        self._spool = spool
+        self._reload_requested = reload_requested
+        self._next_sweep = 0.0  # monotonic seconds
+
+    def __call__(self) -> float:
+        """Do what is due; return when the next sweep is (monotonic seconds)."""
+        if self._reload_requested.is_set():
+            self._reload_requested.clear()
+            self._settings = _reload(self._settings, self._reload_settings, self._spool)
+        if time.monotonic() >= self._next_sweep:
+            _sweep(self._spool, self._settings)
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+        return self._next_sweep
 
 
 def _sweep(spool: Spool, settings: Settings) -> None:

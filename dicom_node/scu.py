@@ -2,12 +2,20 @@
 
 Every response status is checked; the first failure raises :class:`DeliveryError`, which names the
 instance, the status and whether a later retry may help. Retrying is the caller's job.
+
+An :class:`AssociationPool` keeps an association open after a delivery, for the next one to the same
+destination (the TCP and A-ASSOCIATE set-up is then paid once per burst, not once per study), and
+releases it after a few idle seconds. A failed association is aborted, never used again.
 """
 
+import itertools
+import logging
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -18,6 +26,7 @@ from pynetdicom.status import code_to_category
 
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8: context IDs are odd numbers 1..255
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+log = logging.getLogger("lungvision.scu")
 
 
 @dataclass(frozen=True)
@@ -78,39 +87,70 @@ def send_datasets(
     *,
     calling_ae: str = "LUNGVISION",
     timeouts: Timeouts = Timeouts(),
+    pool: "AssociationPool | None" = None,
 ) -> list[int]:
     """Store every dataset at ``destination`` over one association; return their (success or warning) statuses.
 
     Each dataset needs ``file_meta.TransferSyntaxUID``. Proposed per SOP class: explicit and implicit
     VR little endian, plus each dataset's own transfer syntax when it is another (e.g. compressed).
+
+    With ``pool``: over an association an earlier call left open when there is one, kept open afterwards.
+    If that kept association turns out to be gone (the peer released or dropped it while it was idle)
+    before the first dataset got through, the datasets go once more over a new association. Without a
+    pool: a new association, released afterwards.
     """
     if not datasets:
         return []
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = timeouts.connection_s
-    ae.acse_timeout = timeouts.acse_s
-    ae.dimse_timeout = timeouts.dimse_s
-    ae.network_timeout = timeouts.network_s
     contexts = proposed_contexts(datasets)
     if len(contexts) > MAX_PRESENTATION_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts needed, at most {MAX_PRESENTATION_CONTEXTS}")
-    for sop_class, syntaxes in contexts:
-        ae.add_requested_context(sop_class, syntaxes)
+    request = AssociationRequest(destination, calling_ae, timeouts,
+                                 tuple((sop_class, tuple(syntaxes)) for sop_class, syntaxes in contexts))
+    if pool is None:
+        pool = AssociationPool(idle_s=0)  # keeps nothing: this one association is released afterwards
+    first_sop_uid = str(datasets[0].SOPInstanceUID)
+    kept = pool.acquire(request, first_sop_uid=first_sop_uid)
+    try:
+        return _send_over(pool, kept, datasets)
+    except DeliveryError as error:
+        if not (kept.reused and error.transient and error.status is None and not error.delivered):
+            raise
+        log.info("the association to %s@%s:%d kept from an earlier delivery is gone (%s); sending over a new one",
+                 destination.ae_title, destination.host, destination.port, error.reason)
+    return _send_over(pool, pool.open(request, first_sop_uid=first_sop_uid), datasets)
 
+
+def _send_over(pool: "AssociationPool", kept: "KeptAssociation", datasets: Sequence[Dataset]) -> list[int]:
+    """C-STORE every dataset over ``kept``; give it back to the pool, or abort it if anything failed."""
+    try:
+        statuses = _store_all(kept, datasets)
+    except BaseException:
+        pool.discard(kept)
+        raise
+    pool.give_back(kept)
+    return statuses
+
+
+def _store_all(kept: "KeptAssociation", datasets: Sequence[Dataset]) -> list[int]:
+    destination = kept.request.destination
     statuses: list[int] = []
     delivered: list[str] = []
-    with _association(ae, destination, first_sop_uid=str(datasets[0].SOPInstanceUID)) as assoc:
-        for message_id, dataset in enumerate(datasets, start=1):
-            sop_uid = str(dataset.SOPInstanceUID)
-            try:
-                response = assoc.send_c_store(dataset, msg_id=message_id % 65536)
-            except ValueError as error:  # no accepted context for this SOP class / transfer syntax
-                raise DeliveryError(
-                    destination, sop_uid, None, str(error), transient=False, delivered=tuple(delivered)
-                ) from error
-            status = _checked_status(destination, sop_uid, response, tuple(delivered))
-            statuses.append(status)
-            delivered.append(sop_uid)
+    for dataset in datasets:
+        sop_uid = str(dataset.SOPInstanceUID)
+        try:
+            response = kept.association.send_c_store(dataset, msg_id=kept.next_message_id())
+        except ValueError as error:  # no accepted context for this SOP class / transfer syntax
+            raise DeliveryError(
+                destination, sop_uid, None, str(error), transient=False, delivered=tuple(delivered)
+            ) from error
+        except RuntimeError as error:  # pynetdicom: "must be established": the peer released or aborted it
+            raise DeliveryError(
+                destination, sop_uid, None, "association closed by the peer", transient=True,
+                delivered=tuple(delivered),
+            ) from error
+        status = _checked_status(destination, sop_uid, response, tuple(delivered))
+        statuses.append(status)
+        delivered.append(sop_uid)
     return statuses
 
 
@@ -126,22 +166,162 @@ def proposed_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]
     return [(sop_class, list(syntaxes)) for sop_class, syntaxes in contexts]
 
 
-@contextmanager
-def _association(ae: AE, destination: Destination, *, first_sop_uid: str) -> Iterator[Association]:
-    """An established association, released afterwards (aborted if the caller failed mid-way)."""
+@dataclass(frozen=True)
+class AssociationRequest:
+    """What an association is negotiated for; the pool keeps idle associations apart by it."""
+
+    destination: Destination
+    calling_ae: str
+    timeouts: Timeouts
+    contexts: tuple[tuple[str, tuple[str, ...]], ...]  # (SOP class, transfer syntaxes) proposed
+
+
+@dataclass(eq=False)
+class KeptAssociation:
+    """An established association, lent by an :class:`AssociationPool` to one caller at a time."""
+
+    request: AssociationRequest
+    association: Association
+    reused: bool = False  # True: an earlier delivery opened it
+    idle_since: float = 0.0  # time.monotonic() when it was last given back
+    _message_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def next_message_id(self) -> int:
+        """A Message ID unique among this association's requests (PS3.7 9.3.1.1)."""
+        return next(self._message_ids) % 65536
+
+
+class AssociationPool:
+    """Associations kept open between deliveries, apart by :class:`AssociationRequest` (destination,
+    calling AE title, timeouts, presentation contexts).
+
+    :meth:`acquire` lends an idle one that is still established (else opens a new one) to one caller;
+    :meth:`give_back` keeps it for ``idle_s`` seconds, after which a reaper thread releases it;
+    :meth:`discard` aborts one that failed. ``idle_s == 0`` keeps nothing. Thread-safe (a lent association
+    belongs to its caller alone); not to be shared across processes: each process needs its own.
+    """
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self._idle: dict[AssociationRequest, list[KeptAssociation]] = {}
+        self._changed = threading.Condition()
+        self._closed = False
+        self._reaper: threading.Thread | None = None
+
+    def acquire(self, request: AssociationRequest, *, first_sop_uid: str) -> KeptAssociation:
+        """An established association for ``request``: an idle one, else a new one (raises DeliveryError,
+        naming ``first_sop_uid``, when none comes up)."""
+        while (kept := self._take_idle(request)) is not None:
+            if kept.association.is_established:  # else the peer released or aborted it while it was idle
+                kept.reused = True
+                return kept
+        return self.open(request, first_sop_uid=first_sop_uid)
+
+    def open(self, request: AssociationRequest, *, first_sop_uid: str) -> KeptAssociation:
+        """A new association for ``request`` (raises DeliveryError, naming ``first_sop_uid``, when none comes up)."""
+        return KeptAssociation(request, _associate(request, first_sop_uid))
+
+    def give_back(self, kept: KeptAssociation) -> None:
+        """``kept`` served its caller: keep it for the next one, or release it (pool closed, keeping nothing,
+        or no longer established)."""
+        with self._changed:
+            keep = not self._closed and self.idle_s > 0 and kept.association.is_established
+            if keep:
+                kept.idle_since = time.monotonic()
+                self._idle.setdefault(kept.request, []).append(kept)
+                self._start_reaper()
+                self._changed.notify()
+        if not keep:
+            _close(kept)
+
+    def discard(self, kept: KeptAssociation) -> None:
+        """``kept`` failed: abort it; it is never lent again."""
+        if kept.association.is_established:
+            kept.association.abort()
+
+    def idle_count(self) -> int:
+        """How many associations are kept open, idle, right now."""
+        with self._changed:
+            return sum(len(kept) for kept in self._idle.values())
+
+    def close(self) -> None:
+        """Release every idle association and keep none from now on (associations still lent are
+        released when given back)."""
+        with self._changed:
+            self._closed = True
+            idle = self._take_all()
+            self._changed.notify()
+        for kept in idle:
+            _close(kept)
+
+    def _take_idle(self, request: AssociationRequest) -> KeptAssociation | None:
+        with self._changed:
+            kept = self._idle.get(request)
+            return kept.pop() if kept else None  # the most recently used: the likeliest to be still open
+
+    def _take_all(self) -> list[KeptAssociation]:
+        idle = [kept for kept_for_request in self._idle.values() for kept in kept_for_request]
+        self._idle.clear()
+        return idle
+
+    def _take_expired(self, now: float) -> list[KeptAssociation]:
+        expired: list[KeptAssociation] = []
+        for kept in self._take_all():
+            if now - kept.idle_since >= self.idle_s:
+                expired.append(kept)
+            else:
+                self._idle.setdefault(kept.request, []).append(kept)  # (order kept: oldest first)
+        return expired
+
+    def _seconds_to_next_expiry(self, now: float) -> float | None:
+        idle_since = [kept.idle_since for kept_for_request in self._idle.values() for kept in kept_for_request]
+        return max(0.0, min(idle_since) + self.idle_s - now) if idle_since else None
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="association-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Release associations idle for ``idle_s``, until the pool is closed."""
+        while True:
+            with self._changed:
+                if self._closed:
+                    return
+                self._changed.wait(timeout=self._seconds_to_next_expiry(time.monotonic()))
+                expired = self._take_expired(time.monotonic())
+            for kept in expired:
+                _close(kept)
+
+
+def _associate(request: AssociationRequest, first_sop_uid: str) -> Association:
+    """A new established association for ``request``; DeliveryError (naming ``first_sop_uid``) if none comes up."""
+    ae = AE(ae_title=request.calling_ae)
+    ae.connection_timeout = request.timeouts.connection_s
+    ae.acse_timeout = request.timeouts.acse_s
+    ae.dimse_timeout = request.timeouts.dimse_s
+    ae.network_timeout = request.timeouts.network_s
+    for sop_class, syntaxes in request.contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
+    destination = request.destination
     tls_args = _tls_args(destination.tls) if destination.tls is not None else None
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         raise _association_error(destination, assoc, first_sop_uid)
-    completed = False
-    try:
-        yield assoc
-        completed = True
-    finally:
-        if assoc.is_established and completed:
-            assoc.release()
-        elif assoc.is_established:
-            assoc.abort()
+    _without_nagle(assoc)
+    return assoc
+
+
+def _without_nagle(assoc: Association) -> None:
+    """Send each write at once: a C-STORE is several writes (command PDU, data PDUs), and with Nagle's
+    algorithm a short one waits for the peer's delayed ACK (≈ 40 ms on Linux) — per object sent."""
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _close(kept: KeptAssociation) -> None:
+    """Release ``kept`` if it is still established (A-RELEASE; pynetdicom aborts if the peer does not answer)."""
+    if kept.association.is_established:
+        kept.association.release()
 
 
 def _checked_status(
@@ -187,4 +367,5 @@ def _tls_args(tls: ClientTls) -> tuple[ssl.SSLContext, str | None]:
     return context, tls.server_hostname
 
 
-__all__ = ["ClientTls", "DeliveryError", "Destination", "Timeouts", "proposed_contexts", "send_datasets"]
+__all__ = ["AssociationPool", "AssociationRequest", "ClientTls", "DeliveryError", "Destination", "KeptAssociation",
+           "Timeouts", "proposed_contexts", "send_datasets"]

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dicom_node.durable import fsync_dir
 from dicom_node.uids import checked_uid, is_valid_uid
 
 RECEIVING = ".receiving"
@@ -164,7 +165,7 @@ class Spool:
                 _ensure_dir(target_dir)
                 _move_into(record_file, target_dir / f"{sop_uid}{RECORD_SUFFIX}")
                 _move_into(source, target_dir / f"{sop_uid}{DICOM_SUFFIX}")
-                _fsync_dir(target_dir)
+                fsync_dir(target_dir)
         finally:
             record_file.unlink(missing_ok=True)
         return True
@@ -189,8 +190,8 @@ class Spool:
             number = max((int(path.name) for path in _round_dirs(study_dir)), default=0) + 1
             target = rounds / f"{number:04d}"
             os.rename(incoming, target)
-            _fsync_dir(rounds)
-            _fsync_dir(study_dir)
+            fsync_dir(rounds)
+            fsync_dir(study_dir)
         return SealedRound(study_uid, number, target)
 
     def arrival_records(self, sealed: SealedRound) -> dict[Path, ArrivalRecord | None]:
@@ -340,14 +341,14 @@ def _ensure_dir(path: Path) -> None:
         path.mkdir()
     except FileExistsError:  # made by a concurrent caller meanwhile, which fsyncs the parent itself
         return
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(path.name + TEMP_SUFFIX)
     _write_synced(temporary, data)
     os.replace(temporary, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -377,10 +378,3 @@ def _fsync_file(path: Path) -> None:
     finally:
         os.close(descriptor)
 
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -3,7 +3,6 @@
 import numpy as np
 import torch
 from scipy.special import expit
-from scipy.stats import beta
 
 
 def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -48,6 +47,8 @@ def sensitivity_lower_bound(caught: int, positives: int, confidence: float = 0.9
         return 0.0
     if caught == 0:
         return 0.0
+    from scipy.stats import beta  # here, not at the top: the worker, which never calls this, is spared scipy.stats
+
     return float(beta.ppf(1.0 - confidence, caught, positives - caught + 1))
 
 

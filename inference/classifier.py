@@ -8,6 +8,9 @@ children and adults): the model card's, or a site profile's from ``lungvision ca
 Which population's point an image gets: the one its header's patient age falls in, given by the
 caller (``IntendedUse.read_header``); for an image without a known age, the population whose
 training images are nearest in feature space (the image check's ``nearest_population``).
+
+The forward pass runs at ``model.precision`` (``inference/precision.py``): bfloat16 where the CPU
+computes it natively, else float32; its outputs are float32 either way.
 """
 
 import functools
@@ -25,6 +28,7 @@ from inference.image_check import FEATURE_LAYERS, ImageCheck
 from inference.intended_use import DEFAULT_POPULATION, IntendedUse, Policy, Population
 from inference.model_card import WEIGHTS_DIR, ModelCard, sha256_of
 from inference.network import build_resnet18
+from inference.precision import Precision, autocast, network_for, prepared_input, resolve
 from inference.preprocess import normalise, to_square_uint8
 from inference.site_profile import SHIPPED, OperatingPoint, SiteProfile
 
@@ -58,23 +62,29 @@ class Prediction:
     label: str  # "PNEUMONIA" or "NORMAL"
     threshold: float
     model_version: str
-    heatmap: np.ndarray | None  # float32 0..1, the input image's shape; None if not asked for
+    heatmap: np.ndarray | None  # float32 0..1 over the whole image, of the shape asked for; None if not asked for
     logit: float = 0.0  # raw network output, before temperature (site calibration refits from it)
     image_check_score: float | None = None  # distance from the training images; None: no image check shipped
     operating_point: str = f"{SHIPPED} / {DEFAULT_POPULATION}"  # ``OperatingPoint.name`` of the point used
     population: str = DEFAULT_POPULATION  # whose operating point: by the header's age, else the image check
 
 
-def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int) -> ForwardPass:
-    """One forward pass of N×1×H×W images (uint8 squares, or float 0..1) → logits, maps, features."""
+def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int,
+                 precision: Precision = Precision.FP32) -> ForwardPass:
+    """One forward pass of N×1×H×W images (uint8 squares, or float 0..1) → float32 logits, maps, features.
+
+    ``precision``: BF16 needs the network ``network_for`` made for it; FP32 (the default) runs it as is."""
     maps: dict[str, torch.Tensor] = {}
     hooks = [getattr(network, name).register_forward_hook(
-        lambda _module, _inputs, output, name=name: maps.__setitem__(name, output)) for name in FEATURE_LAYERS]
+        lambda _module, _inputs, output, name=name: maps.__setitem__(name, output.float())) for name in FEATURE_LAYERS]
     try:
         with torch.inference_mode():
-            logits = network(normalise(batch, input_size)).flatten()
+            with autocast(precision):
+                logits = network(prepared_input(normalise(batch, input_size), precision)).flatten()
             cams = class_map(maps["layer4"], network.fc.weight[0])
             features = torch.cat([maps[name].mean(dim=(2, 3)) for name in FEATURE_LAYERS], dim=1)
+            if precision is not Precision.FP32:  # the head again, in float32: bf16 would round the logit itself
+                logits = network.fc(maps["layer4"].mean(dim=(2, 3))).flatten()
     finally:
         for hook in hooks:
             hook.remove()
@@ -92,14 +102,19 @@ def card_populations(card: ModelCard) -> list[dict]:
 
 class Classifier:
     """ResNet-18 pneumonia classifier with its model card (populations with their thresholds and
-    temperatures, input size), image check and operating points."""
+    temperatures, input size), image check and operating points, run at ``precision`` (AUTO: bf16
+    where the CPU computes it natively). ``network`` is the float32 network as shipped; the forward
+    pass runs ``network_for(network, precision)``."""
 
-    def __init__(self, weights_dir: Path = WEIGHTS_DIR, site_profile: Path | None = None) -> None:
+    def __init__(self, weights_dir: Path = WEIGHTS_DIR, site_profile: Path | None = None,
+                 precision: Precision | str = Precision.AUTO) -> None:
         self.card = ModelCard.load(weights_dir)
         self.network = build_resnet18()
         self.network.load_state_dict(load_file(_verified(weights_dir / self.card.weights_file,
                                                          self.card.weights_sha256)))
         self.network.eval()
+        self.precision = resolve(precision)  # BF16 or FP32
+        self._running = network_for(self.network, self.precision)
         self.heatmap = Heatmap(self.card.localisation.get("heatmap", Heatmap.GRADCAM.value))
         self.image_check: ImageCheck | None = None
         if self.card.image_check:
@@ -164,8 +179,8 @@ class Classifier:
 
     def forward(self, squares: np.ndarray) -> ForwardPass:
         """N×224×224 uint8 squares → raw logits, Grad-CAM maps and pooled features, in one pass."""
-        return forward_pass(self.network, torch.from_numpy(np.ascontiguousarray(squares))[:, None],
-                            self.card.input_size)
+        return forward_pass(self._running, torch.from_numpy(np.ascontiguousarray(squares))[:, None],
+                            self.card.input_size, self.precision)
 
     def calibrated(self, logits: torch.Tensor | np.ndarray, populations: Sequence[str] | None = None) -> np.ndarray:
         """Raw logits → calibrated probabilities, each at the temperature of its image's population
@@ -194,9 +209,11 @@ class Classifier:
         squares = np.stack([to_square_uint8(image) for image in images])
         return self.predict_squares(squares, [image.shape for image in images] if with_heatmap else None, populations)
 
-    def predict_squares(self, squares: np.ndarray, image_shapes: Sequence[tuple[int, int]] | None,
+    def predict_squares(self, squares: np.ndarray, heatmap_shapes: Sequence[tuple[int, int]] | None,
                         populations: Sequence[str | None] | None = None) -> list[Prediction]:
-        """Predictions for preprocessed squares; heatmaps sized to ``image_shapes`` (None: no heatmaps).
+        """Predictions for preprocessed squares; heatmaps of ``heatmap_shapes`` (None: no heatmaps). A
+        heatmap covers its whole image at any size: the image's own, or the picture it is drawn on
+        (``overlay.display_size``: cheaper than a full-size map shrunk again).
         Each image is judged at the operating point of its population: the name given in
         ``populations`` (from the header's age), else — None, or no list — the image check's nearest."""
         output = self.forward(squares)
@@ -207,8 +224,8 @@ class Classifier:
         for index, (probability, cam, population) in enumerate(zip(probabilities, output.cams, chosen)):
             point = self.operating_points[population]
             positive = probability >= point.threshold
-            heatmap = None if image_shapes is None else heatmap_in_image(cam, probability, image_shapes[index],
-                                                                                 self.heatmap).numpy()
+            heatmap = None if heatmap_shapes is None else heatmap_in_image(cam, probability, heatmap_shapes[index],
+                                                                                   self.heatmap).numpy()
             predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL",
                                           point.threshold, self.version, heatmap, float(output.logits[index]),
                                           None if scores is None else float(scores[index]), point.name, population))
@@ -216,17 +233,18 @@ class Classifier:
 
 
 @functools.lru_cache(maxsize=4)
-def load_classifier(weights_dir: Path | None = None, site_profile: Path | None = None) -> Classifier:
+def load_classifier(weights_dir: Path | None = None, site_profile: Path | None = None,
+                    precision: Precision | str = Precision.AUTO) -> Classifier:
     """The process-wide classifier for ``weights_dir`` (default: the shipped weights) at the
-    operating point of ``site_profile`` (default: the model card's), loaded once."""
-    return Classifier(weights_dir or WEIGHTS_DIR, site_profile)
+    operating point of ``site_profile`` (default: the model card's) and ``precision``, loaded once."""
+    return Classifier(weights_dir or WEIGHTS_DIR, site_profile, precision)
 
 
 def load_model(model_settings) -> tuple[Classifier, IntendedUse]:
     """The classifier and its intended-use gate as the ``model`` settings section configures them
-    (weights_dir, site_profile, intended_use_policy, and min_age_years / max_age_years: outer age
-    bounds that narrow the model's populations)."""
-    classifier = load_classifier(model_settings.weights_dir, model_settings.site_profile)
+    (weights_dir, site_profile, precision, intended_use_policy, and min_age_years / max_age_years:
+    outer age bounds that narrow the model's populations)."""
+    classifier = load_classifier(model_settings.weights_dir, model_settings.site_profile, model_settings.precision)
     gate = classifier.intended_use(model_settings.intended_use_policy, model_settings.min_age_years,
                                    model_settings.max_age_years)
     return classifier, gate

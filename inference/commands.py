@@ -1,5 +1,5 @@
-"""The offline commands of the ``inference`` package: ``train``, ``refit``, ``evaluate``, ``analyze``
-and ``calibrate``."""
+"""The offline commands of the ``inference`` package: ``train``, ``refit``, ``evaluate``, ``equivalence``,
+``analyze`` and ``calibrate``."""
 
 import sys
 from collections.abc import Callable
@@ -73,7 +73,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         adult_data: Optional[Path] = typer.Option(None, "--adult-data",
                                                   help="the adult set (MANIFEST.tsv, train/NORMAL|PNEUMONIA|OTHER)"),
         epochs: int = typer.Option(9, help="training epochs"),
-        samples_per_epoch: int = typer.Option(6000, help="images drawn per epoch (0: the training side's size)"),
+        samples_per_epoch: int = typer.Option(12000, help="images drawn per epoch (0: the training side's size)"),
         input_size: int = typer.Option(160, help="model input size in pixels"),
         augment: bool = typer.Option(True, "--augment/--no-augment", help="training augmentation"),
         use_other: bool = typer.Option(True, "--other/--no-other", help="adult OTHER images as negatives"),
@@ -81,6 +81,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         adult_share: float = typer.Option(0.5, max=1.0,
                                           help="share of each batch drawn from adults (negative: as in the data)"),
         localisation_weight: float = typer.Option(0.5, help="weight of the box loss on RSNA-boxed positives (0: off)"),
+        mixed_precision: bool = typer.Option(True, "--bf16/--fp32",
+                                             help="forward pass in bfloat16 autocast (fp32 weights and losses)"),
         resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/checkpoint.pt"),
         max_train_images: Optional[int] = typer.Option(None, hidden=True, help="smoke tests only"),
     ) -> None:
@@ -97,7 +99,8 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
                                augment=augment, use_other=use_other,
                                nih_positive_weight=nih_positive_weight,
                                adult_share=adult_share if adult_share >= 0 else None,
-                               localisation_weight=localisation_weight, max_train_images=max_train_images)
+                               localisation_weight=localisation_weight, mixed_precision=mixed_precision,
+                               max_train_images=max_train_images)
         summary = run_training(data, out, options, resume=resume, adult_dir=adult_data)
         card_path = write_model_card(out, summary, options, adult_data is not None)
         typer.echo(f"weights and model card written to {card_path.parent}")
@@ -153,6 +156,36 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         if located is not None:
             typer.echo(f"\nheatmap: {located['summary']}")
         typer.echo(f"written to {out}")
+
+    @app.command()
+    def equivalence(
+        data: Path = typer.Option(..., "--data", help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="also write the figures and flipped files here (JSON)"),
+        seconds: float = typer.Option(5.0, "--seconds", min=0.1, help="time spent timing the two forward passes"),
+    ) -> None:
+        """Compare the bf16 forward pass with fp32 on labelled images: probabilities, labels, image check, gate,
+        populations, AUC / sensitivity / specificity at the operating points, and speed."""
+        import json
+
+        from inference.classifier import load_classifier
+        from inference.equivalence import compare, describe
+        from inference.precision import Precision
+
+        require_dir(data, "data folder")
+        configured, gate = model()
+        settings = get_settings().model
+        reference, fast = (load_classifier(settings.weights_dir, settings.site_profile, precision)
+                           for precision in (Precision.FP32, Precision.BF16))
+        try:
+            result = compare(data, reference, fast, gate, settings.batch_size, seconds)
+        except (FileNotFoundError, ValueError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(describe(result))
+        typer.echo(f"\nmodel.precision {settings.precision} runs {configured.precision.value} on this CPU")
+        if out is not None:
+            out.write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+            typer.echo(f"written to {out}")
 
     @app.command()
     def calibrate(

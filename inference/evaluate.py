@@ -119,6 +119,15 @@ def folder_localisation(data_dir: Path, boxes_csv: Path, classifier: Classifier,
             "unreadable": len(scores.unreadable), **figures, "summary": describe(figures)}
 
 
+def headline_scores(probabilities: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, float]:
+    """The scores and the one threshold the headline figures are taken at (``thresholds``: each image's
+    own): the probabilities at their threshold when all images share it, else every score shifted so
+    that its own threshold sits at 0.5."""
+    if np.all(thresholds == thresholds[0]):
+        return probabilities, float(thresholds[0])
+    return np.clip(probabilities - thresholds + 0.5, 0.0, 1.0), 0.5
+
+
 def write_evaluation(out_dir: Path, source: str, labels: np.ndarray, probabilities: np.ndarray,
                      classifier: Classifier, populations: list[str] | None = None, localisation: dict | None = None,
                      **extra) -> dict:
@@ -133,10 +142,8 @@ def write_evaluation(out_dir: Path, source: str, labels: np.ndarray, probabiliti
     populations = list(populations or [classifier.population_names[0]] * len(labels))
     names = list(dict.fromkeys(populations))
     thresholds = np.array([classifier.operating_points[name].threshold for name in populations])
-    if len(names) == 1:
-        metrics = metrics_with_ci(labels, probabilities, float(thresholds[0]))
-    else:  # at each image's own threshold: shift every score so that its threshold sits at 0.5
-        metrics = metrics_with_ci(labels, np.clip(probabilities - thresholds + 0.5, 0.0, 1.0), 0.5)
+    metrics = metrics_with_ci(labels, *headline_scores(probabilities, thresholds))
+    if len(names) > 1:
         metrics["threshold"] = "per population"
     by_population = {}
     for name in names:

@@ -53,14 +53,15 @@ def relative_map(cam: torch.Tensor, kind: Heatmap = Heatmap.GRADCAM) -> torch.Te
 
 def heatmap_in_image(cam: torch.Tensor, probability: float, image_shape: tuple[int, int],
                      kind: Heatmap = Heatmap.GRADCAM) -> torch.Tensor:
-    """One h×w class map → a 0..1 heatmap of ``image_shape``, scaled by the pneumonia probability.
+    """One h×w class map → a float32 0..1 heatmap of ``image_shape``, scaled by the pneumonia probability.
 
     Scaling: the map is made relative (``relative_map``: where the model looks) and multiplied by
     the calibrated probability (how sure it is), so a confident normal (probability 0.02) shows at
     most 2 % intensity anywhere, and only a confident positive shows a full-intensity hot spot.
     The model sees the whole image squashed into a square, so the map stretches back over the
-    whole image.
+    whole image — at any size: the image's, or the smaller picture it is drawn on. The h×w map is
+    scaled before it is stretched (bilinear weights sum to one, so the result stays in
+    0..probability): one pass over the large map.
     """
-    relative = relative_map(cam, kind)
-    resized = F.interpolate(relative[None, None], size=image_shape, mode="bilinear", align_corners=False)[0, 0]
-    return (resized.clamp(0, 1) * probability).to(torch.float32)
+    scaled = relative_map(cam.float(), kind) * probability
+    return F.interpolate(scaled[None, None], size=image_shape, mode="bilinear", align_corners=False)[0, 0]

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.covariance import LedoitWolf
 
 FEATURE_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 IMAGE_CHECK_FILE = "image-check.safetensors"
@@ -65,6 +64,8 @@ class ImageCheck:
 def fit_image_check(features: np.ndarray, labels: np.ndarray, populations: np.ndarray | None = None) -> ImageCheck:
     """Fit one mean per (population, class) group and the shrunk shared covariance on training
     features (N×D); ``populations`` holds each image's population index (None: one population)."""
+    from sklearn.covariance import LedoitWolf  # here, not at the top: the worker, which never fits, is spared sklearn
+
     features = np.asarray(features, dtype=np.float64)
     populations = np.zeros(len(labels), dtype=np.int64) if populations is None else np.asarray(populations)
     groups = np.asarray(populations) * 2 + np.asarray(labels)

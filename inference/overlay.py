@@ -2,7 +2,15 @@
 
 Used for ``lungvision analyze`` PNGs and for the worker's Secondary Capture, so radiologists see
 the same picture everywhere.
+
+The picture is made at its final size first (``display_size``): the gray image is shrunk with an
+area-averaging (box) filter, its display window is taken from the shrunk picture, and heat, colour
+and blending work on that picture's pixels only — a 2500×2000 radiograph costs one pass over its
+full-size pixels. The heatmap is best given at the picture's size already (``display_size``);
+another size is stretched to it.
 """
+
+import functools
 
 import numpy as np
 from matplotlib import colormaps
@@ -11,37 +19,76 @@ from PIL import Image, ImageDraw, ImageFont
 HEAT_COLORMAP = "jet"
 MAX_BLEND = 0.5  # at full heat the colour covers half of the pixel; the anatomy stays visible
 HEAT_FLOOR = 0.15  # heat below this is not coloured at all
+WINDOW_PERCENTILES = (0.5, 99.5)  # the display window: gray values between these percentiles of the picture
+LEVELS = 256  # heat is drawn in 256 steps: one per palette entry
 
 
-def _display_uint8(gray: np.ndarray) -> np.ndarray:
-    low, high = np.percentile(gray, [0.5, 99.5])
-    scaled = (gray.astype(np.float32) - low) / max(float(high - low), 1e-6)
-    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
-
-
-def resize_long_side(image: Image.Image, max_long_side: int) -> Image.Image:
-    """Shrink ``image`` so that its longer side is at most ``max_long_side`` pixels."""
-    scale = max_long_side / max(image.size)
+def display_size(shape: tuple[int, int], max_long_side: int) -> tuple[int, int]:
+    """(rows, columns) of the picture of an image of ``shape``: shrunk so that its longer side is at
+    most ``max_long_side`` pixels, aspect ratio kept; never enlarged."""
+    rows, columns = shape
+    scale = max_long_side / max(rows, columns)
     if scale >= 1:
-        return image
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+        return rows, columns
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
 def render_overlay(gray: np.ndarray, heatmap: np.ndarray, legend: list[str], max_long_side: int = 1024) -> np.ndarray:
     """Shrink to ``max_long_side``, blend the heatmap over the gray image and burn ``legend`` in.
 
-    Returns an H×W×3 uint8 RGB array. Heat is shown only where it exceeds ``HEAT_FLOOR``, fading in
-    from there, so a low-probability map (see ``inference.gradcam``) barely tints the image.
+    Returns an H×W×3 uint8 RGB array of ``display_size(gray.shape, max_long_side)``. Heat is shown
+    only where it exceeds ``HEAT_FLOOR``, fading in from there, so a low-probability map (see
+    ``inference.gradcam``) barely tints the image.
     """
-    base = resize_long_side(Image.fromarray(_display_uint8(gray), "L"), max_long_side)
-    heat = np.asarray(Image.fromarray(heatmap.astype(np.float32), "F").resize(base.size, Image.BILINEAR))
-    heat = np.clip(heat, 0, 1)[..., None]
-    colours = colormaps[HEAT_COLORMAP](heat[..., 0])[..., :3] * 255.0
-    alpha = np.clip((heat - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1) * MAX_BLEND  # fades in above the floor
-    gray_rgb = np.asarray(base, dtype=np.float32)[..., None]
-    picture = Image.fromarray((gray_rgb * (1 - alpha) + colours * alpha).astype(np.uint8), "RGB")
+    size = display_size(gray.shape, max_long_side)
+    picture = _display_gray(gray, size).convert("RGB")
+    heat = _heat_levels(heatmap, size)
+    colours = heat.copy()
+    colours.putpalette(_heat_palette())  # heat level → jet colour, in C
+    picture.paste(colours.convert("RGB"), mask=heat.point(_blend_table()))  # blended as the mask says
     _draw_legend(picture, legend)
     return np.asarray(picture)
+
+
+def _resized(pixels: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """A float 2-D array resized to ``size`` (rows, columns); the same array when it has that size."""
+    if pixels.shape == size:
+        return pixels
+    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), "F")
+    return np.asarray(image.resize((size[1], size[0]), resample))
+
+
+def _display_gray(gray: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The gray image at ``size``, windowed to 8 bits between the percentiles of ``WINDOW_PERCENTILES``.
+
+    Shrinking averages areas (box filter: no ringing, no aliasing), then the window is taken from the
+    shrunk picture — every other row and column of it, ample for two percentiles.
+    """
+    shrunk = _resized(gray, size, Image.Resampling.BOX)
+    low, high = np.percentile(shrunk[::2, ::2], WINDOW_PERCENTILES)
+    scale = 255.0 / max(float(high - low), 1e-6)
+    return Image.fromarray(np.clip((shrunk - low) * scale, 0, 255).astype(np.uint8), "L")
+
+
+def _heat_levels(heatmap: np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """The 0..1 heatmap at ``size`` as 8-bit levels (0..255), stretched bilinearly if it has another size."""
+    heat = _resized(heatmap, size, Image.Resampling.BILINEAR)
+    return Image.fromarray((np.clip(heat, 0, 1) * (LEVELS - 1) + 0.5).astype(np.uint8), "L")
+
+
+@functools.cache
+def _heat_palette() -> bytes:
+    """The colormap as a 256-entry RGB palette: level i has the colour of heat i/255."""
+    return (colormaps[HEAT_COLORMAP](np.linspace(0, 1, LEVELS))[:, :3] * 255).astype(np.uint8).tobytes()
+
+
+@functools.cache
+def _blend_table() -> list[int]:
+    """Heat level → how much of the colour covers the pixel (0..255): nothing up to ``HEAT_FLOOR``,
+    fading in to ``MAX_BLEND`` at full heat."""
+    heat = np.linspace(0, 1, LEVELS)
+    alpha = np.clip((heat - HEAT_FLOOR) / (1 - HEAT_FLOOR), 0, 1) * MAX_BLEND
+    return np.round(alpha * 255).astype(int).tolist()
 
 
 def _draw_legend(picture: Image.Image, lines: list[str]) -> None:

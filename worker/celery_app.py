@@ -1,13 +1,14 @@
 """Celery app — the worker's broker, serialisation and reliability settings, each with its reason."""
 
-import os
-
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (after_setup_logger, after_setup_task_logger, worker_process_init, worker_process_shutdown,
+                            worker_shutdown)
 
 from config.settings import Settings, load_settings
 from lungvision import audit, logfilter
 from dicom_node.messages import QUEUE
+from worker.deliver import close_association_pool
+from worker.queues import TASK_ROUTES, worker_broker
 
 app = Celery("lungvision", include=["worker.tasks"])
 app.conf.update(
@@ -18,6 +19,7 @@ app.conf.update(
     task_reject_on_worker_lost=True,  # ...also when the worker process is killed (SIGKILL, OOM)
     worker_prefetch_multiplier=1,  # take one study at a time, so one long study holds up no other
     task_default_queue=QUEUE,
+    task_routes=TASK_ROUTES,  # results (DICOM, HL7) go to a queue the worker takes from first (worker/queues.py)
     broker_connection_retry_on_startup=True,  # wait for the broker instead of exiting when it is down
     worker_hijack_root_logger=False,  # keep our own log format
 )
@@ -30,8 +32,10 @@ def configure(settings: Settings) -> Celery:
     global _settings
     _settings = settings
     audit.configure(settings.audit.path)
+    broker_url, broker_transport = worker_broker(settings.broker.url)
     app.conf.update(
-        broker_url=settings.broker.url,
+        broker_url=broker_url,
+        broker_transport=broker_transport,  # the SQLAlchemy broker: one that takes from its queues in order
         result_backend=settings.broker.result_backend,
         worker_concurrency=settings.worker.concurrency,
         task_soft_time_limit=settings.worker.soft_time_limit_s,
@@ -61,6 +65,8 @@ def redis_transport_options(settings: Settings) -> dict:
         "unacked_restore_throttle": 1,
         # The lock a restoring worker holds (milliseconds per look) expires after this if it dies holding it.
         "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+        # Take from the queues in the order the worker consumes them (deliveries first), not round-robin.
+        "queue_order_strategy": "priority",
     }
 
 
@@ -72,11 +78,18 @@ def current_settings() -> Settings:
 
 
 @worker_process_init.connect
-def _share_cores(**_: object) -> None:
-    """Give each worker process its share of the CPU cores, so processes do not oversubscribe them."""
-    import torch
+def _prepare_pool_process(**_: object) -> None:
+    """A pool process starts: its share of the cores, the model it inherited (worker/preload.py)."""
+    from worker.preload import prepare_pool_process
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // current_settings().worker.concurrency))
+    prepare_pool_process(current_settings())
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _release_kept_associations(**_: object) -> None:
+    """The worker (a pool process, or a solo worker) stops: release the associations it keeps open."""
+    close_association_pool()
 
 
 @after_setup_logger.connect

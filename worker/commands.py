@@ -23,19 +23,23 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
 
     @app.command("worker")
     def worker() -> None:
-        """Run the analysis worker: consume studies from the queue, analyse, send and record results; its
-        sweeper sends again what a dead process or a lost message left without outcome."""
-        from dicom_node.messages import QUEUE
+        """Run the analysis worker: consume studies from the queue, analyse, send and record results (results
+        first: their queue is taken before new studies); its sweeper sends again what a dead process or a
+        lost message left without outcome."""
         from worker.celery_app import configure
+        from worker.preload import load_before_fork
+        from worker.queues import CONSUMED_QUEUES
         from worker.reconcile import start_sweeper, stop_sweeper
 
         settings = get_settings()
         celery = configure(settings)
         prepare_store(settings)  # before the pool forks
+        load_before_fork(settings)  # ...so that its processes share the model (worker/preload.py)
         sweeper = start_sweeper()
         try:
-            celery.worker_main(["worker", "--loglevel", settings.log_level, "--queues", QUEUE, "--concurrency",
-                                str(settings.worker.concurrency), "--without-gossip", "--without-mingle"])
+            celery.worker_main(["worker", "--loglevel", settings.log_level, "--queues", ",".join(CONSUMED_QUEUES),
+                                "--concurrency", str(settings.worker.concurrency), "--without-gossip",
+                                "--without-mingle"])
         finally:
             stop_sweeper(sweeper)
 

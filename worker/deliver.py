@@ -1,9 +1,14 @@
 """Delivery — a study's result files go to the destinations its routing rules choose; failures are
 retried with exponential back-off and jitter, and the last failure lands on a dead-letter list (in the
-outcome store), beside the analyses that failed."""
+outcome store), beside the analyses that failed.
+
+Deliveries have a queue of their own, taken before the analysis queue (worker/queues.py), and each
+worker process keeps its associations to DICOM destinations open for a few idle seconds
+(``delivery.association_idle_s``), so a burst of studies shares one association set-up."""
 
 import json
 import logging
+import os
 import random
 import shutil
 import traceback
@@ -16,7 +21,7 @@ import redis
 from pydicom import dcmread
 
 from config.settings import DestinationSettings, RoutingRule, Settings
-from dicom_node.scu import ClientTls, Destination, Timeouts, send_datasets
+from dicom_node.scu import AssociationPool, ClientTls, Destination, Timeouts, send_datasets
 from worker.record import OUTSIDE_USE, Store, StudyResult
 
 DELIVER_TASK = "lungvision.deliver"  # Celery task name: one round's files to one destination
@@ -76,7 +81,37 @@ def send_files(settings: Settings, destination_name: str, files: list[Path]) -> 
     delivery = settings.delivery
     timeouts = Timeouts(connection_s=delivery.connection_timeout_s, acse_s=delivery.acse_timeout_s,
                         dimse_s=delivery.dimse_timeout_s, network_s=delivery.network_timeout_s)
-    send_datasets(to_destination(destination), datasets, calling_ae=settings.node.ae_title, timeouts=timeouts)
+    send_datasets(to_destination(destination), datasets, calling_ae=settings.node.ae_title, timeouts=timeouts,
+                  pool=association_pool(settings))
+
+
+_pool: AssociationPool | None = None  # this process's kept associations (Celery's pool children: one each)
+
+
+def association_pool(settings: Settings) -> AssociationPool:
+    """This process's association pool, keeping associations ``delivery.association_idle_s`` seconds."""
+    global _pool
+    if _pool is None or _pool.idle_s != settings.delivery.association_idle_s:
+        close_association_pool()
+        _pool = AssociationPool(idle_s=settings.delivery.association_idle_s)
+    return _pool
+
+
+def close_association_pool() -> None:
+    """Release the associations this process keeps open (at worker shutdown)."""
+    global _pool
+    if _pool is not None:
+        _pool.close()
+        _pool = None
+
+
+def _forget_parent_pool() -> None:
+    """In a forked child: the parent's kept associations (sockets, threads) are not the child's to use."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_parent_pool)
 
 
 def output_files(outbox: Path, result: StudyResult) -> list[Path]:

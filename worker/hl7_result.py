@@ -22,6 +22,7 @@ from pydicom import dcmread
 
 from config.settings import Hl7Endpoint, Hl7Settings
 
+HL7_TASK = "lungvision.send_hl7"  # Celery task name: one analysed round's ORU^R01 to one endpoint
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
 # PID-5 is required in v2.5. When the name is withheld (or the image has none) it carries this
 # pseudo-name, name type S ("coded pseudo-name to assure anonymity", HL7 table 0200) — not the HL7

@@ -3,18 +3,20 @@ header rules, the population of the patient's age) → decode → predict (with 
 image at its population's operating point) → encode. Delivery and recording happen in the tasks;
 this module knows no Celery."""
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, dcmread, dcmwrite
 
+from dicom_node.durable import fsync_dir
 from dicom_node.messages import StudyReady
 from inference.classifier import Classifier, Prediction
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
 from inference.intended_use import GateVerdict, IntendedUse
-from inference.overlay import legend_lines, render_overlay
+from inference.overlay import display_size, legend_lines, render_overlay
 from inference.preprocess import to_square_uint8
 from inference.site_profile import OperatingPoint
 from worker.encode.equipment import Algorithm
@@ -147,7 +149,8 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
     candidates = sorted(grays)
     squares = np.stack([to_square_uint8(grays[index]) for index in candidates]) if candidates else None
     started = watch.lap("preprocess", started)
-    predictions = classifier.predict_squares(squares, [grays[i].shape for i in candidates],
+    heatmap_shapes = [display_size(grays[i].shape, max_long_side) for i in candidates]  # the SC's size
+    predictions = classifier.predict_squares(squares, heatmap_shapes,
                                              [populations[i] for i in candidates]) if candidates else []
     started = watch.lap("model_heatmap", started)
 
@@ -180,6 +183,7 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
         findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc,
                                      gate=verdicts.get(index), logit=prediction.logit,
                                      operating_point=classifier.operating_points[prediction.population]))
+    started = watch.lap("sc_build", started)
 
     top = study_finding(findings)
     outputs: list[Dataset] = []
@@ -194,8 +198,9 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
             series_number=SR_SERIES_NUMBER, instance_number=instance_number(finding.source, index + 1))
         outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
         images.append(image_record(finding, sr))
-    files = [write_output(dataset, outbox / study_uid) for dataset in outputs]
-    watch.lap("encode", started)
+    started = watch.lap("sr_build", started)
+    files = write_outputs(outputs, outbox / study_uid)
+    watch.lap("write", started)
     return StudyOutcome(message, findings, files, images, watch.timings)
 
 
@@ -213,14 +218,31 @@ def image_record(finding: ImageFinding, sr: Dataset) -> dict:
             "sr_uid": str(sr.SOPInstanceUID)}
 
 
-def write_output(dataset: Dataset, folder: Path) -> Path:
-    """Write one output as a Part-10 file named by its SOP Instance UID (temp file, then rename)."""
+def write_outputs(datasets: list[Dataset], folder: Path) -> list[Path]:
+    """Write each output durably as a Part-10 file named by its SOP Instance UID: written to a temporary
+    name and fsynced, renamed into place, then the folder fsynced once for all of them — after a
+    crash a name either holds a complete file or does not exist."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    paths = [write_output(dataset, folder) for dataset in datasets]
+    fsync_dir(folder)  # the renames
+    if created:
+        fsync_dir(folder.parent)  # the folder's own name
+    return paths
+
+
+def write_output(dataset: Dataset, folder: Path) -> Path:
+    """Write one output as a Part-10 file named by its SOP Instance UID into the existing ``folder``:
+    encoded straight into a temporary file, fsynced, renamed (the caller fsyncs the folder)."""
     path = folder / f"{dataset.SOPInstanceUID}.dcm"
     partial = path.with_suffix(".partial")
-    dataset.save_as(partial, enforce_file_format=True)
+    with partial.open("wb") as handle:
+        dcmwrite(handle, dataset, enforce_file_format=True)
+        handle.flush()
+        os.fsync(handle.fileno())
     partial.replace(path)
     return path
+
 
 
 def device_uid_for(ae_title: str) -> str:

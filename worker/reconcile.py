@@ -47,6 +47,7 @@ from dicom_node.messages import ANALYSE_STUDY_TASK, QUEUE, StudyReady
 from dicom_node.spool import QueuedRound, Spool
 from lungvision import audit, logfilter
 from worker.deliver import DELIVER_TASK, DeliveryJob, describe_failure, output_files
+from worker.queues import TASK_ROUTES
 from worker.record import FINAL_STATUSES, Delivery, RoundState, Store, StudyResult, StudyStatus
 
 log = logging.getLogger("lungvision.reconcile")
@@ -211,12 +212,13 @@ class Publisher:
     def __init__(self, broker_url: str, connection_timeout_s: float = 5.0) -> None:
         self._app = Celery("lungvision-reconcile", broker=broker_url, set_as_current=False)
         self._app.conf.update(task_serializer="json", accept_content=["json"],
-                              broker_connection_timeout=connection_timeout_s)
+                              broker_connection_timeout=connection_timeout_s,
+                              task_default_queue=QUEUE, task_routes=TASK_ROUTES)  # deliveries: to their own queue
 
     def send(self, task_name: str, args: list, *, task_id: str, retries: int = 0) -> None:
-        """Publish one task on the ``lungvision`` queue. Raises BrokerUnavailable."""
+        """Publish one task on its queue (worker/queues.py). Raises BrokerUnavailable."""
         try:
-            self._app.send_task(task_name, args=args, queue=QUEUE, task_id=task_id, retries=retries, retry=True,
+            self._app.send_task(task_name, args=args, task_id=task_id, retries=retries, retry=True,
                                 retry_policy=SEND_RETRY_POLICY)
         except OperationalError as error:
             raise BrokerUnavailable(str(error)) from error

@@ -23,12 +23,11 @@ from lungvision import audit
 from worker.celery_app import app, current_settings
 from worker.deliver import (DELIVER_TASK, AnalysisJob, DeadLetter, DeliveryJob, choose_destinations, dead_letters_for,
                             describe_failure, new_dead_letter, retry_delay_s, send_files)
-from worker.hl7_result import Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
+from worker.hl7_result import HL7_TASK, Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
 from worker.pipeline import analyse_study, device_uid_for
 from worker.reconcile import Claim, Limits, claim_round
 from worker.record import DeliveryStatus, Store, StudyResult, StudyStatus
 
-HL7_TASK = "lungvision.send_hl7"
 log = logging.getLogger("lungvision.worker")
 
 

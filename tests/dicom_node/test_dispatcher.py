@@ -1,12 +1,17 @@
-"""Dispatcher: one message per quiet study round, retries, and restart without loss or duplicates — no network."""
+"""Dispatcher: one message per quiet study round, retries, restart without loss or duplicates, and the loop that
+wakes at deadlines instead of scanning on a tick — no network."""
 
 import json
+import math
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dicom_node.completion import StudyCompletionTracker
-from dicom_node.dispatcher import Dispatcher
+from dicom_node.dispatcher import RETRY_FIRST_DELAY_S, Dispatcher, dispatch_until_stopped
 from dicom_node.enqueue import BrokerUnavailable
 from dicom_node.messages import StudyReady
 from dicom_node.spool import ArrivalRecord, Spool
@@ -24,17 +29,20 @@ class Clock:
 
 
 class Broker:
-    """Collects sent messages; fails the next ``failures`` sends."""
+    """Collects sent messages (and, given a clock, when each was sent); fails the next ``failures`` sends."""
 
-    def __init__(self, failures: int = 0) -> None:
+    def __init__(self, failures: int = 0, clock: Clock | None = None) -> None:
         self.sent: list[StudyReady] = []
+        self.sent_at: list[float] = []
         self.failures = failures
+        self._clock = clock or time.monotonic
 
     def send(self, message: StudyReady) -> str:
         if self.failures:
             self.failures -= 1
             raise BrokerUnavailable("connection refused")
         self.sent.append(message)
+        self.sent_at.append(self._clock())
         return message.message_id
 
 
@@ -67,11 +75,11 @@ def test_one_message_per_quiet_study_and_later_arrivals_make_a_new_round(spool: 
     for sop in ("1.1.1", "1.1.2", "1.1.3"):
         arrive(spool, tracker, clock, "1.1", sop)
         clock.now += 1
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     assert broker.sent == []
     clock.now += STABLE_S
-    dispatcher.tick()
-    dispatcher.tick()
+    dispatcher.dispatch_due()
+    dispatcher.dispatch_due()
     [message] = broker.sent
     assert (message.study_instance_uid, message.round, message.calling_ae) == ("1.1", 1, "CR1")
     assert [item.sop_instance_uid for item in message.instances] == ["1.1.1", "1.1.2", "1.1.3"]
@@ -80,7 +88,7 @@ def test_one_message_per_quiet_study_and_later_arrivals_make_a_new_round(spool: 
 
     arrive(spool, tracker, clock, "1.1", "1.1.4")
     clock.now += STABLE_S
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     assert [(m.round, [i.sop_instance_uid for i in m.instances]) for m in broker.sent[1:]] == [(2, ["1.1.4"])]
 
 
@@ -89,12 +97,12 @@ def test_a_broker_outage_is_retried_with_the_same_message_id(spool: Spool) -> No
     dispatcher, tracker = dispatcher_for(spool, broker, clock)
     arrive(spool, tracker, clock, "2.2", "2.2.1")
     clock.now += STABLE_S
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     assert broker.sent == [] and dispatcher.backlog == 1
     first_id = json.loads(next(spool.root.rglob("message.json")).read_text())["message_id"]
     for _ in range(10):
         clock.now += 5
-        dispatcher.tick()
+        dispatcher.dispatch_due()
     assert [message.message_id for message in broker.sent] == [first_id]
     assert dispatcher.backlog == 0
 
@@ -105,15 +113,15 @@ def test_restart_dispatches_a_study_spooled_before_the_crash_once(spool: Spool) 
     clock.now += 2
     broker = Broker()
     dispatcher, _ = dispatcher_for(spool, broker, clock)  # restart: the clock resumes from the arrival time
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     assert broker.sent == []
     clock.now += STABLE_S - 2
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     clock.now += 60
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     assert [message.study_instance_uid for message in broker.sent] == ["3.3"]
     restarted, _ = dispatcher_for(spool, broker, clock)
-    restarted.tick()
+    restarted.dispatch_due()
     assert len(broker.sent) == 1
 
 
@@ -123,8 +131,8 @@ def test_restart_after_sealing_but_before_sending_sends_once(spool: Spool) -> No
     spool.seal_round("4.4")  # crash right after the rename
     broker = Broker()
     dispatcher, _ = dispatcher_for(spool, broker, clock)
-    dispatcher.tick()
-    dispatcher.tick()
+    dispatcher.dispatch_due()
+    dispatcher.dispatch_due()
     assert [(m.study_instance_uid, m.round) for m in broker.sent] == [("4.4", 1)]
 
 
@@ -133,10 +141,10 @@ def test_a_crash_between_send_and_mark_resends_with_the_same_task_id(spool: Spoo
     dispatcher, tracker = dispatcher_for(spool, broker, clock)
     arrive(spool, tracker, clock, "5.5", "5.5.1")
     clock.now += STABLE_S
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     next(spool.root.rglob("queued.json")).unlink()  # as if the node died before recording "queued"
     restarted, _ = dispatcher_for(spool, broker, clock)
-    restarted.tick()
+    restarted.dispatch_due()
     assert len(broker.sent) == 2
     assert broker.sent[0] == broker.sent[1]  # same message, same task id: the worker runs it once
 
@@ -151,7 +159,7 @@ def test_a_lost_arrival_record_is_rebuilt_from_the_instance(spool: Spool) -> Non
     next(spool.root.rglob(f"{sop_uid}.json")).unlink()
     spool.seal_round("6.6")
     dispatcher, _ = dispatcher_for(spool, broker, clock)
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     [instance] = broker.sent[0].instances
     assert (instance.sop_instance_uid, instance.calling_ae) == (sop_uid, None)
     assert instance.series_instance_uid == str(dataset.SeriesInstanceUID)
@@ -164,8 +172,105 @@ def test_the_message_is_small_and_json_only(spool: Spool) -> None:
     for index in range(50):
         arrive(spool, tracker, clock, "8.8", f"8.8.{index}")
     clock.now += STABLE_S
-    dispatcher.tick()
+    dispatcher.dispatch_due()
     [args] = broker.sent[0].as_task_args()
     encoded = json.dumps(args)
     assert len(encoded) < 50 * 600
     assert StudyReady.model_validate_json(encoded) == broker.sent[0]
+
+
+def test_dispatch_due_names_when_the_next_study_falls_quiet_or_the_next_retry_is_due(spool: Spool) -> None:
+    clock, broker = Clock(), Broker(failures=1)
+    dispatcher, tracker = dispatcher_for(spool, broker, clock)
+    assert dispatcher.dispatch_due() == math.inf  # nothing waits: only a new study can change that
+    arrive(spool, tracker, clock, "7.7", "7.7.1")
+    clock.now += 1
+    arrive(spool, tracker, clock, "7.7", "7.7.2")
+    assert dispatcher.dispatch_due() == clock.now + STABLE_S
+    clock.now += STABLE_S
+    assert dispatcher.dispatch_due() == clock.now + RETRY_FIRST_DELAY_S  # the broker refused once
+    clock.now += RETRY_FIRST_DELAY_S
+    assert dispatcher.dispatch_due() == math.inf
+    assert [len(message.instances) for message in broker.sent] == [2]
+
+
+class SleepingWake:
+    """Stands in for the loop's ``wake`` event with the fake clock: each ``wait`` is recorded, runs the next
+    scripted happening (arrivals, a stop) and then lets the fake time pass — all of ``timeout`` unless
+    the happening set the event, as a new study or a signal does."""
+
+    def __init__(self, clock: Clock, happenings: list[Callable[[], None]]) -> None:
+        self.clock, self.happenings = clock, happenings
+        self.waits: list[float | None] = []
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def clear(self) -> None:
+        self._set = False
+
+    def wait(self, timeout: float | None) -> bool:
+        self.waits.append(timeout)
+        asleep_since = self.clock.now
+        self.happenings.pop(0)()
+        if not self._set:
+            assert timeout is not None, "the loop would sleep for ever with something pending"
+            self.clock.now = max(self.clock.now, asleep_since + timeout)
+        return self._set
+
+
+def test_a_study_is_sealed_when_its_quiet_period_ends_without_any_periodic_scan(spool: Spool) -> None:
+    clock, stop = Clock(), threading.Event()
+    broker = Broker(clock=clock)
+    wake = SleepingWake(clock, [])
+    tracker = StudyCompletionTracker(STABLE_S, on_new_study=wake.set)
+    dispatcher = Dispatcher(spool, tracker, broker.send, monotonic_clock=clock, wall_clock=clock)
+    dispatcher.resume()
+    first_arrival = clock.now
+
+    def second_instance_two_seconds_in() -> None:
+        clock.now += 2
+        arrive(spool, tracker, clock, "9.9", "9.9.2")
+
+    def signal_stop() -> None:
+        stop.set()
+        wake.set()
+
+    wake.happenings = [
+        lambda: arrive(spool, tracker, clock, "9.9", "9.9.1"),  # idle → a new study wakes the loop
+        second_instance_two_seconds_in,  # postpones the quiet period: the loop wakes at the old deadline...
+        lambda: None,  # ...sleeps again until the new one...
+        signal_stop,  # ...and, the study queued, sleeps until told otherwise
+    ]
+    dispatch_until_stopped(dispatcher, stop, wake, monotonic_clock=clock)  # type: ignore[arg-type]
+
+    assert wake.waits == [None, STABLE_S, 2.0, None]  # slept from deadline to deadline, never in ticks
+    assert broker.sent_at == [first_arrival + 2 + STABLE_S]  # queued the moment the study fell quiet, not before
+    assert [i.sop_instance_uid for i in broker.sent[0].instances] == ["9.9.1", "9.9.2"]
+
+
+def test_the_loop_on_real_threads_queues_after_the_quiet_period_and_stops_when_told(spool: Spool) -> None:
+    stable_s, stop, wake, queued = 0.05, threading.Event(), threading.Event(), threading.Event()
+    broker = Broker()
+
+    def send_and_tell(message: StudyReady) -> str:
+        task_id = broker.send(message)
+        queued.set()
+        return task_id
+
+    tracker = StudyCompletionTracker(stable_s, on_new_study=wake.set)
+    dispatcher = Dispatcher(spool, tracker, send_and_tell)
+    dispatcher.resume()
+    loop = threading.Thread(target=dispatch_until_stopped, args=(dispatcher, stop, wake), daemon=True)
+    loop.start()
+    arrive(spool, None, Clock(), "10.10", "10.10.1")
+    arrived_at = time.monotonic()
+    tracker.seen("10.10", arrived_at)  # as the intake does, from an association's thread
+    assert queued.wait(timeout=30), "the quiet study was never queued"
+    stop.set()
+    wake.set()
+    loop.join(timeout=30)
+    assert not loop.is_alive()
+    [sent_at] = broker.sent_at
+    assert sent_at >= arrived_at + stable_s  # causality only: never before the quiet period

@@ -327,7 +327,7 @@ def test_redis_is_told_to_return_a_dead_workers_task_within_visibility_timeout_p
     try:
         options = celery_app.configure(redis_broker).conf.broker_transport_options
         assert options == {"visibility_timeout": 30, "unacked_restore_interval": 2, "unacked_restore_throttle": 1,
-                           "unacked_mutex_expire": celery_app.UNACKED_MUTEX_EXPIRE_S}
+                           "unacked_mutex_expire": celery_app.UNACKED_MUTEX_EXPIRE_S, "queue_order_strategy": "priority"}
         assert celery_app.configure(embedded).conf.broker_transport_options == {}  # create_engine() would get them
     finally:
         celery_app.configure(embedded)

@@ -26,7 +26,7 @@ from inference.intended_use import GateReason, GateVerdict
 from inference.site_profile import OperatingPoint
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
-from worker.encode.source_header import complete_source_header
+from worker.encode.source_header import complete_source_header, require_references
 from worker.encode.vr_values import MAX_LENGTH, fit_text, replace_controls
 from worker.uids import derived_uid
 
@@ -125,10 +125,10 @@ def build_findings_sr(
     ``study_finding`` is the analysed image the study's finding comes from (``pipeline.study_finding``;
     None when no image of the study could be analysed); it becomes the first, study-level group.
     ``operating_point`` names where ``threshold`` comes from and its population ("shipped / children",
-    "site profile <id> / adults": ``OperatingPoint.name``).
+    "site profile <id> / adults": ``OperatingPoint.name``). Raises ValueError for findings it cannot
+    report (see ``_check_findings``).
     """
-    if not findings:
-        raise ValueError("a findings SR needs at least one image")
+    _check_findings(findings, study_finding)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name, version=algorithm.version,
         parameters=[f"weights sha256 {algorithm.weights_sha256}",
@@ -160,14 +160,9 @@ def build_findings_sr(
         procedure_reported=CHEST_XRAY,
         imaging_measurements=groups,
     )
-    sources = list(findings)
-    if study_finding is not None and all(study_finding is not finding for finding in findings):
-        sources.append(study_finding)
-    evidence = [complete_source_header(finding.source) for finding in sources]
-    evidence += [finding.heatmap_sc for finding in findings if finding.heatmap_sc is not None]
-    sr = hd.sr.ComprehensiveSR(
-        evidence=evidence,
-        content=report,
+    sr = _comprehensive_sr(
+        report,
+        _evidence(findings, study_finding),
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -182,3 +177,53 @@ def build_findings_sr(
     sr.SoftwareVersions = algorithm.software_versions
     sr.ManufacturerModelName = algorithm.name
     return declare_character_set(sr)
+
+
+def _check_findings(findings: list[ImageFinding], study_finding: ImageFinding | None) -> None:
+    """Raise ValueError, saying what is wrong, unless there is at least one finding, each analysed one
+    says positive or not, the study finding is an analysed one, and every image the report refers
+    to has the UIDs to refer to it by."""
+    if not findings:
+        raise ValueError("a findings SR needs at least one image")
+    for number, finding in enumerate(findings, start=1):
+        if finding.analysed and finding.positive is None:
+            raise ValueError(f"image {number} has a probability but no decision (positive is None)")
+        require_references(finding.source, f"source image {number}")
+        if finding.heatmap_sc is not None:
+            require_references(finding.heatmap_sc, f"the heatmap SC of image {number}")
+    if study_finding is not None:
+        if not study_finding.analysed or study_finding.positive is None:
+            raise ValueError("the study finding must be an analysed image with a decision")
+        require_references(study_finding.source, "the source image of the study finding")
+
+
+def _evidence(findings: list[ImageFinding], study_finding: ImageFinding | None) -> list[Dataset]:
+    """Every instance the report's groups refer to: the source images (the study finding's too) and
+    their heatmap SCs. The first one's clean header is also where the SR takes patient and study from."""
+    sources = list(findings)
+    if study_finding is not None and all(study_finding is not finding for finding in findings):
+        sources.append(study_finding)
+    evidence = [complete_source_header(finding.source) for finding in sources]
+    return evidence + [finding.heatmap_sc for finding in findings if finding.heatmap_sc is not None]
+
+
+def _comprehensive_sr(report: hd.sr.MeasurementReport, evidence: list[Dataset], **attributes) -> hd.sr.ComprehensiveSR:
+    """A Comprehensive SR document holding ``report``, built without highdicom's copy of the content tree.
+
+    Given a whole tree, highdicom deep-copies it, parses the copy and searches it three times (for
+    the instances it refers to, which must all be in ``evidence``, and for 3-D coordinates, which a
+    Comprehensive SR may not hold) — most of the cost of an SR. So it gets the report's root item
+    alone, with ``evidence`` given explicitly (``_evidence``: by construction, every instance the
+    groups refer to; all of it is listed as evidence either way), and the tree, built moments ago and
+    used nowhere else, is attached afterwards — to the dataset and to highdicom's ``content`` view.
+    """
+    root = report[0]
+    shell = Dataset()  # the root item with an empty Content Sequence
+    for element in root:
+        if element.keyword != "ContentSequence":
+            shell.add(element)
+    shell.ContentSequence = []
+    sr = hd.sr.ComprehensiveSR(evidence=evidence, content=shell, **attributes)
+    sr.ContentSequence = root.ContentSequence
+    sr.content[0].ContentSequence = root.ContentSequence
+    return sr

@@ -10,7 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_node.identity import MANUFACTURER
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
-from worker.encode.source_header import complete_source_header
+from worker.encode.source_header import complete_source_header, require_references
 
 SERIES_DESCRIPTION = "Lung Vision pneumonia heatmap (not for diagnostic use)"
 _VALID_ORIENTATION_LETTERS = set("APRLHF")
@@ -39,8 +39,13 @@ def build_heatmap_sc(
 
     ``overlay_rgb`` is the H×W×3 uint8 picture from ``inference.overlay.render_overlay``. The SC is
     DERIVED\\SECONDARY, says BurnedInAnnotation YES, references its source instance, and names
-    Lung Vision in Manufacturer, Software Versions and Contributing Equipment.
+    Lung Vision in Manufacturer, Software Versions and Contributing Equipment. Raises ValueError
+    for a picture that is not H×W×3 uint8 or a source without the UIDs the SC refers to it by.
     """
+    if overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3 or overlay_rgb.dtype != np.uint8:
+        raise ValueError(f"the overlay must be an H×W×3 uint8 RGB picture (render_overlay's), "
+                         f"got shape {overlay_rgb.shape} of {overlay_rgb.dtype}")
+    require_references(source, "the source image")
     header = complete_source_header(source)
     orientation = _patient_orientation(header)
     sc = hd.sc.SCImage.from_ref_dataset(

@@ -50,6 +50,7 @@ EQUIPMENT_KEYWORDS = (
 # what our outputs refer to, and the image attributes the heatmap SC keeps
 IMAGE_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Laterality", "PatientOrientation")
 COPIED_KEYWORDS = PATIENT_KEYWORDS + STUDY_KEYWORDS + EQUIPMENT_KEYWORDS + IMAGE_KEYWORDS
+REFERENCE_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
 
 TYPE2_PATIENT_STUDY_KEYWORDS = (
     "PatientName",
@@ -114,6 +115,14 @@ def complete_source_header(source: Dataset) -> Dataset:
                 header.get("SOPInstanceUID", ""), len(report.repaired), " ".join(report.repaired) or "-",
                 len(report.dropped), " ".join(report.dropped) or "-")
     return header
+
+
+def require_references(source: Dataset, role: str) -> None:
+    """Raise ValueError, naming ``role`` and the attributes, when ``source`` lacks one of the UIDs
+    our outputs refer to it by (its study, series, SOP class and instance)."""
+    missing = [keyword for keyword in REFERENCE_KEYWORDS if not source.get(keyword)]
+    if missing:
+        raise ValueError(f"{role} has no {', '.join(missing)}: an output cannot refer to it")
 
 
 def instance_number(source: Dataset, default: int) -> int:

@@ -1,0 +1,69 @@
+"""Load before fork: a real ``lungvision worker`` (embedded SQLite broker, one or two pool processes) loads the
+model in its parent; each pool process finds it already loaded before its first task, and analyses studies.
+With one pool process it runs torch on both cores: had the parent started OpenMP threads (torch work on more
+than one thread), that process would hang in its first forward pass — checked by mutation when written."""
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from pydicom.uid import generate_uid
+
+from dicom_node.enqueue import CeleryEnqueuer
+from inference.sample_dicom import wrap_image, write_dataset
+from tests.integration.worker_testkit import WorkerProcess, worker_sections
+from tests.worker.conftest import chest_pixels
+from tests.worker.test_pipeline import make_message
+from worker.record import FINAL_STATUSES, Store, StudyStatus
+
+pytestmark = pytest.mark.integration
+INHERITED = "inherited from the parent (loaded before the fork)"
+SLOW_MACHINE_TIMEOUT_S = 900.0  # torch alone takes a minute to import on a busy two-core machine
+
+
+def worker_config(folder: Path, concurrency: int) -> Path:
+    settings = worker_sections(folder, visibility_timeout_s=600, dead_letter_key="lungvision:preload:dead",
+                               max_attempts=1)
+    settings["worker"]["concurrency"] = concurrency
+    settings["broker"] = {"url": f"sqla+sqlite:///{folder}/broker.sqlite",
+                          "result_backend": f"db+sqlite:///{folder}/results.sqlite"}
+    settings["spool"] = {"dir": str(folder / "spool")}
+    config = folder / "lungvision.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    return config
+
+
+def wait_for_final(store: Store, message_ids: list[str]) -> dict[str, StudyStatus]:
+    deadline = time.monotonic() + SLOW_MACHINE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        rows = {message_id: store.result(message_id) for message_id in message_ids}
+        if all(row is not None and row.status in FINAL_STATUSES for row in rows.values()):
+            return {message_id: row.status for message_id, row in rows.items()}
+        time.sleep(0.5)
+    raise AssertionError(f"not every study finished: {rows}")
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_pool_processes_have_the_model_before_their_first_task_and_analyse(tmp_path: Path, concurrency: int) -> None:
+    config = worker_config(tmp_path, concurrency)
+    worker = WorkerProcess(config, tmp_path / "worker.log").start(timeout_s=SLOW_MACHINE_TIMEOUT_S)
+    try:
+        worker.wait_for_log(INHERITED, count=concurrency, timeout_s=SLOW_MACHINE_TIMEOUT_S)
+        round_dir = tmp_path / "round"
+        round_dir.mkdir()
+        messages = [make_message([write_dataset(wrap_image(chest_pixels(index), study_uid=generate_uid()),
+                                                round_dir / f"study-{index}.dcm")]) for index in range(2)]
+        enqueuer = CeleryEnqueuer(yaml.safe_load(config.read_text())["broker"]["url"])
+        for message in messages:
+            enqueuer.send(message)
+        enqueuer.close()
+        statuses = wait_for_final(Store(f"sqlite:///{tmp_path}/outcomes.db"), [m.message_id for m in messages])
+    finally:
+        worker.stop()
+
+    assert set(statuses.values()) == {StudyStatus.ANALYSED}
+    log = worker.log()
+    assert "not inherited" not in log
+    first_analysis = log.index(" analysed: ")
+    assert log.count(INHERITED, 0, first_analysis) == concurrency  # every pool process had it before any task ran
