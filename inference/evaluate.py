@@ -22,7 +22,6 @@ from inference.classifier import Classifier  # noqa: E402
 from inference.dataset import list_labelled  # noqa: E402
 from inference.gated import score_files  # noqa: E402
 from inference.intended_use import IntendedUse  # noqa: E402
-from inference.images import read_image  # noqa: E402
 from inference.localisation import describe, localisation_figures, read_boxes_csv  # noqa: E402
 from inference.metrics import metrics_with_ci  # noqa: E402
 from inference.dataset import parse_boxes  # noqa: E402
@@ -106,14 +105,13 @@ def folder_localisation(data_dir: Path, boxes_csv: Path, classifier: Classifier,
              if label == 1 and _boxes_key(Path(path), data_dir, boxes)]
     if not files:
         raise ValueError(f"no pneumonia image under {data_dir} has a row with boxes in {boxes_csv}")
-    scores = score_files(files, classifier, gate)
+    scores = score_files(files, classifier, gate, with_heatmaps=True)
     heatmaps, image_boxes = [], []
     for score in scores.accepted:
-        gray, _ = read_image(Path(score.path))
-        prediction = classifier.predict([gray], with_heatmap=True, populations=[score.population])[0]
         text, width, height = boxes[_boxes_key(Path(score.path), data_dir, boxes)]
-        heatmaps.append(torch.from_numpy(prediction.heatmap))
-        image_boxes.append(parse_boxes(text, width or gray.shape[1], height or gray.shape[0]))
+        rows, columns = score.image_shape
+        heatmaps.append(torch.from_numpy(score.heatmap))
+        image_boxes.append(parse_boxes(text, width or columns, height or rows))
     figures = localisation_figures(heatmaps, image_boxes)
     return {"data": f"{boxes_csv}: boxed pneumonia images the gate accepted", "refused": len(scores.refused),
             "unreadable": len(scores.unreadable), **figures, "summary": describe(figures)}

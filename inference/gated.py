@@ -27,6 +27,8 @@ class GatedScore:
     image_check_score: float | None
     verdict: GateVerdict | None
     population: str  # whose operating point: by the header's age, else the image check
+    image_shape: tuple[int, int] = (0, 0)  # rows, columns of the image as read
+    heatmap: np.ndarray | None = None  # the shown heatmap on the model's square (``score_files(with_heatmaps=True)``)
 
 
 @dataclass
@@ -75,20 +77,22 @@ def _by_rule(scores: list[GatedScore]) -> dict:
 
 
 def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gate: IntendedUse,
-                batch_size: int = 32) -> GatedScores:
-    """Score ``(path, label)`` pairs (label None when unknown) through the gate."""
+                batch_size: int = 32, with_heatmaps: bool = False) -> GatedScores:
+    """Score ``(path, label)`` pairs (label None when unknown) through the gate; ``with_heatmaps`` keeps
+    each image's heatmap, on its square (the model sees the whole image squashed into it)."""
     result = GatedScores()
-    pending: list[tuple[str, int | None, np.ndarray, HeaderReading]] = []
+    pending: list[tuple[str, int | None, np.ndarray, HeaderReading, tuple[int, int]]] = []
 
     def flush() -> None:
         if not pending:
             return
-        predictions = classifier.predict_squares(np.stack([square for _, _, square, _ in pending]), None,
-                                                 [header.population for _, _, _, header in pending])
-        for (path, label, _, header), prediction in zip(pending, predictions):
+        squares = np.stack([square for _, _, square, _, _ in pending])
+        predictions = classifier.predict_squares(squares, [square.shape for square in squares] if with_heatmaps
+                                                 else None, [header.population for _, _, _, header, _ in pending])
+        for (path, label, _, header, shape), prediction in zip(pending, predictions):
             verdict = gate.verdict(header.verdict, prediction.image_check_score)
             score = GatedScore(path, label, prediction.logit, prediction.probability, prediction.image_check_score,
-                               verdict, prediction.population)
+                               verdict, prediction.population, shape, prediction.heatmap)
             (result.refused if gate.refuses(verdict) else result.accepted).append(score)
         pending.clear()
 
@@ -98,7 +102,7 @@ def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gat
         except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: listed, not fatal
             result.unreadable.append({"path": path, "error": str(error)})
             continue
-        pending.append((path, label, to_square_uint8(gray), gate.read_header(dataset)))
+        pending.append((path, label, to_square_uint8(gray), gate.read_header(dataset), gray.shape))
         if len(pending) >= batch_size:
             flush()
     flush()
