@@ -1,7 +1,7 @@
 """Benchmark — one training step of the shipped recipe in fp32 and in bfloat16 autocast, same run.
 
 Run: ``.venv/bin/python bench/training.py [--seconds 20] [--input-size 160] [--batch-size 32]``.
-Prints images/s of each and their ratio (the training command uses bfloat16 autocast by default;
+Measures the training command's own step (``inference.train.LossStep``). Prints images/s of each and their ratio (the training command uses bfloat16 autocast by default;
 ``--fp32`` turns it off). Random inputs: the step's cost does not depend on the pixels. Nothing is
 asserted.
 """
@@ -17,28 +17,24 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from inference.network import build_resnet18  # noqa: E402
+from inference.train import LossStep, TrainOptions  # noqa: E402
 
 
 def images_per_second(mixed_precision: bool, seconds: float, input_size: int, batch_size: int) -> float:
-    """Steps (forward, loss, backward, AdamW) for about ``seconds`` after two warm-up steps → images/s."""
+    """The training command's own step (``train.LossStep``: forward, losses, backward, AdamW) for about
+    ``seconds`` after two warm-up steps → images/s."""
     torch.manual_seed(0)
+    options = TrainOptions(input_size=input_size, batch_size=batch_size, mixed_precision=mixed_precision)
     model = build_resnet18().to(memory_format=torch.channels_last)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    inputs = torch.randn(batch_size, 1, input_size, input_size).contiguous(memory_format=torch.channels_last)
-    targets = torch.randint(0, 2, (batch_size,)).float()
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision):
-            logits = model(inputs).flatten().float()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-
-    step(), step()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
+    step = LossStep(model, options)
+    batch = (torch.rand(batch_size, 1, input_size, input_size), torch.randint(0, 2, (batch_size,)).float(),
+             torch.ones(batch_size), torch.zeros(batch_size, 1, input_size, input_size),
+             torch.zeros(batch_size, dtype=torch.bool))
+    step(batch, optimiser, options.learning_rate), step(batch, optimiser, options.learning_rate)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        step()
+        step(batch, optimiser, options.learning_rate)
         steps += 1
     return steps * batch_size / (time.perf_counter() - started)
 
