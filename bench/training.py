@@ -1,9 +1,10 @@
 """Benchmark — one training step of the shipped recipe in fp32 and in bfloat16 autocast, same run.
 
 Run: ``.venv/bin/python bench/training.py [--seconds 20] [--input-size 160] [--batch-size 32]``.
-Measures the training command's own step (``inference.train.LossStep``). Prints images/s of each and their ratio (the training command uses bfloat16 autocast by default;
-``--fp32`` turns it off). Random inputs: the step's cost does not depend on the pixels. Nothing is
-asserted.
+Measures the training command's own step (``inference.train.LossStep``). Prints images/s of each
+and their ratio (the training command uses bfloat16 autocast by default; ``--fp32`` turns it off).
+Random inputs: the step's cost does not depend on the pixels. Nothing
+is asserted.
 """
 
 import argparse

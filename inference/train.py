@@ -29,6 +29,7 @@ from inference.dataset import adult_rows, list_labelled, load_squares
 from inference.finalise import SplitImages, finalise, population_validation
 from inference.localisation import box_grid
 from inference.network import build_resnet18
+from inference.precision import Precision, autocast
 from inference.preprocess import normalise
 from inference.split import SplitRow, assign_sides, kermany_rows, write_split_csv
 
@@ -191,7 +192,7 @@ class LossStep:
         inputs = normalise(images, options.input_size).contiguous(memory_format=torch.channels_last)
         targets = labels.float() * (1 - options.label_smoothing) + options.label_smoothing / 2
         self.layer4.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.mixed_precision):
+        with autocast(Precision.BF16 if options.mixed_precision else Precision.FP32):
             logits = model(inputs).flatten().float()
         per_image = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         loss = (per_image * weights).sum() / weights.sum()
