@@ -14,6 +14,7 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 t
 
 WORKDIR /opt/lungvision
 COPY pyproject.toml README.md ./
+COPY common ./common
 COPY config ./config
 COPY dicom_node ./dicom_node
 COPY worker ./worker

@@ -28,8 +28,8 @@ from pydicom.uid import generate_uid
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from config.settings import Settings, load_settings  # noqa: E402
-from lungvision.ports import free_port  # noqa: E402
-from tests.orthanc_testkit import Orthanc  # noqa: E402
+from common.ports import free_port  # noqa: E402
+from tests.kit.orthanc import Orthanc  # noqa: E402
 from worker.deliver import association_pool, close_association_pool, send_files  # noqa: E402
 
 IDLE_PROBE_S = 2.0  # how long the idle cost is measured
@@ -39,7 +39,7 @@ def result_files(folder: Path) -> list[Path]:
     """The SC and SR the worker pipeline writes for one generated study (bench/worker.py's input)."""
     from bench.worker import make_studies
     from inference.classifier import load_classifier
-    from tests.worker.test_pipeline import make_message
+    from tests.kit.worker import make_message
     from worker.pipeline import analyse_study, device_uid_for
 
     classifier = load_classifier()

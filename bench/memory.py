@@ -39,7 +39,7 @@ import yaml
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.worker import make_studies  # noqa: E402
-from lungvision.ports import free_port  # noqa: E402
+from common.ports import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 900.0  # generous: on a busy machine (nice 19) torch alone takes a minute to import

@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
-from lungvision.ports import free_port, wait_until_listening
+from common.ports import free_port, wait_until_listening
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, COLUMNS = 2500, 2000

@@ -27,8 +27,9 @@ import yaml
 # This script shares its folder with bench/worker.py: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from lungvision.ports import free_port  # noqa: E402
-from tests.dicom_node.node_testkit import make_image, store_statuses  # noqa: E402
+from common.ports import free_port  # noqa: E402
+from tests.kit.dicom_fixtures import make_image  # noqa: E402
+from tests.kit.node import store_statuses  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STABLE_S = 1.0

@@ -23,10 +23,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from config.settings import load_settings  # noqa: E402
 from inference.classifier import load_classifier  # noqa: E402
 from inference.sample_dicom import wrap_image, write_dataset  # noqa: E402
-from lungvision.ports import free_port  # noqa: E402
-from tests.orthanc_testkit import Orthanc  # noqa: E402
-from tests.worker.conftest import chest_pixels  # noqa: E402
-from tests.worker.test_pipeline import make_message  # noqa: E402
+from common.ports import free_port  # noqa: E402
+from tests.kit.data import chest_pixels  # noqa: E402
+from tests.kit.orthanc import Orthanc  # noqa: E402
+from tests.kit.worker import make_message  # noqa: E402
 from worker.deliver import send_files  # noqa: E402
 from worker.pipeline import analyse_study, device_uid_for  # noqa: E402
 

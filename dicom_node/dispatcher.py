@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from common import audit
+from common.logs import log_event
+from common.messages import BrokerUnavailable, InstanceRef, StudyReady
+from common.spool import ArrivalRecord, SealedRound, Spool
 from dicom_node.completion import StudyCompletionTracker
-from dicom_node.enqueue import BrokerUnavailable
 from dicom_node.header import UnreadableDataset, read_header
-from dicom_node.logs import log_event
-from lungvision import audit
-from dicom_node.messages import InstanceRef, StudyReady
-from dicom_node.spool import ArrivalRecord, SealedRound, Spool
 
 LOG = logging.getLogger("dicom_node.dispatch")
 RETRY_FIRST_DELAY_S = 1.0

@@ -9,7 +9,7 @@ worker treats a task id it has already run as done.
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from dicom_node.messages import ANALYSE_STUDY_TASK, QUEUE, StudyReady
+from common.messages import ANALYSE_STUDY_TASK, QUEUE, BrokerUnavailable, StudyReady
 
 _SEND_RETRY_POLICY = {  # a short in-call retry; the dispatcher retries later with its own back-off
     "max_retries": 2,
@@ -17,10 +17,6 @@ _SEND_RETRY_POLICY = {  # a short in-call retry; the dispatcher retries later wi
     "interval_step": 0.5,
     "interval_max": 1.0,
 }
-
-
-class BrokerUnavailable(RuntimeError):
-    """The broker could not take the message; the round stays unqueued and is retried."""
 
 
 class CeleryEnqueuer:

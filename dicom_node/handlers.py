@@ -16,7 +16,7 @@ from pynetdicom.events import Event
 
 from dicom_node.application_entity import Admission
 from dicom_node.intake import Intake, Outcome, Received, StoreStatus
-from dicom_node.logs import log_event
+from common.logs import log_event
 
 LOG = logging.getLogger("dicom_node.scp")
 ERROR_COMMENT_MAX = 64  # Error Comment is LO

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from pathlib import Path
 
+from common import audit
+from common.identity import is_lung_vision_object
+from common.spool import ArrivalRecord, Spool
+from common.uids import InvalidUid, checked_uid
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.header import UnreadableDataset, read_header
-from dicom_node.identity import is_lung_vision_object
-from dicom_node.spool import ArrivalRecord, Spool
-from dicom_node.uids import InvalidUid, checked_uid
-from lungvision import audit
 
 
 class StoreStatus(IntEnum):

@@ -14,15 +14,15 @@ from collections.abc import Callable
 from pynetdicom import _config as pynetdicom_config
 
 from config.settings import ConfigError, Settings
-from lungvision import audit
+from common import audit
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.dispatcher import Dispatcher, dispatch_until_stopped
 from dicom_node.enqueue import CeleryEnqueuer
 from dicom_node.handlers import AssociationJournal, bindings
 from dicom_node.intake import Intake
-from dicom_node.logs import configure_logging, log_event
-from dicom_node.spool import Spool
+from common.logs import configure_logging, log_event
+from common.spool import Spool
 
 LOG = logging.getLogger("dicom_node")
 SWEEP_INTERVAL_S = 3600.0  # retention and stale-partial clean-up; also once at start

@@ -8,7 +8,7 @@ Whatever the precision, the outputs — logits, class maps, pooled features — 
 and the logits are computed from the float32 pooled features, so only the backbone is rounded.
 
 That the bf16 path is equivalent is shown, not assumed: ``lungvision equivalence`` compares it with
-fp32 on a labelled folder (``inference/equivalence.py``), and ``tests/test_precision.py`` fails when
+fp32 on a labelled folder (``inference/equivalence.py``), and ``tests/inference/test_precision.py`` fails when
 it disagrees beyond a stated bound.
 """
 

@@ -1,3 +1,5 @@
 """Lung Vision — the command-line entry point that wires the packages together."""
 
-__version__ = "0.1.0"
+from common.version import __version__
+
+__all__ = ["__version__"]

@@ -22,9 +22,9 @@ from PIL import Image
 from pydicom import Dataset
 from pydicom.uid import JPEG2000, ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
-from dicom_node.scu import Destination, send_datasets
+from common.ports import free_port, wait_until_listening
+from common.scu import Destination, send_datasets
 from inference.sample_dicom import wrap_image
-from lungvision.ports import free_port, wait_until_listening
 
 SAMPLES = Path(__file__).with_name("samples")
 START_TIMEOUT_S = 180.0

@@ -23,8 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from common import logfilter
 from config.settings import Settings, mask_secrets
-from lungvision import logfilter
 
 FOLDER_DESTINATION = {"name": "local-folder", "kind": "folder", "path": "./var/out"}
 CHILDREN = ("node", "worker", "web")  # started in this order, and stopped in it: node first

@@ -17,9 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.scu import Destination, send_datasets  # noqa: E402
+from common.scu import Destination, send_datasets  # noqa: E402
 from lungvision.demo import START_TIMEOUT_S, sample_studies  # noqa: E402
-from lungvision.ports import free_port, wait_until_listening  # noqa: E402
+from common.ports import free_port, wait_until_listening  # noqa: E402
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", "--disable-quic"]

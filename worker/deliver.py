@@ -20,8 +20,8 @@ from pathlib import Path
 import redis
 from pydicom import dcmread
 
+from common.scu import AssociationPool, ClientTls, Destination, Timeouts, send_datasets
 from config.settings import DestinationSettings, RoutingRule, Settings
-from dicom_node.scu import AssociationPool, ClientTls, Destination, Timeouts, send_datasets
 from worker.record import OUTSIDE_USE, Store, StudyResult
 
 DELIVER_TASK = "lungvision.deliver"  # Celery task name: one round's files to one destination

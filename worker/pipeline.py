@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, dcmread, dcmwrite
 
-from dicom_node.durable import fsync_dir
-from dicom_node.messages import StudyReady
+from common.durable import fsync_dir
+from common.messages import StudyReady
+from common.uids import derived_uid, output_instance_uid, output_series_uid
 from inference.classifier import Classifier, Prediction
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
 from inference.intended_use import GateVerdict, IntendedUse
@@ -25,7 +26,6 @@ from worker.encode.heatmap_sc import build_heatmap_sc
 from worker.encode.source_header import instance_number
 from worker.record import OUTSIDE_USE
 from worker.select import select
-from worker.uids import derived_uid, output_instance_uid, output_series_uid
 
 SC_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902

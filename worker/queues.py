@@ -13,7 +13,7 @@ from queue import Empty
 
 from kombu.transport import sqlalchemy
 
-from dicom_node.messages import QUEUE as ANALYSIS_QUEUE
+from common.messages import QUEUE as ANALYSIS_QUEUE
 from worker.deliver import DELIVER_TASK
 from worker.hl7_result import HL7_TASK
 

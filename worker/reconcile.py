@@ -41,11 +41,10 @@ from pathlib import Path
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from common import audit, logfilter
+from common.messages import ANALYSE_STUDY_TASK, QUEUE, BrokerUnavailable, StudyReady
+from common.spool import QueuedRound, Spool
 from config.settings import DEFAULTS_FILE, ConfigError, Settings, load_settings
-from dicom_node.enqueue import BrokerUnavailable
-from dicom_node.messages import ANALYSE_STUDY_TASK, QUEUE, StudyReady
-from dicom_node.spool import QueuedRound, Spool
-from lungvision import audit, logfilter
 from worker.deliver import DELIVER_TASK, DeliveryJob, describe_failure, output_files
 from worker.queues import TASK_ROUTES
 from worker.record import FINAL_STATUSES, Delivery, RoundState, Store, StudyResult, StudyStatus

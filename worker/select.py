@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from pydicom import Dataset
 
-from dicom_node.identity import is_lung_vision_object
+from common.identity import is_lung_vision_object
 from inference.intended_use import GateVerdict, IntendedUse, header_text
 
 OWN_OBJECT = "created by Lung Vision"

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from dicom_node.messages import ANALYSE_STUDY_TASK, StudyReady
-from dicom_node.scu import DeliveryError
+from common import audit
+from common.messages import ANALYSE_STUDY_TASK, StudyReady
+from common.scu import DeliveryError
 from config.settings import Settings
 from inference.classifier import Classifier, load_model
-from lungvision import audit
 from worker.celery_app import app, current_settings
 from worker.deliver import (DELIVER_TASK, AnalysisJob, DeadLetter, DeliveryJob, choose_destinations, dead_letters_for,
                             describe_failure, new_dead_letter, retry_delay_s, send_files)

@@ -13,11 +13,11 @@
 --   3. A study that already holds Lung Vision results although this Orthanc never routed any of its
 --      instances (e.g. imported together with its results) is not sent.
 --
--- Keep these in step with dicom_node/identity.py and worker/select.py.
+-- Keep these in step with common/identity.py and worker/select.py.
 
 local MODALITY = 'lungvision'                    -- the "DicomModalities" entry of Lung Vision
-local UID_ROOT = '1.2.826.0.1.3680043.10.1514.'  -- dicom_node.identity.UID_ROOT
-local MANUFACTURER = 'Lung Vision'               -- dicom_node.identity.MANUFACTURER
+local UID_ROOT = '1.2.826.0.1.3680043.10.1514.'  -- common.identity.UID_ROOT
+local MANUFACTURER = 'Lung Vision'               -- common.identity.MANUFACTURER
 local ROUTED = 'LungVisionRouted'                -- "UserMetadata" entry in orthanc.json
 local RADIOGRAPHS = { CR = true, DX = true }
 local SECONDARY_CAPTURE = '1.2.840.10008.5.1.4.1.1.7'

@@ -1,4 +1,4 @@
-"""Fixtures for the DICOM node tests (helpers live in node_testkit.py)."""
+"""Fixtures for the DICOM node tests (helpers live in tests/kit/node.py; ``spool`` in tests/conftest.py)."""
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,8 +9,8 @@ import redis
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.intake import Intake
-from dicom_node.spool import Spool
-from node_testkit import TEST_REDIS_DB, NodeProcess, QueueReader, node_settings
+from common.spool import Spool
+from tests.kit.node import TEST_REDIS_DB, NodeProcess, QueueReader, node_settings
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +37,6 @@ def node_factory(tmp_path: Path, redis_queue: QueueReader) -> Iterator[Callable[
     yield start
     for node in started:
         node.stop()
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Spool:
-    """An empty spool in the test's folder (no free-space watermark)."""
-    spool = Spool(tmp_path / "spool", min_free_bytes=0)
-    spool.prepare()
-    return spool
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from dicom_node.application_entity import (
     build_ae,
     server_ssl_context,
 )
-from dicom_node.scu import proposed_contexts
-from node_testkit import make_image
+from common.scu import proposed_contexts
+from tests.kit.dicom_fixtures import make_image
 
 
 def test_defaults_match_the_issue() -> None:

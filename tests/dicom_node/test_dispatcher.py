@@ -12,10 +12,9 @@ import pytest
 
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.dispatcher import RETRY_FIRST_DELAY_S, Dispatcher, dispatch_until_stopped
-from dicom_node.enqueue import BrokerUnavailable
-from dicom_node.messages import StudyReady
-from dicom_node.spool import ArrivalRecord, Spool
-from node_testkit import make_image, save
+from common.messages import BrokerUnavailable, StudyReady
+from common.spool import ArrivalRecord, Spool
+from tests.kit.dicom_fixtures import make_image, save
 
 STABLE_S = 5.0
 

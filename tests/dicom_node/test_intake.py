@@ -6,10 +6,10 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
-from dicom_node.identity import MANUFACTURER, UID_ROOT
+from common.identity import MANUFACTURER, UID_ROOT
 from dicom_node.intake import Disposition, Intake, Received, StoreStatus
-from dicom_node.spool import Spool
-from node_testkit import make_image, raw_part10, save, truncated_copy
+from common.spool import Spool
+from tests.kit.dicom_fixtures import make_image, raw_part10, save, truncated_copy
 
 
 def received(path: Path, sop_uid: str, sop_class_uid: str = ComputedRadiographyImageStorage) -> Received:

@@ -6,7 +6,7 @@ import sys
 from typer.testing import CliRunner
 
 from lungvision.cli import app
-from node_testkit import REPO
+from tests.kit.data import REPO
 
 
 def test_lungvision_has_a_node_command() -> None:

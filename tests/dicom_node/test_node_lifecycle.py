@@ -10,8 +10,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.scu import ClientTls, DeliveryError, Destination, send_datasets
-from node_testkit import dcmtk, make_image, store_statuses
+from common.scu import ClientTls, DeliveryError, Destination, send_datasets
+from tests.kit.dcmtk import dcmtk
+from tests.kit.dicom_fixtures import make_image
+from tests.kit.node import store_statuses
 
 pytestmark = pytest.mark.integration
 

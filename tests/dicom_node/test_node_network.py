@@ -9,23 +9,20 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
-from dicom_node.identity import MANUFACTURER
+from common.identity import MANUFACTURER
 from dicom_node.intake import StoreStatus
-from node_testkit import (
+from tests.kit.dcmtk import dcmtk
+from tests.kit.dicom_fixtures import (
     PATIENT_BIRTH_DATE,
     PATIENT_ID,
     PATIENT_NAME,
-    NodeProcess,
-    QueueReader,
-    dcmtk,
     encoded_body,
     make_image,
-    node_settings,
     raw_part10,
     save,
-    store_statuses,
     truncated_copy,
 )
+from tests.kit.node import NodeProcess, QueueReader, node_settings, store_statuses
 
 pytestmark = pytest.mark.integration
 

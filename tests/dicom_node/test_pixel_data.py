@@ -22,7 +22,7 @@ from pydicom.uid import (
 from dicom_node.intake import Disposition, Intake, Received, StoreStatus
 from dicom_node.pixel_data import PIXEL_DATA, SEQUENCE_DELIMITER, pixel_data_problem
 from inference.sample_dicom import wrap_image, write_dataset
-from node_testkit import make_image, save, truncated_copy
+from tests.kit.dicom_fixtures import make_image, save, truncated_copy
 
 COMPRESSED = [RLELossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless]
 BOT_ONLY = b"\xfe\xff\x00\xe0\x00\x00\x00\x00"  # an empty Basic Offset Table item

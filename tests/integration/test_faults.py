@@ -8,7 +8,6 @@ recovery); ``pytest -s`` shows them."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,17 +18,19 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from common.ports import free_port, wait_until_listening
 from inference.sample_dicom import wrap_image, write_dataset
-from lungvision.ports import free_port, wait_until_listening
-from tests.dicom_node.node_testkit import NodeProcess, QueueReader, dcmtk, node_settings
-from tests.integration.worker_testkit import WorkerProcess, worker_sections
-from tests.orthanc_testkit import Orthanc
-from tests.worker.conftest import chest_pixels
-from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS
+from tests.kit.data import REPO, chest_pixels
+from tests.kit.dcmtk import dcmtk
+from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS
+from tests.kit.node import NodeProcess, QueueReader, node_settings
+from tests.kit.orthanc import Orthanc
+from tests.kit.redis_server import RedisServer
+from tests.kit.wait import wait_until
+from tests.kit.worker import WorkerProcess, worker_sections
 from worker.record import Store, StudyStatus
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 RESULT_TIMEOUT_S = 240.0
 LEGACY_DEAD_LETTER_KEY = "lungvision:faults:dead"
 FAST = {"requeue_after_s": 4, "reconcile_interval_s": 1, "unacked_restore_interval_s": 1}  # worker settings
@@ -64,13 +65,18 @@ def result_counts(orthanc: Orthanc, study_uid: str) -> tuple[int, int]:
 
 def wait_for_results(orthanc: Orthanc, expected: dict[str, int], timeout_s: float = RESULT_TIMEOUT_S) -> float:
     """Wait until every study holds one SC and one SR per source image; returns when (monotonic)."""
-    deadline = time.monotonic() + timeout_s
     missing = dict(expected)
-    while missing and time.monotonic() < deadline:
+
+    def complete() -> bool:
+        nonlocal missing
         missing = {uid: n for uid, n in missing.items() if result_counts(orthanc, uid) != (n, n)}
-        if missing:
-            time.sleep(0.5)
-    assert not missing, {uid: result_counts(orthanc, uid) for uid in missing}
+        return not missing
+
+    def counts() -> str:
+        held = {uid: result_counts(orthanc, uid) for uid in missing}
+        return f"one SC and one SR per image; (SC, SR) held now {held}"
+
+    wait_until(complete, timeout_s, interval_s=0.5, message=counts)
     return time.monotonic()
 
 
@@ -84,14 +90,19 @@ def delivered_and_duplicated(orthanc: Orthanc, expected: dict[str, int]) -> tupl
 
 def wait_for_status(store: Store, study_uids: set[str], statuses: set[str], timeout_s: float = 60.0) -> dict:
     """Wait until every study's (only) round has one of ``statuses``; returns study UID → row."""
-    deadline = time.monotonic() + timeout_s
     rows: dict = {}
-    while time.monotonic() < deadline:
+
+    def settled() -> bool:
+        nonlocal rows
         rows = {uid: store.study_results(uid) for uid in study_uids}
-        if all(len(found) == 1 and found[0].status in statuses for found in rows.values()):
-            return {uid: found[0] for uid, found in rows.items()}
-        time.sleep(0.5)
-    raise AssertionError({uid: [(r.round, r.status) for r in found] for uid, found in rows.items()})
+        return all(len(found) == 1 and found[0].status in statuses for found in rows.values())
+
+    def rounds() -> str:
+        found = {uid: [(row.round, row.status) for row in results] for uid, results in rows.items()}
+        return f"one round per study, status in {statuses}; (round, status) now {found}"
+
+    wait_until(settled, timeout_s, interval_s=0.5, message=rounds)
+    return {uid: found[0] for uid, found in rows.items()}
 
 
 def audit_events(path: Path, event: str) -> list[dict]:
@@ -147,10 +158,13 @@ class Serve:
             self.process = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=self.folder,
                                             env=self.environment, stdout=log, stderr=subprocess.STDOUT)
         wait_until_listening(self.port, self.process, timeout_s=120)
-        deadline = time.monotonic() + 120
-        while self.log().count("ready.") <= ready_before:
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log()[-3000:]
-            time.sleep(0.3)
+
+        def ready() -> bool:
+            assert self.process.poll() is None, self.log()[-3000:]
+            return self.log().count("ready.") > ready_before
+
+        wait_until(ready, timeout_s=120, interval_s=0.3,
+                   message=lambda: f"worker ready; log:\n{self.log()[-3000:]}")
         return self
 
     def log(self) -> str:
@@ -165,10 +179,8 @@ class Serve:
             except ProcessLookupError:  # it ended by itself in the meantime
                 continue
         self.process.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while not all(gone(pid) for pid in tree) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert all(gone(pid) for pid in tree)
+        wait_until(lambda: all(gone(pid) for pid in tree), timeout_s=30,
+                   message="every process of serve's tree gone")
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -187,10 +199,9 @@ def test_sigkill_of_serve_while_analysing_loses_and_duplicates_nothing(tmp_path)
         expected = {study_uid_of(big): 10, study_uid_of(small): 1}
         storescu(serve.port, big + small)
         audit = serve.folder / "var" / "audit.jsonl"
-        deadline = time.monotonic() + 120
-        while not any(e["study_uid"] == study_uid_of(big) for e in audit_events(audit, "analysing")):
-            assert time.monotonic() < deadline, serve.log()[-3000:]
-            time.sleep(0.1)
+        wait_until(lambda: any(e["study_uid"] == study_uid_of(big) for e in audit_events(audit, "analysing")),
+                   timeout_s=120, interval_s=0.1,
+                   message=lambda: f"the big study analysing; log:\n{serve.log()[-3000:]}")
         serve.kill_everything()
         before = result_counts(orthanc, study_uid_of(big))
         assert before != (10, 10), "the big study was complete before the kill: nothing was tested"
@@ -214,39 +225,6 @@ def test_sigkill_of_serve_while_analysing_loses_and_duplicates_nothing(tmp_path)
 
 
 # --- node + Redis of our own + worker -------------------------------------------------------------
-
-class RedisServer:
-    """A redis-server of the test's own on a free loopback port, persistence off: a restart loses everything."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        with open(self.folder / "redis.log", "ab") as log:
-            self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                             "--appendonly", "no", "--dir", str(self.folder)], stdout=log, stderr=log)
-        wait_until_listening(self.port, self.process, timeout_s=30)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url, socket_timeout=10)
-
 
 class Deployment:
     """Orthanc (the PACS), a Redis of our own, the node and a worker (not started: each test starts it)."""
@@ -284,10 +262,8 @@ class Deployment:
         return sorted((self.node.spool / "studies" / study_uid / "rounds").glob("*/queued.json"))
 
     def wait_until_queued(self, study_uid: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not self.queued_rounds(study_uid):
-            assert time.monotonic() < deadline, self.node.log_tail()
-            time.sleep(0.2)
+        wait_until(lambda: self.queued_rounds(study_uid), timeout_s,
+                   message=lambda: f"a queued round of the study; node log:\n{self.node.log_tail()}")
 
 
 @pytest.fixture(scope="module")
@@ -335,10 +311,13 @@ def test_a_redis_restart_loses_no_queued_study_and_no_dead_letter(deployment, tm
     try:
         nowhere = chest_study(tmp_path, "nowhere")
         storescu(deployment.node.port, nowhere, calling_ae="TO_NOWHERE")
-        deadline, listing = time.monotonic() + RESULT_TIMEOUT_S, ""
-        while "nowhere" not in listing and time.monotonic() < deadline:
-            time.sleep(1)
+
+        def failed_jobs() -> str:
             listing = deployment.jobs("failed").stdout
+            return listing if "nowhere" in listing else ""
+
+        listing = wait_until(failed_jobs, RESULT_TIMEOUT_S, interval_s=1, message="the dead letter of the "
+                             "study sent nowhere in `lungvision jobs failed`")
         assert "nowhere" in listing and "legacy0001" in listing, listing  # the old Redis hash was moved in
     finally:
         deployment.worker.stop()

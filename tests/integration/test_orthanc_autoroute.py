@@ -8,7 +8,6 @@ The broker is a fixture parameter: add an entry to ``BROKERS`` to run the same t
 
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,20 +16,21 @@ import redis
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.identity import UID_ROOT
+from common.identity import UID_ROOT
+from common.ports import free_port
 from inference.sample_dicom import wrap_image, write_dataset
-from tests.dicom_node.node_testkit import NodeProcess, dcmtk, free_port, make_image, node_settings, save
-from tests.integration.worker_testkit import WorkerProcess, worker_sections
-from tests.orthanc_testkit import Orthanc, resolve_config
-from tests.worker.conftest import chest_pixels
-from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS
+from tests.kit.data import chest_pixels
+from tests.kit.dcmtk import dcmtk
+from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, results_complete
+from tests.kit.dicom_fixtures import make_image, save
+from tests.kit.node import NodeProcess, node_settings
+from tests.kit.orthanc import ORTHANC_CONFIG, Orthanc, resolve_config
+from tests.kit.wait import wait_until
+from tests.kit.worker import WorkerProcess, worker_sections
 from worker.record import Store
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-ORTHANC_CONFIG = REPO / "config" / "orthanc" / "orthanc.json"  # what docker-compose.yml mounts (tests/test_compose.py)
-AUTOROUTE_SCRIPT = REPO / "config" / "orthanc" / "autoroute.lua"  # named by ORTHANC_CONFIG's "LuaScripts"
 AUTOROUTE_REDIS_DB = 13  # flushed by the fixture: no other test uses it
 STABLE_AGE_S = 2
 RESULT_TIMEOUT_S = 90.0
@@ -119,15 +119,16 @@ class AutorouteStack:
 
     def wait_for_routing(self, study_uid: str, pattern: str, timeout_s: float = ROUTING_TIMEOUT_S) -> list[str]:
         """Poll until the script logged a line about the study matching ``pattern``; returns all its lines."""
-        deadline = time.monotonic() + timeout_s
         lines: list[str] = []
-        while time.monotonic() < deadline:
+
+        def decided() -> bool:
+            nonlocal lines
             lines = self.routing_lines(study_uid)
-            if any(re.search(pattern, line) for line in lines):
-                return lines
-            time.sleep(0.5)
-        raise AssertionError(f"no routing decision matching {pattern!r} within {timeout_s} s: {lines}\n"
-                             f"{self.orthanc.log_tail()}")
+            return any(re.search(pattern, line) for line in lines)
+
+        wait_until(decided, timeout_s, interval_s=0.5, message=lambda: f"a routing decision matching {pattern!r}: "
+                   f"{lines}\n{self.orthanc.log_tail()}")
+        return lines
 
     def node_instances(self, study_uid: str) -> list[dict]:
         """The node's ``instance`` log events for the study: every C-STORE it received, in order."""
@@ -148,13 +149,6 @@ def stack(request, tmp_path_factory):
         system.stop()
 
 
-def results(sources: int, heatmaps: int):
-    def check(instances: list[dict]) -> bool:
-        classes = [instance["SOPClassUID"] for instance in instances]
-        return classes.count(SC_CLASS) >= heatmaps and classes.count(COMPREHENSIVE_SR_CLASS) >= sources
-    return check
-
-
 def radiograph(folder: Path, name: str, study_uid: str, index: int = 0, **options) -> Path:
     return write_dataset(wrap_image(chest_pixels(index), study_uid=study_uid, **options), folder / f"{name}.dcm")
 
@@ -167,7 +161,7 @@ def test_orthanc_routes_a_chest_study_once_and_never_our_results(stack, tmp_path
     stack.send_to_orthanc(*sources)
 
     # Orthanc's script sends the study to the node; the worker's SC + 2 SRs come back into the study.
-    instances = stack.orthanc.wait_for_instances(study_uid, results(2, 1), RESULT_TIMEOUT_S)
+    instances = stack.orthanc.wait_for_instances(study_uid, results_complete(2, 1), RESULT_TIMEOUT_S)
     # The study became stable again with our results in it: the script ran again and sent nothing.
     lines = stack.wait_for_routing(study_uid, r"nothing to send \(Lung Vision objects: 3, sent before: 2\b")
     assert [line for line in lines if "sent to lungvision" in line] == [lines[0]], lines
@@ -196,13 +190,13 @@ def test_a_chest_image_added_later_is_routed_alone(stack, tmp_path) -> None:
     study_uid = generate_uid()
     first = radiograph(tmp_path, "first", study_uid, 2)
     stack.send_to_orthanc(first)
-    stack.orthanc.wait_for_instances(study_uid, results(1, 1), RESULT_TIMEOUT_S)
+    stack.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
     stack.wait_for_routing(study_uid, r"nothing to send \(Lung Vision objects: 2, sent before: 1\b")
 
     # A chest Secondary Capture joins the analysed study: only it is sent, as the node's round 2.
     later = radiograph(tmp_path, "later-sc", study_uid, 3, sop_class="SC", photometric="RGB")
     stack.send_to_orthanc(later)
-    stack.orthanc.wait_for_instances(study_uid, results(2, 2), RESULT_TIMEOUT_S)
+    stack.orthanc.wait_for_instances(study_uid, results_complete(2, 2), RESULT_TIMEOUT_S)
     lines = stack.wait_for_routing(study_uid, r"nothing to send \(Lung Vision objects: 4, sent before: 2\b")
     assert [line.split(" (")[0] for line in lines if "sent to lungvision" in line] == \
         ["1 instance(s) sent to lungvision"] * 2, lines

@@ -21,21 +21,22 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-
-from inference.sample_dicom import wrap_image, write_dataset
-from tests.conftest import DICOM_SAMPLES
-from tests.dicom_node.node_testkit import NodeProcess, dcmtk, free_port, node_settings
-from tests.integration.worker_testkit import WorkerProcess, worker_sections
-from tests.orthanc_testkit import Orthanc
-from tests.worker.conftest import chest_pixels
-from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, SC_CLASS, make_message, sr_values
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import CTImageStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
+from common.ports import free_port
+from common.uids import output_instance_uid
 from dicom_node.enqueue import CeleryEnqueuer
 from inference.classifier import load_classifier
+from inference.sample_dicom import wrap_image, write_dataset
+from tests.kit.data import DICOM_SAMPLES, chest_pixels
+from tests.kit.dcmtk import dcmtk
+from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, results_complete, sr_values
+from tests.kit.node import NodeProcess, node_settings
+from tests.kit.orthanc import Orthanc
+from tests.kit.wait import wait_until
+from tests.kit.worker import WorkerProcess, make_message, worker_sections
 from worker.record import Store
-from worker.uids import output_instance_uid
 
 pytestmark = pytest.mark.integration
 INTEGRATION_REDIS_DB = 14  # flushed by the fixture: never a database in use
@@ -44,13 +45,6 @@ STORESCU_PROPOSAL = {  # storescu option that proposes a compressed file's own t
     JPEGBaseline8Bit: "-xy", JPEGExtended12Bit: "-xx", JPEGLosslessSV1: "-xs", JPEG2000Lossless: "-xv",
     JPEG2000: "-xw", JPEGLSLossless: "-xt", JPEGLSNearLossless: "-xu", RLELossless: "-xr",
 }
-
-
-def results_complete(expected_sources: int, expected_sc: int):
-    def check(instances: list[dict]) -> bool:
-        classes = [instance["SOPClassUID"] for instance in instances]
-        return classes.count(SC_CLASS) >= expected_sc and classes.count(COMPREHENSIVE_SR_CLASS) >= expected_sources
-    return check
 
 
 class Deployment:
@@ -148,16 +142,19 @@ def test_results_arrive_in_the_same_study_and_say_what_the_model_said(deployment
     # Analysing it again (a replayed message, as after a crash): the outputs carry the same UIDs.
     replay = make_message(deployment.node.spooled(source.StudyInstanceUID), message_id=generate_uid())
     CeleryEnqueuer(deployment.broker_url).send(replay)
-    deadline = time.monotonic() + RESULT_TIMEOUT_S
-    while (deployment.store().result(replay.message_id) is None
-           or deployment.store().result(replay.message_id).status == "analysing") and time.monotonic() < deadline:
-        time.sleep(0.5)
+
+    def replay_analysed() -> bool:
+        row = deployment.store().result(replay.message_id)
+        return row is not None and row.status != "analysing"
+
+    wait_until(replay_analysed, RESULT_TIMEOUT_S, interval_s=0.5, message="the replayed message analysed")
     rows = [r for r in deployment.store().results() if r.study_instance_uid == source.StudyInstanceUID]
     assert len(rows) == 2 and {r.round for r in rows} == {1}
-    deadline = time.monotonic() + RESULT_TIMEOUT_S
-    while any(d.status != "delivered" for r in rows for d in deployment.store().deliveries(r.message_id)) \
-            and time.monotonic() < deadline:
-        time.sleep(0.5)
+
+    def all_delivered() -> bool:
+        return all(d.status == "delivered" for r in rows for d in deployment.store().deliveries(r.message_id))
+
+    wait_until(all_delivered, RESULT_TIMEOUT_S, interval_s=0.5, message="every delivery of both rounds delivered")
     classes = [i["SOPClassUID"] for i in deployment.orthanc.study_instances(source.StudyInstanceUID)]
     assert classes.count(SC_CLASS) == 1 and classes.count(COMPREHENSIVE_SR_CLASS) == 1
 
@@ -214,21 +211,20 @@ def test_results_arrive_after_a_30_second_orthanc_outage(deployment, tmp_path) -
     stopped_at = time.monotonic()
     try:
         deployment.send(path)
-        deadline = stopped_at + 25
-        retrying = []
-        while not retrying and time.monotonic() < deadline:
+
+        def retrying() -> list:
             rows = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
-            retrying = [d for r in rows for d in deployment.store().deliveries(r.message_id) if d.status == "retrying"]
-            time.sleep(0.5)
-        assert retrying, "the delivery was not retried while Orthanc was down"
+            return [d for r in rows for d in deployment.store().deliveries(r.message_id) if d.status == "retrying"]
+
+        wait_until(retrying, timeout_s=stopped_at + 25 - time.monotonic(), interval_s=0.5,
+                   message="the delivery retried while Orthanc was down")
         time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
     finally:
         deployment.orthanc.start()
     deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
     [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
-    deadline = time.monotonic() + 30  # the store is updated just after the last C-STORE response
-    while deployment.store().deliveries(row.message_id)[0].status != "delivered" and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_until(lambda: deployment.store().deliveries(row.message_id)[0].status == "delivered", timeout_s=30,
+               interval_s=0.5, message="the delivery marked delivered")  # just after the last C-STORE response
     [delivery] = deployment.store().deliveries(row.message_id)
     assert delivery.status == "delivered" and delivery.attempts > 1
 
@@ -267,12 +263,13 @@ def test_a_refused_delivery_is_dead_lettered_and_can_be_replayed(deployment, tmp
     try:
         [path] = chest_study(tmp_path, "deadletter")
         deployment.send(path, calling_ae="TO_ARCHIVE")
-        deadline = time.monotonic() + RESULT_TIMEOUT_S
-        listing = ""
-        while "archive" not in listing and time.monotonic() < deadline:
-            time.sleep(1)
+
+        def failed_jobs() -> str:
             listing = deployment.jobs("failed").stdout
-        assert "archive" in listing, listing
+            return listing if "archive" in listing else ""
+
+        listing = wait_until(failed_jobs, RESULT_TIMEOUT_S, interval_s=1,
+                             message="the refused delivery in `lungvision jobs failed`")
     finally:
         server.shutdown()
     job_id = next(line.split()[0] for line in listing.splitlines() if "archive" in line)
@@ -281,9 +278,7 @@ def test_a_refused_delivery_is_dead_lettered_and_can_be_replayed(deployment, tmp
     try:
         replay = deployment.jobs("retry", job_id)
         assert replay.returncode == 0, replay.stderr
-        deadline = time.monotonic() + RESULT_TIMEOUT_S
-        while len(received) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: len(received) >= 2, RESULT_TIMEOUT_S, interval_s=0.5, message="the replayed SC and SR")
         assert len(received) == 2  # the SC and the SR
         assert job_id not in deployment.jobs("failed").stdout
         assert deployment.jobs("retry", job_id).returncode == 2  # gone from the list

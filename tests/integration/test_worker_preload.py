@@ -3,7 +3,6 @@ model in its parent; each pool process finds it already loaded before its first 
 With one pool process it runs torch on both cores: had the parent started OpenMP threads (torch work on more
 than one thread), that process would hang in its first forward pass — checked by mutation when written."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -12,9 +11,9 @@ from pydicom.uid import generate_uid
 
 from dicom_node.enqueue import CeleryEnqueuer
 from inference.sample_dicom import wrap_image, write_dataset
-from tests.integration.worker_testkit import WorkerProcess, worker_sections
-from tests.worker.conftest import chest_pixels
-from tests.worker.test_pipeline import make_message
+from tests.kit.data import chest_pixels
+from tests.kit.wait import wait_until
+from tests.kit.worker import WorkerProcess, make_message, worker_sections
 from worker.record import FINAL_STATUSES, Store, StudyStatus
 
 pytestmark = pytest.mark.integration
@@ -35,13 +34,15 @@ def worker_config(folder: Path, concurrency: int) -> Path:
 
 
 def wait_for_final(store: Store, message_ids: list[str]) -> dict[str, StudyStatus]:
-    deadline = time.monotonic() + SLOW_MACHINE_TIMEOUT_S
-    while time.monotonic() < deadline:
+    rows: dict = {}
+
+    def finished() -> bool:
+        nonlocal rows
         rows = {message_id: store.result(message_id) for message_id in message_ids}
-        if all(row is not None and row.status in FINAL_STATUSES for row in rows.values()):
-            return {message_id: row.status for message_id, row in rows.items()}
-        time.sleep(0.5)
-    raise AssertionError(f"not every study finished: {rows}")
+        return all(row is not None and row.status in FINAL_STATUSES for row in rows.values())
+
+    wait_until(finished, SLOW_MACHINE_TIMEOUT_S, interval_s=0.5, message=lambda: f"every study finished: {rows}")
+    return {message_id: row.status for message_id, row in rows.items()}
 
 
 @pytest.mark.parametrize("concurrency", [1, 2])

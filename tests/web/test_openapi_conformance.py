@@ -6,7 +6,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.web.conftest import TOKEN
+from tests.kit.site import TOKEN
 
 SIGNED_IN = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
-from tests.web.conftest import TOKEN
+from tests.kit.site import TOKEN
 from web.app import create_app
 from worker.deliver import DeliveryJob, StoreDeadLetters
 from worker.record import OUTSIDE_USE, StudyResult, Verdict

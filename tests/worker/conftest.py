@@ -2,23 +2,11 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom.uid import JPEG2000, generate_uid
 
 from inference.sample_dicom import wrap_image, write_dataset
-from tests.conftest import CHEST_XRAY
-
-
-def chest_pixels(index: int = 0) -> np.ndarray:
-    """A training radiograph (when the shared data is present) or a synthetic phantom."""
-    folder = CHEST_XRAY / "train" / "PNEUMONIA"
-    if folder.exists():
-        from PIL import Image
-
-        return np.asarray(Image.open(sorted(folder.glob("*.jpeg"))[index]).convert("L"))
-    rows, cols = np.mgrid[0:320, 0:280]
-    return ((np.sin(rows / 9.0) + np.cos(cols / 13.0) + 2) * 60).astype(np.uint8)
+from tests.kit.data import chest_pixels
 
 
 def strip_type2(dataset) -> None:

@@ -9,8 +9,8 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config.settings import load_settings
-from lungvision import audit
-from tests.worker.test_pipeline import make_message
+from common import audit
+from tests.kit.worker import make_message
 from worker.deliver import ANALYSIS_STAGE, AnalysisJob, DeliveryJob
 from worker.record import DeliveryStatus, StudyStatus
 

@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 
 from inference.intended_use import GateReason, GateVerdict
 from inference.sample_dicom import wrap_image
-from tests.worker.test_pipeline import COMPREHENSIVE_SR_CLASS, dciodvfy_errors, sr_values
+from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, dciodvfy_errors, sr_values
 from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import (CHEST_XRAY, NOT_ANALYSED, PNEUMONIA, PNEUMONIA_PROBABILITY, STUDY_LEVEL,
                                        ImageFinding, build_findings_sr)

@@ -9,7 +9,7 @@ from pydicom.uid import generate_uid
 
 from inference.overlay import HEAT_FLOOR, display_size, legend_lines, render_overlay
 from inference.sample_dicom import wrap_image
-from tests.worker.test_pipeline import SC_CLASS, dciodvfy_errors
+from tests.kit.dicom_checks import SC_CLASS, dciodvfy_errors
 from worker.encode.equipment import Algorithm
 from worker.encode.heatmap_sc import SERIES_DESCRIPTION, build_heatmap_sc
 from worker.pipeline import write_outputs

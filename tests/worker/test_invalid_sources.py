@@ -1,7 +1,7 @@
 """Valid results from invalid sources: whatever a source's header holds, every SC and SR we write
 passes dciodvfy, and the source's values are repaired (Patient's Age 12 → 012Y…) or dropped.
 
-Fixtures are our own generated radiographs, broken on purpose (tests/worker/broken_fixtures.py);
+Fixtures are our own generated radiographs, broken on purpose (tests/kit/dicom_fixtures.py);
 a property test then breaks headers at random — of generated files, and of the real samples in
 ../shared/data/dicom_samples when present — and runs the whole pipeline on each.
 """
@@ -16,9 +16,10 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from inference.classifier import load_classifier
-from tests.conftest import DICOM_SAMPLES, require
-from tests.worker.broken_fixtures import radiograph, write_broken
-from tests.worker.test_pipeline import dciodvfy_errors, make_message
+from tests.kit.data import DICOM_SAMPLES, require
+from tests.kit.dicom_checks import dciodvfy_errors
+from tests.kit.dicom_fixtures import radiograph, write_broken
+from tests.kit.worker import make_message
 from worker.encode.charset import declared_encodings, decode_text
 from worker.encode.source_header import clean_source_header
 from worker.encode.vr_values import clean_value

@@ -1,58 +1,13 @@
 """The analysis pipeline end to end without networking: files in, valid SC + SR files out."""
 
-import subprocess
-from datetime import datetime, timezone
-
 import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from dicom_node.messages import InstanceRef, StudyReady
 from inference.classifier import load_classifier
-from tests.conftest import dciodvfy_path
+from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, dciodvfy_errors, sr_values
+from tests.kit.worker import make_message
 from worker.pipeline import analyse_study, device_uid_for
-
-SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-COMPREHENSIVE_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
-
-
-def make_message(paths, message_id: str | None = None) -> StudyReady:
-    now = datetime.now(timezone.utc)
-    instances = []
-    for path in paths:
-        dataset = dcmread(path, stop_before_pixels=True)
-        instances.append(InstanceRef(sop_class_uid=dataset.SOPClassUID, sop_instance_uid=dataset.SOPInstanceUID,
-                                     series_instance_uid=dataset.SeriesInstanceUID,
-                                     transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID, path=str(path),
-                                     calling_ae="STORESCU", received_at=now))
-    study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
-    return StudyReady(message_id=message_id or generate_uid(), study_instance_uid=study_uid, round=1,
-                      spool_dir=str(paths[0].parent), calling_ae="STORESCU", first_received_at=now,
-                      last_received_at=now, instances=instances)
-
-
-def dciodvfy_errors(path) -> list[str]:
-    result = subprocess.run([dciodvfy_path(), str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-
-
-def sr_values(sr) -> dict[str, object]:
-    """Concept name → value (numeric or coded meaning) for every content item of an SR."""
-    values: dict[str, object] = {}
-
-    def walk(items) -> None:
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else None
-            if item.ValueType == "NUM":
-                values.setdefault(name, []).append(float(item.MeasuredValueSequence[0].NumericValue))
-            elif item.ValueType == "TEXT":
-                values.setdefault(name, []).append(item.TextValue)
-            elif item.ValueType == "CODE":
-                values.setdefault(name, []).append(item.ConceptCodeSequence[0].CodeMeaning)
-            walk(item.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return values
 
 
 @pytest.fixture
@@ -122,7 +77,7 @@ def adult_and_child(tmp_path):
     """A frontal chest image of a 12-year-old (an age no shipped population covers: the model has seen
     children of one to five and adults) and one of a 4-year-old, in one study."""
     from inference.sample_dicom import wrap_image, write_dataset
-    from tests.worker.conftest import chest_pixels
+    from tests.kit.data import chest_pixels
 
     study_uid = generate_uid()
     adult = wrap_image(chest_pixels(2), study_uid=study_uid)
@@ -177,7 +132,7 @@ def test_each_image_gets_its_populations_operating_point(two_population_weights,
     store name population and point; an age between the populations is refused."""
     from inference.classifier import Classifier
     from inference.sample_dicom import wrap_image, write_dataset
-    from tests.worker.conftest import chest_pixels
+    from tests.kit.data import chest_pixels
 
     study_uid = generate_uid()
     paths = []

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from config.settings import load_settings
-from dicom_node.messages import ANALYSE_STUDY_TASK
-from lungvision import audit
+from common.messages import ANALYSE_STUDY_TASK
+from common import audit
 from worker import celery_app
 from worker.deliver import DELIVER_TASK
 from worker.hl7_result import HL7_TASK
@@ -25,7 +25,7 @@ def broker_url(request, tmp_path) -> Iterator[str]:
     if request.param == "embedded":
         yield f"sqla+sqlite:///{tmp_path}/broker.sqlite"
         return
-    from tests.integration.test_faults import RedisServer
+    from tests.kit.redis_server import RedisServer
 
     server = RedisServer(tmp_path / "redis").start()
     yield server.url

@@ -13,10 +13,9 @@ from sqlalchemy.exc import OperationalError
 
 from config.settings import load_settings
 from dicom_node.dispatcher import build_study_ready
-from dicom_node.enqueue import BrokerUnavailable
-from dicom_node.messages import ANALYSE_STUDY_TASK
-from dicom_node.spool import ArrivalRecord, Spool
-from lungvision import audit
+from common.messages import ANALYSE_STUDY_TASK, BrokerUnavailable
+from common.spool import ArrivalRecord, Spool
+from common import audit
 from worker.deliver import DELIVER_TASK
 from worker.reconcile import (Action, Claim, Limits, Sweeper, claim_decision, claim_round, owner_alive,
                               process_identity, sweep_decision)

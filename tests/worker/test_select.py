@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dicom_node.identity import MANUFACTURER
+from common.identity import MANUFACTURER
 from inference.classifier import load_classifier
 from inference.intended_use import GateReason
 from inference.sample_dicom import wrap_image

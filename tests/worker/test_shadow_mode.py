@@ -7,8 +7,8 @@ import json
 import pytest
 
 from config.settings import load_settings
-from lungvision import audit
-from tests.worker.test_pipeline import make_message
+from common import audit
+from tests.kit.worker import make_message
 from worker.record import OUTSIDE_USE
 
 
@@ -67,7 +67,7 @@ def test_a_refused_study_is_outside_use_and_audited_by_rule(study_files, run_tas
 
 def test_the_task_records_the_population_and_point_of_each_image(two_population_weights, tmp_path, run_task) -> None:
     from inference.sample_dicom import wrap_image, write_dataset
-    from tests.worker.conftest import chest_pixels
+    from tests.kit.data import chest_pixels
 
     adult = wrap_image(chest_pixels(5))
     adult.PatientAge = "052Y"

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
-from dicom_node.identity import MANUFACTURER
-from lungvision import __version__
+from common.identity import MANUFACTURER
+from common.version import __version__
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node.identity import MANUFACTURER
+from common.identity import MANUFACTURER
+from common.uids import derived_uid
 from inference.intended_use import GateReason, GateVerdict
 from inference.site_profile import OperatingPoint
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header, require_references
 from worker.encode.vr_values import MAX_LENGTH, fit_text, replace_controls
-from worker.uids import derived_uid
 
 LOCAL_SCHEME = "99LUNGVISION"  # private coding scheme for concepts without a standard code
 PNEUMONIA = Code("233604007", "SCT", "Pneumonia")

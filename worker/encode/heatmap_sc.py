@@ -7,7 +7,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.identity import MANUFACTURER
+from common.identity import MANUFACTURER
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header, require_references

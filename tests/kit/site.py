@@ -1,0 +1,102 @@
+"""A site (store, outbox, audit trail) seeded with real analysed studies, for the web and HL7 tests."""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+
+from common import audit
+from config.settings import Settings, load_settings
+from inference.classifier import load_classifier
+from inference.sample_dicom import wrap_image, write_dataset
+from tests.kit.data import chest_pixels
+from tests.kit.worker import make_message
+from worker.pipeline import analyse_study, device_uid_for
+from worker.record import Store, StudyResult
+
+TOKEN = "test-secret-token"
+
+
+@dataclass
+class Seeded:
+    """One seeded study: what the test set, and the patient identity only its DICOM header holds."""
+
+    study_uid: str
+    accession: str
+    finding: str
+    probability: float | None
+    status: str
+    patient_name: str
+    patient_id: str
+
+
+@dataclass
+class Site:
+    settings: Settings
+    store: Store
+    studies: dict[str, Seeded]
+
+
+def site_settings(root: Path) -> Settings:
+    return load_settings(
+        store={"url": f"sqlite:///{root / 'lungvision.db'}"},
+        broker={"url": f"sqla+sqlite:///{root / 'broker.sqlite'}", "result_backend": f"db+sqlite:///{root / 'r.sqlite'}"},
+        worker={"outbox_dir": str(root / "outbox")},
+        audit={"path": str(root / "audit.jsonl")},
+        web={"auth_token": TOKEN, "refresh_s": 0},
+        destinations=[{"name": "pacs", "kind": "folder", "path": str(root / "out")}],
+    )
+
+
+def seed(root: Path) -> Site:
+    """Four analysed studies with real SC/SR files (the model ran; the rows' finding and probability
+    are then set by the test, to know the expected order), one 'analysing' and one only received."""
+    settings = site_settings(root)
+    audit.configure(settings.audit.path)
+    store = Store(settings.store.url)
+    classifier = load_classifier(None)
+    start = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
+    plan = [  # accession, finding, probability, status, minutes after start
+        ("ACC-NEG", "NEGATIVE", 0.020, "delivered", 0),
+        ("ACC-POS-LOW", "POSITIVE", 0.410, "delivered", 5),
+        ("ACC-POS-HIGH", "POSITIVE", 0.930, "delivered", 10),
+        ("ACC-FAILED", "POSITIVE", 0.410, "failed", 15),
+    ]
+    studies: dict[str, Seeded] = {}
+    (root / "in").mkdir(parents=True, exist_ok=True)
+    for index, (accession, finding, probability, status, minutes) in enumerate(plan):
+        study_uid = generate_uid()
+        name, patient_id = f"Doe^Patient{index}", f"PID-SECRET-{index}"
+        dataset = wrap_image(chest_pixels(), study_uid=study_uid, patient_name=name, patient_id=patient_id)
+        dataset.AccessionNumber = accession
+        path = write_dataset(dataset, root / "in" / f"{accession}.dcm")
+        message = make_message([path])
+        outcome = analyse_study(message, classifier, classifier.intended_use(), Path(settings.worker.outbox_dir),
+                                device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+        images = [{**image, "probability": probability, "positive": finding == "POSITIVE"} for image in outcome.images]
+        received = start + timedelta(minutes=minutes)
+        store.save_result(StudyResult(
+            message_id=message.message_id, study_instance_uid=study_uid, round=1, calling_ae="CR_ROOM1",
+            modality="CR", accession_number=accession, status="analysed", finding=finding, probability=probability,
+            threshold=classifier.card.threshold, model_version=classifier.version,
+            model_sha256=classifier.card.weights_sha256, images=images, timings_ms=outcome.timings_ms,
+            received_at=received, analysed_at=received + timedelta(seconds=20)))
+        store.update_delivery(message.message_id, "pacs", status=status, attempts=1 if status == "delivered" else 5,
+                              error=None if status == "delivered" else "association rejected")
+        audit.record("analysed", message_id=message.message_id, study_uid=study_uid, finding=finding,
+                     probability=probability, model_sha256=classifier.card.weights_sha256, duration_ms=850.0,
+                     inference_ms=120.0)
+        studies[accession] = Seeded(study_uid, accession, finding, probability, status, name, patient_id)
+    analysing_uid = generate_uid()
+    store.save_result(StudyResult(
+        message_id=generate_uid(), study_instance_uid=analysing_uid, round=1, calling_ae="DX_ROOM2", modality=None,
+        accession_number=None, status="analysing", finding="PENDING", probability=None,
+        threshold=classifier.card.threshold, model_version=classifier.version,
+        model_sha256=classifier.card.weights_sha256, images=[], timings_ms={}, received_at=start))
+    studies["analysing"] = Seeded(analysing_uid, "", "PENDING", None, "analysing", "", "")
+    received_uid = generate_uid()
+    audit.record("received", study_uid=received_uid, sop_instance_uid=generate_uid(), calling_ae="CR_ROOM1")
+    studies["received"] = Seeded(received_uid, "", "PENDING", None, "received", "", "")
+    audit.configure(None)
+    return Site(settings, store, studies)
