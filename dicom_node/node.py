@@ -13,16 +13,17 @@ from collections.abc import Callable
 
 from pynetdicom import _config as pynetdicom_config
 
-from config.settings import ConfigError, Settings
 from common import audit
+from common.logs import configure_logging, log_event
+from common.spool import Spool
+from config.settings import ConfigError, Settings
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.dispatcher import Dispatcher, dispatch_until_stopped
 from dicom_node.enqueue import CeleryEnqueuer
 from dicom_node.handlers import AssociationJournal, bindings
 from dicom_node.intake import Intake
-from common.logs import configure_logging, log_event
-from common.spool import Spool
+from dicom_node.transport import start_server
 
 LOG = logging.getLogger("dicom_node")
 SWEEP_INTERVAL_S = 3600.0  # retention and stale-partial clean-up; also once at start
@@ -50,9 +51,9 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     node = settings.node
     intake = Intake(spool, tracker, ANALYSED_SOP_CLASSES)
     journal = AssociationJournal()
-    server = build_ae(node).start_server(
+    server = start_server(
+        build_ae(node),
         (node.bind_address, node.port),
-        block=False,
         ssl_context=server_ssl_context(node.tls),
         evt_handlers=list(bindings(intake, Admission(node), journal)),
     )
