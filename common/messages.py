@@ -1,11 +1,17 @@
-"""Queue contract: a sealed study round → the StudyReady message the worker's analyse_study task receives."""
+"""Queue contract: a sealed study round → the StudyReady message the worker's analyse_study task receives;
+the names of the worker's tasks and queues, so that other processes send tasks by name without
+importing the worker."""
 
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
 ANALYSE_STUDY_TASK = "lungvision.analyse_study"  # Celery task name the worker registers
+DELIVER_TASK = "lungvision.deliver"  # one round's files to one destination
+HL7_TASK = "lungvision.send_hl7"  # one analysed round's ORU^R01 to one endpoint
 QUEUE = "lungvision"  # Celery queue (a Redis list of that name with the Redis broker)
+DELIVERY_QUEUE = "lungvision.delivery"  # results (DICOM, HL7): a worker takes them first (worker/queues.py)
+TASK_ROUTES = {DELIVER_TASK: {"queue": DELIVERY_QUEUE}, HL7_TASK: {"queue": DELIVERY_QUEUE}}
 SCHEMA_VERSION = 1
 
 

@@ -29,6 +29,8 @@ from pydicom import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from common.results import GateReason  # the rules' names are shared with the store, the web and the metrics
+
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
 SECONDARY_CAPTURE_MODALITIES = {"OT", "SC", "CR", "DX"}
 SECONDARY_CAPTURE_CLASSES = {"1.2.840.10008.5.1.4.1.1.7"}  # Secondary Capture Image Storage (single frame)
@@ -48,16 +50,6 @@ class Policy(str, Enum):
 
     REFUSE = "refuse"  # not analysed, with the reason; no probability anywhere
     FLAG = "flag"  # analysed, and marked "outside intended use" with the reason
-
-
-class GateReason(str, Enum):
-    """Which rule put an image outside the intended use."""
-
-    MODALITY = "modality"
-    BODY_PART = "body_part"
-    VIEW = "view"
-    AGE = "age"
-    IMAGE_CHECK = "image_check"
 
 
 @dataclass(frozen=True)

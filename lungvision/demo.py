@@ -102,7 +102,7 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
 
     With ``keep``, 'serve' (and so the worklist) stays up after the results until SIGINT or SIGTERM.
     """
-    from worker.record import Store
+    from common.store import Store
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -142,8 +142,8 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
             probability = "" if row is None or row.probability is None else f"{row.probability:.3f}"
             finding = "(no result)" if row is None else row.finding
             seconds = f"{done[study.study_uid] - sent_at[study.study_uid]:.1f}" if study.study_uid in done else ""
-            reasons = "; ".join(image["not_analysed_reason"] for image in (row.images if row else [])
-                                if image.get("not_analysed_reason"))
+            reasons = "; ".join(image.not_analysed_reason for image in (row.images if row else [])
+                                if image.not_analysed_reason)
             print(f"{study.description:<56} {len(study.datasets):>6} {probability:>11} {finding:>12} {seconds:>7}  "
                   f"{reasons}")
         out = workdir / "var" / "out"

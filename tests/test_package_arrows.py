@@ -3,8 +3,8 @@
     lungvision (wiring: cli, serve, demo)  ->  dicom_node, worker, web, inference, common, config
     dicom_node                             ->  common, config
     worker                                 ->  inference, common, config
-    web                                    ->  common, config (+ worker, inference for now)
-    inference                              ->  config
+    web                                    ->  common, config
+    inference                              ->  common, config
     common (what the processes share)      ->  config
     config                                 ->  nothing of ours
 
@@ -24,13 +24,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     "lungvision": frozenset({"dicom_node", "worker", "web", "inference", "common", "config"}),
     "dicom_node": frozenset({"common", "config"}),
     "worker": frozenset({"inference", "common", "config"}),
-    "web": frozenset({
-        "common",
-        "config",
-        "worker",  # TODO issue 13: web -> worker goes with the typed store
-        "inference",  # TODO issue 13: web/metrics.py counts by inference.intended_use.GateReason
-    }),
-    "inference": frozenset({"config"}),
+    "web": frozenset({"common", "config"}),
+    "inference": frozenset({"common", "config"}),
     "common": frozenset({"config"}),
     "config": frozenset(),
 }

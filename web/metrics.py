@@ -16,16 +16,18 @@ worker on another host is counted as long as it writes the same trail (shared vo
 
 import bisect
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from fastapi import APIRouter
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from config.settings import Settings
-from inference.intended_use import GateReason
+from common.failures import describe_failure
+from common.results import Finding, GateAction, GateReason, Verdict
+from web.context import WebContext
 from web.worklist import AuditIndex
-from worker.deliver import describe_failure
-from worker.record import Verdict
 
 DURATION_BUCKETS_S = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 INFERENCE_BUCKETS_MS = (25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -39,19 +41,12 @@ def histogram(name: str, documentation: str, values: list[float], bounds: tuple[
     return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=sum(ordered))
 
 
-def queue_depth(settings: Settings) -> int:
-    """Messages waiting in the analysis queue (Redis list or the SQLite broker's table)."""
-    from common.messages import QUEUE
-    from worker.celery_app import app
-
-    with app.connection_for_read(settings.broker.url, connect_timeout=2) as connection:
-        connection.ensure_connection(max_retries=1)
-        return int(connection.default_channel.queue_declare(queue=QUEUE, passive=True).message_count)
-
-
 class LungVisionCollector(Collector):
-    def __init__(self, settings: Settings, audit: AuditIndex, dead_letter_count) -> None:
-        self.settings, self.audit, self.dead_letter_count = settings, audit, dead_letter_count
+    """``queue_depth`` and ``dead_letter_count`` ask the broker and the store at each scrape."""
+
+    def __init__(self, audit: AuditIndex, queue_depth: Callable[[], int],
+                 dead_letter_count: Callable[[], int]) -> None:
+        self.audit, self.queue_depth, self.dead_letter_count = audit, queue_depth, dead_letter_count
         self._failing: set[str] = set()  # sources that failed at the last scrape: logged once, not every scrape
 
     def _source_failed(self, source: str, consequence: str, error: Exception) -> None:
@@ -76,8 +71,8 @@ class LungVisionCollector(Collector):
                                   value=counts.get("queued", 0))
         analysed = CounterMetricFamily("lungvision_studies_analysed", "Study rounds analysed, by finding",
                                        labels=["finding"])
-        for finding in ("POSITIVE", "NEGATIVE", "NOT_ANALYSED"):
-            analysed.add_metric([finding], counts.get(f"analysed:{finding}", 0))
+        for finding in (Finding.POSITIVE, Finding.NEGATIVE, Finding.NOT_ANALYSED):
+            analysed.add_metric([finding.value], counts.get(f"analysed:{finding.value}", 0))
         yield analysed
         yield histogram("lungvision_task_duration_seconds", "Wall time of the analysis task per study round",
                         index.durations_s, DURATION_BUCKETS_S)
@@ -104,12 +99,13 @@ class LungVisionCollector(Collector):
                                    "Images outside the model's intended use, by gate rule; action refused (not "
                                    "analysed) or flagged (analysed and marked)", labels=["rule", "action"])
         for rule in GateReason:
-            for action in ("refused", "flagged"):
-                gate.add_metric([rule.value, action], counts.get(f"gate:{action}:{rule.value}", 0))
+            for action in GateAction:
+                key = f"gate:{action.value}:{rule.value}"
+                gate.add_metric([rule.value, action.value], counts.get(key, 0))
         yield gate
         up = 1
         try:
-            depth = queue_depth(self.settings)
+            depth = self.queue_depth()
         except Exception as error:  # the broker is down: say so (gauge and log) instead of failing the scrape
             up = 0
             self._source_failed("the broker", "lungvision_queue_depth left out and lungvision_broker_up 0", error)
@@ -128,7 +124,15 @@ class LungVisionCollector(Collector):
                                     value=dead_letters)
 
 
-def registry_for(settings: Settings, audit: AuditIndex, dead_letter_count) -> CollectorRegistry:
+def router(context: WebContext) -> APIRouter:
+    """``/metrics``: the collector over the context's audit trail, broker and dead-letter list."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LungVisionCollector(settings, audit, dead_letter_count))
-    return registry
+    registry.register(LungVisionCollector(context.worklist.audit, context.publisher.waiting,
+                                          lambda: len(context.dead_letters.list())))
+    metrics = APIRouter(include_in_schema=False)
+
+    @metrics.get("/metrics")
+    def scrape():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

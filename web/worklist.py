@@ -11,6 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +19,34 @@ from PIL import Image
 from pydicom import dcmread
 
 from common.audit import read_events
+from common.results import Finding, StudyStatus, Verdict, study_image
+from common.store import Store, StudyResult
 from config.settings import Settings
-from worker.record import OUTSIDE_USE, Store, StudyResult, Verdict
 
 log = logging.getLogger("lungvision.web.worklist")
 
-STATUSES = ("received", "queued", "requeued", "analysing", "analysed", "delivered", "failed", "not analysed",
-            "outside intended use")
-FINDINGS = ("POSITIVE", "NEGATIVE", "NOT_ANALYSED", "PENDING")
+
+class WorklistStatus(StrEnum):
+    """The status the worklist shows: the store's (common.results.StudyStatus) in words, and before the
+    store has a row, what the audit trail says."""
+
+    RECEIVED = "received"  # instances arrived, the round is not sealed yet
+    QUEUED = "queued"  # sealed and queued, no worker has it yet
+    REQUEUED = "requeued"
+    ANALYSING = "analysing"
+    ANALYSED = "analysed"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    NOT_ANALYSED = "not analysed"
+    OUTSIDE_INTENDED_USE = "outside intended use"
+
+
+SHOWN_AS = {  # what each stored status shows (see display_status for rounds without a finding)
+    StudyStatus.ANALYSING: WorklistStatus.ANALYSING, StudyStatus.REQUEUED: WorklistStatus.REQUEUED,
+    StudyStatus.ANALYSED: WorklistStatus.ANALYSED, StudyStatus.NOT_ANALYSED: WorklistStatus.NOT_ANALYSED,
+    StudyStatus.OUTSIDE_USE: WorklistStatus.OUTSIDE_INTENDED_USE,
+    StudyStatus.DELIVERED: WorklistStatus.DELIVERED, StudyStatus.FAILED: WorklistStatus.FAILED,
+}
 
 
 @dataclass
@@ -112,8 +133,8 @@ class StudyRow:
 
     study_instance_uid: str
     arrival_time: datetime
-    status: str
-    finding: str
+    status: WorklistStatus
+    finding: Finding
     message_id: str | None = None
     round: int | None = None
     accession_number: str | None = None
@@ -136,24 +157,23 @@ class StudyRow:
     def priority(self) -> tuple:
         """Sort key: positives first, then higher probability, then earlier arrival."""
         probability = -1.0 if self.probability is None else self.probability
-        return (0 if self.finding == "POSITIVE" else 1, -probability, self.arrival_time.timestamp())
+        return (0 if self.finding == Finding.POSITIVE else 1, -probability, self.arrival_time.timestamp())
 
 
 def outside_intended_use(result: StudyResult) -> bool:
-    return any(image.get("intended_use") is False for image in result.images or [])
+    return any(image.intended_use is False for image in result.images or [])
 
 
-def display_status(result: StudyResult) -> str:
-    if result.status == "analysing":
-        return "analysing"
-    if result.status == "failed":
-        return "failed"
+def display_status(result: StudyResult) -> WorklistStatus:
+    if result.status in (StudyStatus.ANALYSING, StudyStatus.FAILED):
+        return SHOWN_AS[result.status]
     # a delivery rolls the stored status up to "delivered": the refused images still say why nothing was analysed
-    if result.status == OUTSIDE_USE or (result.finding == "NOT_ANALYSED" and outside_intended_use(result)):
-        return "outside intended use"
-    if result.finding == "NOT_ANALYSED":
-        return "not analysed"
-    return result.status  # analysed (results ready, delivery pending or no destination) | delivered
+    not_analysed = result.finding == Finding.NOT_ANALYSED
+    if result.status == StudyStatus.OUTSIDE_USE or (not_analysed and outside_intended_use(result)):
+        return WorklistStatus.OUTSIDE_INTENDED_USE
+    if not_analysed:
+        return WorklistStatus.NOT_ANALYSED
+    return SHOWN_AS[result.status]  # analysed (delivery pending or no destination) | delivered | requeued
 
 
 def _aware(moment: datetime) -> datetime:
@@ -167,7 +187,7 @@ class Worklist:
         self.settings, self.store = settings, store
         self.audit = AuditIndex(Path(settings.audit.path))
 
-    def rows(self, *, status: str | None = None, finding: str | None = None) -> list[StudyRow]:
+    def rows(self, *, status: WorklistStatus | None = None, finding: Finding | None = None) -> list[StudyRow]:
         latest: dict[str, StudyResult] = {}
         for result in self.store.results():
             current = latest.get(result.study_instance_uid)
@@ -177,21 +197,22 @@ class Worklist:
         rows = [self._row(result, reviews.get(result.message_id)) for result in latest.values()]
         for arrival in self.audit.refresh().arrivals.values():
             if arrival.study_uid not in latest:
-                rows.append(StudyRow(arrival.study_uid, _aware(arrival.first_at),
-                                     "queued" if arrival.queued_at and arrival.queued_at >= arrival.last_at
-                                     else "received", "PENDING", calling_ae=arrival.calling_ae))
+                queued = arrival.queued_at is not None and arrival.queued_at >= arrival.last_at
+                status_now = WorklistStatus.QUEUED if queued else WorklistStatus.RECEIVED
+                rows.append(StudyRow(arrival.study_uid, _aware(arrival.first_at), status_now, Finding.PENDING,
+                                     calling_ae=arrival.calling_ae))
         rows = [row for row in rows if (status is None or row.status == status)
                 and (finding is None or row.finding == finding)]
         return sorted(rows, key=lambda row: row.priority)[: self.settings.web.page_size]
 
     def _row(self, result: StudyResult, review: Verdict | None) -> StudyRow:
-        image = study_image(result) or {}
+        image = study_image(result.images or [])
         return StudyRow(result.study_instance_uid, _aware(result.received_at), display_status(result), result.finding,
                         message_id=result.message_id, round=result.round, accession_number=result.accession_number,
                         modality=result.modality, calling_ae=result.calling_ae, probability=result.probability,
-                        threshold=result.threshold, population=image.get("population"),
-                        operating_point=image.get("operating_point"), has_heatmap=top_sc_uid(result) is not None,
-                        result=result, review=review)
+                        threshold=result.threshold, population=image.population if image else None,
+                        operating_point=image.operating_point if image else None,
+                        has_heatmap=top_sc_uid(result) is not None, result=result, review=review)
 
     def row(self, study_uid: str) -> StudyRow | None:
         """The worklist row of one study (its latest round), or None."""
@@ -209,17 +230,10 @@ class Worklist:
         return Path(self.settings.worker.outbox_dir) / study_uid / f"{sop_instance_uid}.dcm"
 
 
-def study_image(result: StudyResult) -> dict | None:
-    """The stored analysed image the study's finding comes from — positive first, then the highest
-    probability, as the worker chose it — or None when no image was analysed."""
-    analysed = [image for image in result.images or [] if image.get("probability") is not None]
-    return max(analysed, key=lambda image: (bool(image.get("positive")), image["probability"])) if analysed else None
-
-
 def top_sc_uid(result: StudyResult) -> str | None:
     """The heatmap SC of the image the study's finding comes from."""
-    image = study_image(result)
-    return None if image is None else image.get("sc_uid")
+    image = study_image(result.images or [])
+    return None if image is None else image.sc_uid
 
 
 def patient_fields(outbox: Path, result: StudyResult | None) -> dict[str, str] | None:
@@ -228,7 +242,7 @@ def patient_fields(outbox: Path, result: StudyResult | None) -> dict[str, str] |
         return None
     folder = Path(outbox) / result.study_instance_uid
     for image in result.images or []:
-        for uid in (image.get("sr_uid"), image.get("sc_uid")):
+        for uid in (image.sr_uid, image.sc_uid):
             path = folder / f"{uid}.dcm"
             if uid and path.exists():
                 dataset = dcmread(path, stop_before_pixels=True,

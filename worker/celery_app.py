@@ -5,10 +5,10 @@ from celery.signals import (after_setup_logger, after_setup_task_logger, worker_
                             worker_shutdown)
 
 from common import audit, logfilter
-from common.messages import QUEUE
+from common.messages import QUEUE, TASK_ROUTES
 from config.settings import Settings, load_settings
 from worker.deliver import close_association_pool
-from worker.queues import TASK_ROUTES, worker_broker
+from worker.queues import worker_broker
 
 app = Celery("lungvision", include=["worker.tasks"])
 app.conf.update(

@@ -11,7 +11,7 @@ def worklist_labels(settings: Settings,
                     weights_sha256: str) -> tuple[list[int], list[float], list[str | None], dict[str, int]]:
     """Labels, raw logits and populations of the studies radiologists marked agree/disagree in the
     worklist (for ``calibrate --from-worklist`` and ``evaluate --from-worklist``)."""
-    from worker.record import Store
+    from common.store import Store
     from worker.review import reviewed_scores
 
     scores = reviewed_scores(Store(settings.store.url), weights_sha256)
@@ -48,13 +48,13 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     app.add_typer(jobs, name="jobs")
 
     def dead_letters():
-        from worker.celery_app import configure
-        from worker.deliver import dead_letters_for
-        from worker.tasks import store
+        from common import audit
+        from common.dead_letters import DeadLetters
+        from common.store import Store
 
         settings = get_settings()
-        configure(settings)
-        return dead_letters_for(settings, store())
+        audit.configure(settings.audit.path)  # replays are audited
+        return DeadLetters(Store(settings.store.url))
 
     @jobs.command("failed")
     def failed() -> None:
@@ -70,12 +70,13 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
     @jobs.command("retry")
     def retry(job_id: str = typer.Argument(..., help="id shown by 'lungvision jobs failed'")) -> None:
         """Replay one dead letter (analysis or delivery) with a fresh set of attempts."""
-        from worker.celery_app import configure
-        from worker.tasks import replay_dead_letter
+        from common.publisher import Publisher
 
-        settings = get_settings()
-        configure(settings)
-        letter = replay_dead_letter(settings, job_id)
+        publisher = Publisher(get_settings().broker.url)
+        try:
+            letter = dead_letters().replay(job_id, publisher)
+        finally:
+            publisher.close()
         if letter is None:
             typer.echo(f"error: no failed job with id {job_id!r} (see 'lungvision jobs failed')", err=True)
             raise typer.Exit(2)
@@ -86,8 +87,8 @@ def prepare_store(settings: Settings) -> None:
     """Create the outcome store's tables once, in the worker's main process before it forks its pool
     (children creating them at once on a fresh SQLite file failed), and move dead letters that earlier
     versions kept in Redis into the store."""
+    from common.store import Store
     from worker.deliver import move_legacy_dead_letters
-    from worker.record import Store
 
     store = Store(settings.store.url)
     try:

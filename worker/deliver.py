@@ -1,44 +1,49 @@
 """Delivery — a study's result files go to the destinations its routing rules choose; failures are
-retried with exponential back-off and jitter, and the last failure lands on a dead-letter list (in the
-outcome store), beside the analyses that failed.
+retried with exponential back-off and jitter, and the last failure lands on the dead-letter list
+(common/dead_letters.py, in the outcome store), beside the analyses that failed.
 
 Deliveries have a queue of their own, taken before the analysis queue (worker/queues.py), and each
 worker process keeps its associations to DICOM destinations open for a few idle seconds
 (``delivery.association_idle_s``), so a burst of studies shares one association set-up."""
 
-import json
 import logging
 import os
 import random
 import shutil
-import traceback
-import uuid
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from enum import StrEnum
 from pathlib import Path
 
 import redis
 from pydicom import dcmread
 
+from common.results import Finding, StudyStatus
 from common.scu import AssociationPool, ClientTls, Destination, Timeouts, send_datasets
+from common.store import Store, StudyResult
 from config.settings import DestinationSettings, RoutingRule, Settings
-from worker.record import OUTSIDE_USE, Store, StudyResult
 
-DELIVER_TASK = "lungvision.deliver"  # Celery task name: one round's files to one destination
-ANALYSIS_STAGE = "(analysis)"  # what an analysis dead letter shows where a delivery names its destination
 log = logging.getLogger("lungvision.worker")
 
 
-def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: str,
-                        status: str = "analysed") -> list[str]:
+class RouteResult(StrEnum):
+    """The ``result`` a routing rule names (config's ``RoutingRule.result``)."""
+
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    NOT_ANALYSED = "not_analysed"
+    OUTSIDE_INTENDED_USE = "outside_intended_use"
+
+
+def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: Finding,
+                        status: StudyStatus = StudyStatus.ANALYSED) -> list[str]:
     """Names of the destinations for one study: every destination when no rule is configured,
     else the union of the destinations of the rules that match. A study the intended-use gate
     refused matches rules for ``not_analysed`` and for ``outside_intended_use``."""
     if not settings.routing:
         return [destination.name for destination in settings.destinations]
-    results = {{"POSITIVE": "positive", "NEGATIVE": "negative"}.get(finding, "not_analysed")}
-    if status == OUTSIDE_USE:
-        results.add("outside_intended_use")
+    results = {{Finding.POSITIVE: RouteResult.POSITIVE, Finding.NEGATIVE: RouteResult.NEGATIVE}.get(
+        finding, RouteResult.NOT_ANALYSED)}
+    if status == StudyStatus.OUTSIDE_USE:
+        results.add(RouteResult.OUTSIDE_INTENDED_USE)
     chosen: list[str] = []
     for rule in settings.routing:
         if any(_matches(rule, calling_ae, modalities, result) for result in results):
@@ -46,7 +51,7 @@ def choose_destinations(settings: Settings, *, calling_ae: str | None, modalitie
     return chosen
 
 
-def _matches(rule: RoutingRule, calling_ae: str | None, modalities: set[str], result: str) -> bool:
+def _matches(rule: RoutingRule, calling_ae: str | None, modalities: set[str], result: RouteResult) -> bool:
     return ((rule.calling_ae is None or rule.calling_ae == calling_ae)
             and (rule.modality is None or rule.modality in modalities)
             and (rule.result is None or rule.result == result))
@@ -117,22 +122,7 @@ os.register_at_fork(after_in_child=_forget_parent_pool)
 def output_files(outbox: Path, result: StudyResult) -> list[Path]:
     """The SC and SR files of an analysed round in the outbox, in the order the analysis wrote them."""
     return [Path(outbox) / result.study_instance_uid / f"{uid}.dcm"
-            for image in result.images or [] for uid in (image.get("sc_uid"), image.get("sr_uid")) if uid]
-
-
-def describe_failure(error: BaseException) -> str:
-    """What went wrong, for the store, the audit trail and the logs: the exception's type and the code
-    line that raised it — never its message, which may quote a DICOM value (a patient's name) — plus the
-    operating system's words for an OSError ("No space left on device")."""
-    frames = traceback.extract_tb(error.__traceback__)
-    where = ""
-    if frames:
-        frame = frames[-1]
-        where = f" in {'/'.join(Path(frame.filename).parts[-2:])}:{frame.lineno} ({frame.name})"
-    kind = type(error)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    detail = f": {error.strerror}" if isinstance(error, OSError) and error.strerror else ""
-    return f"{name}{where}{detail}"
+            for image in result.images or [] for uid in image.output_uids]
 
 
 def copy_to_folder(folder: Path, files: list[Path]) -> None:
@@ -144,71 +134,6 @@ def copy_to_folder(folder: Path, files: list[Path]) -> None:
         partial = target.with_suffix(".partial")
         shutil.copyfile(source, partial)
         partial.replace(target)
-
-
-@dataclass(frozen=True)
-class DeliveryJob:
-    """One study round's files for one destination — the argument of the delivery task."""
-
-    message_id: str
-    study_instance_uid: str
-    destination: str
-    files: list[str]
-
-
-@dataclass(frozen=True)
-class AnalysisJob:
-    """A study round whose analysis failed: its queued message, to analyse it again."""
-
-    message_id: str
-    study_instance_uid: str
-    message: dict  # the StudyReady message as JSON
-
-    @property
-    def destination(self) -> str:
-        """Listings show dead letters by destination; an analysis has none, so they say "(analysis)"."""
-        return ANALYSIS_STAGE
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A delivery that used up its attempts, or an analysis that failed."""
-
-    id: str
-    job: DeliveryJob | AnalysisJob
-    error: str
-    attempts: int
-    failed_at: str
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "kind": "analysis" if isinstance(self.job, AnalysisJob) else "delivery"})
-
-
-class StoreDeadLetters:
-    """The dead-letter list, in the outcome store whatever the broker (a broker restart cannot erase it)."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def add(self, job: DeliveryJob, error: str, attempts: int) -> DeadLetter:
-        letter = new_dead_letter(job, error, attempts)
-        self.store.put_dead_letter(letter.id, letter.to_json())
-        return letter
-
-    def list(self) -> list[DeadLetter]:
-        """All dead letters, oldest first."""
-        return sorted((_letter(json.loads(raw)) for raw in self.store.dead_letters()), key=lambda l: l.failed_at)
-
-    def take(self, letter_id: str) -> DeadLetter | None:
-        """Remove and return one dead letter (None if there is no such id)."""
-        raw = self.store.take_dead_letter(letter_id)
-        return None if raw is None else _letter(json.loads(raw))
-
-
-def dead_letters_for(settings: Settings, store: Store) -> StoreDeadLetters:
-    """The dead-letter list: always the outcome store, whatever the broker (``settings`` is unused; kept
-    for the callers)."""
-    return StoreDeadLetters(store)
 
 
 def move_legacy_dead_letters(settings: Settings, store: Store) -> int:
@@ -232,14 +157,3 @@ def move_legacy_dead_letters(settings: Settings, store: Store) -> int:
     if legacy:
         log.info("moved %d dead letter(s) from the Redis hash %s to the outcome store", len(legacy), key)
     return len(legacy)
-
-
-def new_dead_letter(job: DeliveryJob | AnalysisJob, error: str, attempts: int) -> DeadLetter:
-    """A dead letter with a fresh short id, stamped now."""
-    return DeadLetter(uuid.uuid4().hex[:12], job, error, attempts, datetime.now(timezone.utc).isoformat())
-
-
-def _letter(data: dict) -> DeadLetter:
-    kind = data.pop("kind", "delivery")  # records of earlier versions have no kind: they are deliveries
-    job = AnalysisJob(**data["job"]) if kind == "analysis" else DeliveryJob(**data["job"])
-    return DeadLetter(**{**data, "job": job})

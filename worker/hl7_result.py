@@ -20,9 +20,9 @@ from pathlib import Path
 import hl7
 from pydicom import dcmread
 
+from common.results import Finding
 from config.settings import Hl7Endpoint, Hl7Settings
 
-HL7_TASK = "lungvision.send_hl7"  # Celery task name: one analysed round's ORU^R01 to one endpoint
 START_BLOCK, END_BLOCK, CARRIAGE_RETURN = b"\x0b", b"\x1c", b"\x0d"
 # PID-5 is required in v2.5. When the name is withheld (or the image has none) it carries this
 # pseudo-name, name type S ("coded pseudo-name to assure anonymity", HL7 table 0200) — not the HL7
@@ -52,7 +52,7 @@ class Hl7Job:
     message_id: str
     endpoint: str
     study_instance_uid: str
-    finding: str  # POSITIVE | NEGATIVE | NOT_ANALYSED
+    finding: Finding
     probability: float | None  # None when not analysed
     threshold: float
     model_version: str
@@ -62,6 +62,9 @@ class Hl7Job:
     output_uids: list[str] = field(default_factory=list)  # SR and SC SOP Instance UIDs in the outbox
     operating_point: str = "shipped"  # OperatingPoint.name: "shipped / children", "site profile <id> / adults"
     remark: str | None = None  # why not analysed, or why the result is outside the intended use
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "finding", Finding(self.finding))  # a plain string after the queue's JSON
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
     def field(*components: str) -> str:
         return "^".join(escape(component) for component in components).rstrip("^")  # no empty trailing parts
 
-    positive = job.finding == "POSITIVE"
+    positive = job.finding is Finding.POSITIVE
     analysed = job.probability is not None
     flag = ("A" if positive else "N") if analysed else ""
     observed = _hl7_time(datetime.fromisoformat(job.analysed_at))

@@ -13,6 +13,7 @@ from pydicom import Dataset, dcmread, dcmwrite
 
 from common.durable import fsync_dir
 from common.messages import StudyReady
+from common.results import Finding, GateAction, ImageResult, StudyStatus
 from common.uids import derived_uid, output_instance_uid, output_series_uid
 from inference.classifier import Classifier, Prediction
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
@@ -24,7 +25,6 @@ from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import ImageFinding, build_findings_sr
 from worker.encode.heatmap_sc import build_heatmap_sc
 from worker.encode.source_header import instance_number
-from worker.record import OUTSIDE_USE
 from worker.select import select
 
 SC_SERIES_NUMBER = 9901
@@ -38,7 +38,7 @@ class StudyOutcome:
     message: StudyReady
     findings: list[ImageFinding]
     files: list[Path]
-    images: list[dict]
+    images: list[ImageResult]
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -53,22 +53,41 @@ class StudyOutcome:
         return None if top is None else top.operating_point
 
     @property
+    def probability(self) -> float | None:
+        """The study's probability: its finding's image's; None when nothing was analysed."""
+        top = self.top
+        return None if top is None else top.probability
+
+    @property
+    def modality(self) -> str | None:
+        """The Modality of the round's first image (None: empty)."""
+        return str(self.findings[0].source.get("Modality", "")) or None
+
+    @property
+    def accession_number(self) -> str | None:
+        """The Accession Number of the round's first image (None: empty)."""
+        return str(self.findings[0].source.get("AccessionNumber", "")) or None
+
+    @property
     def output_uids(self) -> list[str]:
         """SOP Instance UIDs of the SCs and SRs this round produced, image by image."""
-        return [uid for image in self.images for uid in (image["sc_uid"], image["sr_uid"]) if uid]
+        return [uid for image in self.images for uid in image.output_uids]
 
     @property
-    def finding(self) -> str:
+    def finding(self) -> Finding:
         """POSITIVE, NEGATIVE, or NOT_ANALYSED when no image could be analysed."""
         top = self.top
-        return "NOT_ANALYSED" if top is None else ("POSITIVE" if top.positive else "NEGATIVE")
+        if top is None:
+            return Finding.NOT_ANALYSED
+        return Finding.POSITIVE if top.positive else Finding.NEGATIVE
 
     @property
-    def status(self) -> str:
-        """analysed; outside_use when no image was analysed and the gate refused one; else not_analysed."""
+    def status(self) -> StudyStatus:
+        """Analysed; outside use when no image was analysed and the gate refused one; else not analysed."""
         if self.top is not None:
-            return "analysed"
-        return OUTSIDE_USE if any(f.gate is not None for f in self.findings) else "not_analysed"
+            return StudyStatus.ANALYSED
+        refused = any(finding.gate is not None for finding in self.findings)
+        return StudyStatus.OUTSIDE_USE if refused else StudyStatus.NOT_ANALYSED
 
     @property
     def remark(self) -> str | None:
@@ -80,10 +99,10 @@ class StudyOutcome:
 
     def gate_counts(self) -> dict[str, dict[str, int]]:
         """How many images the intended-use gate refused or flagged, by rule (for audit and metrics)."""
-        counts: dict[str, dict[str, int]] = {"refused": {}, "flagged": {}}
+        counts: dict[str, dict[str, int]] = {action.value: {} for action in GateAction}
         for finding in self.findings:
             if finding.gate is not None:
-                kind = counts["flagged" if finding.analysed else "refused"]
+                kind = counts[GateAction.FLAGGED if finding.analysed else GateAction.REFUSED]
                 kind[finding.gate.reason.value] = kind.get(finding.gate.reason.value, 0) + 1
         return counts
 
@@ -187,7 +206,7 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
 
     top = study_finding(findings)
     outputs: list[Dataset] = []
-    images: list[dict] = []
+    images: list[ImageResult] = []
     for index, finding in enumerate(findings):
         # an image not analysed names the point of the study's finding, or the first population's
         point = finding.operating_point or (top.operating_point if top else classifier.operating_point)
@@ -204,18 +223,19 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
     return StudyOutcome(message, findings, files, images, watch.timings)
 
 
-def image_record(finding: ImageFinding, sr: Dataset) -> dict:
+def image_record(finding: ImageFinding, sr: Dataset) -> ImageResult:
     """What the store keeps about one source image (no patient data); population, operating point and
     threshold are None for an image not analysed."""
-    point = finding.operating_point
-    return {"sop_instance_uid": str(finding.source.SOPInstanceUID), "probability": finding.probability,
-            "positive": finding.positive, "logit": finding.logit, "not_analysed_reason": finding.not_analysed_reason,
-            "intended_use": finding.gate is None, "gate_reason": finding.gate.reason.value if finding.gate else None,
-            "gate_text": finding.gate.text if finding.gate else None,
-            "population": point.population if point else None, "operating_point": point.name if point else None,
-            "threshold": point.threshold if point else None,
-            "sc_uid": str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
-            "sr_uid": str(sr.SOPInstanceUID)}
+    point, gate = finding.operating_point, finding.gate
+    return ImageResult(
+        sop_instance_uid=str(finding.source.SOPInstanceUID), probability=finding.probability,
+        positive=finding.positive, logit=finding.logit, not_analysed_reason=finding.not_analysed_reason,
+        intended_use=gate is None, gate_reason=gate.reason if gate else None,
+        gate_text=gate.text if gate else None,
+        population=point.population if point else None, operating_point=point.name if point else None,
+        threshold=point.threshold if point else None,
+        sc_uid=str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
+        sr_uid=str(sr.SOPInstanceUID))
 
 
 def write_outputs(datasets: list[Dataset], folder: Path) -> list[Path]:

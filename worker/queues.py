@@ -13,13 +13,10 @@ from queue import Empty
 
 from kombu.transport import sqlalchemy
 
+from common.messages import DELIVERY_QUEUE
 from common.messages import QUEUE as ANALYSIS_QUEUE
-from worker.deliver import DELIVER_TASK
-from worker.hl7_result import HL7_TASK
 
-DELIVERY_QUEUE = "lungvision.delivery"
 CONSUMED_QUEUES = (DELIVERY_QUEUE, ANALYSIS_QUEUE)  # what a worker takes from, first things first
-TASK_ROUTES = {DELIVER_TASK: {"queue": DELIVERY_QUEUE}, HL7_TASK: {"queue": DELIVERY_QUEUE}}
 SQLALCHEMY_PREFIXES = ("sqla+", "sqlalchemy+")  # kombu's URL prefixes of its SQLAlchemy transport
 IN_ORDER_TRANSPORT = f"{__name__}:InOrderTransport"
 

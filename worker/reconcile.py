@@ -38,20 +38,19 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 
-from celery import Celery
-from kombu.exceptions import OperationalError
-
 from common import audit, logfilter
-from common.messages import ANALYSE_STUDY_TASK, QUEUE, BrokerUnavailable, StudyReady
+from common.dead_letters import DeliveryJob
+from common.failures import describe_failure
+from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, BrokerUnavailable, StudyReady
+from common.publisher import Publisher
+from common.results import FINAL_STATUSES, StudyStatus
 from common.spool import QueuedRound, Spool
+from common.store import Delivery, RoundState, Store, StudyResult
 from config.settings import DEFAULTS_FILE, ConfigError, Settings, load_settings
-from worker.deliver import DELIVER_TASK, DeliveryJob, describe_failure, output_files
-from worker.queues import TASK_ROUTES
-from worker.record import FINAL_STATUSES, Delivery, RoundState, Store, StudyResult, StudyStatus
+from worker.deliver import output_files
 
 log = logging.getLogger("lungvision.reconcile")
 CLAIM_TRIES = 3  # a claim lost to another process is re-read and decided again this often
-SEND_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 STOP_TIMEOUT_S = 10.0
 
 
@@ -203,27 +202,6 @@ def claim_round(store: Store, placeholder: StudyResult, limits: Limits, *, clock
 
 
 # --- the sweeper -----------------------------------------------------------------------------------
-
-
-class Publisher:
-    """Sends tasks by name, as the node does: no worker code (torch) in the sweeper, no result backend."""
-
-    def __init__(self, broker_url: str, connection_timeout_s: float = 5.0) -> None:
-        self._app = Celery("lungvision-reconcile", broker=broker_url, set_as_current=False)
-        self._app.conf.update(task_serializer="json", accept_content=["json"],
-                              broker_connection_timeout=connection_timeout_s,
-                              task_default_queue=QUEUE, task_routes=TASK_ROUTES)  # deliveries: to their own queue
-
-    def send(self, task_name: str, args: list, *, task_id: str, retries: int = 0) -> None:
-        """Publish one task on its queue (worker/queues.py). Raises BrokerUnavailable."""
-        try:
-            self._app.send_task(task_name, args=args, task_id=task_id, retries=retries, retry=True,
-                                retry_policy=SEND_RETRY_POLICY)
-        except OperationalError as error:
-            raise BrokerUnavailable(str(error)) from error
-
-    def close(self) -> None:
-        self._app.close()
 
 
 @dataclass

@@ -1,407 +1,152 @@
-"""Record — each study's outcome, each delivery, each dead letter and each reviewer's verdict become
-rows in a small SQL store (no patient names, ids or birth dates). SQLite by default; any SQLAlchemy URL
-(e.g. PostgreSQL) works. The worklist reads it; the reconciliation (worker/reconcile.py) compares it
-with the rounds the node queued."""
+"""Record — each outcome the worker reaches is kept in three places: a row in the outcome store
+(common/store.py), an event in the audit trail and a line in the log (none holds patient data). Each
+outcome has one function here that writes all three: a study round analysed or failed, a delivery
+sent, retried or given up, an HL7 result sent, retried or given up. The store row of a study round is
+built in one place, :func:`study_result`."""
 
-import enum
 import logging
-from collections.abc import Iterable
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import JSON, DateTime, Enum, Float, Integer, String, Text, create_engine, select, update
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DatabaseError, IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from common import audit
+from common.dead_letters import AnalysisJob, DeadLetter, DeadLetters, DeliveryJob, new_dead_letter
+from common.messages import StudyReady
+from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
+from common.store import Store, StudyResult
+from inference.classifier import Classifier
+from inference.site_profile import OperatingPoint
+from worker.hl7_result import Hl7Job
+from worker.pipeline import StudyOutcome
 
-log = logging.getLogger("lungvision.store")
-
-OUTSIDE_USE = "outside_use"  # StudyResult.status of a round whose images the intended-use gate refused
-
-
-class StudyStatus(enum.StrEnum):
-    """``StudyResult.status``: where one study round stands."""
-
-    ANALYSING = "analysing"  # a worker process is analysing it (placeholder row written when it starts)
-    REQUEUED = "requeued"  # an operator replayed its failed analysis: queued again, no worker has it yet
-    ANALYSED = "analysed"  # results written; deliveries pending, or no destination
-    NOT_ANALYSED = "not_analysed"  # no image could be analysed (each image's reason is in ``images``)
-    OUTSIDE_USE = OUTSIDE_USE  # no image analysed: the intended-use gate refused them
-    DELIVERED = "delivered"  # every destination has the results
-    FAILED = "failed"  # the analysis failed, or a delivery ran out of attempts (both are dead letters)
-
-
-# A round with one of these statuses is done: the analysis task skips it, the sweeper leaves it alone.
-FINAL_STATUSES = frozenset({StudyStatus.ANALYSED, StudyStatus.NOT_ANALYSED, StudyStatus.OUTSIDE_USE,
-                            StudyStatus.DELIVERED, StudyStatus.FAILED})
-
-
-class DeliveryStatus(enum.StrEnum):
-    """``Delivery.status``: where sending one round's outputs to one destination stands."""
-
-    PENDING = "pending"  # queued, not tried yet
-    RETRYING = "retrying"  # an attempt failed transiently; the next one waits its back-off delay
-    DELIVERED = "delivered"
-    FAILED = "failed"  # dead-lettered
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class StudyResult(Base):
-    """One analysed study round: what the model found and what was produced."""
-
-    __tablename__ = "study_results"
-
-    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    round: Mapped[int] = mapped_column(Integer)
-    calling_ae: Mapped[str | None] = mapped_column(String(16))
-    modality: Mapped[str | None] = mapped_column(String(16))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))  # a StudyStatus
-    finding: Mapped[str] = mapped_column(String(16))  # POSITIVE | NEGATIVE | NOT_ANALYSED
-    probability: Mapped[float | None] = mapped_column(Float)  # study level: the highest image probability
-    threshold: Mapped[float] = mapped_column(Float)
-    model_version: Mapped[str] = mapped_column(String(64))
-    model_sha256: Mapped[str] = mapped_column(String(64))
-    images: Mapped[list] = mapped_column(JSON)  # per image: source UID, probability or reason, SC/SR UIDs
-    timings_ms: Mapped[dict] = mapped_column(JSON)
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    analysed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class Delivery(Base):
-    """The state of sending one study round's outputs to one destination."""
-
-    __tablename__ = "deliveries"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    message_id: Mapped[str] = mapped_column(String(64), index=True)
-    destination: Mapped[str] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16))  # a DeliveryStatus
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    last_error: Mapped[str | None] = mapped_column(String(512))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-
-
-class DeadLetterRow(Base):
-    """A delivery that used up its attempts, or an analysis that failed (``lungvision jobs failed``).
-    Kept here, never in the broker, so that a broker losing its data cannot erase them."""
-
-    __tablename__ = "dead_letters"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    record: Mapped[str] = mapped_column(Text)
-
-
-class RoundAttempt(Base):
-    """How often a queued study round was started and re-sent — what tells a round being analysed right
-    now from one whose worker died or whose message the broker lost (see worker/reconcile.py)."""
-
-    __tablename__ = "round_attempts"
-
-    message_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # analysis starts, a start after a crash included
-    owner: Mapped[str | None] = mapped_column(String(128))  # "host/pid-namespace/pid" of the latest start
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # the latest start
-    requeues: Mapped[int] = mapped_column(Integer, default=0)  # times its message was sent again
-    requeued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # the latest re-send
+log = logging.getLogger("lungvision.worker")
+MODEL_UNAVAILABLE = "unavailable"  # model version of a failed round when the model itself could not be loaded
+AUDITED_REASON_CHARS = 300  # a delivery's error in the audit trail (the store keeps 512)
 
 
 @dataclass(frozen=True)
-class RoundState:
-    """One round as the store knows it: its status (None = no outcome yet) and its attempt record.
-    Times are POSIX seconds; ``attempts`` and ``requeues`` also version the record for the
-    conditional updates that keep two processes from claiming or re-sending a round twice."""
+class Model:
+    """The model an outcome names."""
 
-    status: str | None = None
-    attempts: int = 0
-    owner: str | None = None
-    started_at: float | None = None
-    requeues: int = 0
-    requeued_at: float | None = None
+    version: str
+    sha256: str
+    point: OperatingPoint | None  # the first population's; None: the model could not be loaded
 
+    @classmethod
+    def of(cls, classifier: Classifier | None) -> "Model":
+        """``classifier``'s identity; None when loading the model was what failed."""
+        if classifier is None:
+            return cls(MODEL_UNAVAILABLE, "", None)
+        return cls(classifier.version, classifier.card.weights_sha256, classifier.operating_point)
 
-class Verdict(str, enum.Enum):
-    """A reviewer's judgement of a study's finding."""
-
-    AGREE = "agree"
-    DISAGREE = "disagree"
-
-
-REVIEWABLE_FINDINGS = ("POSITIVE", "NEGATIVE")  # a finding the model actually made
+    def point_for(self, analysis: StudyOutcome | None) -> OperatingPoint | None:
+        """The operating point a round is shown at: its finding's image's population's; with no finding,
+        the first population's."""
+        return (analysis.operating_point if analysis is not None else None) or self.point
 
 
-class Review(Base):
-    """The current verdict of a reviewer on one study round's finding (one row per round)."""
-
-    __tablename__ = "reviews"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    message_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    verdict: Mapped[Verdict] = mapped_column(Enum(Verdict, native_enum=False, length=16, validate_strings=True,
-                                                  values_callable=lambda kind: [member.value for member in kind]))
-    reviewer: Mapped[str] = mapped_column(String(64))  # the web sign-in user name
-    finding: Mapped[str] = mapped_column(String(16))  # the round's finding when it was reviewed
-    model_sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-SQLITE_BUSY_TIMEOUT_S = 30  # a SQLite writer waits this long for another process's write (pysqlite: 5 s)
-SCHEMA_TRIES = 3
-_IN_CHUNK = 500  # message ids per "IN (...)" query
+def study_result(ready: StudyReady, model: Model, *, analysis: StudyOutcome | None = None,
+                 failure: str | None = None) -> StudyResult:
+    """The store row of a study round: analysed (``analysis``), failed (``failure``: why), else analysing."""
+    point = model.point_for(analysis)
+    if analysis is not None:
+        status, finding, images = analysis.status, analysis.finding, analysis.images
+    elif failure is not None:
+        status, finding, images = StudyStatus.FAILED, Finding.NOT_ANALYSED, [ImageResult(error=failure)]
+    else:
+        status, finding, images = StudyStatus.ANALYSING, Finding.PENDING, []
+    return StudyResult(
+        message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
+        calling_ae=ready.calling_ae, modality=analysis.modality if analysis else None,
+        accession_number=analysis.accession_number if analysis else None, status=status, finding=finding,
+        probability=analysis.probability if analysis else None, threshold=point.threshold if point else 0.0,
+        model_version=model.version, model_sha256=model.sha256, images=images,
+        timings_ms=analysis.timings_ms if analysis else {}, received_at=ready.first_received_at)
 
 
-def create_schema(engine: Engine) -> None:
-    """Create the missing tables. Two processes doing it at once on a fresh database collide (SQLite:
-    "table study_results already exists"); the loser tries again and then finds the tables there.
-    The worker creates them once before it forks its pool (worker/commands.py), so its processes
-    do not race; node, web and worker starting together still may."""
-    for attempt in range(1, SCHEMA_TRIES + 1):
-        try:
-            Base.metadata.create_all(engine)
-            return
-        except DatabaseError as error:
-            if attempt == SCHEMA_TRIES:
-                raise
-            log.warning("creating the store's tables collided with another process (%s); trying again",
-                        type(error).__name__)
+def record_analysed(store: Store, ready: StudyReady, model: Model, analysis: StudyOutcome,
+                    destinations: list[str], *, shadow_mode: bool, started: float) -> None:
+    """An analysed round (findings, or why none): its row with a pending delivery per destination, an
+    "analysed" event (finding, model, gate counts, outputs, timings; ``started``: the analysis's
+    ``time.perf_counter()``) and an info line."""
+    result = study_result(ready, model, analysis=analysis)
+    store.save_outcome(result, destinations)
+    audit.record("analysed", message_id=ready.message_id, study_uid=ready.study_instance_uid,
+                 round=ready.round, calling_ae=ready.calling_ae, finding=analysis.finding,
+                 probability=result.probability, model_version=model.version, model_sha256=model.sha256,
+                 status=analysis.status,
+                 operating_point=model.point_for(analysis).name, outside_intended_use=analysis.gate_counts(),
+                 shadow_mode=shadow_mode, instances=[image.sop_instance_uid for image in analysis.images],
+                 outputs=analysis.output_uids, destinations=destinations,
+                 duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                 inference_ms=round(analysis.timings_ms.get("model_heatmap", 0.0), 1))
+    log.info("study round %s analysed: %s (%d images, %d outputs) → %s", ready.message_id, analysis.finding,
+             len(analysis.findings), len(analysis.files), ", ".join(destinations) or "no destination")
 
 
-def _posix(moment: datetime | None) -> float | None:
-    """POSIX seconds of a stored time (SQLite gives times back without their UTC zone)."""
-    if moment is None:
+def record_analysis_failure(store: Store, ready: StudyReady, model: Model, reason: str,
+                            error: BaseException | None = None) -> DeadLetter | None:
+    """A round whose analysis failed: its row (failed, with ``reason``) and a dead letter to replay it,
+    a "failed" event and an error line — unless another attempt already recorded a final outcome (None,
+    and a warning line). If the store itself fails here, the exception propagates and the sweeper sends
+    the round again later."""
+    job = AnalysisJob(ready.message_id, ready.study_instance_uid, ready.model_dump(mode="json"))
+    letter = new_dead_letter(job, reason, attempts=1)
+    if not store.record_failure(study_result(ready, model, failure=reason), letter.id, letter.to_json()):
+        log.warning("study round %s: an analysis attempt failed (%s), but another one recorded the outcome; "
+                    "kept it", ready.message_id, reason)
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    audit.record("failed", stage="analysis", message_id=ready.message_id, study_uid=ready.study_instance_uid,
+                 round=ready.round, model_sha256=model.sha256 or None, outcome=reason, final=True,
+                 dead_letter=letter.id)
+    # with the traceback: lungvision.logfilter keeps its frames and redacts the exception's message
+    log.error("study round %s: analysis failed, recorded as failed and dead-lettered as %s: %s",
+              ready.message_id, letter.id, reason, exc_info=error)
+    return letter
 
 
-def _chunks(items: list[str]) -> Iterable[list[str]]:
-    for start in range(0, len(items), _IN_CHUNK):
-        yield items[start:start + _IN_CHUNK]
+def record_delivery(store: Store, job: DeliveryJob, status: DeliveryStatus, attempt: int, *,
+                    reason: str | None = None, retry_in_s: float | None = None) -> None:
+    """One attempt to send a round's files to one destination: delivered, retrying (in ``retry_in_s``) or
+    failed for good (dead-lettered with ``reason``) — the delivery's row, a "delivered" or "failed" event
+    and a log line."""
+    letter = None
+    if status is DeliveryStatus.FAILED:
+        letter = DeadLetters(store).add(new_dead_letter(job, reason, attempt))
+    store.update_delivery(job.message_id, job.destination, status=status, attempts=attempt, error=reason)
+    result = store.result(job.message_id)
+    event = dict(message_id=job.message_id, study_uid=job.study_instance_uid, destination=job.destination,
+                 attempts=attempt, model_sha256=None if result is None else result.model_sha256)
+    if status is DeliveryStatus.DELIVERED:
+        audit.record("delivered", **event, outcome="success", outputs=[Path(name).stem for name in job.files])
+        log.info("delivered %s to %s (%d objects, attempt %d)", job.message_id, job.destination,
+                 len(job.files), attempt)
+    elif status is DeliveryStatus.RETRYING:
+        audit.record("failed", stage="delivery", **event, outcome=reason[:AUDITED_REASON_CHARS], final=False,
+                     retry_in_s=round(retry_in_s, 1))
+        log.warning("delivery of %s to %s failed (attempt %d), retry in %.0f s: %s", job.message_id,
+                    job.destination, attempt, retry_in_s, reason)
+    else:
+        audit.record("failed", stage="delivery", **event, outcome=reason[:AUDITED_REASON_CHARS], final=True,
+                     dead_letter=letter.id)
+        log.error("delivery of %s to %s dead-lettered as %s after %d attempt(s): %s", job.message_id,
+                  job.destination, letter.id, attempt, reason)
 
 
-class Store:
-    """The outcome store; creates its tables on first use."""
-
-    def __init__(self, url: str) -> None:
-        is_sqlite = url.startswith("sqlite")
-        self.engine: Engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S} if is_sqlite else {})
-        database = self.engine.url.database
-        if is_sqlite and database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        create_schema(self.engine)
-
-    def save_result(self, result: StudyResult) -> None:
-        """Insert or replace the row of ``result.message_id``."""
-        with Session(self.engine) as session, session.begin():
-            session.merge(result)
-
-    def result(self, message_id: str) -> StudyResult | None:
-        with Session(self.engine, expire_on_commit=False) as session:
-            return session.get(StudyResult, message_id)
-
-    def results(self) -> list[StudyResult]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(StudyResult).order_by(StudyResult.analysed_at)))
-
-    def study_results(self, study_instance_uid: str) -> list[StudyResult]:
-        """Every round of one study, oldest first."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(StudyResult).where(StudyResult.study_instance_uid == study_instance_uid)
-                                        .order_by(StudyResult.round, StudyResult.analysed_at)))
-
-    def update_delivery(self, message_id: str, destination: str, *, status: str, attempts: int,
-                        error: str | None = None) -> None:
-        """Record the latest state of one delivery, and roll the study's status up from all of them."""
-        with Session(self.engine) as session, session.begin():
-            row = session.scalars(select(Delivery).where(Delivery.message_id == message_id,
-                                                         Delivery.destination == destination)).first()
-            if row is None:
-                row = Delivery(message_id=message_id, destination=destination)
-                session.add(row)
-            row.status, row.attempts, row.last_error = status, attempts, (error or None) and error[:512]
-            session.flush()
-            _roll_up(session, message_id)
-
-    def save_outcome(self, result: StudyResult, destinations: list[str]) -> None:
-        """Record an analysed round and a pending delivery per destination, together (a crash between
-        the two would leave deliveries nobody reconciles). A delivery whose task already ran (it was
-        queued before this was written) keeps its state, and the round's status rolls up from it."""
-        with Session(self.engine) as session, session.begin():
-            session.merge(result)
-            known = set(session.scalars(select(Delivery.destination).where(Delivery.message_id == result.message_id)))
-            for name in destinations:
-                if name not in known:
-                    session.add(Delivery(message_id=result.message_id, destination=name,
-                                         status=DeliveryStatus.PENDING, attempts=0))
-            session.flush()
-            _roll_up(session, result.message_id)
-
-    def deliveries(self, message_id: str) -> list[Delivery]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(Delivery).where(Delivery.message_id == message_id)))
-
-    def put_dead_letter(self, letter_id: str, record: str) -> None:
-        """Insert (or replace) one dead letter."""
-        with Session(self.engine) as session, session.begin():
-            session.merge(DeadLetterRow(id=letter_id, record=record))
-
-    def dead_letters(self) -> list[str]:
-        with Session(self.engine) as session:
-            return [row.record for row in session.scalars(select(DeadLetterRow))]
-
-    def take_dead_letter(self, letter_id: str) -> str | None:
-        with Session(self.engine) as session, session.begin():
-            row = session.get(DeadLetterRow, letter_id)
-            if row is None:
-                return None
-            session.delete(row)
-            return row.record
-
-    # --- reconciliation: claims, failures, re-sends (decisions in worker/reconcile.py) ------------
-
-    def round_states(self, message_ids: Iterable[str]) -> dict[str, RoundState]:
-        """The state of each round in ``message_ids`` (a round the store never heard of: ``RoundState()``)."""
-        ids = list(dict.fromkeys(message_ids))
-        statuses: dict[str, str] = {}
-        attempts: dict[str, RoundAttempt] = {}
-        with Session(self.engine) as session:
-            for chunk in _chunks(ids):
-                rows = session.execute(select(StudyResult.message_id, StudyResult.status)
-                                       .where(StudyResult.message_id.in_(chunk)))
-                statuses.update((message_id, status) for message_id, status in rows)
-                attempts.update((row.message_id, row) for row in
-                                session.scalars(select(RoundAttempt).where(RoundAttempt.message_id.in_(chunk))))
-            return {message_id: _state(statuses.get(message_id), attempts.get(message_id)) for message_id in ids}
-
-    def round_state(self, message_id: str) -> RoundState:
-        return self.round_states([message_id])[message_id]
-
-    def track(self, message_id: str) -> None:
-        """Give the round an attempt row if it has none (the conditional updates below need one)."""
-        try:
-            with Session(self.engine) as session, session.begin():
-                if session.get(RoundAttempt, message_id) is None:
-                    session.add(RoundAttempt(message_id=message_id, attempts=0, requeues=0))
-        except IntegrityError:
-            log.debug("attempt row of %s was created by another process at the same moment", message_id)
-
-    def start_attempt(self, placeholder: StudyResult, owner: str, now: datetime, seen: RoundState) -> bool:
-        """Record that ``owner`` starts analysing the round now, and show it as analysing (``placeholder``).
-        False, and nothing written, when another process started it since ``seen`` was read."""
-        self.track(placeholder.message_id)
-        with Session(self.engine) as session, session.begin():
-            claimed = session.execute(
-                update(RoundAttempt).where(RoundAttempt.message_id == placeholder.message_id,
-                                           RoundAttempt.attempts == seen.attempts)
-                .values(attempts=seen.attempts + 1, owner=owner, started_at=now)).rowcount == 1
-            if claimed:
-                session.merge(placeholder)
-        return claimed
-
-    def record_failure(self, failed: StudyResult, letter_id: str, letter_record: str) -> bool:
-        """Record a failed analysis and its dead letter together. False, and nothing written, when the
-        round already has a final outcome (another attempt finished it)."""
-        with Session(self.engine) as session, session.begin():
-            existing = session.get(StudyResult, failed.message_id)
-            if existing is not None and existing.status in FINAL_STATUSES:
-                return False
-            session.merge(failed)
-            session.merge(DeadLetterRow(id=letter_id, record=letter_record))
-        return True
-
-    def mark_requeued(self, message_id: str, now: datetime, seen: RoundState) -> bool:
-        """Note that the round's message is being sent again. False, and nothing written, when another
-        process started or re-sent the round since ``seen`` was read (it must not be sent twice)."""
-        self.track(message_id)
-        with Session(self.engine) as session, session.begin():
-            return session.execute(
-                update(RoundAttempt).where(RoundAttempt.message_id == message_id,
-                                           RoundAttempt.attempts == seen.attempts,
-                                           RoundAttempt.requeues == seen.requeues)
-                .values(requeues=seen.requeues + 1, requeued_at=now)).rowcount == 1
-
-    def mark_replayed(self, message_id: str, now: datetime) -> None:
-        """An operator replays the round's failed analysis: show it as requeued, with a fresh set of attempts."""
-        with Session(self.engine) as session, session.begin():
-            result = session.get(StudyResult, message_id)
-            if result is not None:
-                result.status, result.finding = StudyStatus.REQUEUED, "PENDING"
-            attempt = session.get(RoundAttempt, message_id)
-            if attempt is None:
-                attempt = RoundAttempt(message_id=message_id, requeues=0)
-                session.add(attempt)
-            attempt.attempts, attempt.owner, attempt.started_at = 0, None, None
-            attempt.requeues, attempt.requeued_at = (attempt.requeues or 0) + 1, now
-
-    def silent_deliveries(self, pending_before: datetime,
-                          retrying_before: datetime) -> list[tuple[Delivery, StudyResult]]:
-        """Deliveries without news since the given times — pending ones since ``pending_before``, retrying
-        ones since ``retrying_before`` — with their study round."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            rows = session.execute(
-                select(Delivery, StudyResult).join(StudyResult, StudyResult.message_id == Delivery.message_id)
-                .where(((Delivery.status == DeliveryStatus.PENDING) & (Delivery.updated_at < pending_before))
-                       | ((Delivery.status == DeliveryStatus.RETRYING) & (Delivery.updated_at < retrying_before))))
-            return [(delivery, result) for delivery, result in rows]
-
-    def mark_delivery_requeued(self, delivery: Delivery, now: datetime) -> bool:
-        """Note that a silent delivery is being sent again (its ``updated_at`` becomes ``now``). False when
-        the delivery changed since it was read (it is not silent any more, or another process re-sent it)."""
-        with Session(self.engine) as session, session.begin():
-            return session.execute(
-                update(Delivery).where(Delivery.id == delivery.id, Delivery.status == delivery.status,
-                                       Delivery.attempts == delivery.attempts,
-                                       Delivery.updated_at == delivery.updated_at)
-                .values(updated_at=now)).rowcount == 1
-
-    def save_review(self, result: StudyResult, verdict: Verdict, reviewer: str) -> Review:
-        """Record ``verdict`` on the finding of ``result``; a later mark of the same round replaces the
-        earlier one. Raises ValueError when the round has no analysed finding (POSITIVE or NEGATIVE)."""
-        if result.finding not in REVIEWABLE_FINDINGS:
-            raise ValueError(f"study round {result.message_id} has no analysed finding to review ({result.finding})")
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            row = session.scalars(select(Review).where(Review.message_id == result.message_id)).first()
-            if row is None:
-                row = Review(message_id=result.message_id)
-                session.add(row)
-            row.study_instance_uid, row.verdict, row.reviewer = result.study_instance_uid, Verdict(verdict), reviewer
-            row.finding, row.model_sha256, row.created_at = result.finding, result.model_sha256, utcnow()
-        return row
-
-    def review(self, message_id: str) -> Review | None:
-        """The current verdict on one study round, or None."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            return session.scalars(select(Review).where(Review.message_id == message_id)).first()
-
-    def reviews(self) -> list[Review]:
-        """Every current verdict, oldest first."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(Review).order_by(Review.created_at, Review.id)))
-
-
-def _roll_up(session: Session, message_id: str) -> None:
-    """The round's status from its deliveries: failed if any was dead-lettered, delivered if all arrived."""
-    result = session.get(StudyResult, message_id)
-    if result is not None:
-        states = {d.status for d in session.scalars(select(Delivery).where(Delivery.message_id == message_id))}
-        if DeliveryStatus.FAILED in states:
-            result.status = StudyStatus.FAILED
-        elif states == {DeliveryStatus.DELIVERED}:
-            result.status = StudyStatus.DELIVERED
-
-
-def _state(status: str | None, attempt: RoundAttempt | None) -> RoundState:
-    if attempt is None:
-        return RoundState(status=status)
-    return RoundState(status=status, attempts=attempt.attempts or 0, owner=attempt.owner,
-                      started_at=_posix(attempt.started_at), requeues=attempt.requeues or 0,
-                      requeued_at=_posix(attempt.requeued_at))
+def record_hl7(job: Hl7Job, attempt: int, *, reason: str | None = None, final: bool = True,
+               retry_in_s: float | None = None) -> None:
+    """One attempt to send a round's ORU^R01 to one endpoint: sent (no ``reason``), retrying or given up —
+    a "delivered" or "failed" event and a log line (HL7 results have no row of their own)."""
+    event = dict(message_id=job.message_id, study_uid=job.study_instance_uid,
+                 destination=f"hl7:{job.endpoint}", attempts=attempt, model_sha256=job.model_sha256)
+    if reason is None:
+        audit.record("delivered", **event, outcome="ACK AA", finding=job.finding)
+        log.info("HL7 result of %s sent to %s (attempt %d)", job.message_id, job.endpoint, attempt)
+        return
+    audit.record("failed", stage="hl7", **event, outcome=reason[:AUDITED_REASON_CHARS], final=final)
+    if final:
+        log.error("HL7 result of %s to %s given up after %d attempt(s): %s", job.message_id, job.endpoint,
+                  attempt, reason)
+    else:
+        log.warning("HL7 result of %s to %s failed (attempt %d), retry in %.0f s: %s", job.message_id,
+                    job.endpoint, attempt, retry_in_s, reason)

@@ -5,7 +5,8 @@ import enum
 from collections import Counter
 from dataclasses import dataclass
 
-from worker.record import Review, Store, StudyResult, Verdict
+from common.results import Finding, Verdict
+from common.store import Review, Store, StudyResult
 
 
 class SkipReason(str, enum.Enum):
@@ -38,18 +39,18 @@ class StudyScore:
 
 def label(review: Review) -> int:
     """1 when the reviewer confirmed a positive or contradicted a negative finding, else 0."""
-    return int((review.finding == "POSITIVE" and review.verdict == Verdict.AGREE)
-               or (review.finding == "NEGATIVE" and review.verdict == Verdict.DISAGREE))
+    return int((review.finding == Finding.POSITIVE and review.verdict == Verdict.AGREE)
+               or (review.finding == Finding.NEGATIVE and review.verdict == Verdict.DISAGREE))
 
 
 def study_score(result: StudyResult) -> StudyScore | None:
     """The highest raw logit among the round's images with its image's population, or None when no
     image has a logit."""
-    scored = [image for image in result.images or [] if image.get("logit") is not None]
+    scored = [image for image in result.images or [] if image.logit is not None]
     if not scored:
         return None
-    top = max(scored, key=lambda image: float(image["logit"]))
-    return StudyScore(float(top["logit"]), top.get("population"))
+    top = max(scored, key=lambda image: image.logit)
+    return StudyScore(top.logit, top.population)
 
 
 def reviewed_scores(store: Store, weights_sha256: str) -> ReviewedScores:

@@ -1,5 +1,6 @@
-"""Tasks — thin Celery adapters: a StudyReady message is analysed (pipeline), its files are routed to
-destinations (one delivery task each), and every outcome is recorded in the store.
+"""Tasks — thin Celery adapters: a StudyReady message is loaded, analysed and encoded (pipeline), its files
+are queued for delivery (one task per destination and HL7 endpoint), and every outcome is recorded
+(worker/record.py: store row, audit event and log line together).
 
 Every round ends visibly: an analysis that raises anything is recorded as failed (with the reason and a
 dead letter to replay it); a delivery that raises anything unexpected is dead-lettered; what a dead
@@ -16,17 +17,21 @@ from pathlib import Path
 from celery.exceptions import SoftTimeLimitExceeded
 
 from common import audit
-from common.messages import ANALYSE_STUDY_TASK, StudyReady
+from common.dead_letters import DeliveryJob
+from common.failures import describe_failure
+from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, HL7_TASK, StudyReady
+from common.results import DeliveryStatus
 from common.scu import DeliveryError
+from common.store import Store
 from config.settings import Settings
-from inference.classifier import Classifier, load_model
+from inference.classifier import load_model
 from worker.celery_app import app, current_settings
-from worker.deliver import (DELIVER_TASK, AnalysisJob, DeadLetter, DeliveryJob, choose_destinations, dead_letters_for,
-                            describe_failure, new_dead_letter, retry_delay_s, send_files)
-from worker.hl7_result import HL7_TASK, Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
-from worker.pipeline import analyse_study, device_uid_for
+from worker.deliver import choose_destinations, retry_delay_s, send_files
+from worker.hl7_result import Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
+from worker.pipeline import StudyOutcome, analyse_study, device_uid_for
 from worker.reconcile import Claim, Limits, claim_round
-from worker.record import DeliveryStatus, Store, StudyResult, StudyStatus
+from worker.record import (Model, record_analysed, record_analysis_failure, record_delivery, record_hl7,
+                           study_result)
 
 log = logging.getLogger("lungvision.worker")
 
@@ -52,115 +57,71 @@ def analyse_study_task(message: dict) -> dict:
     """
     ready = StudyReady.model_validate(message)
     settings = current_settings()
-    classifier: Classifier | None = None
+    model = Model.of(None)
     try:
-        classifier, gate = load_model(settings.model)
-        claim = claim_round(store(), analysing_result(ready, classifier), Limits.of(settings))
-        if claim in (Claim.DONE, Claim.RUNNING):
-            log.info("study round %s %s; skipped", ready.message_id,
-                     "already handled" if claim is Claim.DONE else "is being analysed by another worker process")
-            return {"message_id": ready.message_id, "skipped": True}
-        if claim is Claim.GIVE_UP:
-            return record_analysis_failure(
-                ready, classifier, f"the analysis was started {settings.worker.max_analysis_attempts} times and never "
-                                   f"finished (its worker process died each time)")
-        audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round)
-        return analyse_and_route(ready, settings, classifier, gate)
+        classifier, gate = load_model(settings.model)  # load
+        model = Model.of(classifier)
+        claim = claim_round(store(), study_result(ready, model), Limits.of(settings))
+        if claim is not Claim.START:
+            return unclaimed(ready, model, claim, settings)
+        audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid,
+                     round=ready.round)
+        started = time.perf_counter()
+        analysis = analyse_study(ready, classifier, gate, settings.worker.outbox_dir,  # analyse, encode
+                                 device_uid=device_uid_for(settings.node.ae_title),
+                                 max_long_side=settings.worker.sc_max_long_side)
+        destinations = queue_deliveries(ready, model, analysis, settings)  # deliver
+        record_analysed(store(), ready, model, analysis, destinations,  # record
+                        shadow_mode=settings.delivery.shadow_mode, started=started)
+        return {"message_id": ready.message_id, "finding": analysis.finding, "destinations": destinations}
     except SoftTimeLimitExceeded:
-        return record_analysis_failure(ready, classifier,
-                                       f"analysis took longer than {settings.worker.soft_time_limit_s:.0f} s")
+        limit_s = settings.worker.soft_time_limit_s
+        return analysis_failed(ready, model, f"analysis took longer than {limit_s:.0f} s")
     except Exception as error:  # the boundary: any other failure also ends the round visibly
-        return record_analysis_failure(ready, classifier, describe_failure(error), error)
+        return analysis_failed(ready, model, describe_failure(error), error)
 
 
-def analyse_and_route(ready: StudyReady, settings: Settings, classifier: Classifier, gate) -> dict:
-    """The analysis proper: outputs into the outbox, deliveries and HL7 results queued, outcome recorded."""
-    started = time.perf_counter()
-    outcome = analyse_study(ready, classifier, gate, settings.worker.outbox_dir,
-                            device_uid=device_uid_for(settings.node.ae_title),
-                            max_long_side=settings.worker.sc_max_long_side)
-    modalities = {str(finding.source.get("Modality", "")) for finding in outcome.findings}
-    destinations = [] if settings.delivery.shadow_mode else choose_destinations(
-        settings, calling_ae=ready.calling_ae, modalities=modalities, finding=outcome.finding, status=outcome.status)
-    top = outcome.top
-    # the study's point: its finding's image's population's; nothing analysed: the first population's
-    point = outcome.operating_point or classifier.operating_point
-    first = outcome.findings[0].source
-    result = StudyResult(
-        message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
-        calling_ae=ready.calling_ae, modality=str(first.get("Modality", "")) or None,
-        accession_number=str(first.get("AccessionNumber", "")) or None,
-        status=outcome.status,
-        finding=outcome.finding, probability=None if top is None else top.probability,
-        threshold=point.threshold, model_version=classifier.version,
-        model_sha256=classifier.card.weights_sha256, images=outcome.images, timings_ms=outcome.timings_ms,
-        received_at=ready.first_received_at)
-    for name in destinations:
-        job = DeliveryJob(ready.message_id, ready.study_instance_uid, name, [str(path) for path in outcome.files])
-        deliver_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:{name}")
-    for endpoint in [] if settings.delivery.shadow_mode else settings.hl7.endpoints:  # analysed or not: say so
-        job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, outcome.finding,
-                     None if top is None else top.probability, point.threshold, classifier.version,
-                     classifier.card.weights_sha256, datetime.now(timezone.utc).isoformat(), result.accession_number,
-                     outcome.output_uids, point.name, outcome.remark)
-        send_hl7_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
-    store().save_outcome(result, destinations)
-    audit.record("analysed", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round,
-                 calling_ae=ready.calling_ae, finding=outcome.finding, probability=result.probability,
-                 model_version=classifier.version, model_sha256=classifier.card.weights_sha256,
-                 status=outcome.status, operating_point=point.name,
-                 outside_intended_use=outcome.gate_counts(), shadow_mode=settings.delivery.shadow_mode,
-                 instances=[image["sop_instance_uid"] for image in outcome.images],
-                 outputs=outcome.output_uids,
-                 destinations=destinations, duration_ms=round((time.perf_counter() - started) * 1000, 1),
-                 inference_ms=round(outcome.timings_ms.get("model_heatmap", 0.0), 1))
-    log.info("study round %s analysed: %s (%d images, %d outputs) → %s", ready.message_id, outcome.finding,
-             len(outcome.findings), len(outcome.files), ", ".join(destinations) or "no destination")
-    return {"message_id": ready.message_id, "finding": outcome.finding, "destinations": destinations}
+def unclaimed(ready: StudyReady, model: Model, claim: Claim, settings: Settings) -> dict:
+    """The answer for a round this task does not analyse: done or running elsewhere (skipped), or given up."""
+    if claim is Claim.GIVE_UP:
+        attempts = settings.worker.max_analysis_attempts
+        return analysis_failed(ready, model, f"the analysis was started {attempts} times and never finished "
+                                             f"(its worker process died each time)")
+    log.info("study round %s %s; skipped", ready.message_id,
+             "already handled" if claim is Claim.DONE else "is being analysed by another worker process")
+    return {"message_id": ready.message_id, "skipped": True}
 
 
-def record_analysis_failure(ready: StudyReady, classifier: Classifier | None, reason: str,
-                            error: BaseException | None = None) -> dict:
-    """Record the round as failed with ``reason`` and a dead letter to replay it, audit and log it —
-    unless another attempt already recorded a final outcome. If the store itself fails here, the
-    exception propagates and the sweeper sends the round again later."""
-    letter = new_dead_letter(AnalysisJob(ready.message_id, ready.study_instance_uid, ready.model_dump(mode="json")),
-                             reason, attempts=1)
-    if not store().record_failure(failed_result(ready, classifier, reason), letter.id, letter.to_json()):
-        log.warning("study round %s: an analysis attempt failed (%s), but another one recorded the outcome; kept it",
-                    ready.message_id, reason)
+def analysis_failed(ready: StudyReady, model: Model, reason: str, error: BaseException | None = None) -> dict:
+    """Record the round as failed (worker/record.py) and answer so; skipped when another attempt had
+    already recorded its outcome."""
+    letter = record_analysis_failure(store(), ready, model, reason, error)
+    if letter is None:
         return {"message_id": ready.message_id, "skipped": True}
-    audit.record("failed", stage="analysis", message_id=ready.message_id, study_uid=ready.study_instance_uid,
-                 round=ready.round, model_sha256=None if classifier is None else classifier.card.weights_sha256,
-                 outcome=reason, final=True, dead_letter=letter.id)
-    # with the traceback: lungvision.logfilter keeps its frames and redacts the exception's message
-    log.error("study round %s: analysis failed, recorded as failed and dead-lettered as %s: %s", ready.message_id,
-              letter.id, reason, exc_info=error)
     return {"message_id": ready.message_id, "failed": True, "dead_letter": letter.id}
 
 
-def analysing_result(ready: StudyReady, classifier: Classifier) -> StudyResult:
-    """The placeholder row of a study round whose analysis has started."""
-    return StudyResult(
-        message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
-        calling_ae=ready.calling_ae, modality=None, accession_number=None, status=StudyStatus.ANALYSING,
-        finding="PENDING", probability=None, threshold=classifier.threshold, model_version=classifier.version,
-        model_sha256=classifier.card.weights_sha256, images=[], timings_ms={}, received_at=ready.first_received_at)
-
-
-MODEL_UNAVAILABLE = "unavailable"  # model version of a failed round when the model itself could not be loaded
-
-
-def failed_result(ready: StudyReady, classifier: Classifier | None, reason: str) -> StudyResult:
-    """The outcome row of a study round that could not be analysed at all (``classifier``: None when
-    loading the model was what failed)."""
-    return StudyResult(
-        message_id=ready.message_id, study_instance_uid=ready.study_instance_uid, round=ready.round,
-        calling_ae=ready.calling_ae, modality=None, accession_number=None, status=StudyStatus.FAILED,
-        finding="NOT_ANALYSED", probability=None, threshold=0.0 if classifier is None else classifier.threshold,
-        model_version=MODEL_UNAVAILABLE if classifier is None else classifier.version,
-        model_sha256="" if classifier is None else classifier.card.weights_sha256, images=[{"error": reason}],
-        timings_ms={}, received_at=ready.first_received_at)
+def queue_deliveries(ready: StudyReady, model: Model, analysis: StudyOutcome,
+                     settings: Settings) -> list[str]:
+    """Queue the round's files to each destination its routing rules choose, and its HL7 result to each
+    endpoint (analysed or not: the RIS is told); nothing in shadow mode. Returns the destinations."""
+    if settings.delivery.shadow_mode:
+        return []
+    modalities = {str(finding.source.get("Modality", "")) for finding in analysis.findings}
+    destinations = choose_destinations(settings, calling_ae=ready.calling_ae, modalities=modalities,
+                                       finding=analysis.finding, status=analysis.status)
+    files = [str(path) for path in analysis.files]
+    for name in destinations:
+        job = DeliveryJob(ready.message_id, ready.study_instance_uid, name, files)
+        deliver_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:{name}")
+    point = model.point_for(analysis)
+    for endpoint in settings.hl7.endpoints:
+        hl7_job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, analysis.finding,
+                         analysis.probability, point.threshold, model.version, model.sha256,
+                         datetime.now(timezone.utc).isoformat(), analysis.accession_number,
+                         analysis.output_uids, point.name, analysis.remark)
+        send_hl7_task.apply_async(args=[asdict(hl7_job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
+    return destinations
 
 
 @app.task(name=DELIVER_TASK, bind=True, max_retries=None)
@@ -177,40 +138,17 @@ def deliver_task(self, job: dict) -> str:
         transient = isinstance(error, DeliveryError) and error.transient
         # Our own errors (LookupError: destination no longer configured; OSError: an unreadable outbox file)
         # say what happened; any other exception's message might quote a DICOM value: type and place only.
-        reason = str(error) if isinstance(error, (DeliveryError, LookupError, OSError)) else describe_failure(error)
+        ours = isinstance(error, (DeliveryError, LookupError, OSError))
+        reason = str(error) if ours else describe_failure(error)
         if transient and attempt < settings.delivery.max_attempts:
-            store().update_delivery(delivery.message_id, delivery.destination, status=DeliveryStatus.RETRYING,
-                                    attempts=attempt, error=reason)
-            delay = retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)
-            log.warning("delivery of %s to %s failed (attempt %d), retry in %.0f s: %s", delivery.message_id,
-                        delivery.destination, attempt, delay, reason)
-            audit.record("failed", stage="delivery", message_id=delivery.message_id,
-                         study_uid=delivery.study_instance_uid, destination=delivery.destination, attempts=attempt,
-                         outcome=reason[:300], final=False, retry_in_s=round(delay, 1),
-                         model_sha256=_sha_of(delivery))
+            delay = retry_delay(settings, attempt)
+            record_delivery(store(), delivery, DeliveryStatus.RETRYING, attempt, reason=reason,
+                            retry_in_s=delay)
             raise self.retry(countdown=delay, exc=error)
-        letter = dead_letters_for(settings, store()).add(delivery, reason, attempt)
-        store().update_delivery(delivery.message_id, delivery.destination, status=DeliveryStatus.FAILED,
-                                attempts=attempt, error=reason)
-        audit.record("failed", stage="delivery", message_id=delivery.message_id,
-                     study_uid=delivery.study_instance_uid, destination=delivery.destination, attempts=attempt,
-                     outcome=reason[:300], final=True, dead_letter=letter.id, model_sha256=_sha_of(delivery))
-        log.error("delivery of %s to %s dead-lettered as %s after %d attempt(s): %s", delivery.message_id,
-                  delivery.destination, letter.id, attempt, reason)
-        return "failed"
-    store().update_delivery(delivery.message_id, delivery.destination, status=DeliveryStatus.DELIVERED,
-                            attempts=attempt)
-    audit.record("delivered", message_id=delivery.message_id, study_uid=delivery.study_instance_uid,
-                 destination=delivery.destination, attempts=attempt, outcome="success",
-                 outputs=[Path(name).stem for name in delivery.files], model_sha256=_sha_of(delivery))
-    log.info("delivered %s to %s (%d objects, attempt %d)", delivery.message_id, delivery.destination,
-             len(delivery.files), attempt)
-    return "delivered"
-
-
-def _sha_of(delivery: DeliveryJob) -> str | None:
-    result = store().result(delivery.message_id)
-    return None if result is None else result.model_sha256
+        record_delivery(store(), delivery, DeliveryStatus.FAILED, attempt, reason=reason)
+        return DeliveryStatus.FAILED.value
+    record_delivery(store(), delivery, DeliveryStatus.DELIVERED, attempt)
+    return DeliveryStatus.DELIVERED.value
 
 
 @app.task(name=HL7_TASK, bind=True, max_retries=None)
@@ -220,55 +158,28 @@ def send_hl7_task(self, job: dict) -> str:
     permanent failure and on any unexpected exception."""
     settings = current_settings()
     oru_job = Hl7Job(**job)
-    message_id, name = oru_job.message_id, oru_job.endpoint
-    destination = f"hl7:{name}"
     attempt = self.request.retries + 1
-    endpoint = next((e for e in settings.hl7.endpoints if e.name == name), None)
+    endpoint = next((e for e in settings.hl7.endpoints if e.name == oru_job.endpoint), None)
     try:
         if endpoint is None:
             raise Hl7DeliveryError("endpoint no longer configured", transient=False)
-        message = build_oru(oru_job, read_patient_header(settings.worker.outbox_dir, oru_job), settings.hl7, endpoint,
-                            control_id=uuid.uuid4().hex[:20])
+        patient = read_patient_header(settings.worker.outbox_dir, oru_job)
+        message = build_oru(oru_job, patient, settings.hl7, endpoint, control_id=uuid.uuid4().hex[:20])
         send_mllp(endpoint, message, settings.hl7.timeout_s)
     except Exception as error:
         transient = isinstance(error, Hl7DeliveryError) and error.transient
         # OSError: the outbox file could not be read; other unexpected exceptions: type and place only
         reason = str(error) if isinstance(error, (Hl7DeliveryError, OSError)) else describe_failure(error)
         final = not transient or attempt >= settings.delivery.max_attempts
-        delay = retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)
-        audit.record("failed", stage="hl7", message_id=message_id, study_uid=oru_job.study_instance_uid,
-                     destination=destination, attempts=attempt, outcome=reason[:300], final=final,
-                     model_sha256=oru_job.model_sha256)
+        delay = retry_delay(settings, attempt)
+        record_hl7(oru_job, attempt, reason=reason, final=final, retry_in_s=delay)
         if final:
-            log.error("HL7 result of %s to %s given up after %d attempt(s): %s", message_id, name, attempt, reason)
-            return "failed"
-        log.warning("HL7 result of %s to %s failed (attempt %d), retry in %.0f s: %s", message_id, name, attempt,
-                    delay, reason)
+            return DeliveryStatus.FAILED.value
         raise self.retry(countdown=delay, exc=error)
-    audit.record("delivered", message_id=message_id, study_uid=oru_job.study_instance_uid, destination=destination,
-                 attempts=attempt, outcome="ACK AA", finding=oru_job.finding, model_sha256=oru_job.model_sha256)
-    log.info("HL7 result of %s sent to %s (attempt %d)", message_id, name, attempt)
-    return "delivered"
+    record_hl7(oru_job, attempt)
+    return DeliveryStatus.DELIVERED.value
 
 
-def replay_dead_letter(settings: Settings, letter_id: str) -> DeadLetter | None:
-    """Take one dead letter off the list and queue its analysis or delivery again with a fresh set of
-    attempts (None when there is no such id). Used by ``lungvision jobs retry`` and the worklist page.
-
-    The round (or delivery) is marked as waiting before the task is sent, so if sending fails the
-    sweeper sends it later (``worker.requeue_after_s``) instead of the replay being lost."""
-    letter = dead_letters_for(settings, store()).take(letter_id)
-    if letter is None:
-        return None
-    job = letter.job
-    if isinstance(job, AnalysisJob):
-        store().mark_replayed(job.message_id, datetime.now(timezone.utc))
-        analyse_study_task.apply_async(args=[job.message], task_id=job.message_id)
-        outcome = "queued for analysis"
-    else:
-        store().update_delivery(job.message_id, job.destination, status=DeliveryStatus.PENDING, attempts=0)
-        deliver_task.apply_async(args=[asdict(job)])
-        outcome = "queued for delivery"
-    audit.record("replayed", dead_letter=letter_id, message_id=job.message_id, study_uid=job.study_instance_uid,
-                 destination=job.destination, outcome=outcome, model_sha256=_sha_of(job))
-    return letter
+def retry_delay(settings: Settings, attempt: int) -> float:
+    """The back-off before the attempt after ``attempt`` (DICOM and HL7 alike)."""
+    return retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)

@@ -28,7 +28,8 @@ from tests.kit.orthanc import Orthanc
 from tests.kit.redis_server import RedisServer
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, worker_sections
-from worker.record import Store, StudyStatus
+from common.results import StudyStatus
+from common.store import Store
 
 pytestmark = pytest.mark.integration
 RESULT_TIMEOUT_S = 240.0
@@ -377,7 +378,7 @@ def test_an_exception_inside_the_analysis_is_failed_audited_and_replayable(deplo
     try:
         [row] = wait_for_status(deployment.store(), {study_uid}, {StudyStatus.FAILED}).values()
         failed_after = time.monotonic() - started
-        reason = row.images[0]["error"]
+        reason = row.images[0].error
         assert reason.startswith("struct.error in "), reason
         [event] = [e for e in audit_events(deployment.audit_path, "failed")
                    if e.get("message_id") == row.message_id]

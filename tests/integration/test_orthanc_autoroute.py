@@ -27,7 +27,7 @@ from tests.kit.node import NodeProcess, node_settings
 from tests.kit.orthanc import ORTHANC_CONFIG, Orthanc, resolve_config
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, worker_sections
-from worker.record import Store
+from common.store import Store
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,7 @@ from tests.kit.node import NodeProcess, node_settings
 from tests.kit.orthanc import Orthanc
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, make_message, worker_sections
-from worker.record import Store
+from common.store import Store
 
 pytestmark = pytest.mark.integration
 INTEGRATION_REDIS_DB = 14  # flushed by the fixture: never a database in use
@@ -200,8 +200,8 @@ def test_vendor_samples_are_decoded_and_analysed_as_adults(deployment) -> None:
         deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
         [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
         [image] = row.images
-        assert image["intended_use"] is True and image["probability"] is not None and image["sc_uid"]
-        assert image["population"] == "adults" and image["operating_point"] == "shipped / adults"
+        assert image.intended_use is True and image.probability is not None and image.sc_uid
+        assert image.population == "adults" and image.operating_point == "shipped / adults"
 
 
 def test_results_arrive_after_a_30_second_orthanc_outage(deployment, tmp_path) -> None:

@@ -14,7 +14,8 @@ from inference.sample_dicom import wrap_image, write_dataset
 from tests.kit.data import chest_pixels
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, make_message, worker_sections
-from worker.record import FINAL_STATUSES, Store, StudyStatus
+from common.results import FINAL_STATUSES, StudyStatus
+from common.store import Store
 
 pytestmark = pytest.mark.integration
 INHERITED = "inherited from the parent (loaded before the fork)"

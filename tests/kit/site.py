@@ -7,13 +7,14 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 
 from common import audit
+from common.results import DeliveryStatus, Finding, StudyStatus
+from common.store import Store, StudyResult
 from config.settings import Settings, load_settings
 from inference.classifier import load_classifier
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.kit.data import chest_pixels
 from tests.kit.worker import make_message
 from worker.pipeline import analyse_study, device_uid_for
-from worker.record import Store, StudyResult
 
 TOKEN = "test-secret-token"
 
@@ -24,9 +25,9 @@ class Seeded:
 
     study_uid: str
     accession: str
-    finding: str
+    finding: Finding
     probability: float | None
-    status: str
+    status: str  # the worklist's
     patient_name: str
     patient_id: str
 
@@ -57,11 +58,11 @@ def seed(root: Path) -> Site:
     store = Store(settings.store.url)
     classifier = load_classifier(None)
     start = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
-    plan = [  # accession, finding, probability, status, minutes after start
-        ("ACC-NEG", "NEGATIVE", 0.020, "delivered", 0),
-        ("ACC-POS-LOW", "POSITIVE", 0.410, "delivered", 5),
-        ("ACC-POS-HIGH", "POSITIVE", 0.930, "delivered", 10),
-        ("ACC-FAILED", "POSITIVE", 0.410, "failed", 15),
+    plan = [  # accession, finding, probability, delivery status, minutes after start
+        ("ACC-NEG", Finding.NEGATIVE, 0.020, DeliveryStatus.DELIVERED, 0),
+        ("ACC-POS-LOW", Finding.POSITIVE, 0.410, DeliveryStatus.DELIVERED, 5),
+        ("ACC-POS-HIGH", Finding.POSITIVE, 0.930, DeliveryStatus.DELIVERED, 10),
+        ("ACC-FAILED", Finding.POSITIVE, 0.410, DeliveryStatus.FAILED, 15),
     ]
     studies: dict[str, Seeded] = {}
     (root / "in").mkdir(parents=True, exist_ok=True)
@@ -74,16 +75,20 @@ def seed(root: Path) -> Site:
         message = make_message([path])
         outcome = analyse_study(message, classifier, classifier.intended_use(), Path(settings.worker.outbox_dir),
                                 device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
-        images = [{**image, "probability": probability, "positive": finding == "POSITIVE"} for image in outcome.images]
+        positive = finding is Finding.POSITIVE
+        images = [image.model_copy(update={"probability": probability, "positive": positive})
+                  for image in outcome.images]
         received = start + timedelta(minutes=minutes)
         store.save_result(StudyResult(
             message_id=message.message_id, study_instance_uid=study_uid, round=1, calling_ae="CR_ROOM1",
-            modality="CR", accession_number=accession, status="analysed", finding=finding, probability=probability,
+            modality="CR", accession_number=accession, status=StudyStatus.ANALYSED, finding=finding,
+            probability=probability,
             threshold=classifier.card.threshold, model_version=classifier.version,
             model_sha256=classifier.card.weights_sha256, images=images, timings_ms=outcome.timings_ms,
             received_at=received, analysed_at=received + timedelta(seconds=20)))
-        store.update_delivery(message.message_id, "pacs", status=status, attempts=1 if status == "delivered" else 5,
-                              error=None if status == "delivered" else "association rejected")
+        delivered = status is DeliveryStatus.DELIVERED
+        store.update_delivery(message.message_id, "pacs", status=status, attempts=1 if delivered else 5,
+                              error=None if delivered else "association rejected")
         audit.record("analysed", message_id=message.message_id, study_uid=study_uid, finding=finding,
                      probability=probability, model_sha256=classifier.card.weights_sha256, duration_ms=850.0,
                      inference_ms=120.0)
@@ -91,12 +96,12 @@ def seed(root: Path) -> Site:
     analysing_uid = generate_uid()
     store.save_result(StudyResult(
         message_id=generate_uid(), study_instance_uid=analysing_uid, round=1, calling_ae="DX_ROOM2", modality=None,
-        accession_number=None, status="analysing", finding="PENDING", probability=None,
+        accession_number=None, status=StudyStatus.ANALYSING, finding=Finding.PENDING, probability=None,
         threshold=classifier.card.threshold, model_version=classifier.version,
         model_sha256=classifier.card.weights_sha256, images=[], timings_ms={}, received_at=start))
-    studies["analysing"] = Seeded(analysing_uid, "", "PENDING", None, "analysing", "", "")
+    studies["analysing"] = Seeded(analysing_uid, "", Finding.PENDING, None, "analysing", "", "")
     received_uid = generate_uid()
     audit.record("received", study_uid=received_uid, sop_instance_uid=generate_uid(), calling_ae="CR_ROOM1")
-    studies["received"] = Seeded(received_uid, "", "PENDING", None, "received", "", "")
+    studies["received"] = Seeded(received_uid, "", Finding.PENDING, None, "received", "", "")
     audit.configure(None)
     return Site(settings, store, studies)

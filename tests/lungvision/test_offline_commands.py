@@ -141,7 +141,8 @@ def test_evaluate_and_calibrate_from_the_worklist_reviews(tmp_path, monkeypatch)
     from uuid import uuid4
 
     from inference.classifier import load_classifier
-    from worker.record import Store, StudyResult, Verdict
+    from common.results import Verdict
+    from common.store import Store, StudyResult
 
     sha = load_classifier().card.weights_sha256
     store = Store(f"sqlite:///{tmp_path / 'lv.db'}")

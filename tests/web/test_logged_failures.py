@@ -4,7 +4,6 @@ import json
 import logging
 
 from common.audit import read_events
-from web import metrics
 from web.metrics import LungVisionCollector
 from web.worklist import AuditIndex
 
@@ -13,17 +12,14 @@ def _names(collector: LungVisionCollector) -> set[str]:
     return {family.name for family in collector.collect()}
 
 
-def test_metrics_scrape_survives_a_down_broker_and_store_and_logs_it_once(tmp_path, monkeypatch, caplog) -> None:
-    from config.settings import load_settings
-
-    def broker_down(settings):
+def test_metrics_scrape_survives_a_down_broker_and_store_and_logs_it_once(tmp_path, caplog) -> None:
+    def broker_down():
         raise ConnectionRefusedError(111, "Connection refused")
 
     def store_down():
         raise RuntimeError("could not reach the outcome store for Doe^Jane")  # a message is never logged
 
-    monkeypatch.setattr(metrics, "queue_depth", broker_down)
-    collector = LungVisionCollector(load_settings(), AuditIndex(tmp_path / "audit.jsonl"), store_down)
+    collector = LungVisionCollector(AuditIndex(tmp_path / "audit.jsonl"), broker_down, store_down)
     with caplog.at_level(logging.INFO, logger="lungvision.web.metrics"):
         for _ in range(3):  # scrapes go on; the log says it once
             names = _names(collector)
@@ -36,8 +32,7 @@ def test_metrics_scrape_survives_a_down_broker_and_store_and_logs_it_once(tmp_pa
     assert "Doe^Jane" not in caplog.text
 
     caplog.clear()
-    monkeypatch.setattr(metrics, "queue_depth", lambda settings: 4)
-    collector.dead_letter_count = lambda: 0
+    collector.queue_depth, collector.dead_letter_count = (lambda: 4), (lambda: 0)
     with caplog.at_level(logging.INFO, logger="lungvision.web.metrics"):
         assert {"lungvision_queue_depth", "lungvision_dead_letters"} <= _names(collector)
     assert sum("answers again" in record.getMessage() for record in caplog.records) == 2

@@ -11,10 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
+from common.dead_letters import DeadLetters, DeliveryJob, new_dead_letter
+from common.results import DeliveryStatus, Finding, GateReason, ImageResult, StudyStatus, Verdict
+from common.store import StudyResult
 from tests.kit.site import TOKEN
 from web.app import create_app
-from worker.deliver import DeliveryJob, StoreDeadLetters
-from worker.record import OUTSIDE_USE, StudyResult, Verdict
 
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 BASIC = {"Authorization": "Basic " + base64.b64encode(f"operator:{TOKEN}".encode()).decode()}
@@ -104,7 +105,8 @@ def test_unauthenticated_requests_see_no_patient_fields(client, site) -> None:
 def test_replay_needs_authentication_and_a_csrf_token(client, site) -> None:
     study = site.studies["ACC-FAILED"]
     message_id = client.get(f"/api/studies/{study.study_uid}").json()["message_id"]
-    letter = StoreDeadLetters(site.store).add(DeliveryJob(message_id, study.study_uid, "pacs", []), "rejected", 5)
+    letter = DeadLetters(site.store).add(new_dead_letter(DeliveryJob(message_id, study.study_uid, "pacs", []),
+                                                         "rejected", 5))
     assert client.get("/dead-letters").status_code == 401  # the list names destinations: sign in first
     assert client.get("/api/dead-letters").status_code == 401
     assert letter.id in [entry["id"] for entry in client.get("/api/dead-letters", headers=BEARER).json()]
@@ -151,7 +153,8 @@ def metric_values(client) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
-def extra_result(site, *, status: str, finding: str, probability: float | None, images: list[dict]) -> StudyResult:
+def extra_result(site, *, status: StudyStatus, finding: Finding, probability: float | None,
+                 images: list[ImageResult]) -> StudyResult:
     """A round added by hand to the seeded store (sorting after the four seeded studies)."""
     template = site.store.study_results(site.studies["ACC-NEG"].study_uid)[0]
     result = StudyResult(message_id=uuid.uuid4().hex, study_instance_uid=generate_uid(), round=1, calling_ae="CR_ROOM3",
@@ -212,9 +215,10 @@ def test_a_verdict_is_stored_audited_counted_and_shown(client, site) -> None:
 
 
 def test_only_an_analysed_finding_can_be_reviewed(client, site) -> None:
-    not_analysed = extra_result(site, status="not_analysed", finding="NOT_ANALYSED", probability=None, images=[
-        {"sop_instance_uid": generate_uid(), "probability": None, "positive": None,
-         "not_analysed_reason": "not a chest radiograph", "sc_uid": None, "sr_uid": generate_uid()}])
+    image = ImageResult(sop_instance_uid=generate_uid(), not_analysed_reason="not a chest radiograph",
+                        sr_uid=generate_uid())
+    not_analysed = extra_result(site, status=StudyStatus.NOT_ANALYSED, finding=Finding.NOT_ANALYSED,
+                                probability=None, images=[image])
     for uid in (not_analysed.study_instance_uid, site.studies["analysing"].study_uid,
                 site.studies["received"].study_uid):
         answer = client.post(f"/api/studies/{uid}/review", json={"verdict": "agree"}, headers=BEARER)
@@ -247,14 +251,16 @@ def test_the_study_page_review_form_needs_sign_in_and_the_csrf_token(client, sit
 
 
 def test_outside_intended_use_is_a_status_and_a_per_image_flag(client, site) -> None:
-    refused = extra_result(site, status=OUTSIDE_USE, finding="NOT_ANALYSED", probability=None, images=[
-        {"sop_instance_uid": generate_uid(), "probability": None, "positive": None, "intended_use": False,
-         "gate_reason": "view", "gate_text": "lateral view (ViewPosition LL)", "not_analysed_reason": "lateral view "
-         "(ViewPosition LL)", "sc_uid": None, "sr_uid": generate_uid()}])
-    flagged = extra_result(site, status="analysed", finding="NEGATIVE", probability=0.004, images=[
-        {"sop_instance_uid": generate_uid(), "probability": 0.004, "positive": False, "intended_use": False,
-         "gate_reason": "age", "gate_text": "patient age 58 years is outside the model's population",
-         "not_analysed_reason": None, "logit": -5.5, "sc_uid": None, "sr_uid": generate_uid()}])
+    lateral = ImageResult(sop_instance_uid=generate_uid(), intended_use=False, gate_reason=GateReason.VIEW,
+                          gate_text="lateral view (ViewPosition LL)",
+                          not_analysed_reason="lateral view (ViewPosition LL)", sr_uid=generate_uid())
+    adult = ImageResult(sop_instance_uid=generate_uid(), probability=0.004, positive=False, intended_use=False,
+                        gate_reason=GateReason.AGE, logit=-5.5, sr_uid=generate_uid(),
+                        gate_text="patient age 58 years is outside the model's population")
+    refused = extra_result(site, status=StudyStatus.OUTSIDE_USE, finding=Finding.NOT_ANALYSED, probability=None,
+                           images=[lateral])
+    flagged = extra_result(site, status=StudyStatus.ANALYSED, finding=Finding.NEGATIVE, probability=0.004,
+                           images=[adult])
     status = "outside intended use"
     listed = client.get("/api/studies", params={"status": status}).json()
     assert [s["study_instance_uid"] for s in listed] == [refused.study_instance_uid]
@@ -279,7 +285,8 @@ def test_outside_intended_use_is_a_status_and_a_per_image_flag(client, site) -> 
     row = re.search(rf'data-study-uid="{re.escape(flagged.study_instance_uid)}".*?</tr>', client.get("/").text, re.S)
     assert 'class="badge outside-intended-use"' in row.group(0)
 
-    site.store.update_delivery(refused.message_id, "pacs", status="delivered", attempts=1)  # status rolls up
+    site.store.update_delivery(refused.message_id, "pacs", status=DeliveryStatus.DELIVERED,
+                               attempts=1)  # the stored status rolls up to delivered
     assert client.get(f"/api/studies/{refused.study_instance_uid}").json()["status"] == status
     assert client.post(f"/api/studies/{refused.study_instance_uid}/review", json={"verdict": "agree"},
                        headers=BEARER).status_code == 409

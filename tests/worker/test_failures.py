@@ -8,11 +8,13 @@ from dataclasses import asdict
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 
-from config.settings import load_settings
 from common import audit
+from common.dead_letters import ANALYSIS_STAGE, AnalysisJob, DeadLetters, DeliveryJob
+from common.publisher import Publisher
+from common.results import DeliveryStatus, StudyStatus
+from config.settings import load_settings
 from tests.kit.worker import make_message
-from worker.deliver import ANALYSIS_STAGE, AnalysisJob, DeliveryJob
-from worker.record import DeliveryStatus, StudyStatus
+from worker.record import MODEL_UNAVAILABLE, Model
 
 SECRET = "Secretname^Patient"  # what an exception message might quote from a DICOM header
 
@@ -44,6 +46,10 @@ def analyse(tasks, message) -> dict:
     return tasks.analyse_study_task.apply(args=[message.model_dump(mode="json")]).get()
 
 
+def dead_letters(tasks) -> DeadLetters:
+    return DeadLetters(tasks.store())
+
+
 def test_any_exception_in_the_analysis_ends_the_round_as_failed_and_replayable(worker, study_files,
                                                                              monkeypatch) -> None:
     def explode(*_args, **_kwargs):
@@ -55,21 +61,23 @@ def test_any_exception_in_the_analysis_ends_the_round_as_failed_and_replayable(w
 
     assert answer["failed"] is True
     row = worker.store().result(message.message_id)
-    reason = row.images[0]["error"]
+    reason = row.images[0].error
     assert row.status == StudyStatus.FAILED and reason.startswith("ValueError in worker/test_failures.py:")
     assert "(explode)" in reason and SECRET not in reason
     [event] = events(worker, "failed")
     assert (event["stage"], event["final"], event["outcome"]) == ("analysis", True, reason)
     assert SECRET not in worker.current_settings().audit.path.read_text()
-    [letter] = worker.dead_letters_for(worker.current_settings(), worker.store()).list()
+    [letter] = dead_letters(worker).list()
     assert letter.id == event["dead_letter"] and isinstance(letter.job, AnalysisJob)
     assert (letter.job.destination, letter.job.message_id) == (ANALYSIS_STAGE, message.message_id)
     assert analyse(worker, message)["skipped"] is True  # a redelivered copy: failed is a final outcome
 
     monkeypatch.undo()  # the bug is fixed; the operator replays the dead letter
-    assert worker.replay_dead_letter(worker.current_settings(), letter.id) is not None
+    publisher = Publisher(worker.current_settings().broker.url)
+    assert dead_letters(worker).replay(letter.id, publisher) is not None
+    publisher.close()
     assert worker.store().result(message.message_id).status == StudyStatus.REQUEUED
-    assert worker.dead_letters_for(worker.current_settings(), worker.store()).list() == []
+    assert dead_letters(worker).list() == []
     assert events(worker, "replayed")[0]["outcome"] == "queued for analysis"
     answer = analyse(worker, message)  # what the worker does with the replayed message
     assert answer["destinations"] == ["files"]
@@ -84,7 +92,7 @@ def test_the_soft_time_limit_and_a_model_that_cannot_load_are_failures_too(worke
     slow = make_message([study_files["frontal"]])
     monkeypatch.setattr(worker, "analyse_study", too_slow)
     analyse(worker, slow)
-    assert worker.store().result(slow.message_id).images[0]["error"] == "analysis took longer than 300 s"
+    assert worker.store().result(slow.message_id).images[0].error == "analysis took longer than 300 s"
 
     def no_weights(*_args, **_kwargs):
         raise FileNotFoundError(2, "No such file or directory", "/weights/model.safetensors")
@@ -93,18 +101,18 @@ def test_the_soft_time_limit_and_a_model_that_cannot_load_are_failures_too(worke
     monkeypatch.setattr(worker, "load_model", no_weights)
     analyse(worker, broken)
     row = worker.store().result(broken.message_id)
-    assert row.status == StudyStatus.FAILED and row.model_version == worker.MODEL_UNAVAILABLE
-    assert row.images[0]["error"].endswith("(no_weights): No such file or directory")
-    assert len(worker.dead_letters_for(worker.current_settings(), worker.store()).list()) == 2
+    assert row.status == StudyStatus.FAILED and row.model_version == MODEL_UNAVAILABLE
+    assert row.images[0].error.endswith("(no_weights): No such file or directory")
+    assert len(dead_letters(worker).list()) == 2
 
 
 def test_a_failure_never_overwrites_an_outcome_another_attempt_recorded(worker, study_files) -> None:
     message = make_message([study_files["lateral"]])
     analyse(worker, message)
     outcome = worker.store().result(message.message_id).status
-    answer = worker.record_analysis_failure(message, None, "a late failure of a duplicate attempt")
+    answer = worker.analysis_failed(message, Model.of(None), "a late failure of a duplicate attempt")
     assert answer["skipped"] is True and worker.store().result(message.message_id).status == outcome
-    assert worker.dead_letters_for(worker.current_settings(), worker.store()).list() == []
+    assert dead_letters(worker).list() == []
 
 
 def test_an_unexpected_exception_while_sending_dead_letters_the_delivery(worker, monkeypatch) -> None:
@@ -115,7 +123,7 @@ def test_an_unexpected_exception_while_sending_dead_letters_the_delivery(worker,
     job = DeliveryJob("m1", "1.2.3", "files", ["/outbox/1.2.3/1.2.3.4.dcm"])
     worker.store().update_delivery("m1", "files", status=DeliveryStatus.PENDING, attempts=0)
     assert worker.deliver_task.apply(args=[asdict(job)]).get() == "failed"  # no retry: it would fail the same way
-    [letter] = worker.dead_letters_for(worker.current_settings(), worker.store()).list()
+    [letter] = dead_letters(worker).list()
     assert letter.job == job and letter.error.startswith("ValueError in worker/test_failures.py:")
     assert SECRET not in letter.error and SECRET not in worker.current_settings().audit.path.read_text()
     [delivery] = worker.store().deliveries("m1")

@@ -47,7 +47,7 @@ def job_for(site, accession: str) -> dict:
     [row] = site.store.study_results(site.studies[accession].study_uid)
     return asdict(Hl7Job(row.message_id, "ris", row.study_instance_uid, row.finding, row.probability, row.threshold,
                          row.model_version, row.model_sha256, row.analysed_at.isoformat(), row.accession_number,
-                         [uid for image in row.images for uid in (image["sr_uid"], image["sc_uid"]) if uid]))
+                         [uid for image in row.images for uid in (image.sr_uid, image.sc_uid) if uid]))
 
 
 def test_positive_study_gives_an_oru_with_abnormal_flag_and_patient_id(site, hl7_worker) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from common.results import StudyStatus
 from inference.classifier import load_classifier
 from tests.kit.data import DICOM_SAMPLES, require
 from tests.kit.dicom_checks import dciodvfy_errors
@@ -26,7 +27,7 @@ from worker.encode.vr_values import clean_value
 from worker.pipeline import analyse_study, device_uid_for
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
-OUTCOMES = {"analysed", "not_analysed", "outside_use"}
+OUTCOMES = {StudyStatus.ANALYSED, StudyStatus.NOT_ANALYSED, StudyStatus.OUTSIDE_USE}
 FUZZ_EXAMPLES = 50  # with REAL_SAMPLE_EXAMPLES, about a minute on two cores: each runs the pipeline and dciodvfy
 REAL_SAMPLE_EXAMPLES = 12
 
@@ -148,8 +149,8 @@ def broken_study(classifier, tmp_path_factory) -> dict[str, dict]:
     by_stem = {path.stem: path for path in outcome.files}
     results = {}
     for case, image in zip(CASES, outcome.images):
-        results[case] = {"image": image, "outcome": outcome, "sr": by_stem[image["sr_uid"]],
-                         "sc": by_stem[image["sc_uid"]] if image["sc_uid"] else None}
+        results[case] = {"image": image, "outcome": outcome, "sr": by_stem[image.sr_uid],
+                         "sc": by_stem[image.sc_uid] if image.sc_uid else None}
     return results
 
 
@@ -168,7 +169,7 @@ def output_of(broken_study, case: str, kind: str = "sr"):
 
 def test_ages_are_repaired(broken_study) -> None:
     assert output_of(broken_study, "age without unit (12)").PatientAge == "012Y"
-    assert "12 years" in broken_study["age without unit (12)"]["image"]["not_analysed_reason"]  # no population
+    assert "12 years" in broken_study["age without unit (12)"]["image"].not_analysed_reason  # no population
     assert output_of(broken_study, "age with a space (5 Y)").PatientAge == "005Y"
     assert output_of(broken_study, "wrong VRs").PatientAge == "004Y"
     assert "PatientAge" not in output_of(broken_study, "invalid numbers")
@@ -298,9 +299,9 @@ def assert_valid_outcome(dataset, damage: dict[str, bytes], charset: bytes | Non
         outcome = analyse_study(make_message([path]), classifier, classifier.intended_use(policy=policy),
                                 Path(folder) / "outbox", device_uid=device_uid_for("LUNGVISION"), max_long_side=256)
         assert outcome.status in OUTCOMES
-        assert len(outcome.images) == 1 and outcome.images[0]["sr_uid"]
+        assert len(outcome.images) == 1 and outcome.images[0].sr_uid
         # shown by pytest --hypothesis-show-statistics: how many examples made an SC
-        event(f"{outcome.status} ({outcome.images[0]['gate_reason'] or 'no gate rule'})")
+        event(f"{outcome.status} ({outcome.images[0].gate_reason or 'no gate rule'})")
         for output in outcome.files:
             assert dciodvfy_errors(output) == [], (sorted(damage), dcmread(output).SOPClassUID == SC_CLASS)
 

@@ -4,6 +4,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from common.results import Finding, GateReason, StudyStatus
 from inference.classifier import load_classifier
 from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, dciodvfy_errors, sr_values
 from tests.kit.worker import make_message
@@ -22,7 +23,7 @@ def test_one_sc_per_analysed_image_and_one_sr_per_image(outcome) -> None:
     classes = [dcmread(path, stop_before_pixels=True).SOPClassUID for path in outcome.files]
     assert classes.count(SC_CLASS) == 1
     assert classes.count(COMPREHENSIVE_SR_CLASS) == 3
-    assert [image["not_analysed_reason"] for image in outcome.images] == [
+    assert [image.not_analysed_reason for image in outcome.images] == [
         None, "lateral view (ViewPosition LL)", "body part KNEE is not the chest"]
 
 
@@ -92,13 +93,14 @@ def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_pat
     outcome = analyse_study(make_message(adult_and_child), classifier, classifier.intended_use(), tmp_path / "outbox",
                             device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
     adult, child = outcome.images
-    assert adult["probability"] is None and adult["sc_uid"] is None and adult["intended_use"] is False
-    assert adult["gate_reason"] == "age" and "12 years" in adult["not_analysed_reason"]
-    assert child["probability"] is not None and child["intended_use"] is True
-    assert outcome.status == "analysed" and outcome.gate_counts() == {"refused": {"age": 1}, "flagged": {}}
-    adult_sr = dcmread(next(path for path in outcome.files if path.stem == adult["sr_uid"]))
+    assert adult.probability is None and adult.sc_uid is None and adult.intended_use is False
+    assert adult.gate_reason is GateReason.AGE and "12 years" in adult.not_analysed_reason
+    assert child.probability is not None and child.intended_use is True
+    assert outcome.status is StudyStatus.ANALYSED
+    assert outcome.gate_counts() == {"refused": {"age": 1}, "flagged": {}}
+    adult_sr = dcmread(next(path for path in outcome.files if path.stem == adult.sr_uid))
     values = sr_values(adult_sr)
-    assert values["Image not analysed"] == [adult["not_analysed_reason"]]
+    assert values["Image not analysed"] == [adult.not_analysed_reason]
     assert values["Outside intended use"] == ["Patient age outside the model's population"]
     assert "Pneumonia probability (calibrated)" in values  # the study-level group (from the child) only
     assert len(values["Pneumonia probability (calibrated)"]) == 1
@@ -113,10 +115,10 @@ def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> 
     outcome = analyse_study(make_message(adult_and_child[:1]), classifier, gate, tmp_path / "outbox",
                             device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
     (adult,) = outcome.images
-    assert adult["probability"] is not None and adult["sc_uid"] and adult["intended_use"] is False
+    assert adult.probability is not None and adult.sc_uid and adult.intended_use is False
     assert outcome.gate_counts() == {"refused": {}, "flagged": {"age": 1}}
     assert "12 years" in outcome.remark
-    values = sr_values(dcmread(next(path for path in outcome.files if path.stem == adult["sr_uid"])))
+    values = sr_values(dcmread(next(path for path in outcome.files if path.stem == adult.sr_uid)))
     assert "Patient age outside the model's population" in values["Outside intended use"]
 
 
@@ -124,7 +126,8 @@ def test_every_image_refused_makes_the_round_outside_use(adult_and_child, tmp_pa
     classifier = load_classifier()
     outcome = analyse_study(make_message(adult_and_child[:1]), classifier, classifier.intended_use(),
                             tmp_path / "outbox", device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
-    assert outcome.status == "outside_use" and outcome.finding == "NOT_ANALYSED" and outcome.top is None
+    assert outcome.status is StudyStatus.OUTSIDE_USE and outcome.finding is Finding.NOT_ANALYSED
+    assert outcome.top is None
 
 
 def test_each_image_gets_its_populations_operating_point(two_population_weights, tmp_path) -> None:
@@ -144,21 +147,21 @@ def test_each_image_gets_its_populations_operating_point(two_population_weights,
     outcome = analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox",
                             device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
     adult, child, gap = outcome.images
-    assert (adult["population"], adult["threshold"], adult["operating_point"]) == ("adults", 0.7, "shipped / adults")
-    assert (child["population"], child["threshold"], child["operating_point"]) == \
+    assert (adult.population, adult.threshold, adult.operating_point) == ("adults", 0.7, "shipped / adults")
+    assert (child.population, child.threshold, child.operating_point) == \
         ("children", 0.2, "shipped / children")
-    assert gap["probability"] is None and gap["gate_reason"] == "age" and gap["population"] is None
-    assert "populations 1 to <6, 18 to <90 years" in gap["not_analysed_reason"]
+    assert gap.probability is None and gap.gate_reason is GateReason.AGE and gap.population is None
+    assert "populations 1 to <6, 18 to <90 years" in gap.not_analysed_reason
     # the same pixels: one logit, two temperatures and thresholds
-    assert adult["logit"] == pytest.approx(child["logit"], abs=1e-4)
-    assert adult["positive"] == (adult["probability"] >= 0.7) and child["positive"] == (child["probability"] >= 0.2)
+    assert adult.logit == pytest.approx(child.logit, abs=1e-4)
+    assert adult.positive == (adult.probability >= 0.7) and child.positive == (child.probability >= 0.2)
     for image, threshold in ((adult, 0.7), (child, 0.2)):
-        values = sr_values(dcmread(next(path for path in outcome.files if path.stem == image["sr_uid"])))
-        assert f"operating point shipped / {image['population']} (threshold {threshold:.4f})" in \
+        values = sr_values(dcmread(next(path for path in outcome.files if path.stem == image.sr_uid)))
+        assert f"operating point shipped / {image.population} (threshold {threshold:.4f})" in \
             values["Algorithm Parameters"]
         assert values["Decision threshold"] == [pytest.approx(threshold)]
     top = outcome.top  # the study's finding: a positive image first, then the highest probability
-    assert top.positive == any(image["positive"] for image in (adult, child))
+    assert top.positive == any(image.positive for image in (adult, child))
     assert outcome.operating_point is top.operating_point
     for path in outcome.files:
         assert dciodvfy_errors(path) == [], path.name

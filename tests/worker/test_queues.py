@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import load_settings
-from common.messages import ANALYSE_STUDY_TASK
 from common import audit
+from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, HL7_TASK
+from common.publisher import Publisher
+from config.settings import load_settings
 from worker import celery_app
-from worker.deliver import DELIVER_TASK
-from worker.hl7_result import HL7_TASK
 from worker.queues import ANALYSIS_QUEUE, CONSUMED_QUEUES, DELIVERY_QUEUE
-from worker.reconcile import Publisher
 
 DRAIN_TIMEOUT_S = 10.0
 

@@ -1,5 +1,5 @@
 """Reconciliation: the claim and sweeper decisions (fake clock), the claim and the sweeper on a real
-SQLite store and spool (fake publisher), the store's schema creation racing another process."""
+SQLite store and spool (fake publisher), kombu's Redis restore options."""
 
 import json
 import os
@@ -9,17 +9,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import OperationalError
 
+from common import audit
+from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, BrokerUnavailable
+from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
+from common.spool import ArrivalRecord, Spool
+from common.store import RoundState, Store, StudyResult
 from config.settings import load_settings
 from dicom_node.dispatcher import build_study_ready
-from common.messages import ANALYSE_STUDY_TASK, BrokerUnavailable
-from common.spool import ArrivalRecord, Spool
-from common import audit
-from worker.deliver import DELIVER_TASK
 from worker.reconcile import (Action, Claim, Limits, Sweeper, claim_decision, claim_round, owner_alive,
                               process_identity, sweep_decision)
-from worker.record import DeliveryStatus, RoundState, Store, StudyResult, StudyStatus
 
 LIMITS = Limits(requeue_after_s=60, time_limit_s=300, max_attempts=3, retry_max_delay_s=120)
 ME, OTHER = "host/ns/1", "host/ns/2"
@@ -85,9 +84,9 @@ def test_owner_alive_tells_a_gone_process_of_this_host_only() -> None:
 
 def placeholder(message_id: str) -> StudyResult:
     return StudyResult(message_id=message_id, study_instance_uid="1.2.3", round=1, calling_ae="AE", modality=None,
-                       accession_number=None, status=StudyStatus.ANALYSING, finding="PENDING", probability=None,
-                       threshold=0.5, model_version="m 1", model_sha256="ab" * 32, images=[], timings_ms={},
-                       received_at=datetime.now(timezone.utc))
+                       accession_number=None, status=StudyStatus.ANALYSING, finding=Finding.PENDING,
+                       probability=None, threshold=0.5, model_version="m 1", model_sha256="ab" * 32, images=[],
+                       timings_ms={}, received_at=datetime.now(timezone.utc))
 
 
 def test_of_two_processes_claiming_one_round_one_analyses_it(tmp_path) -> None:
@@ -271,7 +270,7 @@ def test_a_send_that_finds_the_broker_down_is_tried_again_later(site) -> None:
 
 def test_a_silent_delivery_is_sent_again_where_its_attempts_stopped(site) -> None:
     result = replace_status(placeholder("m1"), StudyStatus.ANALYSED)
-    result.images = [{"sc_uid": "1.2.3.10", "sr_uid": "1.2.3.11"}, {"sc_uid": None, "sr_uid": "1.2.3.12"}]
+    result.images = [ImageResult(sc_uid="1.2.3.10", sr_uid="1.2.3.11"), ImageResult(sr_uid="1.2.3.12")]
     site.store.save_result(result)
     site.store.update_delivery("m1", "pacs", status=DeliveryStatus.RETRYING, attempts=2, error="timeout")
     site.store.update_delivery("m1", "archive", status=DeliveryStatus.PENDING, attempts=0)
@@ -290,25 +289,6 @@ def test_a_silent_delivery_is_sent_again_where_its_attempts_stopped(site) -> Non
     sweeper.sweep()
     assert {(task_id, retries) for _, _, task_id, retries in site.publisher.sent[1:]} == {("m1:pacs", 2),
                                                                                           ("m1:archive", 0)}
-
-
-# --- the store's schema ----------------------------------------------------------------------------
-
-def test_creating_the_schema_survives_another_process_creating_it_at_the_same_moment(tmp_path, monkeypatch) -> None:
-    from worker import record
-
-    real_create_all, calls = record.Base.metadata.create_all, []
-
-    def collide_once(engine) -> None:
-        calls.append(engine)
-        if len(calls) == 1:
-            real_create_all(engine)  # "the other process" wins...
-            raise OperationalError("CREATE TABLE study_results", {}, Exception("table study_results already exists"))
-        real_create_all(engine)
-
-    monkeypatch.setattr(record.Base.metadata, "create_all", collide_once)
-    store = Store(f"sqlite:///{tmp_path}/fresh.db")
-    assert len(calls) == 2 and store.results() == []
 
 
 # --- kombu's Redis restore -------------------------------------------------------------------------

@@ -7,9 +7,13 @@ from datetime import datetime, timezone
 import pytest
 import sqlalchemy
 
-from config.settings import ConfigError, load_settings
-from worker.deliver import choose_destinations, retry_delay_s
-from worker.record import Store, StudyResult
+from typing import get_args
+
+from common.dead_letters import DeadLetters, DeliveryJob, new_dead_letter
+from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
+from common.store import Store, StudyResult
+from config.settings import ConfigError, RoutingRule, load_settings
+from worker.deliver import RouteResult, choose_destinations, retry_delay_s
 
 DESTINATIONS = [
     {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104},
@@ -20,7 +24,7 @@ DESTINATIONS = [
 
 def test_without_rules_every_destination_gets_everything() -> None:
     settings = load_settings(destinations=DESTINATIONS)
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NEGATIVE") == [
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding=Finding.NEGATIVE) == [
         "pacs", "priority", "er"]
 
 
@@ -30,10 +34,18 @@ def test_rules_route_by_result_calling_ae_and_modality() -> None:
         {"result": "positive", "destinations": ["priority"]},
         {"calling_ae": "ER_CR1", "modality": "CR", "destinations": ["er"]},
     ])
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="POSITIVE") == ["pacs", "priority"]
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NEGATIVE") == ["pacs"]
-    assert choose_destinations(settings, calling_ae="ER_CR1", modalities={"CR"}, finding="NOT_ANALYSED") == ["pacs", "er"]
-    assert choose_destinations(settings, calling_ae="ER_CR1", modalities={"DX"}, finding="NEGATIVE") == ["pacs"]
+    def chosen(calling_ae: str, modality: str, finding: Finding) -> list[str]:
+        return choose_destinations(settings, calling_ae=calling_ae, modalities={modality}, finding=finding)
+
+    assert chosen("X", "CR", Finding.POSITIVE) == ["pacs", "priority"]
+    assert chosen("X", "CR", Finding.NEGATIVE) == ["pacs"]
+    assert chosen("ER_CR1", "CR", Finding.NOT_ANALYSED) == ["pacs", "er"]
+    assert chosen("ER_CR1", "DX", Finding.NEGATIVE) == ["pacs"]
+
+
+def test_the_route_results_are_those_a_routing_rule_may_name() -> None:
+    (literal, _none) = get_args(RoutingRule.model_fields["result"].annotation)
+    assert {result.value for result in RouteResult} == set(get_args(literal))
 
 
 def test_a_rule_naming_an_unknown_destination_is_a_config_error() -> None:
@@ -51,24 +63,25 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_maximum() -> None:
 
 def _result(message_id: str) -> StudyResult:
     return StudyResult(message_id=message_id, study_instance_uid="1.2.3", round=1, calling_ae="AE", modality="CR",
-                       accession_number=None, status="analysed", finding="POSITIVE", probability=0.9, threshold=0.5,
-                       model_version="m 1", model_sha256="ab" * 32, images=[{"sop_instance_uid": "1.2.3.4"}],
+                       accession_number=None, status=StudyStatus.ANALYSED, finding=Finding.POSITIVE,
+                       probability=0.9, threshold=0.5, model_version="m 1", model_sha256="ab" * 32,
+                       images=[ImageResult(sop_instance_uid="1.2.3.4")],
                        timings_ms={"encode": 1.0}, received_at=datetime.now(timezone.utc))
 
 
 def _exercise(store: Store) -> None:
     message_id = uuid.uuid4().hex
     store.save_result(_result(message_id))
-    store.update_delivery(message_id, "pacs", status="pending", attempts=0)
-    store.update_delivery(message_id, "priority", status="pending", attempts=0)
-    store.update_delivery(message_id, "pacs", status="delivered", attempts=1)
-    assert store.result(message_id).status == "analysed"
-    store.update_delivery(message_id, "priority", status="delivered", attempts=2)
-    assert store.result(message_id).status == "delivered"
+    store.update_delivery(message_id, "pacs", status=DeliveryStatus.PENDING, attempts=0)
+    store.update_delivery(message_id, "priority", status=DeliveryStatus.PENDING, attempts=0)
+    store.update_delivery(message_id, "pacs", status=DeliveryStatus.DELIVERED, attempts=1)
+    assert store.result(message_id).status is StudyStatus.ANALYSED
+    store.update_delivery(message_id, "priority", status=DeliveryStatus.DELIVERED, attempts=2)
+    assert store.result(message_id).status is StudyStatus.DELIVERED
     assert {(d.destination, d.attempts) for d in store.deliveries(message_id)} == {("pacs", 1), ("priority", 2)}
-    store.update_delivery(message_id, "priority", status="failed", attempts=5, error="no answer")
-    assert store.result(message_id).status == "failed"
-    assert store.result(message_id).images == [{"sop_instance_uid": "1.2.3.4"}]
+    store.update_delivery(message_id, "priority", status=DeliveryStatus.FAILED, attempts=5, error="no answer")
+    assert store.result(message_id).status is StudyStatus.FAILED
+    assert store.result(message_id).images == [ImageResult(sop_instance_uid="1.2.3.4")]
 
 
 def test_sqlite_store(tmp_path) -> None:
@@ -99,13 +112,8 @@ def test_folder_destination_copies_the_outbox_layout(tmp_path) -> None:
 
 
 def test_dead_letters_live_in_the_store_without_redis(tmp_path) -> None:
-    from worker.deliver import DeliveryJob, StoreDeadLetters, dead_letters_for
-
-    store = Store(f"sqlite:///{tmp_path}/outcomes.db")
-    settings = load_settings(broker={"url": "sqla+sqlite:///x.db", "result_backend": "db+sqlite:///y.db"})
-    letters = dead_letters_for(settings, store)
-    assert isinstance(letters, StoreDeadLetters)
-    letter = letters.add(DeliveryJob("m1", "1.2.3", "pacs", ["a.dcm"]), "refused", 5)
+    letters = DeadLetters(Store(f"sqlite:///{tmp_path}/outcomes.db"))
+    letter = letters.add(new_dead_letter(DeliveryJob("m1", "1.2.3", "pacs", ["a.dcm"]), "refused", 5))
     assert [(found.id, found.job.destination) for found in letters.list()] == [(letter.id, "pacs")]
     assert letters.take(letter.id).error == "refused"
     assert letters.take(letter.id) is None and letters.list() == []
@@ -116,7 +124,7 @@ def test_a_study_outside_the_intended_use_matches_not_analysed_and_its_own_rules
         {"result": "not_analysed", "destinations": ["pacs"]},
         {"result": "outside_intended_use", "destinations": ["er"]},
     ])
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NOT_ANALYSED",
-                               status="outside_use") == ["pacs", "er"]
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding="NOT_ANALYSED",
-                               status="not_analysed") == ["pacs"]
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding=Finding.NOT_ANALYSED,
+                               status=StudyStatus.OUTSIDE_USE) == ["pacs", "er"]
+    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding=Finding.NOT_ANALYSED,
+                               status=StudyStatus.NOT_ANALYSED) == ["pacs"]

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from config.settings import load_settings
 from common import audit
+from common.results import Finding, StudyStatus
+from config.settings import load_settings
 from tests.kit.worker import make_message
-from worker.record import OUTSIDE_USE
 
 
 @pytest.fixture
@@ -47,8 +47,8 @@ def analysed_event(settings) -> dict:
 def test_shadow_mode_sends_nothing_but_records_everything(study_files, run_task) -> None:
     answer, result, settings = run_task([study_files["frontal"]], shadow_mode=True)
     assert answer["destinations"] == []
-    assert result.status == "analysed" and result.finding in ("POSITIVE", "NEGATIVE")
-    assert result.images[0]["logit"] is not None and result.images[0]["operating_point"] == "shipped / children"
+    assert result.status is StudyStatus.ANALYSED and result.finding in (Finding.POSITIVE, Finding.NEGATIVE)
+    assert result.images[0].logit is not None and result.images[0].operating_point == "shipped / children"
     event = analysed_event(settings)
     assert event["shadow_mode"] is True and event["destinations"] == []
 
@@ -60,8 +60,8 @@ def test_without_shadow_mode_the_destination_is_chosen(study_files, run_task) ->
 
 def test_a_refused_study_is_outside_use_and_audited_by_rule(study_files, run_task) -> None:
     answer, result, settings = run_task([study_files["lateral"]], shadow_mode=True)
-    assert answer["finding"] == "NOT_ANALYSED"
-    assert result.status == OUTSIDE_USE and result.probability is None
+    assert answer["finding"] == Finding.NOT_ANALYSED
+    assert result.status is StudyStatus.OUTSIDE_USE and result.probability is None
     assert analysed_event(settings)["outside_intended_use"] == {"refused": {"view": 1}, "flagged": {}}
 
 
@@ -74,5 +74,5 @@ def test_the_task_records_the_population_and_point_of_each_image(two_population_
     answer, result, settings = run_task([write_dataset(adult, tmp_path / "adult.dcm")],
                                         model={"weights_dir": str(two_population_weights)}, shadow_mode=True)
     (image,) = result.images
-    assert (image["population"], image["operating_point"], image["threshold"]) == ("adults", "shipped / adults", 0.7)
+    assert (image.population, image.operating_point, image.threshold) == ("adults", "shipped / adults", 0.7)
     assert result.threshold == 0.7 and analysed_event(settings)["operating_point"] == "shipped / adults"
