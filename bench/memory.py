@@ -69,6 +69,7 @@ class Snapshot:
 
     processes: list[Memory]
     worker_distinct_kib: int | None
+    worker_distinct_without_cuda_kib: int | None  # the same, less the pages of the CUDA libraries' mappings
 
     def worker_total(self) -> Memory:
         worker = [row for row in self.processes if row.role.startswith("worker")]
@@ -99,15 +100,20 @@ def mappings(pid: int) -> list[tuple[int, int, str, dict[str, int]]]:
 
 
 def cuda_library_pss(pid: int) -> int:
-    return sum(figures["Pss"] for _, _, path, figures in mappings(pid) if any(part in path for part in CUDA_LIBRARIES))
+    return sum(figures["Pss"] for _, _, path, figures in mappings(pid) if is_cuda_library(path))
 
 
-def resident_frames(pid: int) -> np.ndarray:
-    """The physical page frame numbers of the process's resident pages (all 0 without CAP_SYS_ADMIN)."""
+def is_cuda_library(path: str) -> bool:
+    return any(part in path for part in CUDA_LIBRARIES)
+
+
+def resident_frames(pid: int, without_cuda: bool = False) -> np.ndarray:
+    """The physical page frame numbers of the process's resident pages (all 0 without CAP_SYS_ADMIN);
+    ``without_cuda``: not those of the CUDA libraries' mappings."""
     frames = []
     with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
-        for start, end, _path, figures in mappings(pid):
-            if figures.get("Rss", 0) == 0:
+        for start, end, path, figures in mappings(pid):
+            if figures.get("Rss", 0) == 0 or (without_cuda and is_cuda_library(path)):
                 continue
             pagemap.seek(start // PAGE * 8)
             entries = np.frombuffer(pagemap.read((end - start) // PAGE * 8), dtype="<u8")
@@ -115,9 +121,9 @@ def resident_frames(pid: int) -> np.ndarray:
     return np.concatenate(frames) if frames else np.empty(0, dtype="<u8")
 
 
-def distinct_kib(pids: list[int]) -> int | None:
+def distinct_kib(pids: list[int], without_cuda: bool = False) -> int | None:
     """KiB of the distinct physical pages the processes hold together (None when the kernel hides frames)."""
-    frames = np.unique(np.concatenate([resident_frames(pid) for pid in pids]))
+    frames = np.unique(np.concatenate([resident_frames(pid, without_cuda) for pid in pids]))
     if frames.size and not frames.any():
         return None
     return int(frames.size) * PAGE // 1024
@@ -213,7 +219,8 @@ class Deployment:
     def measure(self) -> Snapshot:
         worker = worker_processes(self.worker.pid)
         processes = [memory_of("node", self.node.pid)] + [memory_of(role, pid) for role, pid in worker]
-        return Snapshot(processes, distinct_kib([pid for _, pid in worker]))
+        pids = [pid for _, pid in worker]
+        return Snapshot(processes, distinct_kib(pids), distinct_kib(pids, without_cuda=True))
 
     def _check_alive(self) -> None:
         for name, process in (("node", self.node), ("worker", self.worker)):
@@ -242,7 +249,8 @@ def print_table(title: str, snapshot: Snapshot) -> None:
     for row in [*snapshot.processes, snapshot.worker_total()]:
         print(f"  {row.role:<16} {row.pid or '':>7} {mib(row.rss_kib):>9} {mib(row.pss_kib):>9} "
               f"{mib(row.private_kib):>12} {mib(row.cuda_pss_kib):>14}")
-    print(f"  worker, distinct pages: {mib(snapshot.worker_distinct_kib)} MiB")
+    print(f"  worker, distinct pages: {mib(snapshot.worker_distinct_kib)} MiB; without the CUDA libraries' "
+          f"mappings (≈ a CPU-only torch): {mib(snapshot.worker_distinct_without_cuda_kib)} MiB")
 
 
 def run(concurrency: int, studies: list[Path], folder: Path, repo: Path) -> dict[str, Snapshot]:

@@ -10,7 +10,8 @@ split evenly). Receivers, each started fresh on a loopback port with an empty ou
 * ``storescp --fork`` (a child process per association), default mode (decodes, re-encodes, writes,
   no fsync) and ``+B`` bit-preserving mode (writes the bytes as received, no fsync).
 
-Both sides use a 128 KiB maximum PDU. dcmtk leaves Nagle's algorithm on unless ``TCP_NODELAY=1``
+``--baseline DIR``: the node of another checkout (e.g. one from before a change) is measured too, on
+the same files in the same run, with its ratio. Both sides use a 128 KiB maximum PDU. dcmtk leaves Nagle's algorithm on unless ``TCP_NODELAY=1``
 is set in its environment; that setting changes both the sender's and storescp's behaviour a lot
 on loopback, so the whole table is measured twice: dcmtk's default, then ``TCP_NODELAY=1`` for
 every dcmtk process (sender and storescp). Prints the tables; nothing is asserted.
@@ -94,7 +95,7 @@ def dcmtk(tool: str) -> str:
     return found
 
 
-def start_node(port: int, output: Path) -> subprocess.Popen:
+def start_node(port: int, output: Path, repo: Path = REPO) -> subprocess.Popen:
     config = output.parent / f"{output.name}.yaml"
     config.write_text(yaml.safe_dump({
         "log_level": "WARNING",
@@ -102,7 +103,7 @@ def start_node(port: int, output: Path) -> subprocess.Popen:
         "spool": {"dir": str(output), "stable_seconds": 3600, "min_free_bytes": 0},
         "broker": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}"},
     }))
-    return subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config)], cwd=repo,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -152,7 +153,10 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--instances", type=int, default=48, help="instances per measurement (multiple of 8)")
-    count = parser.parse_args().instances
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout whose node is measured too (e.g. one from before a change)")
+    arguments = parser.parse_args()
+    count, baseline = arguments.instances, arguments.baseline
     with tempfile.TemporaryDirectory(dir=REPO / "var" if (REPO / "var").is_dir() else None) as scratch:
         workdir = Path(scratch)
         source = workdir / "source"
@@ -164,7 +168,8 @@ def main() -> None:
         for mode, env in NAGLE_MODES.items():
             print(f"\n{mode}")
             print(f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
-                  f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}")
+                  f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}"
+                  + (f" | {'baseline node':>13} | {'node/baseline':>13}" if baseline else ""))
             for associations in (1, 8):
                 folders = split(paths, associations, workdir / f"nagle-{'off' if 'TCP_NODELAY' in env else 'on'}")
                 node = measure(start_node, spooled_instances, folders, count, workdir, "node", env)
@@ -172,8 +177,13 @@ def main() -> None:
                                 count, workdir, "storescp", env)
                 bit = measure(lambda port, out: start_storescp(port, out, True, env), storescp_files, folders,
                               count, workdir, "storescp-B", env)
-                print(f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
-                      f"{bit:>18.1f} | {node / bit:>16.2f}")
+                row = (f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
+                       f"{bit:>18.1f} | {node / bit:>16.2f}")
+                if baseline is not None:
+                    before = measure(lambda port, out: start_node(port, out, baseline.resolve()), spooled_instances,
+                                     folders, count, workdir, "baseline", env)
+                    row += f" | {before:>13.1f} | {node / before:>13.2f}"
+                print(row)
 
 
 if __name__ == "__main__":

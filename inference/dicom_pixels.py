@@ -151,18 +151,21 @@ def dataset_to_gray(ds: Dataset) -> np.ndarray:
     if photometric in GRAY_PHOTOMETRICS:
         lut_view = _lut_view(ds, transfer_syntax)
         values = _apply_modality(pixels, lut_view)
-        values = _apply_voi(values, lut_view)
-        values = np.asarray(values, dtype=np.float64)
+        values = np.asarray(_apply_voi(values, lut_view))
         if _is_inverted(ds, photometric):
+            # exact: stored integers (no rescale or window) in a wider integer, anything else in float64
+            wide = (np.int32 if values.dtype.itemsize <= 2 else np.int64) if values.dtype.kind in "iu" else np.float64
+            values = values.astype(wide)
             values = values.max() + values.min() - values
-        gray = values
+        gray = values  # to float32 below: the same values as through float64, with fewer passes
     else:
         gray = _colour_to_gray(pixels, decoded_photometric, ds)
 
+    checked = gray.dtype.kind in "iu"  # integers are finite
     gray = np.asarray(gray, dtype=np.float32)
     if gray.ndim != 2:
         raise UnsupportedImage(f"decoded pixels have shape {gray.shape}, expected 2-D", reason="dimensions")
-    if not np.isfinite(gray).all():
+    if not checked and not np.isfinite(gray).all():
         raise UnsupportedImage("pixel values are not finite after the Modality LUT", reason="modality_lut")
     return gray
 

@@ -8,10 +8,17 @@ its first parallel region. So the parent runs torch on one thread (no OpenMP thr
 started there) and each pool process sets its own share of the cores after the fork.
 """
 
+import ctypes
 import gc
 import logging
 import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pydicom import dcmread
 
 from config.settings import Settings
 
@@ -26,11 +33,69 @@ def load_before_fork(settings: Settings) -> None:
     import torch
 
     torch.set_num_threads(1)  # before any torch work here: see the module's note on OpenMP and fork
-    _load_model(settings)
+    release_large_blocks()  # inherited by the pool processes
+    classifier = _load_model(settings)
+    if classifier is not None:
+        warm_up(classifier, settings)
     # Move everything alive now out of the garbage collector's sight, so collections in the pool
     # processes do not write to (and so copy) the pages of the objects they inherited.
     gc.collect()
     gc.freeze()
+
+
+_warm_up_ms: float | None = None  # set by warm_up in the parent; the pool processes inherit it and log it
+
+
+def warm_up(classifier: "Classifier", settings: Settings) -> None:
+    """Run one synthetic study through analyse and encode, in the parent: the lazy loads of a first study
+    happen here once — highdicom's map of the standard (≈ 60 MB of Python objects, parsed from JSON on
+    first use), fonts, colour maps, codecs — in pages the pool processes share, and none of them pays
+    for them on its first real study."""
+    import numpy as np
+
+    from common.messages import InstanceRef, StudyReady
+    from inference.sample_dicom import wrap_image, write_dataset
+    from worker.pipeline import analyse_study, device_uid_for
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lungvision-warm-up-") as folder:
+        pixels = np.linspace(0, 255, 512 * 512, dtype=np.float32).reshape(512, 512).astype(np.uint8)
+        path = write_dataset(wrap_image(pixels), Path(folder) / "warm-up.dcm")
+        dataset = dcmread(path, stop_before_pixels=True)
+        now = datetime.now(timezone.utc)
+        instance = InstanceRef(sop_class_uid=dataset.SOPClassUID, sop_instance_uid=dataset.SOPInstanceUID,
+                               series_instance_uid=dataset.SeriesInstanceUID, path=str(path), calling_ae=None,
+                               transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID, received_at=now)
+        message = StudyReady(message_id="warm-up", study_instance_uid=dataset.StudyInstanceUID, round=1,
+                             spool_dir=folder, calling_ae=None, first_received_at=now, last_received_at=now,
+                             instances=[instance])
+        analyse_study(message, classifier, classifier.intended_use(), Path(folder) / "out",
+                      device_uid=device_uid_for(settings.node.ae_title), max_long_side=settings.worker.sc_max_long_side)
+    global _warm_up_ms
+    _warm_up_ms = (time.perf_counter() - started) * 1000
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+LARGE_BLOCK_BYTES = 1 << 20  # an image row block, a decoded frame, a tensor: mapped on its own, unmapped on free
+ARENAS = 2
+
+
+def release_large_blocks() -> bool:
+    """Make freed image memory go back to the system at once (glibc only; False elsewhere).
+
+    By default glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, so after
+    the first study the 10–20 MB arrays of every later one come from the heap and stay there: each pool
+    process keeps the high-water mark of its largest study. A fixed threshold maps every block of
+    ``LARGE_BLOCK_BYTES`` or more on its own and unmaps it on free; a fixed trim threshold returns the
+    heap's free top; ``ARENAS`` caps the per-thread heaps torch's threads would otherwise each create.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): its allocator's defaults stay
+        return False
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in (
+        (_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES), (_M_TRIM_THRESHOLD, 2 * LARGE_BLOCK_BYTES), (_M_ARENA_MAX, ARENAS)))
 
 
 def prepare_pool_process(settings: Settings) -> None:
@@ -46,9 +111,11 @@ def prepare_pool_process(settings: Settings) -> None:
     classifier = _load_model(settings)
     inherited = load_classifier.cache_info().hits > hits_before
     store()
-    log.info("worker process %d ready: model %s %s, %d torch threads", os.getpid(),
+    log.info("worker process %d ready: model %s %s, %s, %d torch threads", os.getpid(),
              "unavailable" if classifier is None else classifier.version,
              "inherited from the parent (loaded before the fork)" if inherited else "not inherited",
+             "no warm-up" if _warm_up_ms is None else f"warm-up study analysed and encoded before the fork "
+                                                     f"({_warm_up_ms:.0f} ms)",
              torch.get_num_threads())
 
 

@@ -141,6 +141,21 @@ def test_monochrome1_is_inverted_to_display_orientation(source, tmp_path):
     assert _correlation(_round_trip(ds, tmp_path), source) > 0.99
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+def test_stored_integers_give_exactly_the_float64_values(photometric):
+    """Without rescale or window the image is computed on integers: it must equal the float64 result,
+    also at the extremes of 16 bits (stored 1 and 65535: an inversion in 16 bits would wrap around)."""
+    stored = np.array([[1, 2, 3, 40000], [65535, 65534, 12345, 7]], dtype=np.uint16).repeat(40, 0).repeat(20, 1)
+    ds = wrap_image(stored, bits_stored=16)
+    ds.PhotometricInterpretation, ds.PixelData = photometric, stored.tobytes()  # exactly these stored values
+    values = ds.pixel_array.astype(np.float64)
+    assert values.min() == 1 and values.max() == 65535
+    expected = values.max() + values.min() - values if photometric == "MONOCHROME1" else values
+    gray = dataset_to_gray(ds)
+    assert gray.dtype == np.float32
+    np.testing.assert_array_equal(gray, expected.astype(np.float32))
+
+
 def test_presentation_lut_shape(source):
     # DX requires INVERSE with MONOCHROME1: the same inversion, not a second one.
     dx = wrap_image(source, sop_class="DX", photometric="MONOCHROME1", bits_stored=12)

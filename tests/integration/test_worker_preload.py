@@ -19,6 +19,7 @@ from common.store import Store
 
 pytestmark = pytest.mark.integration
 INHERITED = "inherited from the parent (loaded before the fork)"
+WARMED_UP = "warm-up study analysed and encoded before the fork"
 SLOW_MACHINE_TIMEOUT_S = 900.0  # torch alone takes a minute to import on a busy two-core machine
 
 
@@ -52,6 +53,7 @@ def test_pool_processes_have_the_model_before_their_first_task_and_analyse(tmp_p
     worker = WorkerProcess(config, tmp_path / "worker.log").start(timeout_s=SLOW_MACHINE_TIMEOUT_S)
     try:
         worker.wait_for_log(INHERITED, count=concurrency, timeout_s=SLOW_MACHINE_TIMEOUT_S)
+        worker.wait_for_log(WARMED_UP, count=concurrency, timeout_s=1)  # in the parent, before the pool forked
         round_dir = tmp_path / "round"
         round_dir.mkdir()
         messages = [make_message([write_dataset(wrap_image(chest_pixels(index), study_uid=generate_uid()),

@@ -1,0 +1,260 @@
+"""Benchmark — end to end with a real Orthanc and Redis: how long after its quiet period a study's SC and SR
+are in Orthanc, stage by stage, and studies/s, at worker concurrency 1 and 2.
+
+Run: ``.venv/bin/python bench/end_to_end.py [--studies 20] [--burst 30] [--baseline DIR]`` (needs dcmtk,
+redis-server and Orthanc: ``scripts/setup.sh --test``). For each concurrency a fresh deployment is
+started in a temp folder: a redis-server and an Orthanc of its own on free loopback ports (Orthanc with
+``TCP_NODELAY=1``, as docker-compose.yml runs it), ``lungvision node`` and ``lungvision worker`` as real
+processes on the Redis broker, Orthanc as the only destination. The input is bench/worker.py's: one
+2500×2000 16-bit CR per study (≈ 10 MB).
+
+* **Latency**: ``--studies`` studies sent one at a time with ``storescu`` (one association each), each
+  once the previous one's results are in Orthanc. A study's latency is from ``storescu``'s return to
+  the moment Orthanc counts its SC and SR (polled every 5 ms), minus ``stable_seconds``. Its stages,
+  from the spool (arrival record, ``queued.json``) and the worker's log (timestamps in ms): seal and
+  queue (the quiet period's end → the message is in the broker), wait (→ the worker takes it),
+  analysis (→ the outcome is recorded: decode, model, SC + SR, routing), delivery (→ Orthanc counts both
+  objects: the delivery task's queue, the C-STORE, Orthanc's storing).
+* **Throughput**: ``--burst`` studies sent at once over 4 associations; studies/s from the end of the
+  first study's quiet period to the last study's results in Orthanc.
+
+``--baseline DIR``: the same for another checkout (e.g. one from before a change), same studies, same
+run, and the ratios. Nothing is asserted.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from pydicom import dcmread
+
+# bench/ holds a worker.py that would hide the worker package: look for packages in the repo, not in bench/.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.worker import make_studies  # noqa: E402
+from common.ports import free_port, wait_until_listening  # noqa: E402
+from tests.kit.orthanc import Orthanc  # noqa: E402
+from tests.kit.redis_server import RedisServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STABLE_SECONDS = 1.0
+BURST_ASSOCIATIONS = 4
+POLL_S = 0.005
+START_TIMEOUT_S = 600.0  # torch takes a minute to import on a busy two-core machine
+RESULT_TIMEOUT_S = 300.0
+STAGES = ("seal_queue", "wait", "analysis", "delivery")
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def deployment_settings(folder: Path, concurrency: int, redis_url: str, orthanc: Orthanc) -> dict:
+    return {
+        "log_level": "INFO",
+        "node": {"port": free_port(), "bind_address": "127.0.0.1"},
+        "spool": {"dir": str(folder / "spool"), "stable_seconds": STABLE_SECONDS, "min_free_bytes": 0},
+        "broker": {"url": redis_url, "result_backend": redis_url},
+        "worker": {"concurrency": concurrency, "outbox_dir": str(folder / "outbox")},
+        "store": {"url": f"sqlite:///{folder}/outcomes.db"},
+        "audit": {"path": str(folder / "audit.jsonl")},
+        "destinations": [{"name": "orthanc", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                          "port": orthanc.dicom_port}],
+    }
+
+
+class Stack:
+    """Redis, Orthanc, ``lungvision node`` and ``lungvision worker`` (from the checkout ``repo``) in ``folder``."""
+
+    def __init__(self, folder: Path, concurrency: int, repo: Path) -> None:
+        self.folder, self.repo = folder, repo
+        self.redis = RedisServer(folder / "redis").start()
+        self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(),
+                               environment={"TCP_NODELAY": "1"}).start()
+        self.settings = deployment_settings(folder, concurrency, self.redis.url, self.orthanc)
+        self.config = folder / "lungvision.yaml"
+        self.config.write_text(yaml.safe_dump(self.settings))
+        self.processes = {name: self._start(name) for name in ("node", "worker")}
+        self._wait_ready()
+
+    def _start(self, command: str) -> subprocess.Popen:
+        with open(self.folder / f"{command}.log", "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "lungvision", "--config", str(self.config), command],
+                                    cwd=self.repo, stdout=log, stderr=log, start_new_session=True)
+
+    def log(self, command: str) -> str:
+        return (self.folder / f"{command}.log").read_text(errors="replace")
+
+    def _wait_ready(self) -> None:
+        wait_until_listening(self.settings["node"]["port"], self.processes["node"], START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while " ready." not in self.log("worker"):  # Celery's consumer is ready
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker not ready:\n{self.log('worker')[-3000:]}")
+            time.sleep(0.1)
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"the {name} exited ({process.returncode}):\n{self.log(name)[-3000:]}")
+
+    def send(self, paths: list[Path]) -> float:
+        """C-STORE ``paths`` over one association; the wall-clock time when storescu returned."""
+        subprocess.run(["storescu", "-aet", "BENCH", "-aec", "LUNGVISION", "127.0.0.1",
+                        str(self.settings["node"]["port"]), *map(str, paths)], check=True, timeout=300,
+                       capture_output=True)
+        return time.time()
+
+    def results_in_orthanc(self) -> int:
+        return int(self.orthanc.get("/statistics")["CountInstances"])
+
+    def wait_for_results(self, count: int) -> float:
+        """Poll Orthanc until it holds ``count`` instances; the wall-clock time it first did."""
+        deadline = time.monotonic() + RESULT_TIMEOUT_S
+        while self.results_in_orthanc() < count:
+            if time.monotonic() > deadline:
+                self._check_alive()
+                raise RuntimeError(f"Orthanc holds {self.results_in_orthanc()} of {count} instances; worker log:\n"
+                                   f"{self.log('worker')[-3000:]}")
+            time.sleep(POLL_S)
+        return time.time()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        self.orthanc.stop()
+        self.redis.stop()
+
+
+def log_times(log: str, message_id: str) -> dict[str, float]:
+    """POSIX times of the worker's log lines about ``message_id``: task received, analysis recorded."""
+    patterns = {"received": f"analyse_study[{message_id}] received", "analysed": f"study round {message_id} analysed"}
+    found = {}
+    for line in log.splitlines():
+        for name, text in patterns.items():
+            match = LOG_TIME.match(line)
+            if name not in found and text in line and match:
+                found[name] = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return found
+
+
+def round_dir(stack: Stack, study_uid: str) -> Path:
+    return Path(stack.settings["spool"]["dir"]) / "studies" / study_uid / "rounds" / "0001"
+
+
+def last_arrival(stack: Stack, study_uid: str) -> float:
+    """POSIX time of the study's last instance's arrival (its arrival records in the spool)."""
+    return max(json.loads(path.read_text())["received_at"] for path in round_dir(stack, study_uid).glob("*.json")
+               if path.name not in ("message.json", "queued.json"))
+
+
+def study_uid_of(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def stages(stack: Stack, study_uid: str, seen: float) -> dict[str, float]:
+    """Seconds per stage of one study's single round (see the module's note)."""
+    queued = json.loads((round_dir(stack, study_uid) / "queued.json").read_text())
+    times = log_times(stack.log("worker"), queued["task_id"])
+    marks = [last_arrival(stack, study_uid) + STABLE_SECONDS, datetime.fromisoformat(queued["queued_at"]).timestamp(),
+             times.get("received"),
+             times.get("analysed"), seen]
+    if None in marks:
+        raise RuntimeError(f"missing log lines for {queued['task_id']}: {times}")
+    return {name: end - start for name, start, end in zip(STAGES, marks, marks[1:])}
+
+
+def latency(stack: Stack, studies: list[Path]) -> list[dict[str, float]]:
+    """Send the studies one at a time; per study its latency and stages (seconds)."""
+    rows = []
+    for path in studies:
+        before = stack.results_in_orthanc()
+        sent = stack.send([path])
+        seen = stack.wait_for_results(before + 2)  # its SC and SR
+        rows.append({"latency": seen - sent - STABLE_SECONDS, **stages(stack, study_uid_of(path), seen)})
+    return rows
+
+
+def throughput(stack: Stack, studies: list[Path]) -> float:
+    """Studies/s of a burst: from the end of the first study's quiet period to the last study's results."""
+    before = stack.results_in_orthanc()
+    parts = [studies[index::BURST_ASSOCIATIONS] for index in range(BURST_ASSOCIATIONS)]
+    with ThreadPoolExecutor(BURST_ASSOCIATIONS) as pool:
+        list(pool.map(stack.send, parts))
+    done = stack.wait_for_results(before + 2 * len(studies))
+    first_quiet_end = min(last_arrival(stack, study_uid_of(path)) for path in studies) + STABLE_SECONDS
+    return len(studies) / (done - first_quiet_end)
+
+
+def summary(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def measure(repo: Path, concurrency: int, latency_studies: list[Path], burst: list[Path], folder: Path) -> dict:
+    stack = Stack(folder, concurrency, repo)
+    try:
+        latency(stack, latency_studies[:2])  # each pool process's first study, not counted
+        rows = latency(stack, latency_studies[2:])
+        studies_per_s = throughput(stack, burst)
+    finally:
+        stack.stop()
+    return {"rows": rows, "studies_per_s": studies_per_s}
+
+
+def print_result(label: str, concurrency: int, result: dict) -> None:
+    print(f"\n{label}, worker concurrency {concurrency}: {len(result['rows'])} studies one at a time, then a burst")
+    print(f"  {'stage':<12} | {'median ms':>9} | {'p95 ms':>7}")
+    for name in ("latency", *STAGES):
+        median, p95 = summary([row[name] for row in result["rows"]])
+        print(f"  {name:<12} | {median * 1000:>9.1f} | {p95 * 1000:>7.1f}")
+    print(f"  burst: {result['studies_per_s']:.2f} studies/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=20, help="studies sent one at a time (after 2 not counted)")
+    parser.add_argument("--burst", type=int, default=30, help="studies sent at once")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to measure as the peer")
+    arguments = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lv-e2e-") as temporary:
+        root = Path(temporary)
+        (root / "latency").mkdir()
+        (root / "burst").mkdir()
+        latency_studies = make_studies(root / "latency", arguments.studies + 2)
+        burst = make_studies(root / "burst", arguments.burst)
+        for concurrency in arguments.concurrency:
+            results = {}
+            for label, repo in (("baseline", arguments.baseline), ("current", REPO)):
+                if repo is None:
+                    continue
+                folder = root / f"{label}-concurrency-{concurrency}"
+                folder.mkdir()
+                results[label] = measure(repo.resolve(), concurrency, latency_studies, burst, folder)
+                print_result(f"{label} ({repo.resolve()})", concurrency, results[label])
+            if "baseline" in results:
+                now, before = results["current"], results["baseline"]
+                p95_now = summary([row["latency"] for row in now["rows"]])[1]
+                p95_before = summary([row["latency"] for row in before["rows"]])[1]
+                print(f"\nconcurrency {concurrency}: latency p95 {p95_now / p95_before:.2f}× the baseline's, "
+                      f"studies/s {now['studies_per_s'] / before['studies_per_s']:.2f}×")
+
+
+if __name__ == "__main__":
+    main()
