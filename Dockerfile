@@ -3,8 +3,10 @@
 #   docker run --rm lungvision:0.1.0 config
 FROM python:3.11-slim
 
+# GLIBC_TUNABLES: transparent huge pages for malloc's large blocks (worker/preload.py, HUGE_PAGES_TUNABLE)
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

@@ -27,10 +27,10 @@ from pydicom.uid import generate_uid
 # bench/ holds a worker.py that would hide the worker package: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from config.settings import Settings, load_settings  # noqa: E402
-from common.ports import free_port  # noqa: E402
-from tests.kit.orthanc import Orthanc  # noqa: E402
-from worker.deliver import association_pool, close_association_pool, send_files  # noqa: E402
+from common.ports import free_port
+from config.settings import Settings, load_settings
+from tests.kit.orthanc import Orthanc
+from worker.deliver import association_pool, close_association_pool, send_files
 
 IDLE_PROBE_S = 2.0  # how long the idle cost is measured
 
@@ -45,8 +45,14 @@ def result_files(folder: Path) -> list[Path]:
     classifier = load_classifier()
     folder.mkdir(parents=True)
     [study] = make_studies(folder, 1)
-    outcome = analyse_study(make_message([study]), classifier, classifier.intended_use(), folder / "outbox",
-                            device_uid=device_uid_for("BENCH"), max_long_side=1024)
+    outcome = analyse_study(
+        make_message([study]),
+        classifier,
+        classifier.intended_use(),
+        folder / "outbox",
+        device_uid=device_uid_for("BENCH"),
+        max_long_side=1024,
+    )
     return outcome.files
 
 
@@ -54,7 +60,7 @@ def copies(files: list[Path], folder: Path, count: int) -> list[list[Path]]:
     """``count`` studies, each the given objects under a new Study and SOP Instance UID."""
     datasets = [dcmread(path) for path in files]
     studies = []
-    for index in range(count):
+    for _study in range(count):
         study_uid, study = generate_uid(), []
         for number, dataset in enumerate(datasets):
             dataset.StudyInstanceUID = study_uid
@@ -97,8 +103,10 @@ def idle_cpu_share(settings: Settings, files: list[Path]) -> tuple[float, float]
     return shares[0], shares[1]
 
 
-ORTHANCS = {"Orthanc as configured by default (Nagle's algorithm on)": None,
-            "Orthanc with TCP_NODELAY=1 in its environment (DCMTK then turns Nagle off)": {"TCP_NODELAY": "1"}}
+ORTHANCS = {
+    "Orthanc as configured by default (Nagle's algorithm on)": None,
+    "Orthanc with TCP_NODELAY=1 in its environment (DCMTK then turns Nagle off)": {"TCP_NODELAY": "1"},
+}
 
 
 def measure(folder: Path, environment: dict | None, files: list[Path], studies: int, rounds: int) -> None:
@@ -112,18 +120,23 @@ def measure(folder: Path, environment: dict | None, files: list[Path], studies: 
         timings: dict[str, list[float]] = {"new association per study": [], "kept association": []}
         for round_number in range(rounds):
             for name, settings in (("new association per study", fresh), ("kept association", kept)):
-                timings[name] += send_all(settings, copies(files, folder / f"{round_number}-{len(timings[name])}",
-                                                           studies))
+                timings[name] += send_all(
+                    settings, copies(files, folder / f"{round_number}-{len(timings[name])}", studies)
+                )
         print(f"{'mode':>26} | {'median ms':>9} | {'p95 ms':>8} | {'studies/s':>9}")
         for name, seconds in timings.items():
-            print(f"{name:>26} | {np.median(seconds) * 1000:>9.1f} | {np.percentile(seconds, 95) * 1000:>8.1f} | "
-                  f"{len(seconds) / sum(seconds):>9.1f}")
+            print(
+                f"{name:>26} | {np.median(seconds) * 1000:>9.1f} | {np.percentile(seconds, 95) * 1000:>8.1f} | "
+                f"{len(seconds) / sum(seconds):>9.1f}"
+            )
         new, reused = (np.median(seconds) for seconds in timings.values())
         print(f"new / kept, median per study, same run: {new / reused:.2f}x")
         without, with_kept = idle_cpu_share(kept, files)
-        print(f"idle process CPU over {IDLE_PROBE_S:.0f} s: {without * 100:.1f} % of a core with no association "
-              f"open, {with_kept * 100:.1f} % with one kept (released after "
-              f"delivery.association_idle_s = {kept.delivery.association_idle_s:g} s)")
+        print(
+            f"idle process CPU over {IDLE_PROBE_S:.0f} s: {without * 100:.1f} % of a core with no association "
+            f"open, {with_kept * 100:.1f} % with one kept (released after "
+            f"delivery.association_idle_s = {kept.delivery.association_idle_s:g} s)"
+        )
     finally:
         close_association_pool()
         orthanc.stop()
@@ -138,8 +151,10 @@ def main() -> None:
         folder = Path(temporary)
         files = result_files(folder / "source")
         sizes = ", ".join(f"{dcmread(path).SOPClassUID.name} {path.stat().st_size / 1e6:.2f} MB" for path in files)
-        print(f"delivery of one study's {len(files)} objects ({sizes}) into Orthanc on loopback, "
-              f"{arguments.studies} studies × {arguments.rounds} rounds per mode, sent one after another")
+        print(
+            f"delivery of one study's {len(files)} objects ({sizes}) into Orthanc on loopback, "
+            f"{arguments.studies} studies × {arguments.rounds} rounds per mode, sent one after another"
+        )
         for number, (title, environment) in enumerate(ORTHANCS.items()):
             print(f"\n{title}")
             measure(folder / f"orthanc-{number}", environment, files, arguments.studies, arguments.rounds)

@@ -42,10 +42,11 @@ from pydicom import dcmread
 # bench/ holds a worker.py that would hide the worker package: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.worker import make_studies  # noqa: E402
-from common.ports import free_port, wait_until_listening  # noqa: E402
-from tests.kit.orthanc import Orthanc  # noqa: E402
-from tests.kit.redis_server import RedisServer  # noqa: E402
+from bench.worker import make_studies
+from common.ports import free_port, wait_until_listening
+from tests.kit.orthanc import Orthanc
+from tests.kit.redis_server import RedisServer
+from worker.preload import worker_environment
 
 REPO = Path(__file__).resolve().parents[1]
 STABLE_SECONDS = 1.0
@@ -66,8 +67,9 @@ def deployment_settings(folder: Path, concurrency: int, redis_url: str, orthanc:
         "worker": {"concurrency": concurrency, "outbox_dir": str(folder / "outbox")},
         "store": {"url": f"sqlite:///{folder}/outcomes.db"},
         "audit": {"path": str(folder / "audit.jsonl")},
-        "destinations": [{"name": "orthanc", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                          "port": orthanc.dicom_port}],
+        "destinations": [
+            {"name": "orthanc", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+        ],
     }
 
 
@@ -77,8 +79,7 @@ class Stack:
     def __init__(self, folder: Path, concurrency: int, repo: Path) -> None:
         self.folder, self.repo = folder, repo
         self.redis = RedisServer(folder / "redis").start()
-        self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(),
-                               environment={"TCP_NODELAY": "1"}).start()
+        self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(), environment={"TCP_NODELAY": "1"}).start()
         self.settings = deployment_settings(folder, concurrency, self.redis.url, self.orthanc)
         self.config = folder / "lungvision.yaml"
         self.config.write_text(yaml.safe_dump(self.settings))
@@ -87,8 +88,14 @@ class Stack:
 
     def _start(self, command: str) -> subprocess.Popen:
         with open(self.folder / f"{command}.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "lungvision", "--config", str(self.config), command],
-                                    cwd=self.repo, stdout=log, stderr=log, start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-m", "lungvision", "--config", str(self.config), command],
+                cwd=self.repo,
+                stdout=log,
+                stderr=log,
+                env=worker_environment(dict(os.environ)),  # as `lungvision serve` and the Docker image run it
+                start_new_session=True,
+            )
 
     def log(self, command: str) -> str:
         return (self.folder / f"{command}.log").read_text(errors="replace")
@@ -109,9 +116,21 @@ class Stack:
 
     def send(self, paths: list[Path]) -> float:
         """C-STORE ``paths`` over one association; the wall-clock time when storescu returned."""
-        subprocess.run(["storescu", "-aet", "BENCH", "-aec", "LUNGVISION", "127.0.0.1",
-                        str(self.settings["node"]["port"]), *map(str, paths)], check=True, timeout=300,
-                       capture_output=True)
+        subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                "LUNGVISION",
+                "127.0.0.1",
+                str(self.settings["node"]["port"]),
+                *map(str, paths),
+            ],
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
         return time.time()
 
     def results_in_orthanc(self) -> int:
@@ -123,8 +142,10 @@ class Stack:
         while self.results_in_orthanc() < count:
             if time.monotonic() > deadline:
                 self._check_alive()
-                raise RuntimeError(f"Orthanc holds {self.results_in_orthanc()} of {count} instances; worker log:\n"
-                                   f"{self.log('worker')[-3000:]}")
+                raise RuntimeError(
+                    f"Orthanc holds {self.results_in_orthanc()} of {count} instances; worker log:\n"
+                    f"{self.log('worker')[-3000:]}"
+                )
             time.sleep(POLL_S)
         return time.time()
 
@@ -159,8 +180,11 @@ def round_dir(stack: Stack, study_uid: str) -> Path:
 
 def last_arrival(stack: Stack, study_uid: str) -> float:
     """POSIX time of the study's last instance's arrival (its arrival records in the spool)."""
-    return max(json.loads(path.read_text())["received_at"] for path in round_dir(stack, study_uid).glob("*.json")
-               if path.name not in ("message.json", "queued.json"))
+    return max(
+        json.loads(path.read_text())["received_at"]
+        for path in round_dir(stack, study_uid).glob("*.json")
+        if path.name not in ("message.json", "queued.json")
+    )
 
 
 def study_uid_of(path: Path) -> str:
@@ -171,9 +195,13 @@ def stages(stack: Stack, study_uid: str, seen: float) -> dict[str, float]:
     """Seconds per stage of one study's single round (see the module's note)."""
     queued = json.loads((round_dir(stack, study_uid) / "queued.json").read_text())
     times = log_times(stack.log("worker"), queued["task_id"])
-    marks = [last_arrival(stack, study_uid) + STABLE_SECONDS, datetime.fromisoformat(queued["queued_at"]).timestamp(),
-             times.get("received"),
-             times.get("analysed"), seen]
+    marks = [
+        last_arrival(stack, study_uid) + STABLE_SECONDS,
+        datetime.fromisoformat(queued["queued_at"]).timestamp(),
+        times.get("received"),
+        times.get("analysed"),
+        seen,
+    ]
     if None in marks:
         raise RuntimeError(f"missing log lines for {queued['task_id']}: {times}")
     return {name: end - start for name, start, end in zip(STAGES, marks, marks[1:])}
@@ -252,8 +280,10 @@ def main() -> None:
                 now, before = results["current"], results["baseline"]
                 p95_now = summary([row["latency"] for row in now["rows"]])[1]
                 p95_before = summary([row["latency"] for row in before["rows"]])[1]
-                print(f"\nconcurrency {concurrency}: latency p95 {p95_now / p95_before:.2f}× the baseline's, "
-                      f"studies/s {now['studies_per_s'] / before['studies_per_s']:.2f}×")
+                print(
+                    f"\nconcurrency {concurrency}: latency p95 {p95_now / p95_before:.2f}× the baseline's, "
+                    f"studies/s {now['studies_per_s'] / before['studies_per_s']:.2f}×"
+                )
 
 
 if __name__ == "__main__":

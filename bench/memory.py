@@ -38,15 +38,22 @@ import yaml
 # This script shares its folder with bench/worker.py: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.worker import make_studies  # noqa: E402
-from common.ports import free_port  # noqa: E402
+from bench.worker import make_studies
+from common.ports import free_port
+from worker.preload import worker_environment
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 900.0  # generous: on a busy machine (nice 19) torch alone takes a minute to import
 RESULTS_TIMEOUT_S = 900.0
 SETTLE_S = 3.0  # after the last start-up line / the last result, for late allocations to show
-CUDA_LIBRARIES = ("/nvidia/", "/torch/lib/libtorch_cuda", "/torch/lib/libc10_cuda", "/torch/lib/libcaffe2_nvrtc",
-                  "/cuda/bindings/", "/triton/")  # what a CUDA build of torch maps (path fragments)
+CUDA_LIBRARIES = (
+    "/nvidia/",
+    "/torch/lib/libtorch_cuda",
+    "/torch/lib/libc10_cuda",
+    "/torch/lib/libcaffe2_nvrtc",
+    "/cuda/bindings/",
+    "/triton/",
+)  # what a CUDA build of torch maps (path fragments)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PFN_MASK = (1 << 55) - 1  # /proc/PID/pagemap: bits 0-54 the page frame number, bit 63 "present"
 
@@ -131,8 +138,14 @@ def distinct_kib(pids: list[int], without_cuda: bool = False) -> int | None:
 
 def memory_of(role: str, pid: int) -> Memory:
     figures = smaps_rollup(pid)
-    return Memory(role, pid, figures["Rss"], figures["Pss"], figures["Private_Clean"] + figures["Private_Dirty"],
-                  cuda_library_pss(pid))
+    return Memory(
+        role,
+        pid,
+        figures["Rss"],
+        figures["Pss"],
+        figures["Private_Clean"] + figures["Private_Dirty"],
+        cuda_library_pss(pid),
+    )
 
 
 def children_of(pid: int) -> list[int]:
@@ -162,8 +175,10 @@ def deployment_settings(folder: Path, concurrency: int) -> dict:
         "log_level": "INFO",
         "node": {"port": free_port(), "bind_address": "127.0.0.1"},
         "spool": {"dir": str(folder / "spool"), "stable_seconds": 1, "min_free_bytes": 0},
-        "broker": {"url": f"sqla+sqlite:///{folder}/broker.sqlite",
-                   "result_backend": f"db+sqlite:///{folder}/results.sqlite"},
+        "broker": {
+            "url": f"sqla+sqlite:///{folder}/broker.sqlite",
+            "result_backend": f"db+sqlite:///{folder}/results.sqlite",
+        },
         "worker": {"concurrency": concurrency, "outbox_dir": str(folder / "outbox")},
         "store": {"url": f"sqlite:///{folder}/outcomes.db"},
         "audit": {"path": str(folder / "audit.jsonl")},
@@ -185,8 +200,14 @@ class Deployment:
 
     def _start(self, command: str) -> subprocess.Popen:
         with open(self.folder / f"{command}.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "lungvision", "--config", str(self.config), command],
-                                    cwd=self.repo, stdout=log, stderr=log, start_new_session=True)
+            return subprocess.Popen(
+                [sys.executable, "-m", "lungvision", "--config", str(self.config), command],
+                cwd=self.repo,
+                stdout=log,
+                stderr=log,
+                env=worker_environment(dict(os.environ)),  # as `lungvision serve` and the Docker image run it
+                start_new_session=True,
+            )
 
     def log(self, command: str) -> str:
         return (self.folder / f"{command}.log").read_text(errors="replace")
@@ -194,8 +215,11 @@ class Deployment:
     def wait_until_ready(self) -> float:
         """Seconds until the node listens, the worker is ready and its pool processes and sweeper run."""
         started = time.monotonic()
-        while not ("node.listening" in self.log("node") and "ready." in self.log("worker")
-                   and len(worker_processes(self.worker.pid)) == self.concurrency + 2):
+        while not (
+            "node.listening" in self.log("node")
+            and "ready." in self.log("worker")
+            and len(worker_processes(self.worker.pid)) == self.concurrency + 2
+        ):
             self._check_alive()
             if time.monotonic() - started > START_TIMEOUT_S:
                 raise RuntimeError(f"not ready after {START_TIMEOUT_S:.0f} s:\n{self.log('worker')[-3000:]}")
@@ -203,8 +227,20 @@ class Deployment:
         return time.monotonic() - started
 
     def send(self, studies: list[Path]) -> None:
-        subprocess.run(["storescu", "-aet", "BENCH", "-aec", "LUNGVISION", "127.0.0.1",
-                        str(self.settings["node"]["port"]), *map(str, studies)], check=True, timeout=300)
+        subprocess.run(
+            [
+                "storescu",
+                "-aet",
+                "BENCH",
+                "-aec",
+                "LUNGVISION",
+                "127.0.0.1",
+                str(self.settings["node"]["port"]),
+                *map(str, studies),
+            ],
+            check=True,
+            timeout=300,
+        )
 
     def wait_for_results(self, count: int) -> float:
         """Seconds until the folder destination holds ``count`` files."""
@@ -247,10 +283,14 @@ def print_table(title: str, snapshot: Snapshot) -> None:
     print(f"\n{title}")
     print(f"  {'process':<16} {'pid':>7} {'RSS MiB':>9} {'PSS MiB':>9} {'private MiB':>12} {'CUDA libs PSS':>14}")
     for row in [*snapshot.processes, snapshot.worker_total()]:
-        print(f"  {row.role:<16} {row.pid or '':>7} {mib(row.rss_kib):>9} {mib(row.pss_kib):>9} "
-              f"{mib(row.private_kib):>12} {mib(row.cuda_pss_kib):>14}")
-    print(f"  worker, distinct pages: {mib(snapshot.worker_distinct_kib)} MiB; without the CUDA libraries' "
-          f"mappings (≈ a CPU-only torch): {mib(snapshot.worker_distinct_without_cuda_kib)} MiB")
+        print(
+            f"  {row.role:<16} {row.pid or '':>7} {mib(row.rss_kib):>9} {mib(row.pss_kib):>9} "
+            f"{mib(row.private_kib):>12} {mib(row.cuda_pss_kib):>14}"
+        )
+    print(
+        f"  worker, distinct pages: {mib(snapshot.worker_distinct_kib)} MiB; without the CUDA libraries' "
+        f"mappings (≈ a CPU-only torch): {mib(snapshot.worker_distinct_without_cuda_kib)} MiB"
+    )
 
 
 def run(concurrency: int, studies: list[Path], folder: Path, repo: Path) -> dict[str, Snapshot]:
@@ -268,8 +308,10 @@ def run(concurrency: int, studies: list[Path], folder: Path, repo: Path) -> dict
         done_s = time.monotonic() - sent
         time.sleep(SETTLE_S)
         snapshots["after studies"] = deployment.measure()
-        print_table(f"{repo}, concurrency {concurrency}, after {len(studies)} studies ({done_s:.1f} s from sending)",
-                    snapshots["after studies"])
+        print_table(
+            f"{repo}, concurrency {concurrency}, after {len(studies)} studies ({done_s:.1f} s from sending)",
+            snapshots["after studies"],
+        )
     finally:
         deployment.stop()
     return snapshots
@@ -278,10 +320,15 @@ def run(concurrency: int, studies: list[Path], folder: Path, repo: Path) -> dict
 def print_ratios(concurrency: int, current: dict[str, Snapshot], baseline: dict[str, Snapshot]) -> None:
     for moment, snapshot in current.items():
         now, before = snapshot.worker_total(), baseline[moment].worker_total()
-        distinct = (f"{snapshot.worker_distinct_kib / baseline[moment].worker_distinct_kib:.2f}"
-                    if snapshot.worker_distinct_kib and baseline[moment].worker_distinct_kib else "n/a")
-        print(f"concurrency {concurrency}, {moment}: worker RSS sum {now.rss_kib / before.rss_kib:.2f}×, "
-              f"PSS sum {now.pss_kib / before.pss_kib:.2f}×, distinct pages {distinct}× the baseline")
+        distinct = (
+            f"{snapshot.worker_distinct_kib / baseline[moment].worker_distinct_kib:.2f}"
+            if snapshot.worker_distinct_kib and baseline[moment].worker_distinct_kib
+            else "n/a"
+        )
+        print(
+            f"concurrency {concurrency}, {moment}: worker RSS sum {now.rss_kib / before.rss_kib:.2f}×, "
+            f"PSS sum {now.pss_kib / before.pss_kib:.2f}×, distinct pages {distinct}× the baseline"
+        )
 
 
 def main() -> None:

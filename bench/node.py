@@ -11,10 +11,11 @@ split evenly). Receivers, each started fresh on a loopback port with an empty ou
   no fsync) and ``+B`` bit-preserving mode (writes the bytes as received, no fsync).
 
 ``--baseline DIR``: the node of another checkout (e.g. one from before a change) is measured too, on
-the same files in the same run, with its ratio. Both sides use a 128 KiB maximum PDU. dcmtk leaves Nagle's algorithm on unless ``TCP_NODELAY=1``
-is set in its environment; that setting changes both the sender's and storescp's behaviour a lot
-on loopback, so the whole table is measured twice: dcmtk's default, then ``TCP_NODELAY=1`` for
-every dcmtk process (sender and storescp). Prints the tables; nothing is asserted.
+the same files in the same run, with its ratio. Both sides use a 128 KiB maximum PDU. dcmtk leaves
+Nagle's algorithm on unless ``TCP_NODELAY=1`` is set in its environment; that setting changes both
+the sender's and storescp's behaviour a lot on loopback, so the whole table is measured twice: dcmtk's
+default, then ``TCP_NODELAY=1`` for every dcmtk process (sender and storescp). Prints the tables;
+nothing is asserted.
 """
 
 import argparse
@@ -97,20 +98,32 @@ def dcmtk(tool: str) -> str:
 
 def start_node(port: int, output: Path, repo: Path = REPO) -> subprocess.Popen:
     config = output.parent / f"{output.name}.yaml"
-    config.write_text(yaml.safe_dump({
-        "log_level": "WARNING",
-        "node": {"port": port, "bind_address": "127.0.0.1", "max_pdu_bytes": MAX_PDU_BYTES},
-        "spool": {"dir": str(output), "stable_seconds": 3600, "min_free_bytes": 0},
-        "broker": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}"},
-    }))
-    return subprocess.Popen([sys.executable, "-m", "dicom_node", "--config", str(config)], cwd=repo,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "log_level": "WARNING",
+                "node": {"port": port, "bind_address": "127.0.0.1", "max_pdu_bytes": MAX_PDU_BYTES},
+                "spool": {"dir": str(output), "stable_seconds": 3600, "min_free_bytes": 0},
+                "broker": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}"},
+            }
+        )
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "--config", str(config)],
+        cwd=repo,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_storescp(port: int, output: Path, bit_preserving: bool, env: dict) -> subprocess.Popen:
     mode = ["+B"] if bit_preserving else []
-    return subprocess.Popen([dcmtk("storescp"), "--fork", "-pdu", str(MAX_PDU_BYTES), "-od", str(output), *mode,
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(
+        [dcmtk("storescp"), "--fork", "-pdu", str(MAX_PDU_BYTES), "-od", str(output), *mode, str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
 
 
 def spooled_instances(output: Path) -> int:
@@ -132,8 +145,17 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
         storescu = dcmtk("storescu")
 
         def send(folder: Path) -> int:
-            command = [storescu, "-pdu", str(MAX_PDU_BYTES), "-aec", "LUNGVISION", "+sd", "127.0.0.1", str(port),
-                       str(folder)]
+            command = [
+                storescu,
+                "-pdu",
+                str(MAX_PDU_BYTES),
+                "-aec",
+                "LUNGVISION",
+                "+sd",
+                "127.0.0.1",
+                str(port),
+                str(folder),
+            ]
             return subprocess.run(command, capture_output=True, timeout=RUN_TIMEOUT_S, env=env).returncode
 
         started = time.perf_counter()
@@ -153,8 +175,12 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--instances", type=int, default=48, help="instances per measurement (multiple of 8)")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="another checkout whose node is measured too (e.g. one from before a change)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout whose node is measured too (e.g. one from before a change)",
+    )
     arguments = parser.parse_args()
     count, baseline = arguments.instances, arguments.baseline
     with tempfile.TemporaryDirectory(dir=REPO / "var" if (REPO / "var").is_dir() else None) as scratch:
@@ -163,25 +189,52 @@ def main() -> None:
         source.mkdir()
         paths = write_images(source, count)
         megabytes = paths[0].stat().st_size / 1e6
-        print(f"{count} CR instances of {megabytes:.1f} MB ({COLUMNS}x{ROWS}, 16-bit, explicit VR LE), "
-              f"max PDU {MAX_PDU_BYTES}, {os.cpu_count()} CPUs")
+        print(
+            f"{count} CR instances of {megabytes:.1f} MB ({COLUMNS}x{ROWS}, 16-bit, explicit VR LE), "
+            f"max PDU {MAX_PDU_BYTES}, {os.cpu_count()} CPUs"
+        )
         for mode, env in NAGLE_MODES.items():
             print(f"\n{mode}")
-            print(f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
-                  f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}"
-                  + (f" | {'baseline node':>13} | {'node/baseline':>13}" if baseline else ""))
+            print(
+                f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
+                f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}"
+                + (f" | {'baseline node':>13} | {'node/baseline':>13}" if baseline else "")
+            )
             for associations in (1, 8):
                 folders = split(paths, associations, workdir / f"nagle-{'off' if 'TCP_NODELAY' in env else 'on'}")
                 node = measure(start_node, spooled_instances, folders, count, workdir, "node", env)
-                plain = measure(lambda port, out: start_storescp(port, out, False, env), storescp_files, folders,
-                                count, workdir, "storescp", env)
-                bit = measure(lambda port, out: start_storescp(port, out, True, env), storescp_files, folders,
-                              count, workdir, "storescp-B", env)
-                row = (f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
-                       f"{bit:>18.1f} | {node / bit:>16.2f}")
+                plain = measure(
+                    lambda port, out: start_storescp(port, out, False, env),  # noqa: B023 (called within this iteration)
+                    storescp_files,
+                    folders,
+                    count,
+                    workdir,
+                    "storescp",
+                    env,
+                )
+                bit = measure(
+                    lambda port, out: start_storescp(port, out, True, env),  # noqa: B023 (called within this iteration)
+                    storescp_files,
+                    folders,
+                    count,
+                    workdir,
+                    "storescp-B",
+                    env,
+                )
+                row = (
+                    f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
+                    f"{bit:>18.1f} | {node / bit:>16.2f}"
+                )
                 if baseline is not None:
-                    before = measure(lambda port, out: start_node(port, out, baseline.resolve()), spooled_instances,
-                                     folders, count, workdir, "baseline", env)
+                    before = measure(
+                        lambda port, out: start_node(port, out, baseline.resolve()),
+                        spooled_instances,
+                        folders,
+                        count,
+                        workdir,
+                        "baseline",
+                        env,
+                    )
                     row += f" | {before:>13.1f} | {node / before:>13.2f}"
                 print(row)
 

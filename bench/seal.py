@@ -27,9 +27,9 @@ import yaml
 # This script shares its folder with bench/worker.py: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from common.ports import free_port  # noqa: E402
-from tests.kit.dicom_fixtures import make_image  # noqa: E402
-from tests.kit.node import store_statuses  # noqa: E402
+from common.ports import free_port
+from tests.kit.dicom_fixtures import make_image
+from tests.kit.node import store_statuses
 
 REPO = Path(__file__).resolve().parents[1]
 STABLE_S = 1.0
@@ -53,8 +53,9 @@ def start_node(folder: Path, repo: Path) -> tuple[subprocess.Popen, int]:
     config.write_text(yaml.safe_dump(settings))
     log_path = folder / "node.log"
     with open(log_path, "ab") as log:
-        node = subprocess.Popen([sys.executable, "-m", "lungvision", "--config", str(config), "node"], cwd=repo,
-                                stdout=log, stderr=log)
+        node = subprocess.Popen(
+            [sys.executable, "-m", "lungvision", "--config", str(config), "node"], cwd=repo, stdout=log, stderr=log
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     while "node.listening" not in log_path.read_text(errors="replace"):
         if node.poll() is not None or time.monotonic() > deadline:
@@ -93,8 +94,11 @@ def measure(repo: Path, folder: Path, studies: int, pauses: list[float]) -> list
 
 def summary(delays: list[float]) -> dict[str, float]:
     ordered = sorted(delays)
-    return {"p50": statistics.median(ordered), "p95": ordered[max(0, round(0.95 * len(ordered)) - 1)],
-            "max": ordered[-1]}
+    return {
+        "p50": statistics.median(ordered),
+        "p95": ordered[max(0, round(0.95 * len(ordered)) - 1)],
+        "max": ordered[-1],
+    }
 
 
 def main() -> None:
@@ -112,11 +116,17 @@ def main() -> None:
             folder = Path(temporary) / label
             folder.mkdir()
             results[label] = summary(measure(repo.resolve(), folder, arguments.studies, pauses))
-            print(f"{label:<9} {repo}: seal + queue after the quiet period, {arguments.studies} studies: "
-                  + ", ".join(f"{key} {value:.1f} ms" for key, value in results[label].items()))
+            print(
+                f"{label:<9} {repo}: seal + queue after the quiet period, {arguments.studies} studies: "
+                + ", ".join(f"{key} {value:.1f} ms" for key, value in results[label].items())
+            )
     if "baseline" in results:
-        print("current / baseline: " + ", ".join(
-            f"{key} {results['current'][key] / results['baseline'][key]:.2f}×" for key in results["current"]))
+        print(
+            "current / baseline: "
+            + ", ".join(
+                f"{key} {results['current'][key] / results['baseline'][key]:.2f}×" for key in results["current"]
+            )
+        )
 
 
 if __name__ == "__main__":

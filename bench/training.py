@@ -17,8 +17,8 @@ import torch
 # Look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from inference.network import build_resnet18  # noqa: E402
-from inference.train import LossStep, TrainOptions  # noqa: E402
+from inference.network import build_resnet18
+from inference.train import LossStep, TrainOptions
 
 
 def images_per_second(mixed_precision: bool, seconds: float, input_size: int, batch_size: int) -> float:
@@ -29,9 +29,13 @@ def images_per_second(mixed_precision: bool, seconds: float, input_size: int, ba
     model = build_resnet18().to(memory_format=torch.channels_last)
     optimiser = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
     step = LossStep(model, options)
-    batch = (torch.rand(batch_size, 1, input_size, input_size), torch.randint(0, 2, (batch_size,)).float(),
-             torch.ones(batch_size), torch.zeros(batch_size, 1, input_size, input_size),
-             torch.zeros(batch_size, dtype=torch.bool))
+    batch = (
+        torch.rand(batch_size, 1, input_size, input_size),
+        torch.randint(0, 2, (batch_size,)).float(),
+        torch.ones(batch_size),
+        torch.zeros(batch_size, 1, input_size, input_size),
+        torch.zeros(batch_size, dtype=torch.bool),
+    )
     step(batch, optimiser, options.learning_rate), step(batch, optimiser, options.learning_rate)
     steps, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:

@@ -20,15 +20,15 @@ from PIL import Image
 # This script shares its name with the package it measures: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from config.settings import load_settings  # noqa: E402
-from inference.classifier import load_classifier  # noqa: E402
-from inference.sample_dicom import wrap_image, write_dataset  # noqa: E402
-from common.ports import free_port  # noqa: E402
-from tests.kit.data import chest_pixels  # noqa: E402
-from tests.kit.orthanc import Orthanc  # noqa: E402
-from tests.kit.worker import make_message  # noqa: E402
-from worker.deliver import send_files  # noqa: E402
-from worker.pipeline import analyse_study, device_uid_for  # noqa: E402
+from common.ports import free_port
+from config.settings import load_settings
+from inference.classifier import load_classifier
+from inference.sample_dicom import wrap_image, write_dataset
+from tests.kit.data import chest_pixels
+from tests.kit.orthanc import Orthanc
+from tests.kit.worker import make_message
+from worker.deliver import send_files
+from worker.pipeline import analyse_study, device_uid_for
 
 ENCODE = ("sc_build", "sr_build", "write")  # the pipeline's encode stages, also shown together as "encode"
 STAGES = ("read_decode", "preprocess", "model_heatmap", *ENCODE, "send")
@@ -44,8 +44,14 @@ def make_studies(folder: Path, count: int) -> list[Path]:
 def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
     """Analyse and deliver one study; return its stage timings in ms."""
     classifier = load_classifier()
-    outcome = analyse_study(make_message([path]), classifier, classifier.intended_use(), outbox,
-                            device_uid=device_uid_for("BENCH"), max_long_side=1024)
+    outcome = analyse_study(
+        make_message([path]),
+        classifier,
+        classifier.intended_use(),
+        outbox,
+        device_uid=device_uid_for("BENCH"),
+        max_long_side=1024,
+    )
     started = time.perf_counter()
     send_files(settings, "orthanc", outcome.files)
     return {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
@@ -69,8 +75,11 @@ def main() -> None:
         folder = Path(temporary)
         orthanc = Orthanc(folder / "orthanc", free_port(), free_port()).start()
         try:
-            settings = load_settings(destinations=[{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                                     "port": orthanc.dicom_port}])
+            settings = load_settings(
+                destinations=[
+                    {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
+                ]
+            )
             paths = make_studies(folder, count)
             load_classifier()
             run_one(paths[0], folder / "warmup", settings)
@@ -82,16 +91,20 @@ def main() -> None:
                 values = [sum(t[part] for part in parts) for t in timings]
                 print(f"{stage:>14} | {np.median(values):>9.1f} | {np.percentile(values, 95):>8.1f}")
             ratios = [sum(t[part] for part in ENCODE) / t["model_heatmap"] for t in timings]
-            print(f"encode / model+heatmap, same studies: median {np.median(ratios):.2f}x "
-                  f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+            print(
+                f"encode / model+heatmap, same studies: median {np.median(ratios):.2f}x "
+                f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
+            )
 
             halves = [(paths[0::2], folder / "outbox-a", settings), (paths[1::2], folder / "outbox-b", settings)]
             started = time.perf_counter()
             with multiprocessing.get_context("spawn").Pool(2) as pool:
                 done = sum(pool.map(_worker, halves))
             elapsed = time.perf_counter() - started
-            print(f"concurrency 2 (2 processes, 1 torch thread each): {done / elapsed:.2f} studies/s "
-                  f"({done} studies in {elapsed:.1f} s, process start-up and model load included)")
+            print(
+                f"concurrency 2 (2 processes, 1 torch thread each): {done / elapsed:.2f} studies/s "
+                f"({done} studies in {elapsed:.1f} s, process start-up and model load included)"
+            )
         finally:
             orthanc.stop()
 

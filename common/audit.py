@@ -21,11 +21,12 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-FORBIDDEN_FIELDS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
-                              "PatientBirthDate"})
+FORBIDDEN_FIELDS = frozenset(
+    {"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"}
+)
 
 _lock = threading.Lock()
 _path: Path | None = None
@@ -51,8 +52,14 @@ def record(event: str, **fields: object) -> None:
     leaked = FORBIDDEN_FIELDS.intersection(fields)
     if leaked:
         raise ValueError(f"patient fields must not be audited: {sorted(leaked)}")
-    line = json.dumps({"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields},
-                      default=str, separators=(",", ":")) + "\n"
+    line = (
+        json.dumps(
+            {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event, **fields},
+            default=str,
+            separators=(",", ":"),
+        )
+        + "\n"
+    )
     with _lock:
         descriptor = os.open(_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:
@@ -81,8 +88,12 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         try:
             events.append(json.loads(raw))
         except ValueError as error:  # skipped, said once per reader; the line itself is not quoted
-            log.warning("audit trail %s: the line at byte %d is not a JSON event (%s); skipped", path, position,
-                        type(error).__name__)
+            log.warning(
+                "audit trail %s: the line at byte %d is not a JSON event (%s); skipped",
+                path,
+                position,
+                type(error).__name__,
+            )
         position += len(raw)
     return events, offset + end
 

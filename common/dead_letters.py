@@ -6,7 +6,7 @@ the worker's code."""
 import json
 import uuid
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from common import audit
 from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK
@@ -58,7 +58,7 @@ class DeadLetter:
 
 def new_dead_letter(job: DeliveryJob | AnalysisJob, error: str, attempts: int) -> DeadLetter:
     """A dead letter with a fresh short id, stamped now."""
-    return DeadLetter(uuid.uuid4().hex[:12], job, error, attempts, datetime.now(timezone.utc).isoformat())
+    return DeadLetter(uuid.uuid4().hex[:12], job, error, attempts, datetime.now(UTC).isoformat())
 
 
 class DeadLetters:
@@ -92,18 +92,23 @@ class DeadLetters:
             return None
         job = letter.job
         if isinstance(job, AnalysisJob):
-            self.store.mark_replayed(job.message_id, datetime.now(timezone.utc))
+            self.store.mark_replayed(job.message_id, datetime.now(UTC))
             publisher.send(ANALYSE_STUDY_TASK, [job.message], task_id=job.message_id)
             outcome = "queued for analysis"
         else:
-            self.store.update_delivery(job.message_id, job.destination, status=DeliveryStatus.PENDING,
-                                       attempts=0)
+            self.store.update_delivery(job.message_id, job.destination, status=DeliveryStatus.PENDING, attempts=0)
             publisher.send(DELIVER_TASK, [asdict(job)])
             outcome = "queued for delivery"
         result = self.store.result(job.message_id)
-        audit.record("replayed", dead_letter=letter_id, message_id=job.message_id,
-                     study_uid=job.study_instance_uid, destination=job.destination, outcome=outcome,
-                     model_sha256=None if result is None else result.model_sha256)
+        audit.record(
+            "replayed",
+            dead_letter=letter_id,
+            message_id=job.message_id,
+            study_uid=job.study_instance_uid,
+            destination=job.destination,
+            outcome=outcome,
+            model_sha256=None if result is None else result.model_sha256,
+        )
         return letter
 
 

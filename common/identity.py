@@ -6,9 +6,7 @@ UID_ROOT = "1.2.826.0.1.3680043.10.1514."
 MANUFACTURER = "Lung Vision"
 
 
-def is_lung_vision_object(
-    *, sop_instance_uid: str, series_instance_uid: str, manufacturer: object
-) -> bool:
+def is_lung_vision_object(*, sop_instance_uid: str, series_instance_uid: str, manufacturer: object) -> bool:
     """True when the object was created by Lung Vision: our UID root on the instance or series, or our
     Manufacturer (whatever a source put there: None, text, or several values)."""
     return (

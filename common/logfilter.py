@@ -47,7 +47,7 @@ def redact(text: str) -> str:
         return text
     closing = max(text.rfind("'"), text.rfind('"'))
     end = closing + 1 if closing > opening.end() - 1 else len(text)
-    return text[:opening.start()] + REDACTED + text[end:]
+    return text[: opening.start()] + REDACTED + text[end:]
 
 
 def safe_traceback(error: BaseException, tb: TracebackType | None) -> str:
@@ -67,13 +67,15 @@ def scrub(record: logging.LogRecord) -> logging.LogRecord:
         message = f"{template} (could not be formatted with its arguments: {type(error).__name__})"
     record.msg, record.args = redact(message), ()
     if record.exc_info:
-        _, error, tb = record.exc_info
-        if error is not None:
+        _, exception, tb = record.exc_info
+        if exception is not None:
             try:
-                record.exc_text = safe_traceback(error, tb)
+                record.exc_text = safe_traceback(exception, tb)
             except Exception as failure:
-                record.exc_text = redact(f"{type(error).__name__}: {error}") + \
-                    f" (traceback not shown: {type(failure).__name__} while formatting it)"
+                record.exc_text = (
+                    redact(f"{type(exception).__name__}: {exception}")
+                    + f" (traceback not shown: {type(failure).__name__} while formatting it)"
+                )
         record.exc_info = None  # formatters print exc_text instead
     elif record.exc_text:
         record.exc_text = redact(record.exc_text)
@@ -155,8 +157,12 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:  # a thread's normal way out, silent in Python too
         return
     name = args.thread.name if args.thread is not None else "unknown"
-    _UNCAUGHT.error("uncaught exception ended thread %s", name,
-                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+    _UNCAUGHT.error(
+        "uncaught exception ended thread %s",
+        name,
+        # logging prints a None value too; typeshed's exc_info tuple wants an exception
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+    )
 
 
 # --- helpers -----------------------------------------------------------------------------------------

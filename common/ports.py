@@ -17,7 +17,8 @@ def wait_until_listening(port: int, process: subprocess.Popen, timeout_s: float)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[-1] if process.args else 'process'} exited with status {process.returncode}")
+            command = process.args[-1] if isinstance(process.args, (list, tuple)) and process.args else "process"
+            raise RuntimeError(f"{command!s} exited with status {process.returncode}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return

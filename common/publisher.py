@@ -16,15 +16,20 @@ class Publisher:
 
     def __init__(self, broker_url: str, connection_timeout_s: float = 5.0) -> None:
         self._app = Celery("lungvision-publisher", broker=broker_url, set_as_current=False)
-        self._app.conf.update(task_serializer="json", accept_content=["json"],
-                              broker_connection_timeout=connection_timeout_s,
-                              task_default_queue=QUEUE, task_routes=TASK_ROUTES)
+        self._app.conf.update(
+            task_serializer="json",
+            accept_content=["json"],
+            broker_connection_timeout=connection_timeout_s,
+            task_default_queue=QUEUE,
+            task_routes=TASK_ROUTES,
+        )
 
     def send(self, task_name: str, args: list, *, task_id: str | None = None, retries: int = 0) -> None:
         """Publish one task on its queue (``task_id`` None: a fresh one). Raises BrokerUnavailable."""
         try:
-            self._app.send_task(task_name, args=args, task_id=task_id, retries=retries, retry=True,
-                                retry_policy=SEND_RETRY_POLICY)
+            self._app.send_task(
+                task_name, args=args, task_id=task_id, retries=retries, retry=True, retry_policy=SEND_RETRY_POLICY
+            )
         except OperationalError as error:
             raise BrokerUnavailable(str(error)) from error
 

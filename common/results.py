@@ -22,8 +22,9 @@ class StudyStatus(StrEnum):
 
 
 # A round with one of these statuses is done: the analysis task skips it, the sweeper leaves it alone.
-FINAL_STATUSES = frozenset({StudyStatus.ANALYSED, StudyStatus.NOT_ANALYSED, StudyStatus.OUTSIDE_USE,
-                            StudyStatus.DELIVERED, StudyStatus.FAILED})
+FINAL_STATUSES = frozenset(
+    {StudyStatus.ANALYSED, StudyStatus.NOT_ANALYSED, StudyStatus.OUTSIDE_USE, StudyStatus.DELIVERED, StudyStatus.FAILED}
+)
 
 
 class DeliveryStatus(StrEnum):

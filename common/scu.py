@@ -104,8 +104,9 @@ def send_datasets(
     contexts = proposed_contexts(datasets)
     if len(contexts) > MAX_PRESENTATION_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts needed, at most {MAX_PRESENTATION_CONTEXTS}")
-    request = AssociationRequest(destination, calling_ae, timeouts,
-                                 tuple((sop_class, tuple(syntaxes)) for sop_class, syntaxes in contexts))
+    request = AssociationRequest(
+        destination, calling_ae, timeouts, tuple((sop_class, tuple(syntaxes)) for sop_class, syntaxes in contexts)
+    )
     if pool is None:
         pool = AssociationPool(idle_s=0)  # keeps nothing: this one association is released afterwards
     first_sop_uid = str(datasets[0].SOPInstanceUID)
@@ -115,8 +116,13 @@ def send_datasets(
     except DeliveryError as error:
         if not (kept.reused and error.transient and error.status is None and not error.delivered):
             raise
-        log.info("the association to %s@%s:%d kept from an earlier delivery is gone (%s); sending over a new one",
-                 destination.ae_title, destination.host, destination.port, error.reason)
+        log.info(
+            "the association to %s@%s:%d kept from an earlier delivery is gone (%s); sending over a new one",
+            destination.ae_title,
+            destination.host,
+            destination.port,
+            error.reason,
+        )
     return _send_over(pool, pool.open(request, first_sop_uid=first_sop_uid), datasets)
 
 
@@ -145,7 +151,11 @@ def _store_all(kept: "KeptAssociation", datasets: Sequence[Dataset]) -> list[int
             ) from error
         except RuntimeError as error:  # pynetdicom: "must be established": the peer released or aborted it
             raise DeliveryError(
-                destination, sop_uid, None, "association closed by the peer", transient=True,
+                destination,
+                sop_uid,
+                None,
+                "association closed by the peer",
+                transient=True,
                 delivered=tuple(delivered),
             ) from error
         status = _checked_status(destination, sop_uid, response, tuple(delivered))
@@ -305,7 +315,13 @@ def _associate(request: AssociationRequest, first_sop_uid: str) -> Association:
         ae.add_requested_context(sop_class, list(syntaxes))
     destination = request.destination
     tls_args = _tls_args(destination.tls) if destination.tls is not None else None
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    # pynetdicom passes the server hostname to wrap_socket, which takes None too (its type says str)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,  # type: ignore[arg-type]
+    )
     if not assoc.is_established:
         raise _association_error(destination, assoc, first_sop_uid)
     _without_nagle(assoc)
@@ -315,7 +331,9 @@ def _associate(request: AssociationRequest, first_sop_uid: str) -> Association:
 def _without_nagle(assoc: Association) -> None:
     """Send each write at once: a C-STORE is several writes (command PDU, data PDUs), and with Nagle's
     algorithm a short one waits for the peer's delayed ACK (≈ 40 ms on Linux) — per object sent."""
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = assoc.dul.socket
+    assert transport is not None and transport.socket is not None  # an established association has its socket
+    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _close(kept: KeptAssociation) -> None:
@@ -324,12 +342,14 @@ def _close(kept: KeptAssociation) -> None:
         kept.association.release()
 
 
-def _checked_status(
-    destination: Destination, sop_uid: str, response: Dataset, delivered: tuple[str, ...]
-) -> int:
+def _checked_status(destination: Destination, sop_uid: str, response: Dataset, delivered: tuple[str, ...]) -> int:
     if "Status" not in response:
         raise DeliveryError(
-            destination, sop_uid, None, "no response (timeout, abort or invalid reply)", transient=True,
+            destination,
+            sop_uid,
+            None,
+            "no response (timeout, abort or invalid reply)",
+            transient=True,
             delivered=delivered,
         )
     status = int(response.Status)
@@ -346,6 +366,7 @@ def _association_error(destination: Destination, assoc: Association, sop_uid: st
     """Why no association came up; names the first instance, as none was delivered."""
     if assoc.is_rejected:
         rejection = assoc.acceptor.primitive  # the A-ASSOCIATE-RJ
+        assert rejection is not None  # a rejected association has it
         reason = f"association rejected: {rejection.result_str}, {rejection.reason_str}"
         # a permanent rejection (unknown AE title, not allowed) will not heal by retrying
         return DeliveryError(destination, sop_uid, None, reason, transient=rejection.result == 0x02)
@@ -367,5 +388,14 @@ def _tls_args(tls: ClientTls) -> tuple[ssl.SSLContext, str | None]:
     return context, tls.server_hostname
 
 
-__all__ = ["AssociationPool", "AssociationRequest", "ClientTls", "DeliveryError", "Destination", "KeptAssociation",
-           "Timeouts", "proposed_contexts", "send_datasets"]
+__all__ = [
+    "AssociationPool",
+    "AssociationRequest",
+    "ClientTls",
+    "DeliveryError",
+    "Destination",
+    "KeptAssociation",
+    "Timeouts",
+    "proposed_contexts",
+    "send_datasets",
+]

@@ -6,11 +6,26 @@ PostgreSQL) works. The worker writes it (worker/record.py); the worklist reads i
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import JSON, DateTime, Enum, Float, Integer, String, Text, TypeDecorator, create_engine, select, update
+from sqlalchemy import (
+    JSON,
+    CursorResult,
+    DateTime,
+    Enum,
+    Float,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    Update,
+    create_engine,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -22,8 +37,13 @@ log = logging.getLogger("lungvision.store")
 
 def enum_column(kind: type[StrEnum]) -> Enum:
     """A VARCHAR(16) column holding ``kind``'s values (the plain strings earlier versions stored)."""
-    return Enum(kind, native_enum=False, length=16, validate_strings=True,
-                values_callable=lambda members: [member.value for member in members])
+    return Enum(
+        kind,
+        native_enum=False,
+        length=16,
+        validate_strings=True,
+        values_callable=lambda members: [member.value for member in members],
+    )
 
 
 class ImageResults(TypeDecorator):
@@ -46,7 +66,7 @@ class Base(DeclarativeBase):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class StudyResult(Base):
@@ -156,20 +176,21 @@ def create_schema(engine: Engine) -> None:
         except DatabaseError as error:
             if attempt == SCHEMA_TRIES:
                 raise
-            log.warning("creating the store's tables collided with another process (%s); trying again",
-                        type(error).__name__)
+            log.warning(
+                "creating the store's tables collided with another process (%s); trying again", type(error).__name__
+            )
 
 
 def _posix(moment: datetime | None) -> float | None:
     """POSIX seconds of a stored time (SQLite gives times back without their UTC zone)."""
     if moment is None:
         return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 def _chunks(items: list[str]) -> Iterable[list[str]]:
     for start in range(0, len(items), _IN_CHUNK):
-        yield items[start:start + _IN_CHUNK]
+        yield items[start : start + _IN_CHUNK]
 
 
 class Store:
@@ -199,15 +220,22 @@ class Store:
     def study_results(self, study_instance_uid: str) -> list[StudyResult]:
         """Every round of one study, oldest first."""
         with Session(self.engine, expire_on_commit=False) as session:
-            return list(session.scalars(select(StudyResult).where(StudyResult.study_instance_uid == study_instance_uid)
-                                        .order_by(StudyResult.round, StudyResult.analysed_at)))
+            return list(
+                session.scalars(
+                    select(StudyResult)
+                    .where(StudyResult.study_instance_uid == study_instance_uid)
+                    .order_by(StudyResult.round, StudyResult.analysed_at)
+                )
+            )
 
-    def update_delivery(self, message_id: str, destination: str, *, status: DeliveryStatus, attempts: int,
-                        error: str | None = None) -> None:
+    def update_delivery(
+        self, message_id: str, destination: str, *, status: DeliveryStatus, attempts: int, error: str | None = None
+    ) -> None:
         """Record the latest state of one delivery, and roll the study's status up from all of them."""
         with Session(self.engine) as session, session.begin():
-            row = session.scalars(select(Delivery).where(Delivery.message_id == message_id,
-                                                         Delivery.destination == destination)).first()
+            row = session.scalars(
+                select(Delivery).where(Delivery.message_id == message_id, Delivery.destination == destination)
+            ).first()
             if row is None:
                 row = Delivery(message_id=message_id, destination=destination)
                 session.add(row)
@@ -224,8 +252,11 @@ class Store:
             known = set(session.scalars(select(Delivery.destination).where(Delivery.message_id == result.message_id)))
             for name in destinations:
                 if name not in known:
-                    session.add(Delivery(message_id=result.message_id, destination=name,
-                                         status=DeliveryStatus.PENDING, attempts=0))
+                    session.add(
+                        Delivery(
+                            message_id=result.message_id, destination=name, status=DeliveryStatus.PENDING, attempts=0
+                        )
+                    )
             session.flush()
             _roll_up(session, result.message_id)
 
@@ -259,11 +290,14 @@ class Store:
         attempts: dict[str, RoundAttempt] = {}
         with Session(self.engine) as session:
             for chunk in _chunks(ids):
-                rows = session.execute(select(StudyResult.message_id, StudyResult.status)
-                                       .where(StudyResult.message_id.in_(chunk)))
+                rows = session.execute(
+                    select(StudyResult.message_id, StudyResult.status).where(StudyResult.message_id.in_(chunk))
+                )
                 statuses.update((message_id, status) for message_id, status in rows)
-                attempts.update((row.message_id, row) for row in
-                                session.scalars(select(RoundAttempt).where(RoundAttempt.message_id.in_(chunk))))
+                attempts.update(
+                    (row.message_id, row)
+                    for row in session.scalars(select(RoundAttempt).where(RoundAttempt.message_id.in_(chunk)))
+                )
             return {message_id: _state(statuses.get(message_id), attempts.get(message_id)) for message_id in ids}
 
     def round_state(self, message_id: str) -> RoundState:
@@ -283,10 +317,15 @@ class Store:
         False, and nothing written, when another process started it since ``seen`` was read."""
         self.track(placeholder.message_id)
         with Session(self.engine) as session, session.begin():
-            claimed = session.execute(
-                update(RoundAttempt).where(RoundAttempt.message_id == placeholder.message_id,
-                                           RoundAttempt.attempts == seen.attempts)
-                .values(attempts=seen.attempts + 1, owner=owner, started_at=now)).rowcount == 1
+            claimed = (
+                _changed(
+                    session,
+                    update(RoundAttempt)
+                    .where(RoundAttempt.message_id == placeholder.message_id, RoundAttempt.attempts == seen.attempts)
+                    .values(attempts=seen.attempts + 1, owner=owner, started_at=now),
+                )
+                == 1
+            )
             if claimed:
                 session.merge(placeholder)
         return claimed
@@ -307,11 +346,19 @@ class Store:
         process started or re-sent the round since ``seen`` was read (it must not be sent twice)."""
         self.track(message_id)
         with Session(self.engine) as session, session.begin():
-            return session.execute(
-                update(RoundAttempt).where(RoundAttempt.message_id == message_id,
-                                           RoundAttempt.attempts == seen.attempts,
-                                           RoundAttempt.requeues == seen.requeues)
-                .values(requeues=seen.requeues + 1, requeued_at=now)).rowcount == 1
+            return (
+                _changed(
+                    session,
+                    update(RoundAttempt)
+                    .where(
+                        RoundAttempt.message_id == message_id,
+                        RoundAttempt.attempts == seen.attempts,
+                        RoundAttempt.requeues == seen.requeues,
+                    )
+                    .values(requeues=seen.requeues + 1, requeued_at=now),
+                )
+                == 1
+            )
 
     def mark_replayed(self, message_id: str, now: datetime) -> None:
         """An operator replays the round's failed analysis: show it as requeued, with a fresh set of attempts."""
@@ -326,26 +373,40 @@ class Store:
             attempt.attempts, attempt.owner, attempt.started_at = 0, None, None
             attempt.requeues, attempt.requeued_at = (attempt.requeues or 0) + 1, now
 
-    def silent_deliveries(self, pending_before: datetime,
-                          retrying_before: datetime) -> list[tuple[Delivery, StudyResult]]:
+    def silent_deliveries(
+        self, pending_before: datetime, retrying_before: datetime
+    ) -> list[tuple[Delivery, StudyResult]]:
         """Deliveries without news since the given times — pending ones since ``pending_before``, retrying
         ones since ``retrying_before`` — with their study round."""
         with Session(self.engine, expire_on_commit=False) as session:
             rows = session.execute(
-                select(Delivery, StudyResult).join(StudyResult, StudyResult.message_id == Delivery.message_id)
-                .where(((Delivery.status == DeliveryStatus.PENDING) & (Delivery.updated_at < pending_before))
-                       | ((Delivery.status == DeliveryStatus.RETRYING) & (Delivery.updated_at < retrying_before))))
+                select(Delivery, StudyResult)
+                .join(StudyResult, StudyResult.message_id == Delivery.message_id)
+                .where(
+                    ((Delivery.status == DeliveryStatus.PENDING) & (Delivery.updated_at < pending_before))
+                    | ((Delivery.status == DeliveryStatus.RETRYING) & (Delivery.updated_at < retrying_before))
+                )
+            )
             return [(delivery, result) for delivery, result in rows]
 
     def mark_delivery_requeued(self, delivery: Delivery, now: datetime) -> bool:
         """Note that a silent delivery is being sent again (its ``updated_at`` becomes ``now``). False when
         the delivery changed since it was read (it is not silent any more, or another process re-sent it)."""
         with Session(self.engine) as session, session.begin():
-            return session.execute(
-                update(Delivery).where(Delivery.id == delivery.id, Delivery.status == delivery.status,
-                                       Delivery.attempts == delivery.attempts,
-                                       Delivery.updated_at == delivery.updated_at)
-                .values(updated_at=now)).rowcount == 1
+            return (
+                _changed(
+                    session,
+                    update(Delivery)
+                    .where(
+                        Delivery.id == delivery.id,
+                        Delivery.status == delivery.status,
+                        Delivery.attempts == delivery.attempts,
+                        Delivery.updated_at == delivery.updated_at,
+                    )
+                    .values(updated_at=now),
+                )
+                == 1
+            )
 
     def save_review(self, result: StudyResult, verdict: Verdict, reviewer: str) -> Review:
         """Record ``verdict`` on the finding of ``result``; a later mark of the same round replaces the
@@ -372,6 +433,11 @@ class Store:
             return list(session.scalars(select(Review).order_by(Review.created_at, Review.id)))
 
 
+def _changed(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE matched (``Session.execute`` is typed as returning a Result without rowcount)."""
+    return cast(CursorResult, session.execute(statement)).rowcount
+
+
 def _roll_up(session: Session, message_id: str) -> None:
     """The round's status from its deliveries: failed if any was dead-lettered, delivered if all arrived."""
     result = session.get(StudyResult, message_id)
@@ -386,6 +452,11 @@ def _roll_up(session: Session, message_id: str) -> None:
 def _state(status: StudyStatus | None, attempt: RoundAttempt | None) -> RoundState:
     if attempt is None:
         return RoundState(status=status)
-    return RoundState(status=status, attempts=attempt.attempts or 0, owner=attempt.owner,
-                      started_at=_posix(attempt.started_at), requeues=attempt.requeues or 0,
-                      requeued_at=_posix(attempt.requeued_at))
+    return RoundState(
+        status=status,
+        attempts=attempt.attempts or 0,
+        owner=attempt.owner,
+        started_at=_posix(attempt.started_at),
+        requeues=attempt.requeues or 0,
+        requeued_at=_posix(attempt.requeued_at),
+    )

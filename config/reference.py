@@ -22,7 +22,7 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +48,9 @@ EXTRA_DESCRIPTIONS = {
     "log_level": "log level of node and worker: DEBUG, INFO, WARNING, ERROR",
     "delivery.connection_timeout_s": "seconds to wait for the TCP connection to a DICOM destination",
     "node.allowed_calling_aes[].ae_title": "calling AE title allowed to associate (compared without padding spaces)",
-    "destinations[].name": "unique name of the destination; routing rules, delivery records and dead letters refer to it",
+    "destinations[].name": (
+        "unique name of the destination; routing rules, delivery records and dead letters refer to it"
+    ),
     "destinations[].kind": "dicom = C-STORE to ae_title@host:port; folder = copy the result files under path",
     "destinations[].ae_title": "kind dicom: the destination's AE title (called AE title)",
     "destinations[].host": "kind dicom: host name or IP address of the destination",
@@ -253,7 +255,7 @@ def _dedent(lines: list[str]) -> str:
     return "\n".join(line[margin:].rstrip() for line in lines)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _source_comments(module_name: str) -> dict[tuple[str, str], str]:
     """(class name, field name) → the ``# comment`` on the field's line(s) in the module's source."""
     source = inspect.getsource(sys.modules[module_name])
@@ -355,6 +357,7 @@ def _default_text(field: FieldInfo, defaults: dict[str, Any] | None, name: str) 
     if field.is_required():
         return "required"
     value = field.get_default(call_default_factory=True)
+    assert field.annotation is not None  # every settings field is annotated
     return f"`{_value_text(TypeAdapter(field.annotation).dump_python(value, mode='json'))}`"
 
 
@@ -416,6 +419,7 @@ def _field_parts(
         child_defaults = None if defaults is None else defaults.get(name)
         return [], [_block(nested, key, child_defaults, child_env, list_key, notes)], None
     if child_env is None:
+        assert list_key is not None  # a field inside a list entry: the list's key
         env = f"in `{_env_name(list_key.split('.'))}` (JSON)"
     else:
         env = f"`{_env_name(child_env)}`" + (" (JSON)" if typing.get_origin(field.annotation) is list else "")

@@ -118,7 +118,8 @@ class WorkerSettings(Section):
     dead_letter_key: str = Field(
         default="lungvision:dead_letters",
         description="Redis hash where versions before the reconciliation kept dead letters; a worker start moves "
-                    "any it finds into the outcome store, where every dead letter is kept now")
+        "any it finds into the outcome store, where every dead letter is kept now",
+    )
 
 
 class DestinationTlsSettings(Section):
@@ -280,9 +281,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(**overrides)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
 
 
@@ -306,4 +305,12 @@ def mask_secrets(value: Any) -> Any:
     return value
 
 
-__all__ = ["ConfigError", "SecretStr", "Section", "Settings", "effective_settings_json", "load_settings", "mask_secrets"]
+__all__ = [
+    "ConfigError",
+    "SecretStr",
+    "Section",
+    "Settings",
+    "effective_settings_json",
+    "load_settings",
+    "mask_secrets",
+]

@@ -5,10 +5,10 @@ import ssl
 from dataclasses import dataclass
 
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -19,7 +19,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts
-from pynetdicom.sop_class import (
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # the module makes its names at import time
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
@@ -67,8 +67,9 @@ def build_ae(node: NodeSettings) -> AE:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     if node.unknown_storage_classes == "ignore":
         for context in AllStoragePresentationContexts:
-            if context.abstract_syntax not in ANALYSED_SOP_CLASSES:
-                ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+            sop_class = context.abstract_syntax  # always set in pynetdicom's list (typed optional)
+            if sop_class is not None and sop_class not in ANALYSED_SOP_CLASSES:
+                ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -78,6 +79,7 @@ def server_ssl_context(tls: NodeTlsSettings) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert_file is not None  # the settings require it when TLS is on
     context.load_cert_chain(certfile=tls.cert_file, keyfile=tls.key_file)
     if tls.ca_file is not None:
         context.load_verify_locations(cafile=tls.ca_file)

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common import audit
@@ -71,7 +71,9 @@ class Dispatcher:
             self._tracker.seen(study_uid, now - max(0.0, wall_now - last_arrival))
         for sealed in recovered.unqueued:
             self._unqueued[sealed.path] = _Unqueued(sealed)
-        log_event(LOG, "spool.recovered", pending_studies=len(recovered.pending), unqueued_rounds=len(recovered.unqueued))
+        log_event(
+            LOG, "spool.recovered", pending_studies=len(recovered.pending), unqueued_rounds=len(recovered.unqueued)
+        )
 
     def dispatch_due(self) -> float:
         """Seal the studies that fell quiet, queue the rounds whose (re)try is due; return when something is
@@ -113,16 +115,33 @@ class Dispatcher:
             delay = min(RETRY_MAX_DELAY_S, RETRY_FIRST_DELAY_S * 2 ** (item.attempts - 1))
             item.next_attempt = now + delay
             log_event(
-                LOG, "study.queue-failed", logging.ERROR, study_uid=sealed.study_uid, round=sealed.number,
-                attempts=item.attempts, retry_in_s=delay, error=f"{type(error).__name__}: {error}",
+                LOG,
+                "study.queue-failed",
+                logging.ERROR,
+                study_uid=sealed.study_uid,
+                round=sealed.number,
+                attempts=item.attempts,
+                retry_in_s=delay,
+                error=f"{type(error).__name__}: {error}",
             )
             return
         del self._unqueued[sealed.path]
-        audit.record("queued", study_uid=sealed.study_uid, round=sealed.number, message_id=message.message_id,
-                     instances=len(message.instances), calling_ae=message.calling_ae)
+        audit.record(
+            "queued",
+            study_uid=sealed.study_uid,
+            round=sealed.number,
+            message_id=message.message_id,
+            instances=len(message.instances),
+            calling_ae=message.calling_ae,
+        )
         log_event(
-            LOG, "study.queued", study_uid=sealed.study_uid, round=sealed.number,
-            instances=len(message.instances), task_id=task_id, calling_ae=message.calling_ae,
+            LOG,
+            "study.queued",
+            study_uid=sealed.study_uid,
+            round=sealed.number,
+            instances=len(message.instances),
+            task_id=task_id,
+            calling_ae=message.calling_ae,
         )
 
     def _message_for(self, sealed: SealedRound) -> StudyReady:
@@ -197,7 +216,7 @@ def _record_from_file(path: Path) -> ArrivalRecord:
 
 
 def _datetime(posix_seconds: float) -> datetime:
-    return datetime.fromtimestamp(posix_seconds, timezone.utc)
+    return datetime.fromtimestamp(posix_seconds, UTC)
 
 
 def _iso(posix_seconds: float) -> str:

@@ -8,15 +8,17 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
+from common.logs import log_event
 from dicom_node.application_entity import Admission
 from dicom_node.intake import Intake, Outcome, Received, StoreStatus
-from common.logs import log_event
 
 LOG = logging.getLogger("dicom_node.scp")
 ERROR_COMMENT_MAX = 64  # Error Comment is LO
@@ -25,6 +27,7 @@ ERROR_COMMENT_MAX = 64  # Error Comment is LO
 def handle_requested(event: Event, admission: Admission, journal: "AssociationJournal") -> None:
     """A-ASSOCIATE-RQ: reject peers the admission rule refuses."""
     request = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ; negotiation has not run yet
+    assert request is not None  # EVT_REQUESTED comes with it
     calling_ae = request.calling_ae_title.strip()
     refusal = admission.refusal(
         calling_ae=calling_ae, called_ae=request.called_ae_title, host=event.assoc.requestor.address
@@ -38,7 +41,7 @@ def handle_requested(event: Event, admission: Admission, journal: "AssociationJo
 def handle_store(event: Event, intake: Intake, journal: "AssociationJournal") -> Dataset:
     """C-STORE-RQ: hand the payload (already on disk) to the intake; answer its status (and why, on failure)."""
     started = time.perf_counter()
-    request = event.request
+    request = cast(C_STORE, event.request)  # EVT_C_STORE: a C-STORE request
     received = Received(
         path=event.dataset_path,
         calling_ae=event.assoc.requestor.ae_title.strip(),
@@ -89,7 +92,7 @@ class AssociationJournal:
         self._count = 0
 
     def opened(self, event: Event) -> None:
-        address, port = event.address
+        address, port = event.address  # type: ignore[attr-defined]  # EVT_CONN_OPEN's attribute, set at run time
         with self._lock:
             self._count += 1
             self._stats[id(event.assoc)] = _AssociationStats(self._count, time.perf_counter(), f"{address}:{port}")
@@ -103,8 +106,11 @@ class AssociationJournal:
     def echo(self, event: Event) -> None:
         stats = self._get(event)
         log_event(
-            LOG, "echo", association=stats.number if stats else None,
-            calling_ae=event.assoc.requestor.ae_title.strip(), status="0x0000",
+            LOG,
+            "echo",
+            association=stats.number if stats else None,
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+            status="0x0000",
         )
 
     def instance(self, event: Event, received: Received, outcome: Outcome, *, milliseconds: float) -> None:

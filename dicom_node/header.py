@@ -87,7 +87,7 @@ def _check_not_empty(dataset: Dataset, path: Path) -> None:
 def _check_complete(dataset: Dataset, file_size: int, path: Path) -> None:
     """Raise when the dataset is empty or an element's value runs past the end of the file (truncated)."""
     _check_not_empty(dataset, path)
-    for tag in dataset.keys():
+    for tag in dataset.keys():  # noqa: SIM118 (a pydicom Dataset iterates elements; keys() gives the tags)
         element = dataset.get_item(tag, keep_deferred=True)
         value_tell = getattr(element, "value_tell", None)
         length = getattr(element, "length", None)

@@ -146,6 +146,12 @@ class Intake:
         if own:
             return Outcome(Disposition.STORED_OWN_OBJECT, study_uid)
         self._tracker.seen(study_uid, self._monotonic_clock())
-        audit.record("received", study_uid=study_uid, sop_instance_uid=sop_uid, sop_class_uid=sop_class_uid,
-                     calling_ae=item.calling_ae, received_at=record.received_at)
+        audit.record(
+            "received",
+            study_uid=study_uid,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class_uid,
+            calling_ae=item.calling_ae,
+            received_at=record.received_at,
+        )
         return Outcome(Disposition.STORED, study_uid)

@@ -58,9 +58,16 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         evt_handlers=list(bindings(intake, Admission(node), journal)),
     )
     log_event(
-        LOG, "node.listening", ae_title=node.ae_title, address=node.bind_address, port=server.server_address[1],
-        tls=node.tls.enabled, spool=str(spool.root), partials_removed=partials,
-        stable_seconds=settings.spool.stable_seconds, max_associations=node.max_associations,
+        LOG,
+        "node.listening",
+        ae_title=node.ae_title,
+        address=node.bind_address,
+        port=server.server_address[1],
+        tls=node.tls.enabled,
+        spool=str(spool.root),
+        partials_removed=partials,
+        stable_seconds=settings.spool.stable_seconds,
+        max_associations=node.max_associations,
     )
 
     try:
@@ -118,9 +125,7 @@ class _Housekeeping:
 
 
 def _sweep(spool: Spool, settings: Settings) -> None:
-    report = spool.sweep(
-        time.time(), settings.spool.retention_days * 86400.0, settings.spool.stale_partial_s
-    )
+    report = spool.sweep(time.time(), settings.spool.retention_days * 86400.0, settings.spool.stale_partial_s)
     log_event(LOG, "spool.swept", **vars(report))
 
 
@@ -137,10 +142,14 @@ def _reload(current: Settings, reload_settings: Callable[[], Settings] | None, s
     spool.min_free_bytes = fresh.spool.min_free_bytes
     changed = _changed_keys(current.model_dump(), fresh.model_dump())
     log_event(
-        LOG, "config.reloaded", min_free_bytes=spool.min_free_bytes,
+        LOG,
+        "config.reloaded",
+        min_free_bytes=spool.min_free_bytes,
         needs_restart=[key for key in changed if key not in RELOADABLE],
     )
-    return current.model_copy(update={"spool": current.spool.model_copy(update={"min_free_bytes": spool.min_free_bytes})})
+    return current.model_copy(
+        update={"spool": current.spool.model_copy(update={"min_free_bytes": spool.min_free_bytes})}
+    )
 
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:

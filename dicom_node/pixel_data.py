@@ -14,7 +14,9 @@ refused with a failure status instead of being acknowledged and never sent again
 
 import struct
 from pathlib import Path
+from typing import cast
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.pixels.utils import get_expected_length
@@ -33,7 +35,8 @@ def pixel_data_problem(dataset: Dataset, path: Path, transfer_syntax_uid: str | 
     are not loaded); encapsulated items are walked in the file itself, without reading fragments.
     The message names sizes and offsets only, never attribute values of the patient.
     """
-    element = dataset.get_item(PIXEL_DATA, keep_deferred=True)
+    # keep_deferred: the raw element (length, value_tell), which get_item is typed as never returning
+    element = cast(RawDataElement | None, dataset.get_item(PIXEL_DATA, keep_deferred=True))
     if element is None:
         return None  # "no Pixel Data" is the caller's own refusal
     try:

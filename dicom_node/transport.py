@@ -62,7 +62,7 @@ class SharedUidContext(PresentationContext):
 
 
 class _RequestHandler(RequestHandler):
-    def _create_association(self):  # type: ignore[no-untyped-def]
+    def _create_association(self):
         assoc = super()._create_association()
         # The socket pynetdicom built has already queued its "connection open" event, so it is kept
         # and only given the faster ``recv`` (WholePduSocket adds no state of its own).

@@ -42,8 +42,9 @@ def analyze(paths: list[Path], classifier: Classifier, gate: IntendedUse, out_di
         try:
             gray, dataset = read_image(path)
             header = gate.read_header(dataset)
-            prediction = classifier.predict([gray], with_heatmap=out_dir is not None,
-                                            populations=[header.population])[0]
+            prediction = classifier.predict([gray], with_heatmap=out_dir is not None, populations=[header.population])[
+                0
+            ]
         except (OSError, ValueError) as error:  # unreadable file or UnsupportedImage: report, go on
             errors += 1
             output.write(json.dumps({"path": str(path), "error": str(error)}) + "\n")
@@ -56,14 +57,21 @@ def analyze(paths: list[Path], classifier: Classifier, gate: IntendedUse, out_di
             output.write(json.dumps(record) + "\n")
             output.flush()
             continue
-        record.update(probability=round(prediction.probability, 4), label=prediction.label,
-                      threshold=prediction.threshold, population=prediction.population,
-                      operating_point=prediction.operating_point,
-                      model_version=prediction.model_version, milliseconds=round(milliseconds, 1))
+        record.update(
+            probability=round(prediction.probability, 4),
+            label=prediction.label,
+            threshold=prediction.threshold,
+            population=prediction.population,
+            operating_point=prediction.operating_point,
+            model_version=prediction.model_version,
+            milliseconds=round(milliseconds, 1),
+        )
         if out_dir is not None:
-            legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold,
-                                  prediction.model_version)
+            legend = legend_lines(
+                prediction.probability, prediction.positive, prediction.threshold, prediction.model_version
+            )
             overlay_path = out_dir / f"{index:04d}-{path.stem}-heatmap.png"
+            assert prediction.heatmap is not None  # asked for (with_heatmap) since there is an out_dir
             Image.fromarray(render_overlay(gray, prediction.heatmap, legend)).save(overlay_path)
             record["overlay"] = str(overlay_path)
         output.write(json.dumps(record) + "\n")

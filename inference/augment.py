@@ -66,22 +66,26 @@ class TrainingTransform:
     (gamma, contrast, blur, resolution, noise, bands, erasing) changes the image only."""
 
     def __init__(self, crop_size: int) -> None:
-        self.geometric = v2.Compose([
-            v2.RandomResizedCrop(crop_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=10, translate=(0.05, 0.05), shear=5),
-        ])
-        self.photometric = v2.Compose([
-            v2.ToDtype(torch.float32, scale=True),
-            RandomGamma(),
-            v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3)], p=0.5),
-            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
-            v2.RandomAdjustSharpness(2.0, p=0.2),
-            RandomResolutionLoss(),
-            RandomSideBands(),
-            v2.RandomApply([v2.GaussianNoise(sigma=0.02, clip=True)], p=0.3),
-            v2.RandomErasing(p=0.25, scale=(0.005, 0.03), value=0.0),
-        ])
+        self.geometric = v2.Compose(
+            [
+                v2.RandomResizedCrop(crop_size, scale=(0.6, 1.0), ratio=(0.8, 1.25), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.RandomAffine(degrees=10, translate=(0.05, 0.05), shear=5),
+            ]
+        )
+        self.photometric = v2.Compose(
+            [
+                v2.ToDtype(torch.float32, scale=True),
+                RandomGamma(),
+                v2.RandomApply([v2.ColorJitter(brightness=0.3, contrast=0.3)], p=0.5),
+                v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.2),
+                v2.RandomAdjustSharpness(2.0, p=0.2),
+                RandomResolutionLoss(),
+                RandomSideBands(),
+                v2.RandomApply([v2.GaussianNoise(sigma=0.02, clip=True)], p=0.3),
+                v2.RandomErasing(p=0.25, scale=(0.005, 0.03), value=0.0),
+            ]
+        )
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.photometric(self.geometric(image))

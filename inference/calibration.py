@@ -5,8 +5,9 @@ import torch
 from scipy.special import expit
 
 
-def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """``sigmoid(logit / temperature)``, computed without overflow for very negative logits."""
+def calibrated_probabilities(logits: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
+    """``sigmoid(logit / temperature)``, computed without overflow for very negative logits (``temperature``:
+    one, or one per logit)."""
     return expit(np.asarray(logits, dtype=np.float64) / temperature)
 
 
@@ -52,8 +53,9 @@ def sensitivity_lower_bound(caught: int, positives: int, confidence: float = 0.9
     return float(beta.ppf(1.0 - confidence, caught, positives - caught + 1))
 
 
-def threshold_with_confidence(probabilities: np.ndarray, labels: np.ndarray, target_sensitivity: float,
-                              confidence: float = 0.95) -> tuple[float, float, bool]:
+def threshold_with_confidence(
+    probabilities: np.ndarray, labels: np.ndarray, target_sensitivity: float, confidence: float = 0.95
+) -> tuple[float, float, bool]:
     """The highest threshold whose sensitivity is ≥ ``target_sensitivity`` with ``confidence``.
 
     Returns (threshold, lower bound of the sensitivity there, whether the target was met). With
@@ -71,8 +73,9 @@ def threshold_with_confidence(probabilities: np.ndarray, labels: np.ndarray, tar
     return float(positives[0]), sensitivity_lower_bound(n, n, confidence), False
 
 
-def balanced_threshold(probabilities: np.ndarray, labels: np.ndarray, min_sensitivity: float,
-                       max_threshold: float = 1.0) -> float:
+def balanced_threshold(
+    probabilities: np.ndarray, labels: np.ndarray, min_sensitivity: float, max_threshold: float = 1.0
+) -> float:
     """The threshold with the highest Youden index (sensitivity + specificity − 1) among those
     whose sensitivity is ≥ ``min_sensitivity`` and that are ≤ ``max_threshold``: the middle of the
     interval of thresholds that all give that best index (a case is positive when its probability

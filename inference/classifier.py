@@ -14,9 +14,10 @@ computes it natively, else float32; its outputs are float32 either way.
 """
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -69,22 +70,28 @@ class Prediction:
     population: str = DEFAULT_POPULATION  # whose operating point: by the header's age, else the image check
 
 
-def forward_pass(network: torch.nn.Module, batch: torch.Tensor, input_size: int,
-                 precision: Precision = Precision.FP32) -> ForwardPass:
+def forward_pass(
+    network: torch.nn.Module, batch: torch.Tensor, input_size: int, precision: Precision = Precision.FP32
+) -> ForwardPass:
     """One forward pass of N×1×H×W images (uint8 squares, or float 0..1) → float32 logits, maps, features.
 
     ``precision``: BF16 needs the network ``network_for`` made for it; FP32 (the default) runs it as is."""
     maps: dict[str, torch.Tensor] = {}
-    hooks = [getattr(network, name).register_forward_hook(
-        lambda _module, _inputs, output, name=name: maps.__setitem__(name, output.float())) for name in FEATURE_LAYERS]
+    head = cast(torch.nn.Linear, network.fc)  # the ResNet's one-logit head
+    hooks = [
+        getattr(network, name).register_forward_hook(
+            lambda _module, _inputs, output, name=name: maps.__setitem__(name, output.float())
+        )
+        for name in FEATURE_LAYERS
+    ]
     try:
         with torch.inference_mode():
             with autocast(precision):
                 logits = network(prepared_input(normalise(batch, input_size), precision)).flatten()
-            cams = class_map(maps["layer4"], network.fc.weight[0])
+            cams = class_map(maps["layer4"], head.weight[0])
             features = torch.cat([maps[name].mean(dim=(2, 3)) for name in FEATURE_LAYERS], dim=1)
             if precision is not Precision.FP32:  # the head again, in float32: bf16 would round the logit itself
-                logits = network.fc(maps["layer4"].mean(dim=(2, 3))).flatten()
+                logits = head(maps["layer4"].mean(dim=(2, 3))).flatten()
     finally:
         for hook in hooks:
             hook.remove()
@@ -96,8 +103,9 @@ def card_populations(card: ModelCard) -> list[dict]:
     populations has one, "children", from its top-level population, temperature and threshold."""
     if card.populations:
         return card.populations
-    return [{**card.population, "name": DEFAULT_POPULATION, "temperature": card.temperature,
-             "threshold": card.threshold}]
+    return [
+        {**card.population, "name": DEFAULT_POPULATION, "temperature": card.temperature, "threshold": card.threshold}
+    ]
 
 
 class Classifier:
@@ -106,32 +114,44 @@ class Classifier:
     where the CPU computes it natively). ``network`` is the float32 network as shipped; the forward
     pass runs ``network_for(network, precision)``."""
 
-    def __init__(self, weights_dir: Path = WEIGHTS_DIR, site_profile: Path | None = None,
-                 precision: Precision | str = Precision.AUTO) -> None:
+    def __init__(
+        self,
+        weights_dir: Path = WEIGHTS_DIR,
+        site_profile: Path | None = None,
+        precision: Precision | str = Precision.AUTO,
+    ) -> None:
         self.card = ModelCard.load(weights_dir)
         self.network = build_resnet18()
-        self.network.load_state_dict(load_file(_verified(weights_dir / self.card.weights_file,
-                                                         self.card.weights_sha256)))
+        self.network.load_state_dict(
+            load_file(_verified(weights_dir / self.card.weights_file, self.card.weights_sha256))
+        )
         self.network.eval()
         self.precision = resolve(precision)  # BF16 or FP32
         self._running = network_for(self.network, self.precision)
         self.heatmap = Heatmap(self.card.localisation.get("heatmap", Heatmap.GRADCAM.value))
         self.image_check: ImageCheck | None = None
         if self.card.image_check:
-            self.image_check = ImageCheck.load(_verified(weights_dir / self.card.image_check["file"],
-                                                         self.card.image_check["sha256"]))
+            self.image_check = ImageCheck.load(
+                _verified(weights_dir / self.card.image_check["file"], self.card.image_check["sha256"])
+            )
         entries = card_populations(self.card)
-        self.populations = tuple(Population(float(entry["min_age_years"]), float(entry["max_age_years"]),
-                                            entry["name"]) for entry in entries)
-        self.shipped_points = {entry["name"]: OperatingPoint(entry["threshold"], entry["temperature"], SHIPPED,
-                                                             entry["name"]) for entry in entries}
+        self.populations = tuple(
+            Population(float(entry["min_age_years"]), float(entry["max_age_years"]), entry["name"]) for entry in entries
+        )
+        self.shipped_points = {
+            entry["name"]: OperatingPoint(entry["threshold"], entry["temperature"], SHIPPED, entry["name"])
+            for entry in entries
+        }
         # the image check's population indices → names (its own list when it has one, else the card's order)
-        self.image_check_populations: list[str] = (self.card.image_check.get("populations")
-                                                   or [population.name for population in self.populations])
+        self.image_check_populations: list[str] = self.card.image_check.get("populations") or [
+            population.name for population in self.populations
+        ]
         unknown = set(self.image_check_populations) - set(self.shipped_points)
         if unknown:
-            raise ValueError(f"model card of {weights_dir}: the image check names populations {sorted(unknown)} "
-                             f"the card does not have ({', '.join(self.shipped_points)})")
+            raise ValueError(
+                f"model card of {weights_dir}: the image check names populations {sorted(unknown)} "
+                f"the card does not have ({', '.join(self.shipped_points)})"
+            )
         self.operating_points: dict[str, OperatingPoint] = dict(self.shipped_points)
         self.site_profile: SiteProfile | None = None
         if site_profile is not None:
@@ -152,12 +172,20 @@ class Classifier:
         """The first population's threshold (see ``operating_point``)."""
         return self.operating_point.threshold
 
-    def intended_use(self, policy: Policy | str = Policy.REFUSE, min_age_years: float | None = None,
-                     max_age_years: float | None = None) -> IntendedUse:
+    def intended_use(
+        self,
+        policy: Policy | str = Policy.REFUSE,
+        min_age_years: float | None = None,
+        max_age_years: float | None = None,
+    ) -> IntendedUse:
         """The gate for this model: its card's populations, within the site's outer age bounds if set."""
-        return IntendedUse(self.populations,
-                           self.card.image_check.get("threshold") if self.card.image_check else None,
-                           Policy(policy), min_age_years, max_age_years)
+        return IntendedUse(
+            self.populations,
+            self.card.image_check.get("threshold") if self.card.image_check else None,
+            Policy(policy),
+            min_age_years,
+            max_age_years,
+        )
 
     def nearest_populations(self, features: torch.Tensor) -> list[str]:
         """Per image, the population whose training images are nearest in feature space (the first
@@ -179,8 +207,12 @@ class Classifier:
 
     def forward(self, squares: np.ndarray) -> ForwardPass:
         """N×224×224 uint8 squares → raw logits, Grad-CAM maps and pooled features, in one pass."""
-        return forward_pass(self._running, torch.from_numpy(np.ascontiguousarray(squares))[:, None],
-                            self.card.input_size, self.precision)
+        return forward_pass(
+            self._running,
+            torch.from_numpy(np.ascontiguousarray(squares))[:, None],
+            self.card.input_size,
+            self.precision,
+        )
 
     def calibrated(self, logits: torch.Tensor | np.ndarray, populations: Sequence[str] | None = None) -> np.ndarray:
         """Raw logits → calibrated probabilities, each at the temperature of its image's population
@@ -200,8 +232,9 @@ class Classifier:
         output = self.forward(squares)
         return self.calibrated(output.logits, self.nearest_populations(output.features))
 
-    def predict(self, images: Sequence[np.ndarray], with_heatmap: bool = True,
-                populations: Sequence[str | None] | None = None) -> list[Prediction]:
+    def predict(
+        self, images: Sequence[np.ndarray], with_heatmap: bool = True, populations: Sequence[str | None] | None = None
+    ) -> list[Prediction]:
         """One forward pass for a batch of 2-D gray images (any size, bright = dense); ``populations`` as
         in ``predict_squares``."""
         if not images:
@@ -209,8 +242,12 @@ class Classifier:
         squares = np.stack([to_square_uint8(image) for image in images])
         return self.predict_squares(squares, [image.shape for image in images] if with_heatmap else None, populations)
 
-    def predict_squares(self, squares: np.ndarray, heatmap_shapes: Sequence[tuple[int, int]] | None,
-                        populations: Sequence[str | None] | None = None) -> list[Prediction]:
+    def predict_squares(
+        self,
+        squares: np.ndarray,
+        heatmap_shapes: Sequence[tuple[int, int]] | None,
+        populations: Sequence[str | None] | None = None,
+    ) -> list[Prediction]:
         """Predictions for preprocessed squares; heatmaps of ``heatmap_shapes`` (None: no heatmaps). A
         heatmap covers its whole image at any size: the image's own, or the picture it is drawn on
         (``overlay.display_size``: cheaper than a full-size map shrunk again).
@@ -224,17 +261,32 @@ class Classifier:
         for index, (probability, cam, population) in enumerate(zip(probabilities, output.cams, chosen)):
             point = self.operating_points[population]
             positive = probability >= point.threshold
-            heatmap = None if heatmap_shapes is None else heatmap_in_image(cam, probability, heatmap_shapes[index],
-                                                                                   self.heatmap).numpy()
-            predictions.append(Prediction(probability, positive, "PNEUMONIA" if positive else "NORMAL",
-                                          point.threshold, self.version, heatmap, float(output.logits[index]),
-                                          None if scores is None else float(scores[index]), point.name, population))
+            heatmap = (
+                None
+                if heatmap_shapes is None
+                else heatmap_in_image(cam, probability, heatmap_shapes[index], self.heatmap).numpy()
+            )
+            predictions.append(
+                Prediction(
+                    probability,
+                    positive,
+                    "PNEUMONIA" if positive else "NORMAL",
+                    point.threshold,
+                    self.version,
+                    heatmap,
+                    float(output.logits[index]),
+                    None if scores is None else float(scores[index]),
+                    point.name,
+                    population,
+                )
+            )
         return predictions
 
 
 @functools.lru_cache(maxsize=4)
-def load_classifier(weights_dir: Path | None = None, site_profile: Path | None = None,
-                    precision: Precision | str = Precision.AUTO) -> Classifier:
+def load_classifier(
+    weights_dir: Path | None = None, site_profile: Path | None = None, precision: Precision | str = Precision.AUTO
+) -> Classifier:
     """The process-wide classifier for ``weights_dir`` (default: the shipped weights) at the
     operating point of ``site_profile`` (default: the model card's) and ``precision``, loaded once."""
     return Classifier(weights_dir or WEIGHTS_DIR, site_profile, precision)
@@ -245,6 +297,7 @@ def load_model(model_settings) -> tuple[Classifier, IntendedUse]:
     (weights_dir, site_profile, precision, intended_use_policy, and min_age_years / max_age_years:
     outer age bounds that narrow the model's populations)."""
     classifier = load_classifier(model_settings.weights_dir, model_settings.site_profile, model_settings.precision)
-    gate = classifier.intended_use(model_settings.intended_use_policy, model_settings.min_age_years,
-                                   model_settings.max_age_years)
+    gate = classifier.intended_use(
+        model_settings.intended_use_policy, model_settings.min_age_years, model_settings.max_age_years
+    )
     return classifier, gate

@@ -3,16 +3,14 @@
 
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
 
 from config.settings import Settings
 from inference.model_card import WEIGHTS_DIR
-
 
 # (labels, raw logits, populations — None where the round recorded none —, skipped reasons → counts) of
 # the studies radiologists marked in the worklist, for the given weights sha256; supplied by the wiring
@@ -34,7 +32,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
             typer.echo(f"error: cannot load the model: {error}", err=True)
             raise typer.Exit(2) from None
 
-    def labelled_cases(data: Optional[Path], from_worklist: bool) -> tuple:
+    def labelled_cases(data: Path | None, from_worklist: bool) -> tuple:
         """(classifier, labels, raw logits, source, facts) of the chosen labelled set, the facts with each
         case's population (``populations``); errors end the command."""
         from inference.evaluate import folder_cases
@@ -43,16 +41,25 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
             typer.echo("error: give either --data DIR or --from-worklist", err=True)
             raise typer.Exit(2)
         classifier, gate = model()
-        if from_worklist:
-            labels, logits, populations, skipped = worklist_labels(get_settings(), classifier.card.weights_sha256)
-            if not labels:
-                typer.echo(f"error: no study reviewed in the worklist with these weights (skipped: {skipped or 'none'})",
-                           err=True)
+        if data is None:  # --from-worklist
+            reviewed, reviewed_logits, populations, skipped = worklist_labels(
+                get_settings(), classifier.card.weights_sha256
+            )
+            if not reviewed:
+                typer.echo(
+                    f"error: no study reviewed in the worklist with these weights (skipped: {skipped or 'none'})",
+                    err=True,
+                )
                 raise typer.Exit(2)
             # a round recorded before populations were stored was made with weights of one population
             populations = [name or classifier.population_names[0] for name in populations]
-            return classifier, np.array(labels), np.array(logits), "worklist reviews", {"skipped_reviews": skipped,
-                                                                                       "populations": populations}
+            return (
+                classifier,
+                np.array(reviewed),
+                np.array(reviewed_logits),
+                "worklist reviews",
+                {"skipped_reviews": skipped, "populations": populations},
+            )
         require_dir(data, "data folder")
         try:
             labels, logits, facts = folder_cases(data, classifier, gate, get_settings().model.batch_size)
@@ -70,37 +77,46 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
     def train(
         data: Path = typer.Option(..., "--data", help="Kaggle-layout folder with train/NORMAL and train/PNEUMONIA"),
         out: Path = typer.Option(..., "--out", help="run folder: split.csv, checkpoints, weights, model card"),
-        adult_data: Optional[Path] = typer.Option(None, "--adult-data",
-                                                  help="the adult set (MANIFEST.tsv, train/NORMAL|PNEUMONIA|OTHER)"),
+        adult_data: Path | None = typer.Option(
+            None, "--adult-data", help="the adult set (MANIFEST.tsv, train/NORMAL|PNEUMONIA|OTHER)"
+        ),
         epochs: int = typer.Option(9, help="training epochs"),
         samples_per_epoch: int = typer.Option(12000, help="images drawn per epoch (0: the training side's size)"),
         input_size: int = typer.Option(160, help="model input size in pixels"),
         augment: bool = typer.Option(True, "--augment/--no-augment", help="training augmentation"),
         use_other: bool = typer.Option(True, "--other/--no-other", help="adult OTHER images as negatives"),
         nih_positive_weight: float = typer.Option(0.5, help="loss weight of NIH's text-mined pneumonia labels"),
-        adult_share: float = typer.Option(0.5, max=1.0,
-                                          help="share of each batch drawn from adults (negative: as in the data)"),
+        adult_share: float = typer.Option(
+            0.5, max=1.0, help="share of each batch drawn from adults (negative: as in the data)"
+        ),
         localisation_weight: float = typer.Option(0.5, help="weight of the box loss on RSNA-boxed positives (0: off)"),
-        mixed_precision: bool = typer.Option(True, "--bf16/--fp32",
-                                             help="forward pass in bfloat16 autocast (fp32 weights and losses)"),
+        mixed_precision: bool = typer.Option(
+            True, "--bf16/--fp32", help="forward pass in bfloat16 autocast (fp32 weights and losses)"
+        ),
         resume: bool = typer.Option(False, "--resume", help="continue from RUN_DIR/checkpoint.pt"),
-        max_train_images: Optional[int] = typer.Option(None, hidden=True, help="smoke tests only"),
+        max_train_images: int | None = typer.Option(None, hidden=True, help="smoke tests only"),
     ) -> None:
         """Train the ResNet-18 from scratch, calibrate it and write weights + model card into OUT."""
+        from inference.publish import write_model_card
         from inference.train import TrainOptions
         from inference.train import train as run_training
-        from inference.publish import write_model_card
 
         require_dir(data / "train", "training folder")
         if adult_data is not None and not (adult_data / "MANIFEST.tsv").is_file():
             typer.echo(f"error: adult data folder {adult_data} has no MANIFEST.tsv", err=True)
             raise typer.Exit(2)
-        options = TrainOptions(epochs=epochs, samples_per_epoch=samples_per_epoch or None, input_size=input_size,
-                               augment=augment, use_other=use_other,
-                               nih_positive_weight=nih_positive_weight,
-                               adult_share=adult_share if adult_share >= 0 else None,
-                               localisation_weight=localisation_weight, mixed_precision=mixed_precision,
-                               max_train_images=max_train_images)
+        options = TrainOptions(
+            epochs=epochs,
+            samples_per_epoch=samples_per_epoch or None,
+            input_size=input_size,
+            augment=augment,
+            use_other=use_other,
+            nih_positive_weight=nih_positive_weight,
+            adult_share=adult_share if adult_share >= 0 else None,
+            localisation_weight=localisation_weight,
+            mixed_precision=mixed_precision,
+            max_train_images=max_train_images,
+        )
         summary = run_training(data, out, options, resume=resume, adult_dir=adult_data)
         card_path = write_model_card(out, summary, options, adult_data is not None)
         typer.echo(f"weights and model card written to {card_path.parent}")
@@ -109,28 +125,41 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
     def refit(
         data: Path = typer.Option(..., "--data", help="the Kaggle-layout folder the weights were trained on"),
         out: Path = typer.Option(..., "--out", help="run folder for the weights, image check and updated card"),
-        adult_data: Optional[Path] = typer.Option(None, "--adult-data",
-                                                  help="the adult set the weights were trained on (MANIFEST.tsv)"),
-        max_train_images: Optional[int] = typer.Option(None, hidden=True, help="smoke tests only"),
+        adult_data: Path | None = typer.Option(
+            None, "--adult-data", help="the adult set the weights were trained on (MANIFEST.tsv)"
+        ),
+        max_train_images: int | None = typer.Option(None, hidden=True, help="smoke tests only"),
     ) -> None:
         """Finalise trained weights (model.weights_dir) again: temperature, operating points, image check."""
         from inference.publish import refit as run_refit
         from inference.train import TrainOptions
 
         require_dir(data / "train", "training folder")
-        card_path = run_refit(data, out, get_settings().model.weights_dir or WEIGHTS_DIR,
-                              TrainOptions(max_train_images=max_train_images), adult_data)
+        card_path = run_refit(
+            data,
+            out,
+            get_settings().model.weights_dir or WEIGHTS_DIR,
+            TrainOptions(max_train_images=max_train_images),
+            adult_data,
+        )
         typer.echo(f"weights, image check and model card written to {card_path.parent}")
 
     @app.command()
     def evaluate(
-        data: Optional[Path] = typer.Option(None, "--data", help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM)"),
+        data: Path | None = typer.Option(
+            None, "--data", help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM)"
+        ),
         out: Path = typer.Option(..., "--out", help="where metrics.json, plots and report.md go"),
-        from_worklist: bool = typer.Option(False, "--from-worklist",
-                                           help="use the studies radiologists marked agree/disagree in the worklist"),
-        boxes: Optional[Path] = typer.Option(None, "--boxes", help="CSV of radiologists' boxes (columns file, boxes "
-                                             "or rsna_boxes, optionally orig_width/orig_height): also measure where "
-                                             "the heatmap points"),
+        from_worklist: bool = typer.Option(
+            False, "--from-worklist", help="use the studies radiologists marked agree/disagree in the worklist"
+        ),
+        boxes: Path | None = typer.Option(
+            None,
+            "--boxes",
+            help="CSV of radiologists' boxes (columns file, boxes "
+            "or rsna_boxes, optionally orig_width/orig_height): also measure where "
+            "the heatmap points",
+        ),
     ) -> None:
         """Evaluate the model on labelled cases at their populations' operating points (shipped or site profile)."""
         from inference.evaluate import folder_localisation, summary_table, write_evaluation
@@ -140,15 +169,16 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
             raise typer.Exit(2)
         classifier, labels, logits, source, facts = labelled_cases(data, from_worklist)
         located = None
-        if boxes is not None:
+        if boxes is not None and data is not None:  # (--boxes without --data ended the command above)
             try:
                 located = folder_localisation(data, boxes, classifier, model()[1])
             except ValueError as error:
                 typer.echo(f"error: {error}", err=True)
                 raise typer.Exit(2) from None
         populations = facts.pop("populations")
-        metrics = write_evaluation(out, source, labels, classifier.calibrated(logits, populations), classifier,
-                                   populations, located, **facts)
+        metrics = write_evaluation(
+            out, source, labels, classifier.calibrated(logits, populations), classifier, populations, located, **facts
+        )
         typer.echo(summary_table(metrics))
         for name, figures in metrics["by_population"].items():
             if len(metrics["by_population"]) > 1:
@@ -160,7 +190,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
     @app.command()
     def equivalence(
         data: Path = typer.Option(..., "--data", help="folder with NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="also write the figures and flipped files here (JSON)"),
+        out: Path | None = typer.Option(None, "--out", help="also write the figures and flipped files here (JSON)"),
         seconds: float = typer.Option(5.0, "--seconds", min=0.1, help="time spent timing the two forward passes"),
     ) -> None:
         """Compare the bf16 forward pass with fp32 on labelled images: probabilities, labels, image check, gate,
@@ -174,8 +204,10 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
         require_dir(data, "data folder")
         configured, gate = model()
         settings = get_settings().model
-        reference, fast = (load_classifier(settings.weights_dir, settings.site_profile, precision)
-                           for precision in (Precision.FP32, Precision.BF16))
+        reference, fast = (
+            load_classifier(settings.weights_dir, settings.site_profile, precision)
+            for precision in (Precision.FP32, Precision.BF16)
+        )
         try:
             result = compare(data, reference, fast, gate, settings.batch_size, seconds)
         except (FileNotFoundError, ValueError) as error:
@@ -189,27 +221,37 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
 
     @app.command()
     def calibrate(
-        data: Optional[Path] = typer.Option(None, "--data", help="this site's labelled cases: NORMAL/ and PNEUMONIA/ "
-                                            "(JPEG, PNG or DICOM; 100–300 images)"),
+        data: Path | None = typer.Option(
+            None,
+            "--data",
+            help="this site's labelled cases: NORMAL/ and PNEUMONIA/ (JPEG, PNG or DICOM; 100–300 images)",
+        ),
         out: Path = typer.Option(..., "--out", help="the site profile to write (JSON); use it as model.site_profile"),
         target_sensitivity: float = typer.Option(0.98, "--target-sensitivity", min=0.5, max=0.999),
-        confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.999,
-                                         help="confidence of the sensitivity's lower bound"),
-        name: Optional[str] = typer.Option(None, "--name", help="profile id named in SR and HL7 (default: site-DATE)"),
-        from_worklist: bool = typer.Option(False, "--from-worklist",
-                                           help="use the studies radiologists marked agree/disagree in the worklist"),
+        confidence: float = typer.Option(
+            0.95, "--confidence", min=0.5, max=0.999, help="confidence of the sensitivity's lower bound"
+        ),
+        name: str | None = typer.Option(None, "--name", help="profile id named in SR and HL7 (default: site-DATE)"),
+        from_worklist: bool = typer.Option(
+            False, "--from-worklist", help="use the studies radiologists marked agree/disagree in the worklist"
+        ),
     ) -> None:
         """Fit this site's operating point per population so that the target sensitivity holds with confidence."""
         from inference.site_calibration import calibrate_site, describe
 
         classifier, labels, logits, source, facts = labelled_cases(data, from_worklist)
         try:
-            profile = calibrate_site(labels, logits, classifier, target_sensitivity=target_sensitivity,
-                                     confidence=confidence,
-                                     profile_id=name or f"site-{datetime.now(timezone.utc):%Y%m%d-%H%M}",
-                                     data=f"{source} (skipped: {facts['skipped_reviews']})"
-                                     if facts.get("skipped_reviews") else source,
-                                     refused=facts.get("refused", {}).get("n", 0), populations=facts["populations"])
+            profile = calibrate_site(
+                labels,
+                logits,
+                classifier,
+                target_sensitivity=target_sensitivity,
+                confidence=confidence,
+                profile_id=name or f"site-{datetime.now(UTC):%Y%m%d-%H%M}",
+                data=f"{source} (skipped: {facts['skipped_reviews']})" if facts.get("skipped_reviews") else source,
+                refused=facts.get("refused", {}).get("n", 0),
+                populations=facts["populations"],
+            )
         except ValueError as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(2) from None
@@ -220,7 +262,7 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings], worklist_la
     @app.command()
     def analyze(
         paths: list[Path] = typer.Argument(..., help="DICOM, PNG or JPEG files or folders"),
-        out: Optional[Path] = typer.Option(None, "--out", help="folder for heatmap overlay PNGs"),
+        out: Path | None = typer.Option(None, "--out", help="folder for heatmap overlay PNGs"),
     ) -> None:
         """Print one JSON line per image (probability, label, threshold, population, operating point, model
         version, ms)."""

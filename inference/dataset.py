@@ -41,7 +41,7 @@ def load_squares(paths: list[str], cache_dir: Path | None = None) -> np.ndarray:
             return np.load(cache_file)["squares"]
     squares = np.stack([to_square_uint8(read_gray(Path(path))) for path in paths])
     if cache_file is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache_file, squares=squares)
     return squares
 
@@ -73,7 +73,16 @@ def adult_rows(folder: Path, use_other: bool = True) -> list[SplitRow]:
             if entry["label"] == "OTHER" and not use_other:
                 continue
             boxes = parse_boxes(entry["rsna_boxes"], float(entry["orig_width"]), float(entry["orig_height"]))
-            rows.append(SplitRow(str(folder / entry["file"]), ADULT_LABELS[entry["label"]], entry["patient_group"],
-                                 population="adults", folder=entry["label"], source=entry["source"],
-                                 label_source=entry["label_source"], boxes=boxes))
+            rows.append(
+                SplitRow(
+                    str(folder / entry["file"]),
+                    ADULT_LABELS[entry["label"]],
+                    entry["patient_group"],
+                    population="adults",
+                    folder=entry["label"],
+                    source=entry["source"],
+                    label_source=entry["label_source"],
+                    boxes=boxes,
+                )
+            )
     return rows

@@ -31,6 +31,7 @@ of the values is. ``dataset_to_gray`` never modifies the dataset it is given.
 import copy
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -194,9 +195,7 @@ def _check_image_pixel_module(ds: Dataset) -> str:
 
     frames = _int_or_none(ds.get("NumberOfFrames")) or 1
     if frames > 1:
-        raise UnsupportedImage(
-            f"{frames} frames; only single-frame images are analysed", reason="multi_frame"
-        )
+        raise UnsupportedImage(f"{frames} frames; only single-frame images are analysed", reason="multi_frame")
 
     rows, columns = _int_or_none(ds.get("Rows")), _int_or_none(ds.get("Columns"))
     if rows is None or columns is None:
@@ -209,9 +208,7 @@ def _check_image_pixel_module(ds: Dataset) -> str:
     bits_allocated = _int_or_none(ds.get("BitsAllocated"))
     bits_stored = _int_or_none(ds.get("BitsStored"))
     if bits_allocated not in (8, 16):
-        raise UnsupportedImage(
-            f"Bits Allocated {bits_allocated}; only 8 or 16 are supported", reason="bit_depth"
-        )
+        raise UnsupportedImage(f"Bits Allocated {bits_allocated}; only 8 or 16 are supported", reason="bit_depth")
     if bits_stored is None or not (MIN_BITS_STORED <= bits_stored <= min(MAX_BITS_STORED, bits_allocated)):
         raise UnsupportedImage(
             f"Bits Stored {bits_stored}; must be {MIN_BITS_STORED}..{MAX_BITS_STORED} "
@@ -223,9 +220,7 @@ def _check_image_pixel_module(ds: Dataset) -> str:
     if not photometric:
         raise UnsupportedImage("photometric interpretation missing", reason="photometric")
     if photometric not in GRAY_PHOTOMETRICS + COLOUR_PHOTOMETRICS:
-        raise UnsupportedImage(
-            f"photometric interpretation {photometric} is not supported", reason="photometric"
-        )
+        raise UnsupportedImage(f"photometric interpretation {photometric} is not supported", reason="photometric")
     return photometric
 
 
@@ -293,9 +288,7 @@ def _decode(ds: Dataset, transfer_syntax: UID) -> tuple[np.ndarray, str]:
     except MemoryError:
         raise
     except Exception as exc:  # plugins raise RuntimeError, ValueError, struct.error, ... alike
-        raise UnsupportedImage(
-            f"undecodable {transfer_syntax.name} pixel data: {exc}", reason="undecodable"
-        ) from exc
+        raise UnsupportedImage(f"undecodable {transfer_syntax.name} pixel data: {exc}", reason="undecodable") from exc
     return pixels, str(properties["photometric_interpretation"]).upper()
 
 
@@ -318,9 +311,7 @@ def _apply_modality(pixels: np.ndarray, view: Dataset) -> np.ndarray:
     try:
         return apply_modality_lut(pixels, view)
     except (ValueError, TypeError, IndexError, AttributeError, KeyError, struct.error) as exc:
-        raise UnsupportedImage(
-            f"the Modality LUT / rescale cannot be applied: {exc}", reason="modality_lut"
-        ) from exc
+        raise UnsupportedImage(f"the Modality LUT / rescale cannot be applied: {exc}", reason="modality_lut") from exc
 
 
 def _apply_voi(values: np.ndarray, view: Dataset) -> np.ndarray:
@@ -372,7 +363,7 @@ def _window_is_sane(view: Dataset, low: float, high: float) -> bool:
         center = float(_first_value(view["WindowCenter"].value))
         width = float(_first_value(view["WindowWidth"].value))
     except (TypeError, ValueError, IndexError):  # an unreadable window is not used: the caller keeps the values
-        return False                              # unwindowed, and preprocessing stretches their own percentiles
+        return False  # unwindowed, and preprocessing stretches their own percentiles
     function = str(view.get("VOILUTFunction") or "LINEAR").strip().upper()
     if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
         return False
@@ -383,7 +374,7 @@ def _window_is_sane(view: Dataset, low: float, high: float) -> bool:
     return center - width / 2 <= high and center + width / 2 >= low
 
 
-def _first_value(value: object) -> object:
+def _first_value(value: Any) -> Any:
     """The first value of a possibly multi-valued element (VM 1-n)."""
     if isinstance(value, (list, tuple, MultiValue)):
         return value[0]

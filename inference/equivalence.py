@@ -64,8 +64,13 @@ class Equivalence:
         return {**asdict(self), "speed_ratio": self.speed_ratio}
 
 
-def best_rates(steps: dict[str, Callable[[], object]], batch_size: int, seconds: float,
-               rounds: int = TIMING_ROUNDS, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+def best_rates(
+    steps: dict[str, Callable[[], object]],
+    batch_size: int,
+    seconds: float,
+    rounds: int = TIMING_ROUNDS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Images per second of ``clock`` for each step (one call = ``batch_size`` images), timed in
     ``rounds`` alternating rounds of ``seconds / rounds / len(steps)`` after one warm-up call each;
     each step's best round counts, so that a shared machine's load disturbs the comparison less.
@@ -90,10 +95,19 @@ def _positive(classifier: Classifier, score: GatedScore) -> bool:
 
 def _figures(classifier: Classifier, scores: GatedScores, rate: float) -> PathFigures:
     thresholds = np.array([classifier.operating_points[name].threshold for name in scores.populations])
-    figures = point_metrics(scores.labels, *headline_scores(scores.probabilities, thresholds)) \
-        if scores.accepted else {"roc_auc": float("nan"), "recall": float("nan"), "specificity": float("nan")}
-    return PathFigures(classifier.precision.value, len(scores.accepted), figures["roc_auc"], figures["recall"],
-                       figures["specificity"], rate)
+    figures = (
+        point_metrics(scores.labels, *headline_scores(scores.probabilities, thresholds))
+        if scores.accepted
+        else {"roc_auc": float("nan"), "recall": float("nan"), "specificity": float("nan")}
+    )
+    return PathFigures(
+        classifier.precision.value,
+        len(scores.accepted),
+        figures["roc_auc"],
+        figures["recall"],
+        figures["specificity"],
+        rate,
+    )
 
 
 def _timing_squares(paths: list[str], batch_size: int) -> np.ndarray:
@@ -102,8 +116,14 @@ def _timing_squares(paths: list[str], batch_size: int) -> np.ndarray:
     return np.stack([squares[index % len(squares)] for index in range(batch_size)])
 
 
-def compare(data_dir: Path, reference: Classifier, fast: Classifier, gate: IntendedUse, batch_size: int = 16,
-            seconds: float = 5.0) -> Equivalence:
+def compare(
+    data_dir: Path,
+    reference: Classifier,
+    fast: Classifier,
+    gate: IntendedUse,
+    batch_size: int = 16,
+    seconds: float = 5.0,
+) -> Equivalence:
     """Score the labelled folder ``data_dir`` (NORMAL/, PNEUMONIA/) with both classifiers through
     ``gate`` and compare them; time both forward passes for about ``seconds`` in all."""
     files = list_labelled(data_dir)
@@ -116,41 +136,57 @@ def compare(data_dir: Path, reference: Classifier, fast: Classifier, gate: Inten
         raise ValueError(f"no image under {data_dir} was readable")
     differences = np.abs([after[path].probability - before[path].probability for path in paths])
     squares = _timing_squares(paths, batch_size)
-    rates = best_rates({"reference": lambda: reference.forward(squares), "fast": lambda: fast.forward(squares)},
-                       batch_size, seconds)
+    rates = best_rates(
+        {"reference": lambda: reference.forward(squares), "fast": lambda: fast.forward(squares)}, batch_size, seconds
+    )
     return Equivalence(
-        data=str(data_dir), n=len(paths), max_abs_difference=float(differences.max()),
+        data=str(data_dir),
+        n=len(paths),
+        max_abs_difference=float(differences.max()),
         p99_abs_difference=float(np.quantile(differences, 0.99)),
-        label_flips=[path for path in paths
-                     if _positive(reference, before[path]) != _positive(fast, after[path])],
-        image_check_flips=[path for path in paths if (gate.image_verdict(before[path].image_check_score) is None)
-                           != (gate.image_verdict(after[path].image_check_score) is None)],
-        gate_flips=[path for path in paths
-                    if gate.refuses(before[path].verdict) != gate.refuses(after[path].verdict)],
+        label_flips=[path for path in paths if _positive(reference, before[path]) != _positive(fast, after[path])],
+        image_check_flips=[
+            path
+            for path in paths
+            if (gate.image_verdict(before[path].image_check_score) is None)
+            != (gate.image_verdict(after[path].image_check_score) is None)
+        ],
+        gate_flips=[path for path in paths if gate.refuses(before[path].verdict) != gate.refuses(after[path].verdict)],
         population_flips=[path for path in paths if before[path].population != after[path].population],
         reference=_figures(reference, reference_scores, rates["reference"]),
-        fast=_figures(fast, fast_scores, rates["fast"]), batch_size=batch_size)
+        fast=_figures(fast, fast_scores, rates["fast"]),
+        batch_size=batch_size,
+    )
 
 
 def describe(result: Equivalence) -> str:
     """A Markdown summary: the differences, then both paths' figures side by side."""
     reference, fast = result.reference, result.fast
-    rows = [f"{fast.precision} vs {reference.precision} on {result.data}: {result.n} images", "",
-            "| difference | value |", "|---|---:|",
-            f"| max \\|Δprobability\\| | {result.max_abs_difference:.2e} |",
-            f"| p99 \\|Δprobability\\| | {result.p99_abs_difference:.2e} |",
-            f"| label flips at the operating point | {len(result.label_flips)} |",
-            f"| image-check verdict flips | {len(result.image_check_flips)} |",
-            f"| gate flips (analysed ↔ refused) | {len(result.gate_flips)} |",
-            f"| population flips | {len(result.population_flips)} |", "",
-            f"| figure | {reference.precision} | {fast.precision} | difference |", "|---|---:|---:|---:|"]
-    rows.append(f"| accepted by the gate | {reference.accepted} | {fast.accepted} | "
-                f"{fast.accepted - reference.accepted:+d} |")
+    rows = [
+        f"{fast.precision} vs {reference.precision} on {result.data}: {result.n} images",
+        "",
+        "| difference | value |",
+        "|---|---:|",
+        f"| max \\|Δprobability\\| | {result.max_abs_difference:.2e} |",
+        f"| p99 \\|Δprobability\\| | {result.p99_abs_difference:.2e} |",
+        f"| label flips at the operating point | {len(result.label_flips)} |",
+        f"| image-check verdict flips | {len(result.image_check_flips)} |",
+        f"| gate flips (analysed ↔ refused) | {len(result.gate_flips)} |",
+        f"| population flips | {len(result.population_flips)} |",
+        "",
+        f"| figure | {reference.precision} | {fast.precision} | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    rows.append(
+        f"| accepted by the gate | {reference.accepted} | {fast.accepted} | {fast.accepted - reference.accepted:+d} |"
+    )
     for name in ("roc_auc", "sensitivity", "specificity"):
         before, after = getattr(reference, name), getattr(fast, name)
         rows.append(f"| {name} | {before:.4f} | {after:.4f} | {after - before:+.4f} |")
-    rows.append(f"| forward pass, images/s (batch {result.batch_size}) | {reference.images_per_second:.1f} | "
-                f"{fast.images_per_second:.1f} | ×{result.speed_ratio:.2f} |")
+    rows.append(
+        f"| forward pass, images/s (batch {result.batch_size}) | {reference.images_per_second:.1f} | "
+        f"{fast.images_per_second:.1f} | ×{result.speed_ratio:.2f} |"
+    )
     flipped = result.label_flips + result.image_check_flips + result.gate_flips + result.population_flips
     if flipped:
         rows += ["", "flipped: " + ", ".join(sorted(set(flipped)))]

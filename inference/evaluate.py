@@ -12,19 +12,18 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # no display; must run before pyplot is imported, hence the E402 noqa below
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from inference.classifier import Classifier  # noqa: E402
-from inference.dataset import list_labelled  # noqa: E402
+from inference.dataset import list_labelled, parse_boxes  # noqa: E402
 from inference.gated import score_files  # noqa: E402
 from inference.intended_use import IntendedUse  # noqa: E402
 from inference.localisation import describe, localisation_figures, read_boxes_csv  # noqa: E402
 from inference.metrics import metrics_with_ci  # noqa: E402
-from inference.dataset import parse_boxes  # noqa: E402
 
 SUMMARY_FIGURES = ("n", "accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc", "ece")
 
@@ -44,15 +43,24 @@ def write_plots(out_dir: Path, labels: np.ndarray, probabilities: np.ndarray, me
     """ROC, precision–recall and reliability-diagram PNGs."""
     if 0 < labels.sum() < len(labels):
         fpr, tpr, _ = roc_curve(labels, probabilities)
-        _plot(out_dir / "roc.png", fpr, tpr, "1 − specificity", "sensitivity", f"ROC (AUC {metrics['roc_auc']:.3f})", True)
+        _plot(
+            out_dir / "roc.png", fpr, tpr, "1 − specificity", "sensitivity", f"ROC (AUC {metrics['roc_auc']:.3f})", True
+        )
         precision, recall, _ = precision_recall_curve(labels, probabilities)
         _plot(out_dir / "pr.png", recall, precision, "recall", "precision", f"PR (AP {metrics['pr_auc']:.3f})", False)
     bins = np.clip((probabilities * 10).astype(int), 0, 9)
     occupied = [b for b in range(10) if (bins == b).any()]
     confidence = np.array([probabilities[bins == b].mean() for b in occupied])
     observed = np.array([labels[bins == b].mean() for b in occupied])
-    _plot(out_dir / "reliability.png", confidence, observed, "predicted probability", "observed pneumonia rate",
-          f"Reliability (ECE {metrics['ece']:.3f})", True)
+    _plot(
+        out_dir / "reliability.png",
+        confidence,
+        observed,
+        "predicted probability",
+        "observed pneumonia rate",
+        f"Reliability (ECE {metrics['ece']:.3f})",
+        True,
+    )
 
 
 def summary_table(metrics: dict) -> str:
@@ -67,23 +75,38 @@ def summary_table(metrics: dict) -> str:
     threshold = metrics["threshold"]
     rows.append(f"| threshold | {threshold if isinstance(threshold, str) else f'{threshold:.4f}'} | |")
     if "coverage" in metrics:
-        rows.append(f"| coverage (inside intended use) | {metrics['coverage']:.4f} | refused {metrics['refused']['n']} |")
-    rows.append(f"| confusion | TP {confusion['tp']} · FP {confusion['fp']} · TN {confusion['tn']} · FN {confusion['fn']} | |")
+        rows.append(
+            f"| coverage (inside intended use) | {metrics['coverage']:.4f} | refused {metrics['refused']['n']} |"
+        )
+    rows.append(
+        f"| confusion | TP {confusion['tp']} · FP {confusion['fp']} · TN {confusion['tn']} · FN {confusion['fn']} | |"
+    )
     return "\n".join(rows)
 
 
-def folder_cases(data_dir: Path, classifier: Classifier, gate: IntendedUse,
-                 batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, dict]:
+def folder_cases(
+    data_dir: Path, classifier: Classifier, gate: IntendedUse, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(labels, raw logits, facts for the report) of the images under ``data_dir`` the gate accepted;
     the facts are the unreadable files (``skipped``), ``refused`` and ``flagged`` by rule, ``coverage``
     and each accepted image's population (``populations``, in the order of the labels)."""
     scores = score_files(list_labelled(data_dir), classifier, gate, batch_size)
     if not scores.accepted:
-        raise ValueError(f"no image under {data_dir} was readable and inside the intended use "
-                         f"({len(scores.refused)} refused, {len(scores.unreadable)} unreadable)")
-    return scores.labels, scores.logits, {"skipped": scores.unreadable, "refused": scores.refused_summary(),
-                                          "coverage": scores.coverage, "flagged": scores.flagged_summary(),
-                                          "populations": scores.populations.tolist()}
+        raise ValueError(
+            f"no image under {data_dir} was readable and inside the intended use "
+            f"({len(scores.refused)} refused, {len(scores.unreadable)} unreadable)"
+        )
+    return (
+        scores.labels,
+        scores.logits,
+        {
+            "skipped": scores.unreadable,
+            "refused": scores.refused_summary(),
+            "coverage": scores.coverage,
+            "flagged": scores.flagged_summary(),
+            "populations": scores.populations.tolist(),
+        },
+    )
 
 
 def _boxes_key(path: Path, data_dir: Path, boxes: dict) -> str | None:
@@ -101,20 +124,30 @@ def folder_localisation(data_dir: Path, boxes_csv: Path, classifier: Classifier,
     """Pointing game and energy in boxes (with baselines and CIs) of the shipped heatmap, over the
     pneumonia images under ``data_dir`` that have boxes in ``boxes_csv`` and that the gate accepts."""
     boxes = read_boxes_csv(boxes_csv)
-    files = [(path, label) for path, label in list_labelled(data_dir)
-             if label == 1 and _boxes_key(Path(path), data_dir, boxes)]
+    files = [
+        (path, label)
+        for path, label in list_labelled(data_dir)
+        if label == 1 and _boxes_key(Path(path), data_dir, boxes)
+    ]
     if not files:
         raise ValueError(f"no pneumonia image under {data_dir} has a row with boxes in {boxes_csv}")
     scores = score_files(files, classifier, gate, with_heatmaps=True)
     heatmaps, image_boxes = [], []
     for score in scores.accepted:
-        text, width, height = boxes[_boxes_key(Path(score.path), data_dir, boxes)]
+        key = _boxes_key(Path(score.path), data_dir, boxes)
+        assert key is not None  # only files with a row were scored
+        text, width, height = boxes[key]
         rows, columns = score.image_shape
         heatmaps.append(torch.from_numpy(score.heatmap))
         image_boxes.append(parse_boxes(text, width or columns, height or rows))
     figures = localisation_figures(heatmaps, image_boxes)
-    return {"data": f"{boxes_csv}: boxed pneumonia images the gate accepted", "refused": len(scores.refused),
-            "unreadable": len(scores.unreadable), **figures, "summary": describe(figures)}
+    return {
+        "data": f"{boxes_csv}: boxed pneumonia images the gate accepted",
+        "refused": len(scores.refused),
+        "unreadable": len(scores.unreadable),
+        **figures,
+        "summary": describe(figures),
+    }
 
 
 def headline_scores(probabilities: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, float]:
@@ -126,9 +159,16 @@ def headline_scores(probabilities: np.ndarray, thresholds: np.ndarray) -> tuple[
     return np.clip(probabilities - thresholds + 0.5, 0.0, 1.0), 0.5
 
 
-def write_evaluation(out_dir: Path, source: str, labels: np.ndarray, probabilities: np.ndarray,
-                     classifier: Classifier, populations: list[str] | None = None, localisation: dict | None = None,
-                     **extra) -> dict:
+def write_evaluation(
+    out_dir: Path,
+    source: str,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    classifier: Classifier,
+    populations: list[str] | None = None,
+    localisation: dict | None = None,
+    **extra,
+) -> dict:
     """metrics.json (figures with 95 % CIs plus ``extra``), scores.csv, plots and report.md.
 
     Each image is judged at the operating point of its population (``populations``: one name per
@@ -146,34 +186,54 @@ def write_evaluation(out_dir: Path, source: str, labels: np.ndarray, probabiliti
     by_population = {}
     for name in names:
         members = np.array(populations) == name
-        by_population[name] = {**metrics_with_ci(labels[members], probabilities[members],
-                                                 classifier.operating_points[name].threshold),
-                               "operating_point": classifier.operating_points[name].name}
-    metrics.update(model_version=classifier.version, weights_sha256=classifier.card.weights_sha256,
-                   operating_point=", ".join(classifier.operating_points[name].name for name in names),
-                   data_dir=source, by_population=by_population, **extra)
+        by_population[name] = {
+            **metrics_with_ci(labels[members], probabilities[members], classifier.operating_points[name].threshold),
+            "operating_point": classifier.operating_points[name].name,
+        }
+    metrics.update(
+        model_version=classifier.version,
+        weights_sha256=classifier.card.weights_sha256,
+        operating_point=", ".join(classifier.operating_points[name].name for name in names),
+        data_dir=source,
+        by_population=by_population,
+        **extra,
+    )
     if localisation is not None:
         metrics["localisation"] = localisation
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out_dir / "scores.csv").open("w") as handle:
         handle.write("label,probability,population,threshold\n")
-        handle.writelines(f"{label},{probability:.6f},{population},{threshold:.6f}\n"
-                          for label, probability, population, threshold in zip(labels, probabilities, populations,
-                                                                               thresholds))
+        handle.writelines(
+            f"{label},{probability:.6f},{population},{threshold:.6f}\n"
+            for label, probability, population, threshold in zip(labels, probabilities, populations, thresholds)
+        )
     write_plots(out_dir, labels, probabilities, metrics)
     refused = metrics.get("refused")
-    report = [f"# Lung Vision evaluation — {source}", "", f"Model: {classifier.version} "
-              f"(sha256 `{classifier.card.weights_sha256[:16]}…`), operating point: {metrics['operating_point']}",
-              "", summary_table(metrics), ""]
+    report = [
+        f"# Lung Vision evaluation — {source}",
+        "",
+        f"Model: {classifier.version} "
+        f"(sha256 `{classifier.card.weights_sha256[:16]}…`), operating point: {metrics['operating_point']}",
+        "",
+        summary_table(metrics),
+        "",
+    ]
     if len(names) > 1:
         for name, figures in by_population.items():
             report += [f"## {name} ({figures['operating_point']})", "", summary_table(figures), ""]
     if refused is not None:
-        report += [f"Outside the intended use (refused): {refused['n']} {refused['reasons']} — coverage "
-                   f"{metrics['coverage']:.3f}", ""]
+        report += [
+            f"Outside the intended use (refused): {refused['n']} {refused['reasons']} — coverage "
+            f"{metrics['coverage']:.3f}",
+            "",
+        ]
     if localisation is not None:
         report += ["## Heatmap localisation", "", localisation["summary"], ""]
-    report += [f"Skipped files: {len(metrics.get('skipped', []))}", "",
-               "![ROC](roc.png) ![PR](pr.png) ![Reliability](reliability.png)", ""]
+    report += [
+        f"Skipped files: {len(metrics.get('skipped', []))}",
+        "",
+        "![ROC](roc.png) ![PR](pr.png) ![Reliability](reliability.png)",
+        "",
+    ]
     (out_dir / "report.md").write_text("\n".join(report))
     return metrics

@@ -4,6 +4,7 @@ JPEG and PNG carry no header), then the image check from the same forward pass; 
 population (whose operating point it gets) from the header's age, else from the image check."""
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,11 +74,19 @@ class GatedScores:
 
 
 def _by_rule(scores: list[GatedScore]) -> dict:
-    return {"n": len(scores), "reasons": dict(Counter(score.verdict.reason.value for score in scores))}
+    return {
+        "n": len(scores),
+        "reasons": dict(Counter(score.verdict.reason.value for score in scores if score.verdict is not None)),
+    }
 
 
-def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gate: IntendedUse,
-                batch_size: int = 32, with_heatmaps: bool = False) -> GatedScores:
+def score_files(
+    files: Sequence[tuple[str, int | None]],
+    classifier: Classifier,
+    gate: IntendedUse,
+    batch_size: int = 32,
+    with_heatmaps: bool = False,
+) -> GatedScores:
     """Score ``(path, label)`` pairs (label None when unknown) through the gate; ``with_heatmaps`` keeps
     each image's heatmap, on its square (the model sees the whole image squashed into it)."""
     result = GatedScores()
@@ -87,12 +96,24 @@ def score_files(files: list[tuple[str, int | None]], classifier: Classifier, gat
         if not pending:
             return
         squares = np.stack([square for _, _, square, _, _ in pending])
-        predictions = classifier.predict_squares(squares, [square.shape for square in squares] if with_heatmaps
-                                                 else None, [header.population for _, _, _, header, _ in pending])
+        predictions = classifier.predict_squares(
+            squares,
+            [square.shape for square in squares] if with_heatmaps else None,
+            [header.population for _, _, _, header, _ in pending],
+        )
         for (path, label, _, header, shape), prediction in zip(pending, predictions):
             verdict = gate.verdict(header.verdict, prediction.image_check_score)
-            score = GatedScore(path, label, prediction.logit, prediction.probability, prediction.image_check_score,
-                               verdict, prediction.population, shape, prediction.heatmap)
+            score = GatedScore(
+                path,
+                label,
+                prediction.logit,
+                prediction.probability,
+                prediction.image_check_score,
+                verdict,
+                prediction.population,
+                shape,
+                prediction.heatmap,
+            )
             (result.refused if gate.refuses(verdict) else result.accepted).append(score)
         pending.clear()
 

@@ -51,8 +51,9 @@ def relative_map(cam: torch.Tensor, kind: Heatmap = Heatmap.GRADCAM) -> torch.Te
     return positive / peak if peak > 0 else torch.zeros_like(cam)
 
 
-def heatmap_in_image(cam: torch.Tensor, probability: float, image_shape: tuple[int, int],
-                     kind: Heatmap = Heatmap.GRADCAM) -> torch.Tensor:
+def heatmap_in_image(
+    cam: torch.Tensor, probability: float, image_shape: tuple[int, int], kind: Heatmap = Heatmap.GRADCAM
+) -> torch.Tensor:
     """One h×w class map → a float32 0..1 heatmap of ``image_shape``, scaled by the pneumonia probability.
 
     Scaling: the map is made relative (``relative_map``: where the model looks) and multiplied by

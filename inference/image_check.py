@@ -73,8 +73,11 @@ def fit_image_check(features: np.ndarray, labels: np.ndarray, populations: np.nd
     means = np.stack([features[groups == g].mean(axis=0) for g in present])
     centred = features - means[np.searchsorted(present, groups)]
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    return ImageCheck(torch.as_tensor(means, dtype=torch.float32), torch.as_tensor(precision, dtype=torch.float32),
-                      torch.as_tensor([g // 2 for g in present], dtype=torch.int64))
+    return ImageCheck(
+        torch.as_tensor(means, dtype=torch.float32),
+        torch.as_tensor(precision, dtype=torch.float32),
+        torch.as_tensor([g // 2 for g in present], dtype=torch.int64),
+    )
 
 
 def threshold_for(validation_scores: np.ndarray, refused_share: float = REFUSED_VALIDATION_SHARE) -> float:

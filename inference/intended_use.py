@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from enum import Enum
+from typing import TypeGuard
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
@@ -196,8 +197,10 @@ class IntendedUse:
         if age is None:
             return None
         if not (self.min_age_years or 0.0) <= age < (self.max_age_years or float("inf")):
-            return GateVerdict(GateReason.AGE, f"patient age {_age_words(age)}, site allows "
-                                               f"{_bounds_words(self.min_age_years, self.max_age_years)}")
+            return GateVerdict(
+                GateReason.AGE,
+                f"patient age {_age_words(age)}, site allows {_bounds_words(self.min_age_years, self.max_age_years)}",
+            )
         if self.population_of_age(age) is None:
             return GateVerdict(GateReason.AGE, f"patient age {_age_words(age)}, {self.describe_populations()}")
         return None
@@ -213,7 +216,7 @@ class IntendedUse:
         """The header's verdict if it has one, else the image check's."""
         return header or self.image_verdict(image_check_score)
 
-    def refuses(self, verdict: GateVerdict | None) -> bool:
+    def refuses(self, verdict: GateVerdict | None) -> TypeGuard[GateVerdict]:
         """True when ``verdict`` means "not analysed" under this gate's policy."""
         return verdict is not None and self.policy is Policy.REFUSE
 
@@ -222,8 +225,10 @@ class IntendedUse:
         threshold = self.image_check_threshold
         if threshold is None or image_check_score is None or image_check_score <= threshold:
             return None
-        return GateVerdict(GateReason.IMAGE_CHECK, f"image unlike the training radiographs "
-                                                   f"(image check {image_check_score:.1f} > {threshold:.1f})")
+        return GateVerdict(
+            GateReason.IMAGE_CHECK,
+            f"image unlike the training radiographs (image check {image_check_score:.1f} > {threshold:.1f})",
+        )
 
 
 def _age_words(years: float) -> str:

@@ -28,15 +28,20 @@ def box_grid(boxes, size: int = GRID) -> np.ndarray:
     """size×size bool: inside any of ``boxes``."""
     inside = np.zeros((size, size), dtype=bool)
     for x, y, w, h in boxes:
-        inside[round(y * size): round((y + h) * size), round(x * size): round((x + w) * size)] = True
+        inside[round(y * size) : round((y + h) * size), round(x * size) : round((x + w) * size)] = True
     return inside
 
 
 def upsampled(cam: torch.Tensor, size: int = GRID, kind: Heatmap = Heatmap.GRADCAM) -> np.ndarray:
     """An h×w class map (or a shown heatmap) → the relative map ``kind`` shows, size×size, resized
     like the shown heatmap (bilinear)."""
-    return F.interpolate(relative_map(cam.float(), kind)[None, None], size=(size, size), mode="bilinear",
-                         align_corners=False)[0, 0].clamp_min(0).numpy()
+    return (
+        F.interpolate(
+            relative_map(cam.float(), kind)[None, None], size=(size, size), mode="bilinear", align_corners=False
+        )[0, 0]
+        .clamp_min(0)
+        .numpy()
+    )
 
 
 def image_figures(cam: torch.Tensor, boxes, kind: Heatmap = Heatmap.GRADCAM) -> dict[str, float]:
@@ -62,13 +67,16 @@ def localisation_figures(cams, boxes_per_image, kind: Heatmap = Heatmap.GRADCAM,
     names = list(rows[0])
     values = np.array([[row[name] for name in names] for row in rows])
     rng = np.random.default_rng(seed)
-    resampled = np.stack([values[rng.integers(0, len(values), len(values))].mean(axis=0)
-                          for _ in range(BOOTSTRAP_ROUNDS)])
+    resampled = np.stack(
+        [values[rng.integers(0, len(values), len(values))].mean(axis=0) for _ in range(BOOTSTRAP_ROUNDS)]
+    )
     result: dict = {"n": len(rows)}
     for column, name in enumerate(names):
         result[name] = float(values[:, column].mean())
-        result.setdefault("ci95", {})[name] = [float(np.quantile(resampled[:, column], 0.025)),
-                                               float(np.quantile(resampled[:, column], 0.975))]
+        result.setdefault("ci95", {})[name] = [
+            float(np.quantile(resampled[:, column], 0.025)),
+            float(np.quantile(resampled[:, column], 0.975)),
+        ]
     return result
 
 
@@ -81,9 +89,11 @@ def describe(figures: dict) -> str:
         low, high = figures["ci95"][name]
         return f"{figures[name]:.3f} ({low:.3f}–{high:.3f})"
 
-    return (f"n = {figures['n']} boxed images: heatmap peak in a box {value('pointing')} vs image centre "
-            f"{value('pointing_centre')}; heatmap energy in boxes {value('energy')} vs uniform map "
-            f"{value('energy_uniform')}")
+    return (
+        f"n = {figures['n']} boxed images: heatmap peak in a box {value('pointing')} vs image centre "
+        f"{value('pointing_centre')}; heatmap energy in boxes {value('energy')} vs uniform map "
+        f"{value('energy_uniform')}"
+    )
 
 
 def read_boxes_csv(path) -> dict[str, tuple[str, float | None, float | None]]:
@@ -102,6 +112,9 @@ def read_boxes_csv(path) -> dict[str, tuple[str, float | None, float | None]]:
     boxes = {}
     for row in rows:
         if (row[box_column] or "").strip():
-            boxes[row["file"]] = (row[box_column], float(row[width_column]) if width_column else None,
-                                  float(row[height_column]) if height_column else None)
+            boxes[row["file"]] = (
+                row[box_column],
+                float(row[width_column]) if width_column else None,
+                float(row[height_column]) if height_column else None,
+            )
     return boxes

@@ -1,5 +1,7 @@
 """Metrics — binary classification figures with 95 % bootstrap confidence intervals."""
 
+from typing import Any
+
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -16,8 +18,9 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(error)
 
 
-def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
-    """Accuracy, recall, specificity, precision, F1, ROC/PR AUC and ECE at ``threshold``."""
+def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Accuracy, recall, specificity, precision, F1, ROC/PR AUC and ECE at ``threshold`` (floats), and the
+    confusion counts (``confusion``)."""
     predicted = probabilities >= threshold
     positive = labels == 1
     tp = int((predicted & positive).sum())
@@ -41,7 +44,11 @@ def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: floa
 
 
 def metrics_with_ci(
-    labels: np.ndarray, probabilities: np.ndarray, threshold: float, rounds: int = 1000, seed: int = 0,
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    threshold: float,
+    rounds: int = 1000,
+    seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> dict:
     """``point_metrics`` plus ``n``, ``threshold`` and a 95 % percentile-bootstrap CI per figure.
@@ -51,7 +58,11 @@ def metrics_with_ci(
     """
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=float)
-    result = {"n": int(len(labels)), "threshold": float(threshold), **point_metrics(labels, probabilities, threshold)}
+    result: dict[str, Any] = {
+        "n": int(len(labels)),
+        "threshold": float(threshold),
+        **point_metrics(labels, probabilities, threshold),
+    }
     rng = np.random.default_rng(seed)
     members = None
     if groups is not None:
@@ -83,11 +94,12 @@ def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray, sensitivi
     return float((negatives < threshold).mean())
 
 
-def bootstrap_ci(statistic, labels: np.ndarray, scores: np.ndarray, rounds: int = 1000,
-                 seed: int = 0) -> list[float]:
+def bootstrap_ci(statistic, labels: np.ndarray, scores: np.ndarray, rounds: int = 1000, seed: int = 0) -> list[float]:
     """95 % percentile-bootstrap CI of ``statistic(labels, scores)`` over resampled cases."""
     rng = np.random.default_rng(seed)
-    values = [statistic(labels[index], scores[index])
-              for index in (rng.integers(0, len(labels), len(labels)) for _ in range(rounds))]
+    values = [
+        statistic(labels[index], scores[index])
+        for index in (rng.integers(0, len(labels), len(labels)) for _ in range(rounds))
+    ]
     values = [value for value in values if not np.isnan(value)]
     return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [float("nan")] * 2

@@ -82,10 +82,14 @@ def render_markdown(card: ModelCard) -> str:
         f"| Architecture | {card.architecture} |",
         f"| Labels | {', '.join(card.labels)} (output = probability of {card.labels[-1]}) |",
         f"| Input | {card.input_size}×{card.input_size} gray; {card.preprocessing} |",
-        *([f"| Temperature, threshold | one per population — see *Populations and their operating points* |"]
-          if len(card.populations) > 1 else
-          [f"| Temperature | {card.temperature:.4f} (temperature scaling fitted on validation) |",
-           f"| Threshold | {card.threshold:.4f} — {card.threshold_rule} |"]),
+        *(
+            ["| Temperature, threshold | one per population — see *Populations and their operating points* |"]
+            if len(card.populations) > 1
+            else [
+                f"| Temperature | {card.temperature:.4f} (temperature scaling fitted on validation) |",
+                f"| Threshold | {card.threshold:.4f} — {card.threshold_rule} |",
+            ]
+        ),
         f"| Weights | `{card.weights_file}`, sha256 `{card.weights_sha256}` |",
         "",
         "## Intended use",
@@ -104,8 +108,10 @@ def render_markdown(card: ModelCard) -> str:
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {name} | {figure(name)} |" for name in
-          ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "ece")],
+        *[
+            f"| {name} | {figure(name)} |"
+            for name in ("roc_auc", "pr_auc", "accuracy", "recall", "specificity", "precision", "f1", "ece")
+        ],
         f"| confusion at threshold | {validation.get('confusion')} |",
         "",
         *_ablation_lines(card),
@@ -128,8 +134,9 @@ def _gate_lines(card: ModelCard) -> list[str]:
     if not check:
         return []
     refused = check.get("refused_share", {})
-    ranges = [(point["min_age_years"], point["max_age_years"], point["description"]) for point in card.populations] \
-        or [(population.get("min_age_years"), population.get("max_age_years"), population.get("description", ""))]
+    ranges = [(point["min_age_years"], point["max_age_years"], point["description"]) for point in card.populations] or [
+        (population.get("min_age_years"), population.get("max_age_years"), population.get("description", ""))
+    ]
     agreement = check.get("population_agreement_validation")
     return [
         "## Intended-use gate",
@@ -138,9 +145,14 @@ def _gate_lines(card: ModelCard) -> list[str]:
         + "; or ".join(f"{low:g} to under {high:g} years — {text}" for low, high, text in ranges)
         + ". Any other age is refused. Age from Patient's Age or from Birth Date and the study date; an unknown "
         "age is left to the image check, which also chooses the population"
-        + (" (it agrees with the true population for " + ", ".join(f"{share:.1%} of {name}" for name, share in
-                                                                    agreement.items()) + " of the validation split)"
-           if agreement else "") + ".",
+        + (
+            " (it agrees with the true population for "
+            + ", ".join(f"{share:.1%} of {name}" for name, share in agreement.items())
+            + " of the validation split)"
+            if agreement
+            else ""
+        )
+        + ".",
         "- **Header rules**: CR/DX (or a Secondary Capture with chest hints), body part chest, frontal view.",
         f"- **Image check**: {check.get('rule')}; threshold {check.get('threshold', 0):.2f}; refuses "
         f"{refused.get('validation', 0):.1%} of the validation split and {refused.get('train', 0):.1%} of the "
@@ -158,7 +170,7 @@ def _operating_point_lines(card: ModelCard) -> list[str]:
     return [
         "## Operating point",
         "",
-        f"- **Rule** (its history is under \"What was tried and why\"): {point.get('rule')}.",
+        f'- **Rule** (its history is under "What was tried and why"): {point.get("rule")}.',
         f"- **Threshold** {card.threshold:.4f}, temperature {card.temperature:.4f}.",
         *[f"- {line}" for line in point.get("expectation", [])],
         "- A site that wants its own point fits one on 100–300 of its own labelled cases: "
@@ -179,25 +191,35 @@ def _population_lines(card: ModelCard) -> list[str]:
     """One operating point and validation table per population (empty for single-population cards)."""
     if not card.populations:
         return []
-    lines = ["## Populations and their operating points", "",
-             "The population is the one whose age range holds the header's patient age; without an age, the image "
-             "check's nearest population. Figures: patient-grouped validation split, 95 % bootstrap CIs.", "",
-             "| population | ages | n | threshold | temperature | AUC | sensitivity | specificity | accuracy |",
-             "|---|---|---:|---:|---:|---|---|---|---|"]
+    lines = [
+        "## Populations and their operating points",
+        "",
+        "The population is the one whose age range holds the header's patient age; without an age, the image "
+        "check's nearest population. Figures: patient-grouped validation split, 95 % bootstrap CIs.",
+        "",
+        "| population | ages | n | threshold | temperature | AUC | sensitivity | specificity | accuracy |",
+        "|---|---|---:|---:|---:|---|---|---|---|",
+    ]
     for point in card.populations:
         validation = point["validation"]
-        lines.append(f"| {point['name']} | {point['min_age_years']:g} to <{point['max_age_years']:g} | "
-                     f"{validation['n']} | {point['threshold']:.4f} | {point['temperature']:.3f} | "
-                     f"{_with_ci(validation, 'roc_auc')} | {_with_ci(validation, 'recall')} | "
-                     f"{_with_ci(validation, 'specificity')} | {_with_ci(validation, 'accuracy')} |")
+        lines.append(
+            f"| {point['name']} | {point['min_age_years']:g} to <{point['max_age_years']:g} | "
+            f"{validation['n']} | {point['threshold']:.4f} | {point['temperature']:.3f} | "
+            f"{_with_ci(validation, 'roc_auc')} | {_with_ci(validation, 'recall')} | "
+            f"{_with_ci(validation, 'specificity')} | {_with_ci(validation, 'accuracy')} |"
+        )
         for source, figures in point.get("validation_by_source", {}).items():
-            lines.append(f"| {point['name']}: {source} only | | {figures['n']} | | | {_with_ci(figures, 'roc_auc')} | "
-                         f"{_with_ci(figures, 'recall')} | {_with_ci(figures, 'specificity')} | "
-                         f"{_with_ci(figures, 'accuracy')} |")
+            lines.append(
+                f"| {point['name']}: {source} only | | {figures['n']} | | | {_with_ci(figures, 'roc_auc')} | "
+                f"{_with_ci(figures, 'recall')} | {_with_ci(figures, 'specificity')} | "
+                f"{_with_ci(figures, 'accuracy')} |"
+            )
     lines.append("")
     for point in card.populations:
-        lines += [f"- **{point['name']}** ({point['description']}): {point['threshold_rule']}.",
-                  *[f"  - {line}" for line in point.get("operating_point", {}).get("expectation", [])]]
+        lines += [
+            f"- **{point['name']}** ({point['description']}): {point['threshold_rule']}.",
+            *[f"  - {line}" for line in point.get("operating_point", {}).get("expectation", [])],
+        ]
     return lines + [""]
 
 
@@ -210,21 +232,33 @@ def _localisation_lines(card: ModelCard) -> list[str]:
     for kind, variant in figures.get("variants", {figures.get("heatmap", "gradcam"): figures}).items():
         shipped = " (shipped)" if kind == figures.get("heatmap") else ""
         rows.append(f"| {kind}{shipped} | {_with_ci(variant, 'pointing')} | {_with_ci(variant, 'energy')} |")
-    return ["## Heatmap localisation", "",
-            f"{figures.get('data', '')}, n = {figures['n']} (95 % bootstrap CIs). Shipped heatmap: "
-            f"{figures.get('heatmap')} — {figures.get('rule', '')}.", "",
-            "| heatmap | peak inside a box (pointing game) | share of heatmap energy inside the boxes |",
-            "|---|---|---|", *rows,
-            f"| baseline: image centre / uniform map | {_with_ci(figures, 'pointing_centre')} | "
-            f"{_with_ci(figures, 'energy_uniform')} |", "",
-            "Check it on your own boxed DICOMs: `lungvision evaluate --data DIR --boxes boxes.csv --out OUT`.", ""]
+    return [
+        "## Heatmap localisation",
+        "",
+        f"{figures.get('data', '')}, n = {figures['n']} (95 % bootstrap CIs). Shipped heatmap: "
+        f"{figures.get('heatmap')} — {figures.get('rule', '')}.",
+        "",
+        "| heatmap | peak inside a box (pointing game) | share of heatmap energy inside the boxes |",
+        "|---|---|---|",
+        *rows,
+        f"| baseline: image centre / uniform map | {_with_ci(figures, 'pointing_centre')} | "
+        f"{_with_ci(figures, 'energy_uniform')} |",
+        "",
+        "Check it on your own boxed DICOMs: `lungvision evaluate --data DIR --boxes boxes.csv --out OUT`.",
+        "",
+    ]
 
 
 FIGURE_NAMES = {  # figure keys of ``finalise.population_validation`` → table headings
-    "auc_children": "AUC children", "auc_adults": "AUC adults", "auc_adults_rsna": "AUC adults RSNA",
-    "auc_adults_nih": "AUC adults NIH", "specificity_at_sensitivity_0.90_rsna": "RSNA specificity at sensitivity 0.90",
-    "pointing_gradcam": "peak in box (Grad-CAM)", "energy_gradcam": "energy in boxes (Grad-CAM)",
-    "pointing_cam-range": "peak in box (CAM)", "energy_cam-range": "energy in boxes (CAM)",
+    "auc_children": "AUC children",
+    "auc_adults": "AUC adults",
+    "auc_adults_rsna": "AUC adults RSNA",
+    "auc_adults_nih": "AUC adults NIH",
+    "specificity_at_sensitivity_0.90_rsna": "RSNA specificity at sensitivity 0.90",
+    "pointing_gradcam": "peak in box (Grad-CAM)",
+    "energy_gradcam": "energy in boxes (Grad-CAM)",
+    "pointing_cam-range": "peak in box (CAM)",
+    "energy_cam-range": "energy in boxes (CAM)",
 }
 
 
@@ -234,9 +268,14 @@ def _ablation_lines(card: ModelCard) -> list[str]:
         return []
     head = card.ablations[0]
     columns = [key for key in head["figures"] if key != "ci95"]
-    lines = ["## Ablations (one change at a time)", "", head.get("protocol", ""), "",
-             "| change | " + " | ".join(FIGURE_NAMES.get(name, name) for name in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = [
+        "## Ablations (one change at a time)",
+        "",
+        head.get("protocol", ""),
+        "",
+        "| change | " + " | ".join(FIGURE_NAMES.get(name, name) for name in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for row in card.ablations:
         lines.append(f"| {row['change']} | " + " | ".join(_with_ci(row["figures"], name) for name in columns) + " |")
     return lines + [""]

@@ -114,7 +114,8 @@ def _draw_legend(picture: Image.Image, lines: list[str]) -> None:
 def legend_lines(probability: float, positive: bool, threshold: float, model_version: str) -> list[str]:
     """The legend every Lung Vision picture carries."""
     return [
-        f"Pneumonia probability {probability:.2f}  ({'POSITIVE' if positive else 'NEGATIVE'} at threshold {threshold:.2f})",
+        f"Pneumonia probability {probability:.2f}  "
+        f"({'POSITIVE' if positive else 'NEGATIVE'} at threshold {threshold:.2f})",
         f"Lung Vision {model_version}",
         "NOT FOR DIAGNOSTIC USE",
     ]

@@ -37,10 +37,10 @@ EXPERIMENTS = [
     "Two populations in one network: each batch draws children and adults equally often, and within each population "
     "pneumonia and no pneumonia equally often (the adult set is smaller than the pediatric one, and the adults are the "
     "harder task).",
-    "Adult labels: OTHER (abnormal, not pneumonia) is used as a negative — the adult films a hospital sends are full of "
-    "other findings, and the withheld adult test data counts them as negatives; NIH's text-mined pneumonia labels "
-    "(about half confirmed by radiologists in the data's own audit) count half in the loss; RSNA radiologist labels "
-    "and all negatives count fully.",
+    "Adult labels: OTHER (abnormal, not pneumonia) is used as a negative — the adult films a hospital sends are "
+    "full of other findings, and the withheld adult test data counts them as negatives; NIH's text-mined pneumonia "
+    "labels (about half confirmed by radiologists in the data's own audit) count half in the loss; RSNA radiologist "
+    "labels and all negatives count fully.",
     "Heatmap: for the RSNA positives with boxes, an auxiliary loss makes the class map's logit in every layer4 cell "
     "match the share of that cell inside the boxes (binary cross-entropy, weight 0.5). The class map is the one the "
     "shipped one-pass Grad-CAM shows (its positive part), so the heatmap costs nothing more at serving time.",
@@ -120,8 +120,12 @@ def write_model_card(run_dir: Path, summary: dict, options: TrainOptions, with_a
         weights_sha256=sha256_of(weights),
         training={
             "data": "Kermany et al. 2018 pediatric chest X-ray (Mendeley v2, CC BY 4.0), Kaggle train split"
-            + ("; adult frontal chest radiographs of the NIH Clinical Center (ChestX-ray14) with NIH text-mined or "
-               "RSNA radiologist labels (NORMAL, PNEUMONIA, OTHER = abnormal without pneumonia)" if with_adults else ""),
+            + (
+                "; adult frontal chest radiographs of the NIH Clinical Center (ChestX-ray14) with NIH text-mined or "
+                "RSNA radiologist labels (NORMAL, PNEUMONIA, OTHER = abnormal without pneumonia)"
+                if with_adults
+                else ""
+            ),
             "split_rule": f"patient-grouped, seed {options.seed}: children {options.val_fraction:.0%} of each class's "
             f"patients, adults {options.adult_val_fraction:.0%} of each (folder, source) stratum's patient groups "
             "to validation (split.csv in the run folder)",
@@ -134,7 +138,8 @@ def write_model_card(run_dir: Path, summary: dict, options: TrainOptions, with_a
             "label_smoothing": options.label_smoothing,
             "ema_decay": options.ema_decay,
             "precision": "bfloat16 autocast forward pass; fp32 weights, optimiser and losses"
-            if options.mixed_precision else "fp32",
+            if options.mixed_precision
+            else "fp32",
             "augmentation": options.augment,
             "adult_share_of_draws": options.adult_share,
             "adult_other_as_negatives": options.use_other,
@@ -170,9 +175,11 @@ def population_of(summary: dict) -> dict:
     """The outer age range of the populations the training data stands for (the gate's per-population
     ranges are in ``populations``)."""
     points = summary["populations"]
-    return {"min_age_years": min(point["min_age_years"] for point in points),
-            "max_age_years": max(point["max_age_years"] for point in points),
-            "description": "; ".join(point["description"] for point in points)}
+    return {
+        "min_age_years": min(point["min_age_years"] for point in points),
+        "max_age_years": max(point["max_age_years"] for point in points),
+        "description": "; ".join(point["description"] for point in points),
+    }
 
 
 def add_ablations(run_dir: Path, ablations: list[dict]) -> Path:
@@ -187,26 +194,40 @@ def save_card(card: ModelCard, run_dir: Path) -> Path:
     return path
 
 
-def refit(data_dir: Path, run_dir: Path, weights_dir: Path = WEIGHTS_DIR, options: TrainOptions = TrainOptions(),
-          adult_dir: Path | None = None) -> Path:
+def refit(
+    data_dir: Path,
+    run_dir: Path,
+    weights_dir: Path = WEIGHTS_DIR,
+    options: TrainOptions | None = None,
+    adult_dir: Path | None = None,
+) -> Path:
     """Finalise already trained weights again (calibration, operating point, image check) on the
     split they were trained with, and write weights + updated card into ``run_dir``."""
     card = ModelCard.load(weights_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    images, _ = split_images(data_dir, run_dir, replace(options, input_size=card.input_size), adult_dir)
+    options = replace(options or TrainOptions(), input_size=card.input_size)
+    images, _ = split_images(data_dir, run_dir, options, adult_dir)
     network = build_resnet18()
     network.load_state_dict(load_file(weights_dir / card.weights_file))
     finished = finalise(network, images, card.input_size, run_dir)
     if weights_dir.resolve() != run_dir.resolve():
         shutil.copyfile(weights_dir / card.weights_file, run_dir / card.weights_file)
     major, minor, _ = card.version.split(".")
-    card = replace(card, version=f"{major}.{int(minor) + 1}.{date.today():%Y%m%d}", temperature=finished["temperature"], threshold=finished["threshold"],
-                   threshold_rule=THRESHOLD_RULE, validation=finished["validation"], intended_use=INTENDED_USE,
-                   population=population_of(finished), image_check=finished["image_check"],
-                   operating_point=finished["operating_point"], limitations=LIMITATIONS, experiments=EXPERIMENTS,
-                   populations=finished["populations"], localisation=finished["localisation"],
-                   attribution=ATTRIBUTION)
+    card = replace(
+        card,
+        version=f"{major}.{int(minor) + 1}.{date.today():%Y%m%d}",
+        temperature=finished["temperature"],
+        threshold=finished["threshold"],
+        threshold_rule=THRESHOLD_RULE,
+        validation=finished["validation"],
+        intended_use=INTENDED_USE,
+        population=population_of(finished),
+        image_check=finished["image_check"],
+        operating_point=finished["operating_point"],
+        limitations=LIMITATIONS,
+        experiments=EXPERIMENTS,
+        populations=finished["populations"],
+        localisation=finished["localisation"],
+        attribution=ATTRIBUTION,
+    )
     return save_card(card, run_dir)
-
-
-

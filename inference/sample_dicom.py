@@ -23,8 +23,9 @@ import io
 import shutil
 import subprocess
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -35,6 +36,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset as write_bare_dataset
 from pydicom.pixels import convert_color_space
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ComputedRadiographyImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -42,7 +44,6 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -239,13 +240,13 @@ def _base_dataset(
     patient_id: str,
 ) -> Dataset:
     """Patient, study, series, equipment, image and SOP Common modules, without pixels."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = SOP_CLASSES[sop_class]
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -331,7 +332,7 @@ def _encode(ds: Dataset, syntax: UID) -> None:
                 ds[keyword].value = np.frombuffer(ds[keyword].value, dtype="<u2").astype(">u2").tobytes()
         ds.file_meta.TransferSyntaxUID = syntax
     elif syntax in (RLELossless, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000):
-        options: dict[str, object] = {}
+        options: dict[str, Any] = {}
         if syntax == JPEGLSNearLossless:
             options["jls_error"] = min(255, 2 ** max(0, int(ds.BitsStored) - 8))
         if syntax == JPEG2000:

@@ -18,7 +18,7 @@ threshold at which a target sensitivity holds *with confidence*, and a temperatu
 """
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -33,8 +33,11 @@ MIN_CASES_PER_CLASS = 20  # pneumonia and normal cases a population needs for it
 
 
 def _log_loss(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    return float(torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.as_tensor(logits / temperature, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)))
+    return float(
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.as_tensor(logits / temperature, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.float64)
+        )
+    )
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, shipped: float, seed: int = 0) -> tuple[float, dict]:
@@ -51,14 +54,17 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, shipped: float, s
     fitted = fit_temperature(logits, labels)
     helps = bool(site_losses) and float(np.mean(site_losses)) < float(np.mean(shipped_losses))
     return (fitted if helps else shipped), {
-        "shipped": shipped, "fitted": fitted, "used": "fitted" if helps else "shipped",
+        "shipped": shipped,
+        "fitted": fitted,
+        "used": "fitted" if helps else "shipped",
         "cv_log_loss_fitted": float(np.mean(site_losses)) if site_losses else None,
         "cv_log_loss_shipped": float(np.mean(shipped_losses)) if shipped_losses else None,
     }
 
 
-def fit_population(labels: np.ndarray, logits: np.ndarray, shipped: OperatingPoint, *, target_sensitivity: float,
-                   confidence: float) -> PopulationFit:
+def fit_population(
+    labels: np.ndarray, logits: np.ndarray, shipped: OperatingPoint, *, target_sensitivity: float, confidence: float
+) -> PopulationFit:
     """Fit one population's point on its ``labels`` (1 = pneumonia) and raw ``logits``."""
     positives, negatives = int(labels.sum()), int(len(labels) - labels.sum())
     if positives == 0 or negatives == 0:
@@ -68,20 +74,41 @@ def fit_population(labels: np.ndarray, logits: np.ndarray, shipped: OperatingPoi
     threshold, bound, met = threshold_with_confidence(probabilities, labels, target_sensitivity, confidence)
     figures = metrics_with_ci(labels, probabilities, threshold)
     expected = {
-        "sensitivity": {"sample": figures["recall"], "ci95": figures["ci95"].get("recall"),
-                        "lower_bound": bound, "confidence": confidence},
+        "sensitivity": {
+            "sample": figures["recall"],
+            "ci95": figures["ci95"].get("recall"),
+            "lower_bound": bound,
+            "confidence": confidence,
+        },
         "specificity": {"sample": figures["specificity"], "ci95": figures["ci95"].get("specificity")},
         "accuracy": {"sample": figures["accuracy"], "ci95": figures["ci95"].get("accuracy")},
         "roc_auc": {"sample": figures["roc_auc"], "ci95": figures["ci95"].get("roc_auc")},
         "confusion": figures["confusion"],
     }
-    return PopulationFit(shipped.population, PointSource.SITE, threshold, temperature,
-                         {"positive": positives, "negative": negatives}, met, expected, temperature_fit)
+    return PopulationFit(
+        shipped.population,
+        PointSource.SITE,
+        threshold,
+        temperature,
+        {"positive": positives, "negative": negatives},
+        met,
+        expected,
+        temperature_fit,
+    )
 
 
-def calibrate_site(labels: np.ndarray, logits: np.ndarray, classifier: Classifier, *, target_sensitivity: float,
-                   confidence: float, profile_id: str, data: str, refused: int = 0,
-                   populations: Sequence[str] | None = None) -> SiteProfile:
+def calibrate_site(
+    labels: np.ndarray,
+    logits: np.ndarray,
+    classifier: Classifier,
+    *,
+    target_sensitivity: float,
+    confidence: float,
+    profile_id: str,
+    data: str,
+    refused: int = 0,
+    populations: Sequence[str] | None = None,
+) -> SiteProfile:
     """Fit a site profile on ``labels`` (1 = pneumonia) and raw ``logits`` of the current weights;
     ``populations`` names each case's population (None: all the model's first population)."""
     labels = np.asarray(labels, dtype=int)
@@ -98,27 +125,48 @@ def calibrate_site(labels: np.ndarray, logits: np.ndarray, classifier: Classifie
         shipped = classifier.shipped_points[name]
         positives, negatives = int(labels[members].sum()), int(members.sum() - labels[members].sum())
         if name not in present or (len(present) > 1 and min(positives, negatives) < MIN_CASES_PER_CLASS):
-            fits.append(PopulationFit(
-                name, PointSource.SHIPPED, shipped.threshold, shipped.temperature,
-                {"positive": positives, "negative": negatives},
-                note="no case of this population in the set" if name not in present else
-                f"{positives} pneumonia / {negatives} normal cases; a point of its own needs at least "
-                f"{MIN_CASES_PER_CLASS} of each"))
+            fits.append(
+                PopulationFit(
+                    name,
+                    PointSource.SHIPPED,
+                    shipped.threshold,
+                    shipped.temperature,
+                    {"positive": positives, "negative": negatives},
+                    note="no case of this population in the set"
+                    if name not in present
+                    else f"{positives} pneumonia / {negatives} normal cases; a point of its own needs at least "
+                    f"{MIN_CASES_PER_CLASS} of each",
+                )
+            )
             continue
-        fits.append(fit_population(labels[members], logits[members], shipped, target_sensitivity=target_sensitivity,
-                                   confidence=confidence))
+        fits.append(
+            fit_population(
+                labels[members], logits[members], shipped, target_sensitivity=target_sensitivity, confidence=confidence
+            )
+        )
     fitted = [fit for fit in fits if fit.source is PointSource.SITE]
     if not fitted:
-        raise ValueError("no population has enough cases for a point of its own: "
-                         + "; ".join(f"{fit.population}: {fit.note}" for fit in fits))
+        raise ValueError(
+            "no population has enough cases for a point of its own: "
+            + "; ".join(f"{fit.population}: {fit.note}" for fit in fits)
+        )
     first = fits[0]
     return SiteProfile(
-        id=profile_id, threshold=first.threshold, temperature=first.temperature,
-        target_sensitivity=target_sensitivity, confidence=confidence,
-        target_met=all(fit.target_met for fit in fitted), weights_sha256=classifier.card.weights_sha256,
-        model_version=classifier.version, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        data=data, n={"positive": int(labels.sum()), "negative": int(len(labels) - labels.sum()), "refused": refused},
-        expected=first.expected, temperature_fit=first.temperature_fit, populations=fits)
+        id=profile_id,
+        threshold=first.threshold,
+        temperature=first.temperature,
+        target_sensitivity=target_sensitivity,
+        confidence=confidence,
+        target_met=all(fit.target_met for fit in fitted),
+        weights_sha256=classifier.card.weights_sha256,
+        model_version=classifier.version,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        data=data,
+        n={"positive": int(labels.sum()), "negative": int(len(labels) - labels.sum()), "refused": refused},
+        expected=first.expected,
+        temperature_fit=first.temperature_fit,
+        populations=fits,
+    )
 
 
 def positives_needed(target_sensitivity: float, confidence: float) -> int:
@@ -128,11 +176,22 @@ def positives_needed(target_sensitivity: float, confidence: float) -> int:
 
 def describe(profile: SiteProfile) -> str:
     """What the site should expect at the profile's operating points, for people."""
-    fits = profile.populations or [PopulationFit("every population", PointSource.SITE, profile.threshold,
-                                                 profile.temperature, profile.n, profile.target_met,
-                                                 profile.expected, profile.temperature_fit)]
-    lines = [f"site profile {profile.id}: fitted on {profile.n['positive']} pneumonia / {profile.n['negative']} "
-             f"normal cases ({profile.n.get('refused', 0)} refused by the intended-use gate)"]
+    fits = profile.populations or [
+        PopulationFit(
+            "every population",
+            PointSource.SITE,
+            profile.threshold,
+            profile.temperature,
+            profile.n,
+            profile.target_met,
+            profile.expected,
+            profile.temperature_fit,
+        )
+    ]
+    lines = [
+        f"site profile {profile.id}: fitted on {profile.n['positive']} pneumonia / {profile.n['negative']} "
+        f"normal cases ({profile.n.get('refused', 0)} refused by the intended-use gate)"
+    ]
     for fit in fits:
         lines += _describe_fit(fit, profile.target_sensitivity, profile.confidence)
     return "\n".join(lines)
@@ -140,8 +199,10 @@ def describe(profile: SiteProfile) -> str:
 
 def _describe_fit(fit: PopulationFit, target_sensitivity: float, confidence: float) -> list[str]:
     if fit.source is PointSource.SHIPPED:
-        return [f"{fit.population}: the shipped point is kept (threshold {fit.threshold:.4f}, temperature "
-                f"{fit.temperature:.4f}): {fit.note}"]
+        return [
+            f"{fit.population}: the shipped point is kept (threshold {fit.threshold:.4f}, temperature "
+            f"{fit.temperature:.4f}): {fit.note}"
+        ]
     sensitivity, specificity = fit.expected["sensitivity"], fit.expected["specificity"]
 
     def ci(figure: dict) -> str:
@@ -160,5 +221,6 @@ def _describe_fit(fit: PopulationFit, target_sensitivity: float, confidence: flo
             f"  WARNING: {fit.n['positive']} positives cannot show sensitivity ≥ {target_sensitivity} with "
             f"{confidence:.0%} confidence (that needs ≥ {positives_needed(target_sensitivity, confidence)} "
             f"positives, all caught); the threshold keeps every positive of the sample instead. Add cases or "
-            f"lower --target-sensitivity / --confidence.")
+            f"lower --target-sensitivity / --confidence."
+        )
     return lines

@@ -101,8 +101,10 @@ class SiteProfile:
         points = dict(shipped)
         for fit in self.populations:
             if fit.population not in shipped:
-                raise SiteProfileError(f"site profile {self.id} has a point for population {fit.population!r}, "
-                                       f"which the model does not have ({', '.join(shipped)})")
+                raise SiteProfileError(
+                    f"site profile {self.id} has a point for population {fit.population!r}, "
+                    f"which the model does not have ({', '.join(shipped)})"
+                )
             if fit.source is PointSource.SITE:
                 points[fit.population] = OperatingPoint(fit.threshold, fit.temperature, self.source, fit.population)
         return points
@@ -128,9 +130,11 @@ class SiteProfile:
         if profile.weights_sha256 != weights_sha256:
             raise SiteProfileError(
                 f"site profile {path} ({profile.id}) was made for weights sha256 {profile.weights_sha256[:16]}…, "
-                f"but the loaded weights are {weights_sha256[:16]}…; run 'lungvision calibrate' again for them")
-        points = [(profile.threshold, profile.temperature)] + [(fit.threshold, fit.temperature)
-                                                                for fit in profile.populations]
+                f"but the loaded weights are {weights_sha256[:16]}…; run 'lungvision calibrate' again for them"
+            )
+        points = [(profile.threshold, profile.temperature)] + [
+            (fit.threshold, fit.temperature) for fit in profile.populations
+        ]
         if not all(0.0 < threshold < 1.0 and temperature > 0 for threshold, temperature in points):
             raise SiteProfileError(f"site profile {path}: thresholds must lie in (0, 1) and temperatures be > 0")
         return profile

@@ -17,6 +17,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 _PATTERNS = (
     re.compile(r"^(person\d+)_"),
@@ -58,8 +59,10 @@ def patient_of(file_name: str) -> str:
 
 def kermany_rows(files: list[tuple[str, int]]) -> list[SplitRow]:
     """Rows (side not yet set) for Kermany ``(path, label)`` pairs."""
-    return [SplitRow(path, label, patient_of(Path(path).name), folder=("NORMAL", "PNEUMONIA")[label])
-            for path, label in files]
+    return [
+        SplitRow(path, label, patient_of(Path(path).name), folder=("NORMAL", "PNEUMONIA")[label])
+        for path, label in files
+    ]
 
 
 def assign_sides(rows: list[SplitRow], val_fractions: dict[str, float], seed: int) -> list[SplitRow]:
@@ -69,7 +72,7 @@ def assign_sides(rows: list[SplitRow], val_fractions: dict[str, float], seed: in
     for row in rows:
         first_stratum.setdefault((row.population, row.patient), row.stratum)
     groups_by_stratum: dict[tuple, set[str]] = {}
-    for (population, patient), stratum in first_stratum.items():
+    for (_population, patient), stratum in first_stratum.items():
         groups_by_stratum.setdefault(stratum, set()).add(patient)
     val_groups: set[tuple[str, str]] = set()
     for population in sorted({row.population for row in rows}):
@@ -90,20 +93,42 @@ def write_split_csv(rows: list[SplitRow], path: Path) -> None:
     """Write the split as CSV (path, label, patient, side, population, folder, source, label source, boxes)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient", "side", "population", "folder", "source", "label_source",
-                         "boxes"])
+        writer.writerow(["path", "label", "patient", "side", "population", "folder", "source", "label_source", "boxes"])
         for row in rows:
             boxes = ";".join(" ".join(f"{v:.5f}" for v in box) for box in row.boxes)
-            writer.writerow([row.path, row.label, row.patient, row.side, row.population, row.folder, row.source,
-                             row.label_source, boxes])
+            writer.writerow(
+                [
+                    row.path,
+                    row.label,
+                    row.patient,
+                    row.side,
+                    row.population,
+                    row.folder,
+                    row.source,
+                    row.label_source,
+                    boxes,
+                ]
+            )
 
 
 def read_split_csv(path: Path) -> list[SplitRow]:
     """The rows ``write_split_csv`` wrote (a run's split, e.g. to finalise or ablate it again)."""
     with path.open(newline="") as handle:
-        return [SplitRow(entry["path"], int(entry["label"]), entry["patient"], entry["side"],
-                         entry.get("population") or "children", entry.get("folder", ""),
-                         entry.get("source") or "kermany", entry.get("label_source") or "clinician",
-                         tuple(tuple(float(v) for v in box.split()) for box in entry.get("boxes", "").split(";")
-                               if box.strip()))
-                for entry in csv.DictReader(handle)]
+        return [
+            SplitRow(
+                entry["path"],
+                int(entry["label"]),
+                entry["patient"],
+                entry["side"],
+                entry.get("population") or "children",
+                entry.get("folder", ""),
+                entry.get("source") or "kermany",
+                entry.get("label_source") or "clinician",
+                tuple(
+                    cast(Box, tuple(float(v) for v in box.split()))
+                    for box in entry.get("boxes", "").split(";")
+                    if box.strip()
+                ),
+            )
+            for entry in csv.DictReader(handle)
+        ]

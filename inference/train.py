@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -65,8 +66,15 @@ class SquaresDataset(torch.utils.data.Dataset):
     """Cached squares with labels, loss weights and box masks; ``transform`` (a ``TrainingTransform``,
     or None) turns a 1×224×224 uint8 square into model input and moves its box mask with it."""
 
-    def __init__(self, squares: np.ndarray, labels: np.ndarray, transform=None, weights: np.ndarray | None = None,
-                 boxes: list | None = None, input_size: int = 224) -> None:
+    def __init__(
+        self,
+        squares: np.ndarray,
+        labels: np.ndarray,
+        transform=None,
+        weights: np.ndarray | None = None,
+        boxes: list | None = None,
+        input_size: int = 224,
+    ) -> None:
         self.squares, self.labels, self.transform = squares, labels, transform
         self.weights = np.ones(len(labels), dtype=np.float32) if weights is None else weights
         self.boxes = boxes or [()] * len(labels)
@@ -114,8 +122,10 @@ def sample_weights(rows: list[SplitRow], adult_share: float | None) -> np.ndarra
 
 def loss_weights(rows: list[SplitRow], nih_positive_weight: float) -> np.ndarray:
     """Loss weight per training image: NIH's text-mined positives count ``nih_positive_weight``."""
-    return np.array([nih_positive_weight if row.label == 1 and row.label_source == "nlp-report-mining" else 1.0
-                     for row in rows], dtype=np.float32)
+    return np.array(
+        [nih_positive_weight if row.label == 1 and row.label_source == "nlp-report-mining" else 1.0 for row in rows],
+        dtype=np.float32,
+    )
 
 
 def _learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -125,8 +135,9 @@ def _learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) 
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def split_images(data_dir: Path, run_dir: Path, options: TrainOptions,
-                 adult_dir: Path | None = None) -> tuple[SplitImages, float]:
+def split_images(
+    data_dir: Path, run_dir: Path, options: TrainOptions, adult_dir: Path | None = None
+) -> tuple[SplitImages, float]:
     """The patient-grouped split of ``data_dir/train`` (children) and, if given, of the adult set in
     ``adult_dir`` (written to ``run_dir/split.csv``), decoded into squares through the shared cache;
     returns the images and the decoding time in seconds."""
@@ -144,8 +155,12 @@ def split_images(data_dir: Path, run_dir: Path, options: TrainOptions,
 
     started = time.monotonic()
     cache_dir = run_dir.parent / ".cache"
-    images = SplitImages.of(train_rows, val_rows, load_squares([row.path for row in train_rows], cache_dir),
-                            load_squares([row.path for row in val_rows], cache_dir))
+    images = SplitImages.of(
+        train_rows,
+        val_rows,
+        load_squares([row.path for row in train_rows], cache_dir),
+        load_squares([row.path for row in val_rows], cache_dir),
+    )
     decode_seconds = time.monotonic() - started
     print(f"decoded {len(train_rows)} train / {len(val_rows)} val images in {decode_seconds:.0f} s")
     return images, decode_seconds
@@ -157,20 +172,27 @@ def class_map_logits(features: torch.Tensor, fc: torch.nn.Linear) -> torch.Tenso
     return torch.einsum("nchw,c->nhw", features, fc.weight[0]) + fc.bias[0]
 
 
-def training_loader(images: SplitImages, options: TrainOptions,
-                    keep: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+def training_loader(
+    images: SplitImages, options: TrainOptions, keep: np.ndarray | None = None
+) -> torch.utils.data.DataLoader:
     """Batches of augmented training images (with labels, loss weights, box masks), drawn with the
     population and class balance of ``options``; ``keep`` (bool per training image) drops the others."""
     rows = images.train_rows
     weights = sample_weights(rows, options.adult_share) * (1.0 if keep is None else keep)
     draws = options.samples_per_epoch or len(rows)
-    sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double),
-                                                     num_samples=min(draws, len(rows)) if options.max_train_images
-                                                     else draws, replacement=True)
-    dataset = SquaresDataset(images.train_squares, images.train_labels,
-                             training_transform(options.input_size) if options.augment else None,
-                             loss_weights(rows, options.nih_positive_weight), [row.boxes for row in rows],
-                             options.input_size)
+    sampler = torch.utils.data.WeightedRandomSampler(
+        torch.as_tensor(weights, dtype=torch.double),  # type: ignore[arg-type]  # a tensor, as torch's docs say
+        num_samples=min(draws, len(rows)) if options.max_train_images else draws,
+        replacement=True,
+    )
+    dataset = SquaresDataset(
+        images.train_squares,
+        images.train_labels,
+        training_transform(options.input_size) if options.augment else None,
+        loss_weights(rows, options.nih_positive_weight),
+        [row.boxes for row in rows],
+        options.input_size,
+    )
     return torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, sampler=sampler, drop_last=True)
 
 
@@ -182,7 +204,8 @@ class LossStep:
     def __init__(self, model: torch.nn.Module, options: TrainOptions) -> None:
         self.model, self.options = model, options
         self.layer4: list[torch.Tensor] = []
-        model.layer4.register_forward_hook(lambda _module, _inputs, output: self.layer4.append(output))
+        layer4 = cast(torch.nn.Module, model.layer4)  # a ResNet's
+        layer4.register_forward_hook(lambda _module, _inputs, output: self.layer4.append(output))
 
     def __call__(self, batch, optimiser: torch.optim.Optimizer, learning_rate: float) -> float:
         images, labels, weights, masks, boxed = batch
@@ -197,18 +220,24 @@ class LossStep:
         per_image = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
         loss = (per_image * weights).sum() / weights.sum()
         if options.localisation_weight and boxed.any():
-            cell_logits = class_map_logits(self.layer4[0][boxed].float(), model.fc)
-            cell_targets = torch.nn.functional.adaptive_avg_pool2d(masks[boxed], cell_logits.shape[-2:])[:, 0]
+            cell_logits = class_map_logits(self.layer4[0][boxed].float(), cast(torch.nn.Linear, model.fc))
+            # a Size is a tuple of ints, which torch's type for output_size leaves out
+            cell_targets = torch.nn.functional.adaptive_avg_pool2d(
+                masks[boxed],
+                cell_logits.shape[-2:],  # type: ignore[arg-type]
+            )[:, 0]
             loss = loss + options.localisation_weight * torch.nn.functional.binary_cross_entropy_with_logits(
-                cell_logits, cell_targets)
+                cell_logits, cell_targets
+            )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         return loss.item()
 
 
-def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = False,
-          adult_dir: Path | None = None) -> dict:
+def train(
+    data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = False, adult_dir: Path | None = None
+) -> dict:
     """Train, then finalise (calibration, operating points, image check) and write weights into
     ``run_dir``; returns the summary the model card is made from."""
     torch.manual_seed(options.seed)
@@ -239,8 +268,9 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
         progress = tqdm(loader, desc=f"epoch {epoch + 1}/{options.epochs}", mininterval=10)
         running = 0.0
         for step_in_epoch, batch in enumerate(progress):
-            learning_rate = _learning_rate(epoch * len(loader) + step_in_epoch, total_steps, len(loader),
-                                           options.learning_rate)
+            learning_rate = _learning_rate(
+                epoch * len(loader) + step_in_epoch, total_steps, len(loader), options.learning_rate
+            )
             loss = step(batch, optimiser, learning_rate)
             ema.update_parameters(model)
             running = 0.98 * running + 0.02 * loss if step_in_epoch else loss
@@ -248,12 +278,24 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
         train_seconds += time.monotonic() - epoch_start
         figures = population_validation(ema.module, images, options.input_size)
         history.append({"epoch": epoch + 1, "train_loss": running, "seconds": train_seconds, **figures})
-        print(f"epoch {epoch + 1}: train loss {running:.4f} | "
-              + " | ".join(f"{key} {value:.4f}" for key, value in figures.items())
-              + f" | {train_seconds / 60:.1f} min", flush=True)
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimiser": optimiser.state_dict(),
-                    "rng": torch.get_rng_state(), "epoch": epoch + 1, "train_seconds": train_seconds,
-                    "history": history}, checkpoint_path)
+        print(
+            f"epoch {epoch + 1}: train loss {running:.4f} | "
+            + " | ".join(f"{key} {value:.4f}" for key, value in figures.items())
+            + f" | {train_seconds / 60:.1f} min",
+            flush=True,
+        )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "train_seconds": train_seconds,
+                "history": history,
+            },
+            checkpoint_path,
+        )
         if epoch + 1 == options.ablation_epoch:
             shutil.copyfile(checkpoint_path, run_dir / f"checkpoint-epoch{epoch + 1}.pt")
 
@@ -263,8 +305,13 @@ def train(data_dir: Path, run_dir: Path, options: TrainOptions, resume: bool = F
         writer.writerows(history)
 
     save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, run_dir / WEIGHTS_NAME)
-    summary = {**finalise(ema.module, images, options.input_size, run_dir),
-               "train_seconds": train_seconds, "decode_seconds": decode_seconds,
-               "n_train": len(images.train_labels), "n_val": len(images.val_labels), "history": history}
+    summary = {
+        **finalise(ema.module, images, options.input_size, run_dir),
+        "train_seconds": train_seconds,
+        "decode_seconds": decode_seconds,
+        "n_train": len(images.train_labels),
+        "n_val": len(images.val_labels),
+        "history": history,
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

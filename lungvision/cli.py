@@ -2,7 +2,6 @@
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,14 +11,17 @@ from inference import commands as inference_commands
 from web import commands as web_commands
 from worker import commands as worker_commands
 
-app = typer.Typer(help="Lung Vision — DICOM AI node for chest X-ray pneumonia triage. Not a medical device.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Lung Vision — DICOM AI node for chest X-ray pneumonia triage. Not a medical device.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 class State:
     """What the global options decided, handed to sub-commands."""
 
-    config_file: Optional[Path] = None
+    config_file: Path | None = None
 
     @classmethod
     def settings(cls) -> Settings:
@@ -31,7 +33,7 @@ class State:
 
 
 @app.callback()
-def main(config: Optional[Path] = typer.Option(None, "--config", help="YAML file overriding the defaults")) -> None:
+def main(config: Path | None = typer.Option(None, "--config", help="YAML file overriding the defaults")) -> None:
     """Global options."""
     State.config_file = config
 
@@ -44,7 +46,7 @@ def show_config() -> None:
 
 @app.command()
 def serve() -> None:
-    """Run the DICOM node, the analysis worker and the worklist web server together (Ctrl-C or SIGTERM stops all cleanly)."""
+    """Run the DICOM node, analysis worker and worklist web server together (Ctrl-C or SIGTERM stops all cleanly)."""
     from lungvision.serve import serve as run_both
 
     config_args = ["--config", str(State.config_file)] if State.config_file else []
@@ -52,11 +54,13 @@ def serve() -> None:
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path("var/demo"), help="folder for the demo's spool, store and results"),
-         keep: bool = typer.Option(False, "--keep",
-                                   help="keep 'serve' and its worklist running after the results, until Ctrl-C/SIGTERM")
-         ) -> None:
-    """Start 'serve' on embedded defaults, send the bundled sample studies, print the results, stop (--keep: stay up)."""
+def demo(
+    workdir: Path = typer.Option(Path("var/demo"), help="folder for the demo's spool, store and results"),
+    keep: bool = typer.Option(
+        False, "--keep", help="keep 'serve' and its worklist running after the results, until Ctrl-C/SIGTERM"
+    ),
+) -> None:
+    """Start 'serve' on embedded defaults, send the bundled sample studies, print results, stop (--keep: stay up)."""
     from lungvision.demo import run_demo
 
     raise typer.Exit(run_demo(workdir.resolve(), keep=keep))

@@ -50,25 +50,38 @@ def _pixels(name: str) -> np.ndarray:
 
 def sample_studies() -> list[DemoStudy]:
     """The bundled studies, each with its own patient and study UID."""
+
     def study(description: str, *images: tuple[str, dict], **header: str) -> DemoStudy:
         study_uid = generate_uid()
         patient = f"Demo^Patient{len(description)}"
-        datasets = [wrap_image(_pixels(name), study_uid=study_uid, patient_name=patient,
-                               patient_id=f"DEMO-{study_uid[-6:]}", **options) for name, options in images]
+        datasets = [
+            wrap_image(
+                _pixels(name), study_uid=study_uid, patient_name=patient, patient_id=f"DEMO-{study_uid[-6:]}", **options
+            )
+            for name, options in images
+        ]
         for dataset in datasets:
             for keyword, value in header.items():
                 setattr(dataset, keyword, value)
         return DemoStudy(description, datasets)
 
     return [
-        study("normal CR, MONOCHROME2 8-bit, explicit VR", ("normal-IM-0135", {"transfer_syntax": ExplicitVRLittleEndian})),
-        study("pneumonia CR, MONOCHROME1 12-bit, JPEG 2000 + lateral",
-              ("pneumonia-person101", {"photometric": "MONOCHROME1", "bits_stored": 12, "transfer_syntax": JPEG2000}),
-              ("pneumonia-person101", {"view_position": "LL"})),
-        study("normal DX, 16-bit, RLE", ("normal-IM-0137", {"sop_class": "DX", "bits_stored": 16,
-                                                           "transfer_syntax": RLELossless})),
-        study("pneumonia SC, JPEG baseline", ("pneumonia-person1020", {"sop_class": "SC",
-                                                                       "transfer_syntax": JPEGBaseline8Bit})),
+        study(
+            "normal CR, MONOCHROME2 8-bit, explicit VR", ("normal-IM-0135", {"transfer_syntax": ExplicitVRLittleEndian})
+        ),
+        study(
+            "pneumonia CR, MONOCHROME1 12-bit, JPEG 2000 + lateral",
+            ("pneumonia-person101", {"photometric": "MONOCHROME1", "bits_stored": 12, "transfer_syntax": JPEG2000}),
+            ("pneumonia-person101", {"view_position": "LL"}),
+        ),
+        study(
+            "normal DX, 16-bit, RLE",
+            ("normal-IM-0137", {"sop_class": "DX", "bits_stored": 16, "transfer_syntax": RLELossless}),
+        ),
+        study(
+            "pneumonia SC, JPEG baseline",
+            ("pneumonia-person1020", {"sop_class": "SC", "transfer_syntax": JPEGBaseline8Bit}),
+        ),
         study("knee DX (not a chest)", ("normal-IM-0135", {"sop_class": "DX", "body_part": "KNEE"})),
         study("CR of a 12-year-old (no training data for that age)", ("normal-IM-0137", {}), PatientAge="012Y"),
     ]
@@ -86,8 +99,9 @@ def keep_serving(server: subprocess.Popen, url: str) -> int:
         print(f"\nworklist at {url} — Ctrl-C to stop", flush=True)
         while not stop.is_set():
             if server.poll() is not None:
-                print(f"'lungvision serve' exited with status {server.returncode}; stopping", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"'lungvision serve' exited with status {server.returncode}; stopping", file=sys.stderr, flush=True
+                )
                 return 1
             stop.wait(0.5)
         print("stopping ...", flush=True)
@@ -108,13 +122,22 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
     workdir.mkdir(parents=True)
     port = free_port()
     web_port = free_port()
-    environment = {"LUNGVISION_NODE__PORT": str(port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
-                   "LUNGVISION_SPOOL__STABLE_SECONDS": "2", "LUNGVISION_WEB__PORT": str(web_port)}
+    environment = {
+        "LUNGVISION_NODE__PORT": str(port),
+        "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
+        "LUNGVISION_SPOOL__STABLE_SECONDS": "2",
+        "LUNGVISION_WEB__PORT": str(web_port),
+    }
     log_path = workdir / "serve.log"
     print(f"starting 'lungvision serve' on embedded defaults in {workdir} (log: {log_path}) ...", flush=True)
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=workdir, stdout=log,
-                                  stderr=subprocess.STDOUT, env={**os.environ, **environment})
+        server = subprocess.Popen(
+            [sys.executable, "-m", "lungvision", "serve"],
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **environment},
+        )
     try:
         wait_until_listening(port, server, START_TIMEOUT_S)
         studies = sample_studies()
@@ -123,17 +146,18 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
             sent_at[study.study_uid] = time.monotonic()
             send_datasets(Destination("LUNGVISION", "127.0.0.1", port), study.datasets, calling_ae="LV_DEMO")
         url = f"http://127.0.0.1:{web_port}/"
-        print(f"worklist: {url} ({'kept after the results: --keep' if keep else 'while the demo runs'})",
-              flush=True)
-        print(f"sent {len(studies)} studies ({sum(len(s.datasets) for s in studies)} images); waiting for results ...",
-              flush=True)
+        print(f"worklist: {url} ({'kept after the results: --keep' if keep else 'while the demo runs'})", flush=True)
+        print(
+            f"sent {len(studies)} studies ({sum(len(s.datasets) for s in studies)} images); waiting for results ...",
+            flush=True,
+        )
         store = Store(f"sqlite:///{workdir / 'var' / 'lungvision.db'}")
         done: dict[str, float] = {}
         deadline = time.monotonic() + RESULTS_TIMEOUT_S
         while len(done) < len(studies) and time.monotonic() < deadline:
-            for row in store.results():
-                if row.status in ("delivered", "failed") and row.study_instance_uid not in done:
-                    done[row.study_instance_uid] = time.monotonic()
+            for current in store.results():
+                if current.status in ("delivered", "failed") and current.study_instance_uid not in done:
+                    done[current.study_instance_uid] = time.monotonic()
             time.sleep(0.5)
         rows = {row.study_instance_uid: row for row in store.results()}
         print(f"\n{'study':<56} {'images':>6} {'probability':>11} {'finding':>12} {'seconds':>7}  not analysed")
@@ -142,10 +166,13 @@ def run_demo(workdir: Path, keep: bool = False) -> int:
             probability = "" if row is None or row.probability is None else f"{row.probability:.3f}"
             finding = "(no result)" if row is None else row.finding
             seconds = f"{done[study.study_uid] - sent_at[study.study_uid]:.1f}" if study.study_uid in done else ""
-            reasons = "; ".join(image.not_analysed_reason for image in (row.images if row else [])
-                                if image.not_analysed_reason)
-            print(f"{study.description:<56} {len(study.datasets):>6} {probability:>11} {finding:>12} {seconds:>7}  "
-                  f"{reasons}")
+            reasons = "; ".join(
+                image.not_analysed_reason for image in (row.images if row else []) if image.not_analysed_reason
+            )
+            print(
+                f"{study.description:<56} {len(study.datasets):>6} {probability:>11} {finding:>12} {seconds:>7}  "
+                f"{reasons}"
+            )
         out = workdir / "var" / "out"
         files = sorted(out.rglob("*.dcm")) if out.exists() else []
         print(f"\n{len(files)} result files (Secondary Capture heatmaps and Structured Reports) under {out}:")

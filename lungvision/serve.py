@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common import logfilter
 from config.settings import Settings, mask_secrets
+from worker.preload import worker_environment
 
 FOLDER_DESTINATION = {"name": "local-folder", "kind": "folder", "path": "./var/out"}
 CHILDREN = ("node", "worker", "web")  # started in this order, and stopped in it: node first
@@ -40,7 +41,8 @@ def banner(settings: Settings, folder_fallback: bool) -> str:
     else:
         destinations = ", ".join(
             f"{d.name} → {d.path} (folder)" if d.kind == "folder" else f"{d.name} → {d.ae_title}@{d.host}:{d.port}"
-            for d in settings.destinations)
+            for d in settings.destinations
+        )
     lines = [
         "Lung Vision — chest X-ray pneumonia triage (NOT FOR DIAGNOSTIC USE)",
         f"  DICOM node    AE title {settings.node.ae_title}, port {settings.node.port} on {settings.node.bind_address}",
@@ -60,7 +62,7 @@ def serve(settings: Settings, config_args: list[str]) -> int:
     """Run node, worker and web server until a stop signal; return the exit code."""
     logfilter.install()  # warnings of this parent process too (the children install it in their own set-up)
     folder_fallback = not settings.destinations
-    environment = dict(os.environ)
+    environment = worker_environment(dict(os.environ))  # huge pages for the worker's image buffers
     if folder_fallback:
         environment["LUNGVISION_DESTINATIONS"] = json.dumps([FOLDER_DESTINATION])
     Path("var").mkdir(exist_ok=True)
@@ -114,8 +116,9 @@ def run_child(argv: list[str]) -> None:
     if os.getppid() != parent_pid:  # serve died before the request took effect: nothing to serve for
         print(f"serve child: serve (pid {parent_pid}) is already gone; not starting", file=sys.stderr)
         raise SystemExit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid, grace_s, not signal_on_parent_death),
-                     name="serve-watchdog", daemon=True).start()
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, grace_s, not signal_on_parent_death), name="serve-watchdog", daemon=True
+    ).start()
     from lungvision.cli import app
 
     app(args=lungvision_args, prog_name="lungvision")
@@ -127,8 +130,10 @@ def _request_parent_death_signal(signal_number: int) -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) != 0:
-        print(f"serve child: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}; "
-              "relying on the watchdog", file=sys.stderr)
+        print(
+            f"serve child: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}; relying on the watchdog",
+            file=sys.stderr,
+        )
         return False
     return True
 
@@ -143,8 +148,11 @@ def _watch_parent(parent_pid: int, grace_s: float, send_sigterm: bool) -> None:
     time.sleep(grace_s)
     # Still running: the clean stop hangs. serve started us as a session (and group) leader, so the
     # group is us and what we started, e.g. the worker's pool processes.
-    print(f"serve child: not stopped after {grace_s:.0f} s; killing process group {os.getpgrp()}",
-          file=sys.stderr, flush=True)
+    print(
+        f"serve child: not stopped after {grace_s:.0f} s; killing process group {os.getpgrp()}",
+        file=sys.stderr,
+        flush=True,
+    )
     if os.getpgrp() == os.getpid():
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

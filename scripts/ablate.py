@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference.dataset import load_squares  # noqa: E402
-from inference.finalise import SplitImages, population_validation  # noqa: E402
-from inference.network import build_resnet18  # noqa: E402
-from inference.model_card import ModelCard  # noqa: E402
-from inference.publish import add_ablations  # noqa: E402
-from inference.split import read_split_csv  # noqa: E402
-from inference.train import LossStep, TrainOptions, _learning_rate, training_loader  # noqa: E402
+from inference.dataset import load_squares
+from inference.finalise import SplitImages, population_validation
+from inference.model_card import ModelCard
+from inference.network import build_resnet18
+from inference.publish import add_ablations
+from inference.split import read_split_csv
+from inference.train import LossStep, TrainOptions, _learning_rate, training_loader
 
 BRANCHES = {
     "baseline (shipped recipe)": {},
@@ -61,15 +61,20 @@ def main() -> None:
     train_rows = [row for row in rows if row.side == "train"]
     val_rows = [row for row in rows if row.side == "val"]
     cache = arguments.run.parent / ".cache"
-    images = SplitImages.of(train_rows, val_rows, load_squares([r.path for r in train_rows], cache),
-                            load_squares([r.path for r in val_rows], cache))
+    images = SplitImages.of(
+        train_rows,
+        val_rows,
+        load_squares([r.path for r in train_rows], cache),
+        load_squares([r.path for r in val_rows], cache),
+    )
     state = torch.load(arguments.checkpoint, weights_only=True)
     training = ModelCard.load(arguments.run).training  # the run's own recipe
     base = TrainOptions(epochs=training["epochs"], samples_per_epoch=training["images_per_epoch"])
     samples = arguments.samples or base.samples_per_epoch
     steps_per_epoch = base.samples_per_epoch // base.batch_size
-    start_rate = _learning_rate(state["epoch"] * steps_per_epoch, base.epochs * steps_per_epoch, steps_per_epoch,
-                                base.learning_rate)
+    start_rate = _learning_rate(
+        state["epoch"] * steps_per_epoch, base.epochs * steps_per_epoch, steps_per_epoch, base.learning_rate
+    )
     results = json.loads(arguments.out.read_text()) if arguments.out.exists() else []
     done = {row["change"] for row in results}
     for index, (change, overrides) in enumerate(BRANCHES.items()):
@@ -90,15 +95,21 @@ def main() -> None:
             step(batch, optimiser, start_rate * 0.5 * (1 + math.cos(math.pi * number / len(loader))))
         seconds = time.monotonic() - started
         figures = population_validation(model, images, options.input_size, ci_rounds=1000)
-        results.append({"change": change, "overrides": {k: v for k, v in overrides.items()},
-                        "protocol": f"Each row: the shipped run's checkpoint after epoch {state['epoch']} of "
-                        f"{base.epochs}, trained on {samples} more images (learning rate on a cosine from "
-                        f"{start_rate:.2e} to 0) with that one change, scored on the validation split with the "
-                        "branch's own weights (AUC before calibration; RSNA specificity at sensitivity 0.90; "
-                        "localisation on the boxed adult validation positives); "
-                        "95 % bootstrap CIs in brackets. A branch measures what a choice buys over the last part of "
-                        "training, not from scratch.",
-                        "seconds": round(seconds), "figures": figures})
+        results.append(
+            {
+                "change": change,
+                "overrides": {k: v for k, v in overrides.items()},
+                "protocol": f"Each row: the shipped run's checkpoint after epoch {state['epoch']} of "
+                f"{base.epochs}, trained on {samples} more images (learning rate on a cosine from "
+                f"{start_rate:.2e} to 0) with that one change, scored on the validation split with the "
+                "branch's own weights (AUC before calibration; RSNA specificity at sensitivity 0.90; "
+                "localisation on the boxed adult validation positives); "
+                "95 % bootstrap CIs in brackets. A branch measures what a choice buys over the last part of "
+                "training, not from scratch.",
+                "seconds": round(seconds),
+                "figures": figures,
+            }
+        )
         arguments.out.write_text(json.dumps(results, indent=2))
         print(change, {k: round(v, 4) for k, v in figures.items() if k != "ci95"}, f"{seconds:.0f} s", flush=True)
     if arguments.card:

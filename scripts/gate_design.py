@@ -18,15 +18,15 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo's packages, not scripts/
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from inference.classifier import Classifier  # noqa: E402
-from inference.dataset import load_squares  # noqa: E402
-from inference.image_check import fit_image_check, threshold_for  # noqa: E402
-from inference.model_card import WEIGHTS_DIR  # noqa: E402
-from inference.preprocess import normalise  # noqa: E402
+from inference.classifier import Classifier
+from inference.dataset import load_squares
+from inference.image_check import fit_image_check, threshold_for
+from inference.model_card import WEIGHTS_DIR
+from inference.preprocess import normalise
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -45,8 +45,10 @@ def adult_files(data: Path, design: bool) -> list[str]:
 def pooled_features(network: torch.nn.Module, squares: np.ndarray, input_size: int) -> dict[str, np.ndarray]:
     """Per image: spatial means and standard deviations of every layer, and layer4 on a 2×2 grid."""
     maps: dict[str, torch.Tensor] = {}
-    hooks = [getattr(network, name).register_forward_hook(
-        lambda _m, _i, output, name=name: maps.__setitem__(name, output)) for name in LAYERS]
+    hooks = [
+        getattr(network, name).register_forward_hook(lambda _m, _i, output, name=name: maps.__setitem__(name, output))
+        for name in LAYERS
+    ]
     parts: dict[str, list] = {}
     with torch.inference_mode():
         for start in range(0, len(squares), 64):
@@ -104,45 +106,66 @@ def main() -> None:
     cached = arguments.run / "gate-design-features.npz"
     if cached.exists():
         stored = np.load(cached)
-        train, val, adults = ({key.split("/", 1)[1]: stored[key] for key in stored.files if key.startswith(f"{side}/")}
-                              for side in ("train", "val", "adults"))
+        train, val, adults = (
+            {key.split("/", 1)[1]: stored[key] for key in stored.files if key.startswith(f"{side}/")}
+            for side in ("train", "val", "adults")
+        )
     else:
         train = pooled_features(network, load_squares([r["path"] for r in sides["train"]], cache), size)
         val = pooled_features(network, load_squares([r["path"] for r in sides["val"]], cache), size)
         adults = pooled_features(network, load_squares(adult_files(arguments.data, design=True), cache), size)
-        np.savez(cached, **{f"{side}/{key}": value for side, features in
-                            (("train", train), ("val", val), ("adults", adults)) for key, value in features.items()})
+        np.savez(
+            cached,
+            **{
+                f"{side}/{key}": value
+                for side, features in (("train", train), ("val", val), ("adults", adults))
+                for key, value in features.items()
+            },
+        )
     labels = np.array([int(r["label"]) for r in sides["train"]])
-    print(f"| candidate | dims | adult design half refused | pediatric val refused |\n|---|---:|---:|---:|")
+    print("| candidate | dims | adult design half refused | pediatric val refused |\n|---|---:|---:|---:|")
     for name, keys in CANDIDATES.items():
+
         def stack(features):
-            return np.concatenate([features[key] for key in keys], axis=1)
+            return np.concatenate([features[key] for key in keys], axis=1)  # noqa: B023 (called within this iteration)
+
         check = fit_image_check(stack(train), labels)
         val_scores = check.scores(torch.from_numpy(stack(val))).numpy()
         threshold = threshold_for(val_scores)
         adult_scores = check.scores(torch.from_numpy(stack(adults))).numpy()
-        print(f"| {name} | {stack(val).shape[1]} | {(adult_scores > threshold).mean():.1%} | "
-              f"{(val_scores > threshold).mean():.1%} |", flush=True)
+        print(
+            f"| {name} | {stack(val).shape[1]} | {(adult_scores > threshold).mean():.1%} | "
+            f"{(val_scores > threshold).mean():.1%} |",
+            flush=True,
+        )
     layer_scores = {}
     for layer in LAYERS:  # one Gaussian per layer, for the combined candidates
         check = fit_image_check(train[f"{layer}.mean"], labels)
         layer_scores[layer] = [check.scores(torch.from_numpy(f[f"{layer}.mean"])).numpy() for f in (val, adults)]
-    for name, combine in (("K per-layer Mahalanobis, max of score / val 99 %", "max"),
-                          ("L per-layer Mahalanobis, sum of score / val median", "sum")):
+    for name, combine in (
+        ("K per-layer Mahalanobis, max of score / val 99 %", "max"),
+        ("L per-layer Mahalanobis, sum of score / val median", "sum"),
+    ):
         scale = {layer: np.quantile(v, 0.99 if combine == "max" else 0.5) for layer, (v, _) in layer_scores.items()}
         val_scores, adult_scores = (
             getattr(np, combine)(np.stack([layer_scores[layer][side] / scale[layer] for layer in LAYERS]), axis=0)
-            for side in (0, 1))
+            for side in (0, 1)
+        )
         threshold = threshold_for(val_scores)
-        print(f"| {name} | 960 | {(adult_scores > threshold).mean():.1%} | {(val_scores > threshold).mean():.1%} |",
-              flush=True)
+        print(
+            f"| {name} | 960 | {(adult_scores > threshold).mean():.1%} | {(val_scores > threshold).mean():.1%} |",
+            flush=True,
+        )
     for name, (keys, k) in KNN_CANDIDATES.items():
         reference = normalised(train, keys)
         val_scores = knn_scores(reference, normalised(val, keys), k)
         threshold = threshold_for(val_scores)
         adult_scores = knn_scores(reference, normalised(adults, keys), k)
-        print(f"| {name} | {reference.shape[1]} | {(adult_scores > threshold).mean():.1%} | "
-              f"{(val_scores > threshold).mean():.1%} |", flush=True)
+        print(
+            f"| {name} | {reference.shape[1]} | {(adult_scores > threshold).mean():.1%} | "
+            f"{(val_scores > threshold).mean():.1%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

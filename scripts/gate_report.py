@@ -19,14 +19,14 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo's packages, not scripts/
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw
 
-from inference.classifier import Classifier  # noqa: E402
-from inference.gated import score_files  # noqa: E402
-from inference.model_card import WEIGHTS_DIR  # noqa: E402
-from inference.split import read_split_csv  # noqa: E402
-from scripts.gate_design import adult_files  # noqa: E402
+from inference.classifier import Classifier
+from inference.gated import score_files
+from inference.model_card import WEIGHTS_DIR
+from inference.split import read_split_csv
+from scripts.gate_design import adult_files
 
 
 def synthetic_images(folder: Path, count: int = 40) -> list[Path]:
@@ -75,8 +75,11 @@ def main() -> None:
     gate = classifier.intended_use()
     pediatric_val = sorted((arguments.data / "chest_xray" / "val").rglob("*.jpeg"))
     if arguments.run:
-        adult = [Path(row.path) for row in read_split_csv(arguments.run / "split.csv")
-                 if row.population == "adults" and row.side == "val"]
+        adult = [
+            Path(row.path)
+            for row in read_split_csv(arguments.run / "split.csv")
+            if row.population == "adults" and row.side == "val"
+        ]
         adult_set = "validation split"
     else:
         adult = [Path(path) for path in adult_files(arguments.data, design=False)]
@@ -85,8 +88,10 @@ def main() -> None:
         folder = Path(scratch)
         sets = {
             "pediatric val/ folder (in distribution)": pediatric_val,
-            **{f"adult {label} ({adult_set})": [path for path in adult if path.parent.name == label]
-               for label in ("NORMAL", "PNEUMONIA", "OTHER")},
+            **{
+                f"adult {label} ({adult_set})": [path for path in adult if path.parent.name == label]
+                for label in ("NORMAL", "PNEUMONIA", "OTHER")
+            },
             "vendor DICOM samples (adults)": sorted((arguments.data / "dicom_samples").glob("*.dcm")),
             "pediatric val/, inverted": transformed(pediatric_val, folder, "inverted", lambda p: 255 - p),
             "pediatric val/, turned 90°": transformed(pediatric_val, folder, "turned", np.rot90),
@@ -101,8 +106,11 @@ def main() -> None:
             scores = score_files([(str(path), None) for path in paths], classifier, gate)
             readable = len(scores.accepted) + len(scores.refused)
             rules = Counter(score.verdict.reason.value for score in scores.refused)
-            print(f"| {name} | {readable} | {len(scores.refused)} | {len(scores.refused) / readable:.1%} | "
-                  f"{dict(rules)} | {dict(Counter(scores.populations.tolist()))} |", flush=True)
+            print(
+                f"| {name} | {readable} | {len(scores.refused)} | {len(scores.refused) / readable:.1%} | "
+                f"{dict(rules)} | {dict(Counter(scores.populations.tolist()))} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

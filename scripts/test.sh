@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Set up everything the tests need on a fresh machine and run the whole suite.
+# Set up everything the tests need on a fresh machine, check lint, formatting and types (ruff, mypy;
+# configured in pyproject.toml, silent when clean), then run the whole suite.
 # Usage: bash scripts/test.sh [pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+
+.venv/bin/ruff check --quiet
+.venv/bin/ruff format --check --quiet
+.venv/bin/mypy --no-error-summary
 
 # The integration tests use a real Redis at 127.0.0.1:6379; start one if none answers.
 if ! .venv/bin/python -c "import redis; redis.Redis(host='127.0.0.1', port=6379, socket_timeout=2).ping()" 2>/dev/null; then

@@ -17,12 +17,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.scu import Destination, send_datasets  # noqa: E402
-from lungvision.demo import START_TIMEOUT_S, sample_studies  # noqa: E402
-from common.ports import free_port, wait_until_listening  # noqa: E402
+from common.ports import free_port, wait_until_listening
+from common.scu import Destination, send_datasets
+from lungvision.demo import START_TIMEOUT_S, sample_studies
 
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def main(output: Path) -> None:
@@ -30,12 +37,22 @@ def main(output: Path) -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         port, web_port = free_port(), free_port()
-        environment = {**os.environ, "LUNGVISION_NODE__PORT": str(port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
-                       "LUNGVISION_SPOOL__STABLE_SECONDS": "2", "LUNGVISION_WEB__PORT": str(web_port),
-                       "LUNGVISION_WEB__REFRESH_S": "0"}
+        environment = {
+            **os.environ,
+            "LUNGVISION_NODE__PORT": str(port),
+            "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
+            "LUNGVISION_SPOOL__STABLE_SECONDS": "2",
+            "LUNGVISION_WEB__PORT": str(web_port),
+            "LUNGVISION_WEB__REFRESH_S": "0",
+        }
         with open(Path(folder) / "serve.log", "wb") as log:
-            server = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=folder, env=environment,
-                                      stdout=log, stderr=subprocess.STDOUT)
+            server = subprocess.Popen(
+                [sys.executable, "-m", "lungvision", "serve"],
+                cwd=folder,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_until_listening(port, server, START_TIMEOUT_S)
             studies = sample_studies()
@@ -49,8 +66,9 @@ def main(output: Path) -> None:
                 try:
                     with urllib.request.urlopen(f"{url}/api/studies", timeout=5) as answer:
                         rows = json.loads(answer.read())
-                    if len(rows) == len(studies) and all(r["status"] in ("delivered", "failed", "not analysed")
-                                                         for r in rows):
+                    if len(rows) == len(studies) and all(
+                        r["status"] in ("delivered", "failed", "not analysed") for r in rows
+                    ):
                         break
                 except OSError:
                     pass

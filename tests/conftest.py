@@ -17,7 +17,7 @@ def tiny_labelled_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("labelled")
     for name in ("NORMAL", "PNEUMONIA"):
         (folder / name).mkdir()
-        for path in sorted((source / name).glob("*.jpeg"))[:: 300][:4]:
+        for path in sorted((source / name).glob("*.jpeg"))[::300][:4]:
             shutil.copy(path, folder / name / path.name)
     return folder
 
@@ -43,8 +43,9 @@ def two_population_weights(tmp_path_factory) -> Path:
     alternate = torch.arange(len(check.means), dtype=torch.int64) % 2  # the shipped check: NORMAL, PNEUMONIA
     two_groups = ImageCheck(check.means, check.precision, alternate)
     two_groups.save(folder / card["image_check"]["file"])
-    card["image_check"].update(sha256=sha256_of(folder / card["image_check"]["file"]),
-                               populations=["children", "adults"])
+    card["image_check"].update(
+        sha256=sha256_of(folder / card["image_check"]["file"]), populations=["children", "adults"]
+    )
     card["populations"] = TWO_POPULATIONS
     (folder / "model_card.json").write_text(json.dumps(card, indent=2))
     assert ModelCard.load(folder).populations == TWO_POPULATIONS

@@ -65,8 +65,9 @@ def test_package_imports_only_what_its_arrows_allow(package: str) -> None:
     files = sorted((REPO / package).rglob("*.py"))
     assert files
     broken = forbidden_imports(package, files)
-    assert not broken, f"{package} may import only {sorted(ALLOWED[package]) or 'nothing of ours'}:\n" + \
-        "\n".join(broken)
+    assert not broken, f"{package} may import only {sorted(ALLOWED[package]) or 'nothing of ours'}:\n" + "\n".join(
+        broken
+    )
 
 
 def test_an_import_inside_a_function_is_seen() -> None:

@@ -20,17 +20,20 @@ from web.context import WebContext
 
 async def invalid_request(_request: Request, error: RequestValidationError) -> JSONResponse:
     """A 422 answer like every other error: one ``detail`` sentence naming the bad fields."""
-    problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
-                         for item in error.errors())
+    problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors())
     return JSONResponse(status_code=422, content={"detail": problems})
 
 
 def create_app(settings: Settings) -> FastAPI:
     audit.configure(settings.audit.path)  # reviews and replays are audited
     context = WebContext.of(settings)
-    app = FastAPI(title="Lung Vision worklist", version="0.1.0",
-                  description="Prioritised chest X-ray pneumonia triage results. NOT FOR DIAGNOSTIC USE.")
-    app.add_exception_handler(RequestValidationError, invalid_request)
+    app = FastAPI(
+        title="Lung Vision worklist",
+        version="0.1.0",
+        description="Prioritised chest X-ray pneumonia triage results. NOT FOR DIAGNOSTIC USE.",
+    )
+    # Starlette types handlers as taking any Exception; this one is only registered for RequestValidationError
+    app.add_exception_handler(RequestValidationError, invalid_request)  # type: ignore[arg-type]
     for concern in (api, dead_letters, pages, images, metrics):
         app.include_router(concern.router(context))
     return app

@@ -27,8 +27,9 @@ class Authentication:
         self.token = settings.web.auth_token.get_secret_value() if settings.web.auth_token else None
         self.user = settings.web.auth_user
         # one CSRF token for every form; the HMAC message is kept as it was when replay was the only form
-        self.csrf_token = hmac.new(self.token.encode(), b"lungvision-replay", hashlib.sha256).hexdigest() \
-            if self.token else None
+        self.csrf_token = (
+            hmac.new(self.token.encode(), b"lungvision-replay", hashlib.sha256).hexdigest() if self.token else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -45,8 +46,9 @@ class Authentication:
                 user, _, password = base64.b64decode(value.strip()).decode().partition(":")
             except (binascii.Error, UnicodeDecodeError):  # a malformed header: simply not signed in
                 return None  # (the answer is 401 and says so; nothing to log per request)
-            if hmac.compare_digest(user.encode(), self.user.encode()) \
-                    and hmac.compare_digest(password.encode(), self.token.encode()):
+            if hmac.compare_digest(user.encode(), self.user.encode()) and hmac.compare_digest(
+                password.encode(), self.token.encode()
+            ):
                 return "basic"
         return None
 
@@ -60,7 +62,8 @@ class Authentication:
             origin = request.headers.get("origin")
             if origin and urlsplit(origin).netloc != request.headers.get("host"):
                 raise HTTPException(403, "cross-origin request refused")
-            if not hmac.compare_digest(form.get("csrf", [""])[0].encode(), self.csrf_token.encode()):
+            token = self.csrf_token  # set whenever basic-auth sign-in is possible
+            if token is None or not hmac.compare_digest(form.get("csrf", [""])[0].encode(), token.encode()):
                 raise HTTPException(403, "missing or wrong CSRF token")
         return form
 

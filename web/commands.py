@@ -23,5 +23,6 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         application = create_app(settings)
         print(f"worklist on http://{settings.web.bind_address}:{settings.web.port}/", flush=True)
         # access_log off: request paths carry only UIDs, but the worklist is no place to leak anything into logs
-        uvicorn.run(application, host=settings.web.bind_address, port=settings.web.port, log_level="warning",
-                    access_log=False)
+        uvicorn.run(
+            application, host=settings.web.bind_address, port=settings.web.port, log_level="warning", access_log=False
+        )

@@ -32,9 +32,15 @@ class WebContext:
     @classmethod
     def of(cls, settings: Settings) -> "WebContext":
         store = Store(settings.store.url)
-        return cls(settings, store, Worklist(settings, store), DeadLetters(store),
-                   Publisher(settings.broker.url), Authentication(settings),
-                   Jinja2Templates(directory=str(TEMPLATES)))
+        return cls(
+            settings,
+            store,
+            Worklist(settings, store),
+            DeadLetters(store),
+            Publisher(settings.broker.url),
+            Authentication(settings),
+            Jinja2Templates(directory=str(TEMPLATES)),
+        )
 
     def row(self, study_uid: str) -> StudyRow:
         """The worklist row of one study; 404 when there is none."""
@@ -44,7 +50,14 @@ class WebContext:
         return row
 
     def page(self, request: Request, name: str, auth: str | None, **context) -> HTMLResponse:
-        return self.templates.TemplateResponse(request, name, {
-            "authenticated": auth is not None, "auth_enabled": self.auth.enabled,
-            "shadow_mode": self.settings.delivery.shadow_mode, "refresh_s": self.settings.web.refresh_s,
-            **context})
+        return self.templates.TemplateResponse(
+            request,
+            name,
+            {
+                "authenticated": auth is not None,
+                "auth_enabled": self.auth.enabled,
+                "shadow_mode": self.settings.delivery.shadow_mode,
+                "refresh_s": self.settings.web.refresh_s,
+                **context,
+            },
+        )

@@ -16,18 +16,25 @@ log = logging.getLogger("lungvision.web")
 
 
 def letters(context: WebContext) -> list[DeadLetterEntry]:
-    return [DeadLetterEntry(id=letter.id, message_id=letter.job.message_id,
-                            study_instance_uid=letter.job.study_instance_uid, destination=letter.job.destination,
-                            attempts=letter.attempts, error=letter.error, failed_at=letter.failed_at)
-            for letter in context.dead_letters.list()]
+    return [
+        DeadLetterEntry(
+            id=letter.id,
+            message_id=letter.job.message_id,
+            study_instance_uid=letter.job.study_instance_uid,
+            destination=letter.job.destination,
+            attempts=letter.attempts,
+            error=letter.error,
+            failed_at=letter.failed_at,
+        )
+        for letter in context.dead_letters.list()
+    ]
 
 
 def replay(context: WebContext, letter_id: str) -> str:
     letter = context.dead_letters.replay(letter_id, context.publisher)
     if letter is None:
         raise HTTPException(404, "no such dead letter")
-    log.info("dead letter %s replayed from the web (%s → %s)", letter_id, letter.job.message_id,
-             letter.job.destination)
+    log.info("dead letter %s replayed from the web (%s → %s)", letter_id, letter.job.message_id, letter.job.destination)
     return letter_id
 
 
@@ -35,16 +42,21 @@ def router(context: WebContext) -> APIRouter:
     routes = APIRouter()
     Auth = Annotated[str | None, Depends(context.auth)]
 
-    @routes.get("/api/dead-letters", response_model=list[DeadLetterEntry], tags=["api"],
-                responses=errors(e401=UNAUTHENTICATED))
+    @routes.get(
+        "/api/dead-letters", response_model=list[DeadLetterEntry], tags=["api"], responses=errors(e401=UNAUTHENTICATED)
+    )
     def api_dead_letters(auth: Auth) -> list[DeadLetterEntry]:
         """Deliveries that ran out of attempts, oldest first (authentication required: the errors name
         destinations)."""
         require_sign_in(auth, "see dead letters")
         return letters(context)
 
-    @routes.post("/api/dead-letters/{letter_id}/replay", response_model=ReplayAnswer, tags=["api"],
-                 responses=errors(e401="no Bearer token, or a wrong one", e404="no such dead letter"))
+    @routes.post(
+        "/api/dead-letters/{letter_id}/replay",
+        response_model=ReplayAnswer,
+        tags=["api"],
+        responses=errors(e401="no Bearer token, or a wrong one", e404="no such dead letter"),
+    )
     def api_replay(letter_id: str, auth: Auth) -> ReplayAnswer:
         """Replay one dead letter (Bearer token required)."""
         require_bearer(auth)
@@ -53,8 +65,14 @@ def router(context: WebContext) -> APIRouter:
     @routes.get("/dead-letters", response_class=HTMLResponse, include_in_schema=False)
     def dead_letters_page(request: Request, auth: Auth, replayed: str | None = None):
         require_sign_in(auth, "see dead letters")
-        return context.page(request, "dead_letters.html", auth, letters=letters(context),
-                            csrf_token=context.auth.csrf_token, replayed=replayed)
+        return context.page(
+            request,
+            "dead_letters.html",
+            auth,
+            letters=letters(context),
+            csrf_token=context.auth.csrf_token,
+            replayed=replayed,
+        )
 
     @routes.post("/dead-letters/{letter_id}/replay", include_in_schema=False)
     async def replay_form(request: Request, letter_id: str, auth: Auth):

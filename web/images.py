@@ -14,13 +14,17 @@ def router(context: WebContext) -> APIRouter:
 
     def sc_png(study_uid: str, sc_uid: str, max_side: int) -> Response:
         row = worklist.row(study_uid)
-        known = row is not None and row.result is not None and any(
-            image.sc_uid == sc_uid for image in row.result.images or [])
+        known = (
+            row is not None
+            and row.result is not None
+            and any(image.sc_uid == sc_uid for image in row.result.images or [])
+        )
         path = worklist.output_path(study_uid, sc_uid)
         if not known or not path.exists():
             raise HTTPException(404, "no such heatmap")
-        return Response(render_png(path, max_side), media_type="image/png",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        return Response(
+            render_png(path, max_side), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     @pictures.get("/studies/{study_uid}/thumbnail.png")
     def thumbnail(study_uid: str):

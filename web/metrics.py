@@ -44,8 +44,7 @@ def histogram(name: str, documentation: str, values: list[float], bounds: tuple[
 class LungVisionCollector(Collector):
     """``queue_depth`` and ``dead_letter_count`` ask the broker and the store at each scrape."""
 
-    def __init__(self, audit: AuditIndex, queue_depth: Callable[[], int],
-                 dead_letter_count: Callable[[], int]) -> None:
+    def __init__(self, audit: AuditIndex, queue_depth: Callable[[], int], dead_letter_count: Callable[[], int]) -> None:
         self.audit, self.queue_depth, self.dead_letter_count = audit, queue_depth, dead_letter_count
         self._failing: set[str] = set()  # sources that failed at the last scrape: logged once, not every scrape
 
@@ -54,8 +53,12 @@ class LungVisionCollector(Collector):
         seconds would repeat it), with the error's type and code line only, never its message."""
         if source not in self._failing:
             self._failing.add(source)
-            log.warning("metrics: %s failed, %s (logged again after it recovers): %s", source, consequence,
-                        describe_failure(error))
+            log.warning(
+                "metrics: %s failed, %s (logged again after it recovers): %s",
+                source,
+                consequence,
+                describe_failure(error),
+            )
 
     def _source_answered(self, source: str) -> None:
         if source in self._failing:
@@ -65,39 +68,59 @@ class LungVisionCollector(Collector):
     def collect(self) -> Iterator:
         index = self.audit.refresh()
         counts = index.counts
-        yield CounterMetricFamily("lungvision_instances_received", "DICOM instances the node stored for analysis",
-                                  value=counts.get("received", 0))
-        yield CounterMetricFamily("lungvision_studies_queued", "Study rounds the node queued for analysis",
-                                  value=counts.get("queued", 0))
-        analysed = CounterMetricFamily("lungvision_studies_analysed", "Study rounds analysed, by finding",
-                                       labels=["finding"])
+        yield CounterMetricFamily(
+            "lungvision_instances_received",
+            "DICOM instances the node stored for analysis",
+            value=counts.get("received", 0),
+        )
+        yield CounterMetricFamily(
+            "lungvision_studies_queued", "Study rounds the node queued for analysis", value=counts.get("queued", 0)
+        )
+        analysed = CounterMetricFamily(
+            "lungvision_studies_analysed", "Study rounds analysed, by finding", labels=["finding"]
+        )
         for finding in (Finding.POSITIVE, Finding.NEGATIVE, Finding.NOT_ANALYSED):
             analysed.add_metric([finding.value], counts.get(f"analysed:{finding.value}", 0))
         yield analysed
-        yield histogram("lungvision_task_duration_seconds", "Wall time of the analysis task per study round",
-                        index.durations_s, DURATION_BUCKETS_S)
-        yield histogram("lungvision_inference_milliseconds", "Model forward pass and Grad-CAM per study round",
-                        index.inference_ms, INFERENCE_BUCKETS_MS)
+        yield histogram(
+            "lungvision_task_duration_seconds",
+            "Wall time of the analysis task per study round",
+            index.durations_s,
+            DURATION_BUCKETS_S,
+        )
+        yield histogram(
+            "lungvision_inference_milliseconds",
+            "Model forward pass and Grad-CAM per study round",
+            index.inference_ms,
+            INFERENCE_BUCKETS_MS,
+        )
         delivered = CounterMetricFamily("lungvision_deliveries", "Successful deliveries", labels=["kind"])
-        failures = CounterMetricFamily("lungvision_delivery_failures",
-                                       "Failed delivery attempts; final=true: given up (dead-lettered)",
-                                       labels=["kind", "final"])
+        failures = CounterMetricFamily(
+            "lungvision_delivery_failures",
+            "Failed delivery attempts; final=true: given up (dead-lettered)",
+            labels=["kind", "final"],
+        )
         for kind, stage in (("dicom", "delivery"), ("hl7", "hl7")):
             delivered.add_metric([kind], counts.get(f"delivered:{kind}", 0))
             for final in ("final", "retry"):
                 failures.add_metric([kind, str(final == "final").lower()], counts.get(f"failed:{stage}:{final}", 0))
         yield delivered
         yield failures
-        yield CounterMetricFamily("lungvision_replays", "Dead letters replayed by an operator",
-                                  value=counts.get("replayed", 0))
-        reviews = CounterMetricFamily("lungvision_reviews", "Reviewer verdicts on findings (a changed mind counts again)",
-                                      labels=["verdict"])
+        yield CounterMetricFamily(
+            "lungvision_replays", "Dead letters replayed by an operator", value=counts.get("replayed", 0)
+        )
+        reviews = CounterMetricFamily(
+            "lungvision_reviews", "Reviewer verdicts on findings (a changed mind counts again)", labels=["verdict"]
+        )
         for verdict in Verdict:
             reviews.add_metric([verdict.value], counts.get(f"reviewed:{verdict.value}", 0))
         yield reviews
-        gate = CounterMetricFamily("lungvision_images_outside_intended_use",
-                                   "Images outside the model's intended use, by gate rule; action refused (not "
-                                   "analysed) or flagged (analysed and marked)", labels=["rule", "action"])
+        gate = CounterMetricFamily(
+            "lungvision_images_outside_intended_use",
+            "Images outside the model's intended use, by gate rule; action refused (not "
+            "analysed) or flagged (analysed and marked)",
+            labels=["rule", "action"],
+        )
         for rule in GateReason:
             for action in GateAction:
                 key = f"gate:{action.value}:{rule.value}"
@@ -116,19 +139,20 @@ class LungVisionCollector(Collector):
         try:
             dead_letters = self.dead_letter_count()
         except Exception as error:  # the outcome store is unreachable: the other metrics are still worth a scrape
-            self._source_failed("counting dead letters in the outcome store", "lungvision_dead_letters left out",
-                                error)
+            self._source_failed("counting dead letters in the outcome store", "lungvision_dead_letters left out", error)
         else:
             self._source_answered("counting dead letters in the outcome store")
-            yield GaugeMetricFamily("lungvision_dead_letters", "Deliveries that ran out of attempts, not yet replayed",
-                                    value=dead_letters)
+            yield GaugeMetricFamily(
+                "lungvision_dead_letters", "Deliveries that ran out of attempts, not yet replayed", value=dead_letters
+            )
 
 
 def router(context: WebContext) -> APIRouter:
     """``/metrics``: the collector over the context's audit trail, broker and dead-letter list."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(LungVisionCollector(context.worklist.audit, context.publisher.waiting,
-                                          lambda: len(context.dead_letters.list())))
+    registry.register(
+        LungVisionCollector(context.worklist.audit, context.publisher.waiting, lambda: len(context.dead_letters.list()))
+    )
     metrics = APIRouter(include_in_schema=False)
 
     @metrics.get("/metrics")

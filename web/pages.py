@@ -2,7 +2,7 @@
 and the health check."""
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -18,7 +18,10 @@ def filters(status: str | None, finding: str | None) -> tuple[WorklistStatus | N
     return choice("status", WorklistStatus, status), choice("finding", Finding, finding)
 
 
-def choice(name: str, kind: type[StrEnum], value: str | None) -> StrEnum | None:
+Choice = TypeVar("Choice", bound=StrEnum)
+
+
+def choice(name: str, kind: type[Choice], value: str | None) -> Choice | None:
     """``value`` as a member of ``kind`` (None when empty); 422 when it is none of them."""
     try:
         return kind(value) if value else None
@@ -34,17 +37,30 @@ def router(context: WebContext) -> APIRouter:
     def worklist_page(request: Request, auth: Auth, status: str | None = None, finding: str | None = None):
         status, finding = filters(status, finding)
         rows = context.worklist.rows(status=status, finding=finding)
-        return context.page(request, "worklist.html", auth, auto_refresh=True,
-                            studies=[studies.summary(context, row, auth is not None) for row in rows],
-                            statuses=list(WorklistStatus), findings=list(Finding), status=status,
-                            finding=finding, dead_letter_count=len(context.dead_letters.list()))
+        return context.page(
+            request,
+            "worklist.html",
+            auth,
+            auto_refresh=True,
+            studies=[studies.summary(context, row, auth is not None) for row in rows],
+            statuses=list(WorklistStatus),
+            findings=list(Finding),
+            status=status,
+            finding=finding,
+            dead_letter_count=len(context.dead_letters.list()),
+        )
 
     @pages.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_uid: str, auth: Auth):
         row = context.row(study_uid)
-        return context.page(request, "study.html", auth, study=studies.detail(context, row, auth is not None),
-                            reviewable=row.finding.reviewable,
-                            csrf_token=context.auth.csrf_token if auth else None)
+        return context.page(
+            request,
+            "study.html",
+            auth,
+            study=studies.detail(context, row, auth is not None),
+            reviewable=row.finding.reviewable,
+            csrf_token=context.auth.csrf_token if auth else None,
+        )
 
     @pages.post("/studies/{study_uid}/review")
     async def review_form(request: Request, study_uid: str, auth: Auth):
@@ -62,8 +78,11 @@ def router(context: WebContext) -> APIRouter:
         if not context.auth.enabled:
             raise HTTPException(404, "authentication is not configured (web.auth_token)")
         if auth is None:
-            return Response("sign-in required", status_code=401,
-                            headers={"WWW-Authenticate": 'Basic realm="Lung Vision", charset="UTF-8"'})
+            return Response(
+                "sign-in required",
+                status_code=401,
+                headers={"WWW-Authenticate": 'Basic realm="Lung Vision", charset="UTF-8"'},
+            )
         return RedirectResponse("/", status_code=303)
 
     @pages.get("/healthz")

@@ -94,5 +94,4 @@ class ErrorMessage(BaseModel):
 
 def errors(**descriptions: str) -> dict:
     """OpenAPI ``responses`` for error statuses given as ``e401="…"``: each answers an ErrorMessage."""
-    return {int(code[1:]): {"model": ErrorMessage, "description": text}
-            for code, text in descriptions.items()}
+    return {int(code[1:]): {"model": ErrorMessage, "description": text} for code, text in descriptions.items()}

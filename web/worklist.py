@@ -10,7 +10,7 @@ import io
 import logging
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -42,10 +42,13 @@ class WorklistStatus(StrEnum):
 
 
 SHOWN_AS = {  # what each stored status shows (see display_status for rounds without a finding)
-    StudyStatus.ANALYSING: WorklistStatus.ANALYSING, StudyStatus.REQUEUED: WorklistStatus.REQUEUED,
-    StudyStatus.ANALYSED: WorklistStatus.ANALYSED, StudyStatus.NOT_ANALYSED: WorklistStatus.NOT_ANALYSED,
+    StudyStatus.ANALYSING: WorklistStatus.ANALYSING,
+    StudyStatus.REQUEUED: WorklistStatus.REQUEUED,
+    StudyStatus.ANALYSED: WorklistStatus.ANALYSED,
+    StudyStatus.NOT_ANALYSED: WorklistStatus.NOT_ANALYSED,
     StudyStatus.OUTSIDE_USE: WorklistStatus.OUTSIDE_INTENDED_USE,
-    StudyStatus.DELIVERED: WorklistStatus.DELIVERED, StudyStatus.FAILED: WorklistStatus.FAILED,
+    StudyStatus.DELIVERED: WorklistStatus.DELIVERED,
+    StudyStatus.FAILED: WorklistStatus.FAILED,
 }
 
 
@@ -88,7 +91,7 @@ class AuditIndex:
     def _add(self, event: dict) -> None:
         kind, study = event.get("event"), event.get("study_uid")
         at = _parse_time(event.get("ts"))
-        key = kind
+        key = str(kind)
         if kind == "failed":
             key = f"failed:{event.get('stage')}:{'final' if event.get('final') else 'retry'}"
         elif kind == "delivered":
@@ -124,7 +127,7 @@ def _parse_time(value: object) -> datetime:
         return datetime.fromisoformat(str(value))
     except ValueError:
         log.warning("audit event with an unreadable time; shown with the current time")
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
 
 
 @dataclass
@@ -177,7 +180,7 @@ def display_status(result: StudyResult) -> WorklistStatus:
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class Worklist:
@@ -199,20 +202,42 @@ class Worklist:
             if arrival.study_uid not in latest:
                 queued = arrival.queued_at is not None and arrival.queued_at >= arrival.last_at
                 status_now = WorklistStatus.QUEUED if queued else WorklistStatus.RECEIVED
-                rows.append(StudyRow(arrival.study_uid, _aware(arrival.first_at), status_now, Finding.PENDING,
-                                     calling_ae=arrival.calling_ae))
-        rows = [row for row in rows if (status is None or row.status == status)
-                and (finding is None or row.finding == finding)]
+                rows.append(
+                    StudyRow(
+                        arrival.study_uid,
+                        _aware(arrival.first_at),
+                        status_now,
+                        Finding.PENDING,
+                        calling_ae=arrival.calling_ae,
+                    )
+                )
+        rows = [
+            row
+            for row in rows
+            if (status is None or row.status == status) and (finding is None or row.finding == finding)
+        ]
         return sorted(rows, key=lambda row: row.priority)[: self.settings.web.page_size]
 
     def _row(self, result: StudyResult, review: Verdict | None) -> StudyRow:
         image = study_image(result.images or [])
-        return StudyRow(result.study_instance_uid, _aware(result.received_at), display_status(result), result.finding,
-                        message_id=result.message_id, round=result.round, accession_number=result.accession_number,
-                        modality=result.modality, calling_ae=result.calling_ae, probability=result.probability,
-                        threshold=result.threshold, population=image.population if image else None,
-                        operating_point=image.operating_point if image else None,
-                        has_heatmap=top_sc_uid(result) is not None, result=result, review=review)
+        return StudyRow(
+            result.study_instance_uid,
+            _aware(result.received_at),
+            display_status(result),
+            result.finding,
+            message_id=result.message_id,
+            round=result.round,
+            accession_number=result.accession_number,
+            modality=result.modality,
+            calling_ae=result.calling_ae,
+            probability=result.probability,
+            threshold=result.threshold,
+            population=image.population if image else None,
+            operating_point=image.operating_point if image else None,
+            has_heatmap=top_sc_uid(result) is not None,
+            result=result,
+            review=review,
+        )
 
     def row(self, study_uid: str) -> StudyRow | None:
         """The worklist row of one study (its latest round), or None."""
@@ -245,11 +270,14 @@ def patient_fields(outbox: Path, result: StudyResult | None) -> dict[str, str] |
         for uid in (image.sr_uid, image.sc_uid):
             path = folder / f"{uid}.dcm"
             if uid and path.exists():
-                dataset = dcmread(path, stop_before_pixels=True,
-                                  specific_tags=["PatientName", "PatientID", "PatientBirthDate"])
-                return {"patient_name": str(dataset.get("PatientName", "") or ""),
-                        "patient_id": str(dataset.get("PatientID", "") or ""),
-                        "patient_birth_date": str(dataset.get("PatientBirthDate", "") or "")}
+                dataset = dcmread(
+                    path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"]
+                )
+                return {
+                    "patient_name": str(dataset.get("PatientName", "") or ""),
+                    "patient_id": str(dataset.get("PatientID", "") or ""),
+                    "patient_birth_date": str(dataset.get("PatientBirthDate", "") or ""),
+                }
     return None
 
 

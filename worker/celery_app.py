@@ -1,8 +1,13 @@
 """Celery app — the worker's broker, serialisation and reliability settings, each with its reason."""
 
 from celery import Celery
-from celery.signals import (after_setup_logger, after_setup_task_logger, worker_process_init, worker_process_shutdown,
-                            worker_shutdown)
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
 from common import audit, logfilter
 from common.messages import QUEUE, TASK_ROUTES
@@ -74,6 +79,7 @@ def current_settings() -> Settings:
     """The settings the worker was started with (loaded from the defaults and environment if none)."""
     if _settings is None:
         configure(load_settings())
+    assert _settings is not None  # configure() sets it
     return _settings
 
 

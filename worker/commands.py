@@ -2,13 +2,15 @@
 and replays dead letters (failed analyses and deliveries that ran out of attempts)."""
 
 from collections.abc import Callable
+
 import typer
 
 from config.settings import Settings
 
 
-def worklist_labels(settings: Settings,
-                    weights_sha256: str) -> tuple[list[int], list[float], list[str | None], dict[str, int]]:
+def worklist_labels(
+    settings: Settings, weights_sha256: str
+) -> tuple[list[int], list[float], list[str | None], dict[str, int]]:
     """Labels, raw logits and populations of the studies radiologists marked agree/disagree in the
     worklist (for ``calibrate --from-worklist`` and ``evaluate --from-worklist``)."""
     from common.store import Store
@@ -37,14 +39,26 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         load_before_fork(settings)  # ...so that its processes share the model (worker/preload.py)
         sweeper = start_sweeper()
         try:
-            celery.worker_main(["worker", "--loglevel", settings.log_level, "--queues", ",".join(CONSUMED_QUEUES),
-                                "--concurrency", str(settings.worker.concurrency), "--without-gossip",
-                                "--without-mingle"])
+            celery.worker_main(
+                [
+                    "worker",
+                    "--loglevel",
+                    settings.log_level,
+                    "--queues",
+                    ",".join(CONSUMED_QUEUES),
+                    "--concurrency",
+                    str(settings.worker.concurrency),
+                    "--without-gossip",
+                    "--without-mingle",
+                ]
+            )
         finally:
             stop_sweeper(sweeper)
 
-    jobs = typer.Typer(help="Dead letters (failed analyses, deliveries that ran out of attempts): list and replay.",
-                       no_args_is_help=True)
+    jobs = typer.Typer(
+        help="Dead letters (failed analyses, deliveries that ran out of attempts): list and replay.",
+        no_args_is_help=True,
+    )
     app.add_typer(jobs, name="jobs")
 
     def dead_letters():
@@ -64,8 +78,10 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         if not letters:
             typer.echo("no failed jobs")
         for letter in letters:
-            typer.echo(f"{letter.id}  {letter.failed_at}  {letter.job.destination}  {letter.job.message_id}  "
-                       f"attempts={letter.attempts}  {letter.error}")
+            typer.echo(
+                f"{letter.id}  {letter.failed_at}  {letter.job.destination}  {letter.job.message_id}  "
+                f"attempts={letter.attempts}  {letter.error}"
+            )
 
     @jobs.command("retry")
     def retry(job_id: str = typer.Argument(..., help="id shown by 'lungvision jobs failed'")) -> None:

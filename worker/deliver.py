@@ -33,15 +33,24 @@ class RouteResult(StrEnum):
     OUTSIDE_INTENDED_USE = "outside_intended_use"
 
 
-def choose_destinations(settings: Settings, *, calling_ae: str | None, modalities: set[str], finding: Finding,
-                        status: StudyStatus = StudyStatus.ANALYSED) -> list[str]:
+def choose_destinations(
+    settings: Settings,
+    *,
+    calling_ae: str | None,
+    modalities: set[str],
+    finding: Finding,
+    status: StudyStatus = StudyStatus.ANALYSED,
+) -> list[str]:
     """Names of the destinations for one study: every destination when no rule is configured,
     else the union of the destinations of the rules that match. A study the intended-use gate
     refused matches rules for ``not_analysed`` and for ``outside_intended_use``."""
     if not settings.routing:
         return [destination.name for destination in settings.destinations]
-    results = {{Finding.POSITIVE: RouteResult.POSITIVE, Finding.NEGATIVE: RouteResult.NEGATIVE}.get(
-        finding, RouteResult.NOT_ANALYSED)}
+    results = {
+        {Finding.POSITIVE: RouteResult.POSITIVE, Finding.NEGATIVE: RouteResult.NEGATIVE}.get(
+            finding, RouteResult.NOT_ANALYSED
+        )
+    }
     if status == StudyStatus.OUTSIDE_USE:
         results.add(RouteResult.OUTSIDE_INTENDED_USE)
     chosen: list[str] = []
@@ -52,9 +61,11 @@ def choose_destinations(settings: Settings, *, calling_ae: str | None, modalitie
 
 
 def _matches(rule: RoutingRule, calling_ae: str | None, modalities: set[str], result: RouteResult) -> bool:
-    return ((rule.calling_ae is None or rule.calling_ae == calling_ae)
-            and (rule.modality is None or rule.modality in modalities)
-            and (rule.result is None or rule.result == result))
+    return (
+        (rule.calling_ae is None or rule.calling_ae == calling_ae)
+        and (rule.modality is None or rule.modality in modalities)
+        and (rule.result is None or rule.result == result)
+    )
 
 
 def retry_delay_s(attempt: int, base_s: float, max_s: float, rng: random.Random | None = None) -> float:
@@ -68,8 +79,14 @@ def to_destination(settings: DestinationSettings) -> Destination:
     """The SCU's view of a configured destination."""
     tls = None
     if settings.tls.enabled:
-        tls = ClientTls(ca_file=settings.tls.ca_file, cert_file=settings.tls.cert_file, key_file=settings.tls.key_file,
-                        server_hostname=settings.host if settings.tls.check_hostname else None)
+        tls = ClientTls(
+            ca_file=settings.tls.ca_file,
+            cert_file=settings.tls.cert_file,
+            key_file=settings.tls.key_file,
+            server_hostname=settings.host if settings.tls.check_hostname else None,
+        )
+    # the settings require all three for a dicom destination
+    assert settings.ae_title is not None and settings.host is not None and settings.port is not None
     return Destination(ae_title=settings.ae_title, host=settings.host, port=settings.port, tls=tls)
 
 
@@ -80,14 +97,24 @@ def send_files(settings: Settings, destination_name: str, files: list[Path]) -> 
     if destination is None:
         raise LookupError(f"destination {destination_name!r} is not configured")
     if destination.kind == "folder":
+        assert destination.path is not None  # the settings require it for a folder destination
         copy_to_folder(destination.path, files)
         return
     datasets = [dcmread(path) for path in files]
     delivery = settings.delivery
-    timeouts = Timeouts(connection_s=delivery.connection_timeout_s, acse_s=delivery.acse_timeout_s,
-                        dimse_s=delivery.dimse_timeout_s, network_s=delivery.network_timeout_s)
-    send_datasets(to_destination(destination), datasets, calling_ae=settings.node.ae_title, timeouts=timeouts,
-                  pool=association_pool(settings))
+    timeouts = Timeouts(
+        connection_s=delivery.connection_timeout_s,
+        acse_s=delivery.acse_timeout_s,
+        dimse_s=delivery.dimse_timeout_s,
+        network_s=delivery.network_timeout_s,
+    )
+    send_datasets(
+        to_destination(destination),
+        datasets,
+        calling_ae=settings.node.ae_title,
+        timeouts=timeouts,
+        pool=association_pool(settings),
+    )
 
 
 _pool: AssociationPool | None = None  # this process's kept associations (Celery's pool children: one each)
@@ -121,8 +148,11 @@ os.register_at_fork(after_in_child=_forget_parent_pool)
 
 def output_files(outbox: Path, result: StudyResult) -> list[Path]:
     """The SC and SR files of an analysed round in the outbox, in the order the analysis wrote them."""
-    return [Path(outbox) / result.study_instance_uid / f"{uid}.dcm"
-            for image in result.images or [] for uid in image.output_uids]
+    return [
+        Path(outbox) / result.study_instance_uid / f"{uid}.dcm"
+        for image in result.images or []
+        for uid in image.output_uids
+    ]
 
 
 def copy_to_folder(folder: Path, files: list[Path]) -> None:
@@ -146,11 +176,16 @@ def move_legacy_dead_letters(settings: Settings, store: Store) -> int:
     try:
         legacy = client.hgetall(key)
         for letter_id, record in legacy.items():
-            store.put_dead_letter(letter_id.decode(), record.decode())
+            # without decode_responses the client answers bytes (its type also allows str)
+            store.put_dead_letter(letter_id.decode(), record.decode())  # type: ignore[union-attr]
             client.hdel(key, letter_id)
     except redis.exceptions.ConnectionError as error:
-        log.warning("dead letters of earlier versions in Redis (%s) not moved to the store, Redis is unreachable "
-                    "(%s); the next worker start tries again", key, type(error).__name__)
+        log.warning(
+            "dead letters of earlier versions in Redis (%s) not moved to the store, Redis is unreachable "
+            "(%s); the next worker start tries again",
+            key,
+            type(error).__name__,
+        )
         return 0
     finally:
         client.close()

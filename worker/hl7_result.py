@@ -14,7 +14,7 @@ framing is the standard ``<VT> message <FS><CR>``.
 
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import hl7
@@ -83,19 +83,33 @@ def read_patient_header(outbox: Path, job: Hl7Job) -> PatientHeader:
     for uid in job.output_uids:
         path = outbox / job.study_instance_uid / f"{uid}.dcm"
         if path.exists():
-            dataset = dcmread(path, stop_before_pixels=True,
-                              specific_tags=["PatientID", "IssuerOfPatientID", "PatientName", "AccessionNumber"])
-            return PatientHeader(str(dataset.get("PatientID", "") or ""), str(dataset.get("IssuerOfPatientID", "") or ""),
-                                 str(dataset.get("PatientName", "") or ""), str(dataset.get("AccessionNumber", "") or ""))
+            dataset = dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["PatientID", "IssuerOfPatientID", "PatientName", "AccessionNumber"],
+            )
+            return PatientHeader(
+                str(dataset.get("PatientID", "") or ""),
+                str(dataset.get("IssuerOfPatientID", "") or ""),
+                str(dataset.get("PatientName", "") or ""),
+                str(dataset.get("AccessionNumber", "") or ""),
+            )
     return PatientHeader(accession_number=job.accession_number or "")
 
 
 def _hl7_time(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S+0000")
+    return moment.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
-def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoint: Hl7Endpoint, *,
-              control_id: str, now: datetime | None = None) -> hl7.Message:
+def build_oru(
+    job: Hl7Job,
+    patient: PatientHeader,
+    settings: Hl7Settings,
+    endpoint: Hl7Endpoint,
+    *,
+    control_id: str,
+    now: datetime | None = None,
+) -> hl7.Message:
     """The ORU^R01 of one study round (parsed back by python-hl7, so it is well formed).
 
     A round with a finding carries it and the probability. A round with no analysed image (outside
@@ -104,7 +118,7 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
     ``X`` (HL7 v2.5 table 0085: results cannot be obtained for this observation), no probability,
     and the reason in a note. Every message names the operating point used.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     escape = hl7.parse("MSH|^~\\&|").escape  # escapes | ^ ~ \ & in values
 
     def field(*components: str) -> str:
@@ -120,32 +134,122 @@ def build_oru(job: Hl7Job, patient: PatientHeader, settings: Hl7Settings, endpoi
         name = field(family, given, middle, suffix, prefix)  # HL7 XPN order
     accession = escape(patient.accession_number or job.accession_number or "")
     observations = [
-        ["CWE", field(*PNEUMONIA), field(*(PRESENT if positive else ABSENT)) if analysed else "", "", "", flag,
-         "", "", "F" if analysed else "X", "", "", observed]]
+        [
+            "CWE",
+            field(*PNEUMONIA),
+            field(*(PRESENT if positive else ABSENT)) if analysed else "",
+            "",
+            "",
+            flag,
+            "",
+            "",
+            "F" if analysed else "X",
+            "",
+            "",
+            observed,
+        ]
+    ]
     if analysed:
-        observations.append(["NM", field("LV-PROB", "Pneumonia probability (calibrated)", "L"),
-                             f"{job.probability:.4f}", field("1", "", "UCUM"), f"<{job.threshold:.4f}", flag, "", "",
-                             "F", "", "", observed])
+        observations.append(
+            [
+                "NM",
+                field("LV-PROB", "Pneumonia probability (calibrated)", "L"),
+                f"{job.probability:.4f}",
+                field("1", "", "UCUM"),
+                f"<{job.threshold:.4f}",
+                flag,
+                "",
+                "",
+                "F",
+                "",
+                "",
+                observed,
+            ]
+        )
     observations += [
-        ["ST", field("LV-OPPT", "Operating point", "L"), escape(f"{job.operating_point} (threshold {job.threshold:.4f})"),
-         "", "", "", "", "", "F"],
-        ["ST", field("LV-MODEL", "Algorithm", "L"), escape(f"{job.model_version} sha256 {job.model_sha256}"),
-         "", "", "", "", "", "F"],
+        [
+            "ST",
+            field("LV-OPPT", "Operating point", "L"),
+            escape(f"{job.operating_point} (threshold {job.threshold:.4f})"),
+            "",
+            "",
+            "",
+            "",
+            "",
+            "F",
+        ],
+        [
+            "ST",
+            field("LV-MODEL", "Algorithm", "L"),
+            escape(f"{job.model_version} sha256 {job.model_sha256}"),
+            "",
+            "",
+            "",
+            "",
+            "",
+            "F",
+        ],
         ["ST", field("110180", "Study Instance UID", "DCM"), escape(job.study_instance_uid), "", "", "", "", "", "F"],
     ]
     notes = ["Lung Vision research software - NOT FOR DIAGNOSTIC USE; must be read by a radiologist"]
     if job.remark:
         notes.append(("Not analysed: " if not analysed else "Outside intended use: ") + job.remark)
     segments = [
-        "|".join(["MSH", "^~\\&", escape(settings.sending_application), escape(settings.sending_facility),
-                  escape(endpoint.receiving_application), escape(endpoint.receiving_facility), _hl7_time(now), "",
-                  "ORU^R01^ORU_R01", escape(control_id), "P", "2.5", "", "", "AL", "NE", "", "UNICODE UTF-8"]),
-        "|".join(["PID", "1", "", field(patient.patient_id, "", "", patient.issuer, "PI") if patient.patient_id
-                  else field(*UNKNOWN_PATIENT_ID), "", name]),
-        "|".join(["OBR", "1", accession, accession, field("LV-PNEU", "Chest X-ray pneumonia triage (AI)", "L"), "", "",
-                  observed, *[""] * 14, observed, "", "", "F"]),
-        *["|".join(["OBX", str(number), kind, code, "1", *rest])
-          for number, (kind, code, *rest) in enumerate(observations, start=1)],
+        "|".join(
+            [
+                "MSH",
+                "^~\\&",
+                escape(settings.sending_application),
+                escape(settings.sending_facility),
+                escape(endpoint.receiving_application),
+                escape(endpoint.receiving_facility),
+                _hl7_time(now),
+                "",
+                "ORU^R01^ORU_R01",
+                escape(control_id),
+                "P",
+                "2.5",
+                "",
+                "",
+                "AL",
+                "NE",
+                "",
+                "UNICODE UTF-8",
+            ]
+        ),
+        "|".join(
+            [
+                "PID",
+                "1",
+                "",
+                field(patient.patient_id, "", "", patient.issuer, "PI")
+                if patient.patient_id
+                else field(*UNKNOWN_PATIENT_ID),
+                "",
+                name,
+            ]
+        ),
+        "|".join(
+            [
+                "OBR",
+                "1",
+                accession,
+                accession,
+                field("LV-PNEU", "Chest X-ray pneumonia triage (AI)", "L"),
+                "",
+                "",
+                observed,
+                *[""] * 14,
+                observed,
+                "",
+                "",
+                "F",
+            ]
+        ),
+        *[
+            "|".join(["OBX", str(number), kind, code, "1", *rest])
+            for number, (kind, code, *rest) in enumerate(observations, start=1)
+        ],
         *["|".join(["NTE", str(number), "L", escape(note)]) for number, note in enumerate(notes, start=1)],
     ]
     return hl7.parse("\r".join(segments))

@@ -131,8 +131,9 @@ def algorithm_of(classifier: Classifier) -> Algorithm:
     return Algorithm(classifier.card.name, classifier.card.version, classifier.card.weights_sha256)
 
 
-def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse, outbox: Path, *,
-                  device_uid: str, max_long_side: int) -> StudyOutcome:
+def analyse_study(
+    message: StudyReady, classifier: Classifier, gate: IntendedUse, outbox: Path, *, device_uid: str, max_long_side: int
+) -> StudyOutcome:
     """Analyse every instance of ``message`` and write the SC and SR files into ``outbox``.
 
     An image outside the intended use (header rules first, then the image check from the same
@@ -169,17 +170,20 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
     squares = np.stack([to_square_uint8(grays[index]) for index in candidates]) if candidates else None
     started = watch.lap("preprocess", started)
     heatmap_shapes = [display_size(grays[i].shape, max_long_side) for i in candidates]  # the SC's size
-    predictions = classifier.predict_squares(squares, heatmap_shapes,
-                                             [populations[i] for i in candidates]) if candidates else []
+    predictions = (
+        classifier.predict_squares(squares, heatmap_shapes, [populations[i] for i in candidates])
+        if squares is not None
+        else []
+    )
     started = watch.lap("model_heatmap", started)
 
     by_index: dict[int, Prediction] = {}
-    for index, prediction in zip(candidates, predictions):
-        verdict = gate.verdict(verdicts.get(index), prediction.image_check_score)
+    for index, predicted in zip(candidates, predictions):
+        verdict = gate.verdict(verdicts.get(index), predicted.image_check_score)
         if gate.refuses(verdict):
             skipped[index] = (verdict.text, verdict)  # the probability is dropped here, never shown
         else:
-            by_index[index] = prediction
+            by_index[index] = predicted
             if verdict is not None:
                 verdicts[index] = verdict
 
@@ -193,15 +197,30 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
             reason, verdict = skipped[index]
             findings.append(ImageFinding(source, not_analysed_reason=reason, gate=verdict))
             continue
-        legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold, prediction.model_version)
+        legend = legend_lines(
+            prediction.probability, prediction.positive, prediction.threshold, prediction.model_version
+        )
+        assert prediction.heatmap is not None  # predict_squares was given the heatmap shapes
         sc = build_heatmap_sc(
-            source, render_overlay(grays[index], prediction.heatmap, legend, max_long_side), algorithm=algorithm,
+            source,
+            render_overlay(grays[index], prediction.heatmap, legend, max_long_side),
+            algorithm=algorithm,
             series_instance_uid=output_series_uid(study_uid, sha, "sc"),
             sop_instance_uid=output_instance_uid(source.SOPInstanceUID, sha, "sc"),
-            series_number=SC_SERIES_NUMBER, instance_number=instance_number(source, index + 1))
-        findings.append(ImageFinding(source, prediction.probability, prediction.positive, heatmap_sc=sc,
-                                     gate=verdicts.get(index), logit=prediction.logit,
-                                     operating_point=classifier.operating_points[prediction.population]))
+            series_number=SC_SERIES_NUMBER,
+            instance_number=instance_number(source, index + 1),
+        )
+        findings.append(
+            ImageFinding(
+                source,
+                prediction.probability,
+                prediction.positive,
+                heatmap_sc=sc,
+                gate=verdicts.get(index),
+                logit=prediction.logit,
+                operating_point=classifier.operating_points[prediction.population],
+            )
+        )
     started = watch.lap("sc_build", started)
 
     top = study_finding(findings)
@@ -210,11 +229,19 @@ def analyse_study(message: StudyReady, classifier: Classifier, gate: IntendedUse
     for index, finding in enumerate(findings):
         # an image not analysed names the point of the study's finding, or the first population's
         point = finding.operating_point or (top.operating_point if top else classifier.operating_point)
+        assert point is not None  # an analysed finding has its point
         sr = build_findings_sr(
-            [finding], study_finding=top, threshold=point.threshold, operating_point=point.name, algorithm=algorithm,
-            device_uid=device_uid, series_instance_uid=output_series_uid(study_uid, sha, "sr"),
+            [finding],
+            study_finding=top,
+            threshold=point.threshold,
+            operating_point=point.name,
+            algorithm=algorithm,
+            device_uid=device_uid,
+            series_instance_uid=output_series_uid(study_uid, sha, "sr"),
             sop_instance_uid=output_instance_uid(finding.source.SOPInstanceUID, sha, "sr"),
-            series_number=SR_SERIES_NUMBER, instance_number=instance_number(finding.source, index + 1))
+            series_number=SR_SERIES_NUMBER,
+            instance_number=instance_number(finding.source, index + 1),
+        )
         outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
         images.append(image_record(finding, sr))
     started = watch.lap("sr_build", started)
@@ -228,14 +255,20 @@ def image_record(finding: ImageFinding, sr: Dataset) -> ImageResult:
     threshold are None for an image not analysed."""
     point, gate = finding.operating_point, finding.gate
     return ImageResult(
-        sop_instance_uid=str(finding.source.SOPInstanceUID), probability=finding.probability,
-        positive=finding.positive, logit=finding.logit, not_analysed_reason=finding.not_analysed_reason,
-        intended_use=gate is None, gate_reason=gate.reason if gate else None,
+        sop_instance_uid=str(finding.source.SOPInstanceUID),
+        probability=finding.probability,
+        positive=finding.positive,
+        logit=finding.logit,
+        not_analysed_reason=finding.not_analysed_reason,
+        intended_use=gate is None,
+        gate_reason=gate.reason if gate else None,
         gate_text=gate.text if gate else None,
-        population=point.population if point else None, operating_point=point.name if point else None,
+        population=point.population if point else None,
+        operating_point=point.name if point else None,
         threshold=point.threshold if point else None,
         sc_uid=str(finding.heatmap_sc.SOPInstanceUID) if finding.heatmap_sc is not None else None,
-        sr_uid=str(sr.SOPInstanceUID))
+        sr_uid=str(sr.SOPInstanceUID),
+    )
 
 
 def write_outputs(datasets: list[Dataset], folder: Path) -> list[Path]:
@@ -262,7 +295,6 @@ def write_output(dataset: Dataset, folder: Path) -> Path:
         os.fsync(handle.fileno())
     partial.replace(path)
     return path
-
 
 
 def device_uid_for(ae_title: str) -> str:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -88,15 +88,19 @@ class Limits:
 
     @classmethod
     def of(cls, settings: Settings) -> "Limits":
-        return cls(settings.worker.requeue_after_s, settings.worker.time_limit_s,
-                   settings.worker.max_analysis_attempts, settings.delivery.retry_max_delay_s)
+        return cls(
+            settings.worker.requeue_after_s,
+            settings.worker.time_limit_s,
+            settings.worker.max_analysis_attempts,
+            settings.delivery.retry_max_delay_s,
+        )
 
 
 # --- who is analysing a round, and is it still there? ----------------------------------------------
 
 
 def process_identity(pid: int | None = None) -> str:
-    """"host/pid-namespace/pid" of this process (or of ``pid`` on this host): recorded as a round's
+    """ "host/pid-namespace/pid" of this process (or of ``pid`` on this host): recorded as a round's
     analyser, so that a process on the same host can later tell whether the analyser still exists."""
     return f"{socket.gethostname()}/{_pid_namespace()}/{os.getpid() if pid is None else pid}"
 
@@ -140,21 +144,31 @@ def _runs(pid: int) -> bool:
 # --- the decisions ---------------------------------------------------------------------------------
 
 
-def claim_decision(state: RoundState, me: str, now: float, limits: Limits,
-                   is_alive: Callable[[str | None], bool] = owner_alive) -> Claim:
+def claim_decision(
+    state: RoundState, me: str, now: float, limits: Limits, is_alive: Callable[[str | None], bool] = owner_alive
+) -> Claim:
     """What the analysis task does with a round in ``state`` (``me``: this process's identity)."""
     if state.status in FINAL_STATUSES:
         return Claim.DONE
-    if (state.status == StudyStatus.ANALYSING and state.owner != me and is_alive(state.owner)
-            and now - (state.started_at or 0.0) < limits.time_limit_s):
+    if (
+        state.status == StudyStatus.ANALYSING
+        and state.owner != me
+        and is_alive(state.owner)
+        and now - (state.started_at or 0.0) < limits.time_limit_s
+    ):
         return Claim.RUNNING
     if state.attempts >= limits.max_attempts:
         return Claim.GIVE_UP
     return Claim.START
 
 
-def sweep_decision(queued_at: float, state: RoundState, now: float, limits: Limits,
-                   is_alive: Callable[[str | None], bool] = owner_alive) -> Decision:
+def sweep_decision(
+    queued_at: float,
+    state: RoundState,
+    now: float,
+    limits: Limits,
+    is_alive: Callable[[str | None], bool] = owner_alive,
+) -> Decision:
     """Whether the sweeper sends a round queued at ``queued_at`` (POSIX seconds) again.
 
     A round is silent when it has no final outcome and either nobody took it for
@@ -173,8 +187,9 @@ def sweep_decision(queued_at: float, state: RoundState, now: float, limits: Limi
         if not is_alive(state.owner):
             return Decision(Action.REQUEUE, "the worker process analysing it is gone")
         if now - started > limits.time_limit_s:
-            return Decision(Action.REQUEUE,
-                            f"analysing for longer than the hard time limit ({limits.time_limit_s:.0f} s)")
+            return Decision(
+                Action.REQUEUE, f"analysing for longer than the hard time limit ({limits.time_limit_s:.0f} s)"
+            )
         return Decision(Action.WAIT)
     last_sent = max(queued_at, state.requeued_at or 0.0)
     silent_s = now - last_sent
@@ -184,8 +199,15 @@ def sweep_decision(queued_at: float, state: RoundState, now: float, limits: Limi
     return Decision(Action.WAIT)
 
 
-def claim_round(store: Store, placeholder: StudyResult, limits: Limits, *, clock: Callable[[], float] = time.time,
-                me: str | None = None, is_alive: Callable[[str | None], bool] = owner_alive) -> Claim:
+def claim_round(
+    store: Store,
+    placeholder: StudyResult,
+    limits: Limits,
+    *,
+    clock: Callable[[], float] = time.time,
+    me: str | None = None,
+    is_alive: Callable[[str | None], bool] = owner_alive,
+) -> Claim:
     """Decide what the analysis task does with its round; to start it, claim it in the store, which shows
     ``placeholder`` ("analysing"). Of two processes claiming one round at once, one wins; the other
     reads the round again and then sees it running."""
@@ -216,9 +238,16 @@ class Sweeper:
     :meth:`sweep` sends the silent ones again. Several sweepers (one per ``lungvision worker``) may
     run at once: the store's conditional updates let only one of them send a given round."""
 
-    def __init__(self, settings: Settings, store: Store, spool: Spool, publisher: Publisher, *,
-                 clock: Callable[[], float] = time.time,
-                 is_alive: Callable[[str | None], bool] = owner_alive) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        spool: Spool,
+        publisher: Publisher,
+        *,
+        clock: Callable[[], float] = time.time,
+        is_alive: Callable[[str | None], bool] = owner_alive,
+    ) -> None:
         self.settings, self.store, self.spool, self.publisher = settings, store, spool, publisher
         self.limits = Limits.of(settings)
         self.clock, self.is_alive = clock, is_alive
@@ -241,8 +270,12 @@ class Sweeper:
                 rounds[queued.message_id] = queued
             except ValueError as error:
                 self._unreadable.add(path)
-                log.error("round %s/%04d: queued.json unreadable (%s); it cannot be reconciled",
-                          queued.sealed.study_uid, queued.sealed.number, type(error).__name__)
+                log.error(
+                    "round %s/%04d: queued.json unreadable (%s); it cannot be reconciled",
+                    queued.sealed.study_uid,
+                    queued.sealed.number,
+                    type(error).__name__,
+                )
         states = self.store.round_states(rounds)
         now = self.clock()
         for message_id, queued in rounds.items():
@@ -266,11 +299,22 @@ class Sweeper:
         try:
             self.publisher.send(ANALYSE_STUDY_TASK, message.as_task_args(), task_id=message.message_id)
         except BrokerUnavailable as error:
-            log.error("study round %s not sent again, the broker is unavailable (%s); tried again in %.0f s",
-                      message_id, error, self.limits.requeue_after_s)
+            log.error(
+                "study round %s not sent again, the broker is unavailable (%s); tried again in %.0f s",
+                message_id,
+                error,
+                self.limits.requeue_after_s,
+            )
             return False
-        audit.record("requeued", stage="analysis", message_id=message_id, study_uid=message.study_instance_uid,
-                     round=message.round, reason=reason, requeues=state.requeues + 1)
+        audit.record(
+            "requeued",
+            stage="analysis",
+            message_id=message_id,
+            study_uid=message.study_instance_uid,
+            round=message.round,
+            reason=reason,
+            requeues=state.requeues + 1,
+        )
         log.warning("study round %s sent again: %s", message_id, reason)
         return True
 
@@ -282,8 +326,12 @@ class Sweeper:
             try:
                 report.deliveries_requeued += self._requeue_delivery(delivery, result, now)
             except Exception as error:  # one delivery's problem must not stop the others' reconciliation
-                log.error("delivery of %s to %s could not be sent again: %s", delivery.message_id,
-                          delivery.destination, describe_failure(error))
+                log.error(
+                    "delivery of %s to %s could not be sent again: %s",
+                    delivery.message_id,
+                    delivery.destination,
+                    describe_failure(error),
+                )
 
     def _requeue_delivery(self, delivery: Delivery, result: StudyResult, now: float) -> bool:
         if not self.store.mark_delivery_requeued(delivery, _utc(now)):
@@ -291,26 +339,41 @@ class Sweeper:
         files = [str(path) for path in output_files(self.settings.worker.outbox_dir, result)]
         job = DeliveryJob(delivery.message_id, result.study_instance_uid, delivery.destination, files)
         try:  # the same task id as the first time; the attempt count goes on where it stopped
-            self.publisher.send(DELIVER_TASK, [asdict(job)], task_id=f"{delivery.message_id}:{delivery.destination}",
-                                retries=delivery.attempts)
+            self.publisher.send(
+                DELIVER_TASK,
+                [asdict(job)],
+                task_id=f"{delivery.message_id}:{delivery.destination}",
+                retries=delivery.attempts,
+            )
         except BrokerUnavailable as error:
-            log.error("delivery of %s to %s not sent again, the broker is unavailable (%s); tried again in %.0f s",
-                      delivery.message_id, delivery.destination, error, self.limits.requeue_after_s)
+            log.error(
+                "delivery of %s to %s not sent again, the broker is unavailable (%s); tried again in %.0f s",
+                delivery.message_id,
+                delivery.destination,
+                error,
+                self.limits.requeue_after_s,
+            )
             return False
         reason = f"{delivery.status} without news for more than {(now - _posix(delivery.updated_at)):.0f} s"
-        audit.record("requeued", stage="delivery", message_id=delivery.message_id,
-                     study_uid=result.study_instance_uid, destination=delivery.destination,
-                     attempts=delivery.attempts, reason=reason)
+        audit.record(
+            "requeued",
+            stage="delivery",
+            message_id=delivery.message_id,
+            study_uid=result.study_instance_uid,
+            destination=delivery.destination,
+            attempts=delivery.attempts,
+            reason=reason,
+        )
         log.warning("delivery of %s to %s sent again: %s", delivery.message_id, delivery.destination, reason)
         return True
 
 
 def _utc(posix_seconds: float) -> datetime:
-    return datetime.fromtimestamp(posix_seconds, timezone.utc)
+    return datetime.fromtimestamp(posix_seconds, UTC)
 
 
 def _posix(moment: datetime) -> float:
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 # --- the sweeper process ---------------------------------------------------------------------------
@@ -318,6 +381,7 @@ def _posix(moment: datetime) -> float:
 
 def run(settings: Settings, stop: threading.Event, parent_pid: int | None = None) -> None:
     """Sweep every ``worker.reconcile_interval_s`` until ``stop`` is set or the parent process is gone."""
+
     def parent_gone() -> bool:
         return parent_pid is not None and os.getppid() != parent_pid
 
@@ -325,15 +389,22 @@ def run(settings: Settings, stop: threading.Event, parent_pid: int | None = None
     publisher = Publisher(settings.broker.url)
     sweeper = Sweeper(settings, store, Spool(settings.spool.dir, min_free_bytes=0), publisher)
     interval = settings.worker.reconcile_interval_s
-    log.info("sweeper started: every %.0f s, a round without outcome for %.0f s is sent again", interval,
-             settings.worker.requeue_after_s)
+    log.info(
+        "sweeper started: every %.0f s, a round without outcome for %.0f s is sent again",
+        interval,
+        settings.worker.requeue_after_s,
+    )
     try:
         while not stop.is_set() and not parent_gone():
             try:
                 report = sweeper.sweep()
                 if report.rounds_requeued or report.deliveries_requeued:
-                    log.info("sweep: %d round(s) and %d delivery(ies) sent again, %d round(s) in progress",
-                             report.rounds_requeued, report.deliveries_requeued, report.rounds_waiting)
+                    log.info(
+                        "sweep: %d round(s) and %d delivery(ies) sent again, %d round(s) in progress",
+                        report.rounds_requeued,
+                        report.deliveries_requeued,
+                        report.rounds_waiting,
+                    )
             except Exception as error:  # the store or the spool unavailable: say so, try again next time
                 log.error("sweep failed, tried again in %.0f s: %s", interval, describe_failure(error))
             deadline = time.monotonic() + interval
@@ -366,8 +437,10 @@ def stop_sweeper(process: subprocess.Popen) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.reconcile",
-                                     description="Run the Lung Vision sweeper alone ('lungvision worker' starts one).")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.reconcile",
+        description="Run the Lung Vision sweeper alone ('lungvision worker' starts one).",
+    )
     parser.add_argument("--config", type=Path, default=None, help="YAML file overriding the defaults")
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is no longer the parent")
     arguments = parser.parse_args(argv)
@@ -375,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(arguments.config)
     except ConfigError as error:
         parser.error(str(error))
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="[%(asctime)s: %(levelname)s/sweeper] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, stream=sys.stderr, format="[%(asctime)s: %(levelname)s/sweeper] %(name)s: %(message)s"
+    )
     logfilter.install()  # library messages may quote DICOM values: scrubbed like every process's logs
     audit.configure(settings.audit.path)
     stop = threading.Event()

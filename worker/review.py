@@ -39,18 +39,19 @@ class StudyScore:
 
 def label(review: Review) -> int:
     """1 when the reviewer confirmed a positive or contradicted a negative finding, else 0."""
-    return int((review.finding == Finding.POSITIVE and review.verdict == Verdict.AGREE)
-               or (review.finding == Finding.NEGATIVE and review.verdict == Verdict.DISAGREE))
+    return int(
+        (review.finding == Finding.POSITIVE and review.verdict == Verdict.AGREE)
+        or (review.finding == Finding.NEGATIVE and review.verdict == Verdict.DISAGREE)
+    )
 
 
 def study_score(result: StudyResult) -> StudyScore | None:
     """The highest raw logit among the round's images with its image's population, or None when no
     image has a logit."""
-    scored = [image for image in result.images or [] if image.logit is not None]
-    if not scored:
+    scores = [StudyScore(image.logit, image.population) for image in result.images or [] if image.logit is not None]
+    if not scores:
         return None
-    top = max(scored, key=lambda image: image.logit)
-    return StudyScore(top.logit, top.population)
+    return max(scores, key=lambda score: score.logit)
 
 
 def reviewed_scores(store: Store, weights_sha256: str) -> ReviewedScores:

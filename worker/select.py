@@ -23,9 +23,11 @@ class Selection:
 
 def select(dataset: Dataset, gate: IntendedUse) -> Selection:
     """Sort one instance: our own object, outside the intended use by its header, or a candidate."""
-    if is_lung_vision_object(sop_instance_uid=header_text(dataset, "SOPInstanceUID"),
-                             series_instance_uid=header_text(dataset, "SeriesInstanceUID"),
-                             manufacturer=header_text(dataset, "Manufacturer")):
+    if is_lung_vision_object(
+        sop_instance_uid=header_text(dataset, "SOPInstanceUID"),
+        series_instance_uid=header_text(dataset, "SeriesInstanceUID"),
+        manufacturer=header_text(dataset, "Manufacturer"),
+    ):
         return Selection(skip_reason=OWN_OBJECT)
     header = gate.read_header(dataset)
     return Selection(verdict=header.verdict, population=header.population)

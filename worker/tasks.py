@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -30,8 +30,7 @@ from worker.deliver import choose_destinations, retry_delay_s, send_files
 from worker.hl7_result import Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
 from worker.pipeline import StudyOutcome, analyse_study, device_uid_for
 from worker.reconcile import Claim, Limits, claim_round
-from worker.record import (Model, record_analysed, record_analysis_failure, record_delivery, record_hl7,
-                           study_result)
+from worker.record import Model, record_analysed, record_analysis_failure, record_delivery, record_hl7, study_result
 
 log = logging.getLogger("lungvision.worker")
 
@@ -64,15 +63,26 @@ def analyse_study_task(message: dict) -> dict:
         claim = claim_round(store(), study_result(ready, model), Limits.of(settings))
         if claim is not Claim.START:
             return unclaimed(ready, model, claim, settings)
-        audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid,
-                     round=ready.round)
+        audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round)
         started = time.perf_counter()
-        analysis = analyse_study(ready, classifier, gate, settings.worker.outbox_dir,  # analyse, encode
-                                 device_uid=device_uid_for(settings.node.ae_title),
-                                 max_long_side=settings.worker.sc_max_long_side)
+        analysis = analyse_study(
+            ready,
+            classifier,
+            gate,
+            settings.worker.outbox_dir,  # analyse, encode
+            device_uid=device_uid_for(settings.node.ae_title),
+            max_long_side=settings.worker.sc_max_long_side,
+        )
         destinations = queue_deliveries(ready, model, analysis, settings)  # deliver
-        record_analysed(store(), ready, model, analysis, destinations,  # record
-                        shadow_mode=settings.delivery.shadow_mode, started=started)
+        record_analysed(
+            store(),
+            ready,
+            model,
+            analysis,
+            destinations,  # record
+            shadow_mode=settings.delivery.shadow_mode,
+            started=started,
+        )
         return {"message_id": ready.message_id, "finding": analysis.finding, "destinations": destinations}
     except SoftTimeLimitExceeded:
         limit_s = settings.worker.soft_time_limit_s
@@ -85,10 +95,16 @@ def unclaimed(ready: StudyReady, model: Model, claim: Claim, settings: Settings)
     """The answer for a round this task does not analyse: done or running elsewhere (skipped), or given up."""
     if claim is Claim.GIVE_UP:
         attempts = settings.worker.max_analysis_attempts
-        return analysis_failed(ready, model, f"the analysis was started {attempts} times and never finished "
-                                             f"(its worker process died each time)")
-    log.info("study round %s %s; skipped", ready.message_id,
-             "already handled" if claim is Claim.DONE else "is being analysed by another worker process")
+        return analysis_failed(
+            ready,
+            model,
+            f"the analysis was started {attempts} times and never finished (its worker process died each time)",
+        )
+    log.info(
+        "study round %s %s; skipped",
+        ready.message_id,
+        "already handled" if claim is Claim.DONE else "is being analysed by another worker process",
+    )
     return {"message_id": ready.message_id, "skipped": True}
 
 
@@ -101,25 +117,37 @@ def analysis_failed(ready: StudyReady, model: Model, reason: str, error: BaseExc
     return {"message_id": ready.message_id, "failed": True, "dead_letter": letter.id}
 
 
-def queue_deliveries(ready: StudyReady, model: Model, analysis: StudyOutcome,
-                     settings: Settings) -> list[str]:
+def queue_deliveries(ready: StudyReady, model: Model, analysis: StudyOutcome, settings: Settings) -> list[str]:
     """Queue the round's files to each destination its routing rules choose, and its HL7 result to each
     endpoint (analysed or not: the RIS is told); nothing in shadow mode. Returns the destinations."""
     if settings.delivery.shadow_mode:
         return []
     modalities = {str(finding.source.get("Modality", "")) for finding in analysis.findings}
-    destinations = choose_destinations(settings, calling_ae=ready.calling_ae, modalities=modalities,
-                                       finding=analysis.finding, status=analysis.status)
+    destinations = choose_destinations(
+        settings, calling_ae=ready.calling_ae, modalities=modalities, finding=analysis.finding, status=analysis.status
+    )
     files = [str(path) for path in analysis.files]
     for name in destinations:
         job = DeliveryJob(ready.message_id, ready.study_instance_uid, name, files)
         deliver_task.apply_async(args=[asdict(job)], task_id=f"{ready.message_id}:{name}")
     point = model.point_for(analysis)
     for endpoint in settings.hl7.endpoints:
-        hl7_job = Hl7Job(ready.message_id, endpoint.name, ready.study_instance_uid, analysis.finding,
-                         analysis.probability, point.threshold, model.version, model.sha256,
-                         datetime.now(timezone.utc).isoformat(), analysis.accession_number,
-                         analysis.output_uids, point.name, analysis.remark)
+        assert point is not None  # an HL7 result names the point, as every round the worker sends has one
+        hl7_job = Hl7Job(
+            ready.message_id,
+            endpoint.name,
+            ready.study_instance_uid,
+            analysis.finding,
+            analysis.probability,
+            point.threshold,
+            model.version,
+            model.sha256,
+            datetime.now(UTC).isoformat(),
+            analysis.accession_number,
+            analysis.output_uids,
+            point.name,
+            analysis.remark,
+        )
         send_hl7_task.apply_async(args=[asdict(hl7_job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     return destinations
 
@@ -142,9 +170,8 @@ def deliver_task(self, job: dict) -> str:
         reason = str(error) if ours else describe_failure(error)
         if transient and attempt < settings.delivery.max_attempts:
             delay = retry_delay(settings, attempt)
-            record_delivery(store(), delivery, DeliveryStatus.RETRYING, attempt, reason=reason,
-                            retry_in_s=delay)
-            raise self.retry(countdown=delay, exc=error)
+            record_delivery(store(), delivery, DeliveryStatus.RETRYING, attempt, reason=reason, retry_in_s=delay)
+            raise self.retry(countdown=delay, exc=error) from error
         record_delivery(store(), delivery, DeliveryStatus.FAILED, attempt, reason=reason)
         return DeliveryStatus.FAILED.value
     record_delivery(store(), delivery, DeliveryStatus.DELIVERED, attempt)
@@ -175,7 +202,7 @@ def send_hl7_task(self, job: dict) -> str:
         record_hl7(oru_job, attempt, reason=reason, final=final, retry_in_s=delay)
         if final:
             return DeliveryStatus.FAILED.value
-        raise self.retry(countdown=delay, exc=error)
+        raise self.retry(countdown=delay, exc=error) from error
     record_hl7(oru_job, attempt)
     return DeliveryStatus.DELIVERED.value
 

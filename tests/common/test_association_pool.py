@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from pydicom.uid import generate_uid
 
-from common.scu import AssociationPool, DeliveryError, Destination, send_datasets
 from common.ports import free_port
+from common.scu import AssociationPool, DeliveryError, Destination, send_datasets
 from tests.kit import storage_scp
 from tests.kit.dicom_fixtures import make_image
 from tests.kit.orthanc import Orthanc
@@ -33,8 +33,9 @@ class ScpProcess:
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, str(SCP_SCRIPT), str(self.port)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCP_SCRIPT), str(self.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert json.loads(self.process.stdout.readline()) == "listening"
 
     @property
@@ -103,11 +104,11 @@ def test_the_studies_of_a_burst_share_one_association_released_when_the_pool_clo
     assert pool.idle_count() == 1
     assert scp.stored == [uid for datasets in studies for uid in uids(datasets)]
     pool.close()
-    wait_until(lambda: scp.released == 1, WAIT_S, interval_s=0.05,
-               message="the kept association released at close")
+    wait_until(lambda: scp.released == 1, WAIT_S, interval_s=0.05, message="the kept association released at close")
     assert send_datasets(scp.destination, study(), pool=pool) == [SUCCESS, SUCCESS]  # closed: keeps nothing more
-    wait_until(lambda: scp.released == 2, WAIT_S, interval_s=0.05,
-               message="the association after close released at once")
+    wait_until(
+        lambda: scp.released == 2, WAIT_S, interval_s=0.05, message="the association after close released at once"
+    )
     assert pool.idle_count() == 0
 
 
@@ -115,8 +116,9 @@ def test_an_idle_association_is_released_after_the_idle_time_and_the_next_study_
     pool = AssociationPool(idle_s=0.3)
     try:
         send_datasets(scp.destination, study(), pool=pool)
-        wait_until(lambda: scp.released == 1, WAIT_S, interval_s=0.05,
-                   message="the idle association released by the reaper")
+        wait_until(
+            lambda: scp.released == 1, WAIT_S, interval_s=0.05, message="the idle association released by the reaper"
+        )
         assert pool.idle_count() == 0
         assert send_datasets(scp.destination, study(), pool=pool) == [SUCCESS, SUCCESS]
         assert scp.associations == 2
@@ -210,11 +212,16 @@ def test_the_workers_deliveries_share_its_process_pool_until_worker_shutdown(scp
             send_files(load_settings(destinations=[destination]), "scp", files)
         assert scp.associations == 1
         close_association_pool()  # what worker_process_shutdown does
-        wait_until(lambda: scp.released == 1, WAIT_S, interval_s=0.05,
-                   message="the kept association released at shutdown")
+        wait_until(
+            lambda: scp.released == 1, WAIT_S, interval_s=0.05, message="the kept association released at shutdown"
+        )
         send_files(load_settings(destinations=[destination], delivery={"association_idle_s": 0}), "scp", studies[2])
-        wait_until(lambda: scp.released == 2, WAIT_S, interval_s=0.05,
-                   message="the association of a pool that keeps nothing released at once")
+        wait_until(
+            lambda: scp.released == 2,
+            WAIT_S,
+            interval_s=0.05,
+            message="the association of a pool that keeps nothing released at once",
+        )
         assert scp.associations == 2
     finally:
         close_association_pool()
@@ -238,8 +245,9 @@ def test_orthanc_gets_a_burst_over_kept_associations_and_after_its_crash_a_new_o
         after = study()
         assert send_datasets(destination, after, pool=pool) == [SUCCESS, SUCCESS]
         for datasets in [*burst, after]:
-            assert sorted(i["SOPInstanceUID"] for i in orthanc.study_instances(str(datasets[0].StudyInstanceUID))) \
-                == sorted(uids(datasets))
+            assert sorted(
+                i["SOPInstanceUID"] for i in orthanc.study_instances(str(datasets[0].StudyInstanceUID))
+            ) == sorted(uids(datasets))
     finally:
         pool.close()
         orthanc.stop()

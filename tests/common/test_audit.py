@@ -3,7 +3,7 @@ read_events returns (complete lines only, with the offset to go on from), and fa
 
 import json
 import multiprocessing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,19 +39,35 @@ def test_nothing_is_written_until_configured_nor_after_configure_none(tmp_path) 
 def test_an_event_line_is_one_compact_json_object_with_time_event_and_the_fields(tmp_path) -> None:
     trail = tmp_path / "audit.jsonl"
     audit.configure(trail)
-    before = datetime.now(timezone.utc)
-    audit.record("analysed", message_id="m1", study_uid="1.2.3", probability=0.25, round=1, final=True,
-                 destination=None, folder=tmp_path)
-    after = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
+    audit.record(
+        "analysed",
+        message_id="m1",
+        study_uid="1.2.3",
+        probability=0.25,
+        round=1,
+        final=True,
+        destination=None,
+        folder=tmp_path,
+    )
+    after = datetime.now(UTC)
 
     text = trail.read_text()
     assert text.endswith("\n") and text.count("\n") == 1
     assert ", " not in text and ": " not in text  # compact separators
     event = json.loads(text)
     assert list(event)[:2] == ["ts", "event"]
-    assert event == {"ts": event["ts"], "event": "analysed", "message_id": "m1", "study_uid": "1.2.3",
-                     "probability": 0.25, "round": 1, "final": True, "destination": None,
-                     "folder": str(tmp_path)}  # what JSON cannot hold is written as its str()
+    assert event == {
+        "ts": event["ts"],
+        "event": "analysed",
+        "message_id": "m1",
+        "study_uid": "1.2.3",
+        "probability": 0.25,
+        "round": 1,
+        "final": True,
+        "destination": None,
+        "folder": str(tmp_path),
+    }  # what JSON cannot hold is written as its str()
     stamp = datetime.fromisoformat(event["ts"])
     assert stamp.utcoffset() == timedelta(0)  # UTC, with its offset
     assert len(event["ts"].split("T")[1].split("+")[0]) == len("10:00:00.000")  # milliseconds
@@ -77,8 +93,14 @@ def test_a_patient_field_is_refused_and_nothing_is_written(tmp_path, field) -> N
 
 
 def test_patient_name_id_and_birth_date_are_refused_in_both_spellings() -> None:
-    assert {"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
-            "PatientBirthDate"} <= audit.FORBIDDEN_FIELDS
+    assert {
+        "patient_name",
+        "patient_id",
+        "patient_birth_date",
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+    } <= audit.FORBIDDEN_FIELDS
 
 
 def test_configure_makes_the_folder(tmp_path) -> None:
@@ -159,5 +181,6 @@ def test_lines_of_several_processes_never_interleave(tmp_path) -> None:
         assert process.exitcode == 0
     events, offset = audit.read_events(trail)
     assert offset == trail.stat().st_size and len(lines(trail)) == 150
-    assert sorted((event["writer"], event["number"]) for event in events) == \
-        [(writer, number) for writer in range(3) for number in range(50)]
+    assert sorted((event["writer"], event["number"]) for event in events) == [
+        (writer, number) for writer in range(3) for number in range(50)
+    ]

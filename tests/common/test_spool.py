@@ -14,8 +14,12 @@ STUDY = "1.2.3.4"
 
 def record(sop_uid: str, received_at: float = 1000.0, calling_ae: str | None = "MODALITY") -> ArrivalRecord:
     return ArrivalRecord(
-        sop_instance_uid=sop_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.1", series_instance_uid="1.2.3.4.5",
-        transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae=calling_ae, received_at=received_at,
+        sop_instance_uid=sop_uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        series_instance_uid="1.2.3.4.5",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        calling_ae=calling_ae,
+        received_at=received_at,
     )
 
 

@@ -2,7 +2,7 @@
 creation racing another process."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
@@ -15,8 +15,15 @@ from common.store import Store, StudyResult
 
 
 def test_every_value_is_the_string_earlier_versions_stored() -> None:
-    assert [status.value for status in StudyStatus] == ["analysing", "requeued", "analysed", "not_analysed",
-                                                        "outside_use", "delivered", "failed"]
+    assert [status.value for status in StudyStatus] == [
+        "analysing",
+        "requeued",
+        "analysed",
+        "not_analysed",
+        "outside_use",
+        "delivered",
+        "failed",
+    ]
     assert [finding.value for finding in Finding] == ["POSITIVE", "NEGATIVE", "NOT_ANALYSED", "PENDING"]
     assert [status.value for status in DeliveryStatus] == ["pending", "retrying", "delivered", "failed"]
     assert [reason.value for reason in GateReason] == ["modality", "body_part", "view", "age", "image_check"]
@@ -25,35 +32,66 @@ def test_every_value_is_the_string_earlier_versions_stored() -> None:
 
 def test_a_row_written_by_an_earlier_version_reads_back_typed(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
-    images = [{"sop_instance_uid": "1.2.3.4", "probability": 0.8, "positive": True, "sc_uid": "1.2.3.5",
-               "sr_uid": "1.2.3.6", "gate_reason": "age", "intended_use": False},  # no logit, no population
-              {"error": "analysis took longer than 300 s"}]
+    images = [
+        {
+            "sop_instance_uid": "1.2.3.4",
+            "probability": 0.8,
+            "positive": True,
+            "sc_uid": "1.2.3.5",
+            "sr_uid": "1.2.3.6",
+            "gate_reason": "age",
+            "intended_use": False,
+        },  # no logit, no population
+        {"error": "analysis took longer than 300 s"},
+    ]
     with store.engine.begin() as connection:  # plain strings and dicts, as the store held them before
-        connection.execute(text(
-            "INSERT INTO study_results (message_id, study_instance_uid, round, status, finding, threshold, "
-            "model_version, model_sha256, images, timings_ms, received_at, analysed_at) VALUES ('m1', "
-            "'1.2.3', 1, 'outside_use', 'NOT_ANALYSED', 0.5, 'm 1', 'ab', :images, '{}', "
-            "'2026-01-01 00:00:00', '2026-01-01 00:00:01')"), {"images": json.dumps(images)})
+        connection.execute(
+            text(
+                "INSERT INTO study_results (message_id, study_instance_uid, round, status, finding, threshold, "
+                "model_version, model_sha256, images, timings_ms, received_at, analysed_at) VALUES ('m1', "
+                "'1.2.3', 1, 'outside_use', 'NOT_ANALYSED', 0.5, 'm 1', 'ab', :images, '{}', "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:01')"
+            ),
+            {"images": json.dumps(images)},
+        )
     row = store.result("m1")
     assert (row.status, row.finding) == (StudyStatus.OUTSIDE_USE, Finding.NOT_ANALYSED)
-    assert row.images[0] == ImageResult(sop_instance_uid="1.2.3.4", probability=0.8, positive=True,
-                                        sc_uid="1.2.3.5", sr_uid="1.2.3.6", gate_reason=GateReason.AGE,
-                                        intended_use=False)
+    assert row.images[0] == ImageResult(
+        sop_instance_uid="1.2.3.4",
+        probability=0.8,
+        positive=True,
+        sc_uid="1.2.3.5",
+        sr_uid="1.2.3.6",
+        gate_reason=GateReason.AGE,
+        intended_use=False,
+    )
     assert row.images[0].logit is None and row.images[0].output_uids == ["1.2.3.5", "1.2.3.6"]
     assert row.images[1].error == "analysis took longer than 300 s" and not row.images[1].analysed
 
 
 def test_what_is_written_is_the_plain_value(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
-    store.save_result(StudyResult(
-        message_id="m1", study_instance_uid="1.2.3", round=1, calling_ae=None, modality=None,
-        accession_number=None, status=StudyStatus.NOT_ANALYSED, finding=Finding.NOT_ANALYSED, probability=None,
-        threshold=0.5, model_version="m 1", model_sha256="ab",
-        images=[ImageResult(sop_instance_uid="1.2.3.4", gate_reason="view")], timings_ms={},
-        received_at=datetime.now(timezone.utc)))
+    store.save_result(
+        StudyResult(
+            message_id="m1",
+            study_instance_uid="1.2.3",
+            round=1,
+            calling_ae=None,
+            modality=None,
+            accession_number=None,
+            status=StudyStatus.NOT_ANALYSED,
+            finding=Finding.NOT_ANALYSED,
+            probability=None,
+            threshold=0.5,
+            model_version="m 1",
+            model_sha256="ab",
+            images=[ImageResult(sop_instance_uid="1.2.3.4", gate_reason="view")],
+            timings_ms={},
+            received_at=datetime.now(UTC),
+        )
+    )
     with store.engine.connect() as connection:
-        status, finding, images = connection.execute(
-            text("SELECT status, finding, images FROM study_results")).one()
+        status, finding, images = connection.execute(text("SELECT status, finding, images FROM study_results")).one()
     assert (status, finding) == ("not_analysed", "NOT_ANALYSED")
     assert json.loads(images)[0]["gate_reason"] == "view"
 
@@ -73,8 +111,7 @@ def test_creating_the_schema_survives_another_process_creating_it_at_once(tmp_pa
         calls.append(engine)
         if len(calls) == 1:
             real_create_all(engine)  # "the other process" wins...
-            raise OperationalError("CREATE TABLE study_results", {},
-                                   Exception("table study_results already exists"))
+            raise OperationalError("CREATE TABLE study_results", {}, Exception("table study_results already exists"))
         real_create_all(engine)
 
     monkeypatch.setattr(store_module.Base.metadata, "create_all", collide_once)

@@ -83,7 +83,7 @@ def orthanc_config(services) -> dict:
 
 
 def test_the_services_are_there(services) -> None:
-    assert REQUIRED_SERVICES <= set(services)
+    assert set(services) >= REQUIRED_SERVICES
     assert set(services) <= REQUIRED_SERVICES | {"flower"}
     assert services["node"]["command"] == ["node"] and services["worker"]["command"] == ["worker"]
 
@@ -195,8 +195,11 @@ def test_node_worker_and_flower_use_the_redis_service(services, monkeypatch) -> 
 
 def test_orthanc_mounts_the_files_the_end_to_end_test_uses(services) -> None:
     orthanc = services["orthanc"]
-    bound = {target: (COMPOSE_FILE.parent / source).resolve() for target, source in mounts(orthanc).items()
-             if source.startswith((".", "/"))}
+    bound = {
+        target: (COMPOSE_FILE.parent / source).resolve()
+        for target, source in mounts(orthanc).items()
+        if source.startswith((".", "/"))
+    }
     [config_target] = [target for target, source in bound.items() if source == ORTHANC_CONFIG.resolve()]
     [script_target] = [target for target, source in bound.items() if source == AUTOROUTE_SCRIPT.resolve()]
     assert all(str(entry).endswith(":ro") for entry in orthanc["volumes"] if not str(entry).startswith("orthanc-"))

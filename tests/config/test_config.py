@@ -68,8 +68,12 @@ def _code_defaults() -> dict:
 
     class CodeOnly(Settings):
         @classmethod
-        def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                       **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            **_: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
             return (init_settings,)
 
     return CodeOnly().model_dump(mode="json")
@@ -103,5 +107,6 @@ def test_yaml_defaults_agree_with_the_settings_model_key_by_key() -> None:
     from_yaml, from_code = _flatten(effective_defaults()), _flatten(_code_defaults())
     assert from_yaml.keys() == from_code.keys()
     differing = {key: (from_yaml[key], from_code[key]) for key in from_code if from_yaml[key] != from_code[key]}
-    assert not differing, ("config/lungvision.yaml and config/settings.py disagree (key: (yaml, settings.py)): "
-                           f"{differing}")
+    assert not differing, (
+        f"config/lungvision.yaml and config/settings.py disagree (key: (yaml, settings.py)): {differing}"
+    )

@@ -81,4 +81,3 @@ def test_yaml_comments_are_read_with_continuations_and_examples() -> None:
     assert notes.comments["node.key"] == "quoted hash is a value"
     assert notes.comments["things"] == "peers"
     assert notes.examples["things"] == "- name: x\n  port: 1"
-

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from common.spool import Spool
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.intake import Intake
-from common.spool import Spool
 from tests.kit.node import TEST_REDIS_DB, NodeProcess, QueueReader, node_settings
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
-from pynetdicom.sop_class import CTImageStorage, ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage, SecondaryCaptureImageStorage
 
+from common.scu import proposed_contexts
 from config.settings import ConfigError, NodeSettings, load_settings
 from dicom_node.application_entity import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -12,7 +13,6 @@ from dicom_node.application_entity import (
     build_ae,
     server_ssl_context,
 )
-from common.scu import proposed_contexts
 from tests.kit.dicom_fixtures import make_image
 
 

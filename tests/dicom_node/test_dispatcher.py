@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.completion import StudyCompletionTracker
-from dicom_node.dispatcher import RETRY_FIRST_DELAY_S, Dispatcher, dispatch_until_stopped
 from common.messages import BrokerUnavailable, StudyReady
 from common.spool import ArrivalRecord, Spool
+from dicom_node.completion import StudyCompletionTracker
+from dicom_node.dispatcher import RETRY_FIRST_DELAY_S, Dispatcher, dispatch_until_stopped
 from tests.kit.dicom_fixtures import make_image, save
 
 STABLE_S = 5.0
@@ -82,7 +82,9 @@ def test_one_message_per_quiet_study_and_later_arrivals_make_a_new_round(spool: 
     [message] = broker.sent
     assert (message.study_instance_uid, message.round, message.calling_ae) == ("1.1", 1, "CR1")
     assert [item.sop_instance_uid for item in message.instances] == ["1.1.1", "1.1.2", "1.1.3"]
-    assert all(Path(item.path).is_file() and Path(item.path).parent == Path(message.spool_dir) for item in message.instances)
+    assert all(
+        Path(item.path).is_file() and Path(item.path).parent == Path(message.spool_dir) for item in message.instances
+    )
     assert json.loads(Path(message.spool_dir, "queued.json").read_text())["task_id"] == message.message_id
 
     arrive(spool, tracker, clock, "1.1", "1.1.4")

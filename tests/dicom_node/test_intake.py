@@ -7,8 +7,8 @@ from pydicom.uid import generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, CTImageStorage
 
 from common.identity import MANUFACTURER, UID_ROOT
-from dicom_node.intake import Disposition, Intake, Received, StoreStatus
 from common.spool import Spool
+from dicom_node.intake import Disposition, Received, StoreStatus
 from tests.kit.dicom_fixtures import make_image, raw_part10, save, truncated_copy
 
 
@@ -25,7 +25,11 @@ def write(spool: Spool, **image_options) -> tuple[Path, str]:
 def test_a_good_instance_is_spooled_and_starts_the_study_clock(intake, spool, tracker) -> None:
     path, sop_uid = write(spool, study_uid="1.2.3")
     outcome = intake.receive(received(path, sop_uid))
-    assert (outcome.status, outcome.disposition, outcome.study_uid) == (StoreStatus.SUCCESS, Disposition.STORED, "1.2.3")
+    assert (outcome.status, outcome.disposition, outcome.study_uid) == (
+        StoreStatus.SUCCESS,
+        Disposition.STORED,
+        "1.2.3",
+    )
     assert (spool.root / "studies" / "1.2.3" / "incoming" / f"{sop_uid}.dcm").exists()
     assert tracker.due(now=47.0) == [("1.2.3", 42.0)]
 

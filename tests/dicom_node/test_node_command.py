@@ -20,7 +20,10 @@ def test_python_m_dicom_node_names_a_bad_setting(tmp_path) -> None:
     config.write_text("node:\n  port: 99999\n")
     result = subprocess.run(
         [sys.executable, "-m", "dicom_node", "--config", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "node.port" in result.stderr

@@ -27,15 +27,52 @@ def certificates(tmp_path_factory) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=Lung Vision test CA")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Lung Vision test CA",
+    )
     (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
         extension = ["-extfile", "server.ext"] if name == "server" else []
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", *extension)
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            *extension,
+        )
     return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
@@ -53,7 +90,9 @@ def test_mutual_tls_associations_work_and_plain_or_anonymous_ones_do_not(node_fa
         }
     )
     tls = ClientTls(
-        ca_file=certificates["ca.pem"], cert_file=certificates["client.pem"], key_file=certificates["client.key"],
+        ca_file=certificates["ca.pem"],
+        cert_file=certificates["client.pem"],
+        key_file=certificates["client.key"],
         server_hostname="localhost",
     )
     destination = Destination("LUNGVISION", "127.0.0.1", node.port, tls)
@@ -62,9 +101,22 @@ def test_mutual_tls_associations_work_and_plain_or_anonymous_ones_do_not(node_fa
     assert len(redis_queue.wait_for({study}, 1, timeout_s=20)[0]["instances"]) == 2
 
     echo = subprocess.run(
-        [dcmtk("echoscu"), "+tls", certificates["client.key"], certificates["client.pem"],
-         "+cf", certificates["ca.pem"], "-aec", "LUNGVISION", "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        [
+            dcmtk("echoscu"),
+            "+tls",
+            certificates["client.key"],
+            certificates["client.pem"],
+            "+cf",
+            certificates["ca.pem"],
+            "-aec",
+            "LUNGVISION",
+            "127.0.0.1",
+            str(node.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert echo.returncode == 0, echo.stderr
 

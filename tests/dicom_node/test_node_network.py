@@ -46,8 +46,9 @@ def node(tmp_path_factory, redis_queue: QueueReader):
 
 
 def run_tool(*args: object, timeout_s: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([str(arg) for arg in args], capture_output=True, text=True, timeout=timeout_s,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(arg) for arg in args], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+    )
 
 
 def test_dcmtk_echoscu_is_answered(node: NodeProcess) -> None:
@@ -85,8 +86,9 @@ def test_compressed_and_deflated_instances_are_accepted_as_sent(node, redis_queu
         converted = tmp_path / f"{tool}.dcm"
         result = run_tool(dcmtk(tool), *options, plain, converted)
         assert result.returncode == 0, result.stderr
-        result = run_tool(dcmtk("storescu"), proposal, "-aet", "STORESCU", "-aec", "LUNGVISION", "127.0.0.1",
-                          node.port, converted)
+        result = run_tool(
+            dcmtk("storescu"), proposal, "-aet", "STORESCU", "-aec", "LUNGVISION", "127.0.0.1", node.port, converted
+        )
         assert result.returncode == 0, result.stderr
     [message] = redis_queue.wait_for({study}, 1, timeout_s=STABLE_S + 15)
     assert sorted(i["transfer_syntax_uid"] for i in message["instances"]) == sorted(c[2] for c in conversions)
@@ -105,8 +107,9 @@ def test_200_instances_over_8_parallel_associations_are_all_spooled_with_one_tas
     storescu = dcmtk("storescu")
 
     def send(folder: Path) -> subprocess.CompletedProcess:
-        return run_tool(storescu, "-aet", "STORESCU", "-aec", "LUNGVISION", "+sd", "127.0.0.1", node.port, folder,
-                        timeout_s=120)
+        return run_tool(
+            storescu, "-aet", "STORESCU", "-aec", "LUNGVISION", "+sd", "127.0.0.1", node.port, folder, timeout_s=120
+        )
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(send, folders))

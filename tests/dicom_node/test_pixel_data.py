@@ -43,8 +43,17 @@ def compressed_file(folder: Path, syntax: str) -> Path:
     return write_dataset(wrap_image(picture(), transfer_syntax=syntax), folder / f"{syntax}.dcm")
 
 
-def with_pixel_data(folder: Path, name: str, *, rows: int, columns: int, bits: int, pixel_bytes: bytes,
-                    frames: int | None = None, syntax: str = ExplicitVRLittleEndian) -> Path:
+def with_pixel_data(
+    folder: Path,
+    name: str,
+    *,
+    rows: int,
+    columns: int,
+    bits: int,
+    pixel_bytes: bytes,
+    frames: int | None = None,
+    syntax: str = ExplicitVRLittleEndian,
+) -> Path:
     """A CR with the given geometry and exactly ``pixel_bytes`` as its Pixel Data value (pydicom pads odd lengths)."""
     dataset = make_image(size=(rows, columns))
     dataset.file_meta.TransferSyntaxUID = syntax
@@ -79,25 +88,29 @@ def rle_fragment() -> bytes:
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
 def test_complete_native_pixel_data_passes_and_a_short_value_is_named(tmp_path, syntax: str) -> None:
-    whole = with_pixel_data(tmp_path, "whole.dcm", rows=64, columns=48, bits=16, pixel_bytes=bytes(64 * 48 * 2),
-                            syntax=syntax)
+    whole = with_pixel_data(
+        tmp_path, "whole.dcm", rows=64, columns=48, bits=16, pixel_bytes=bytes(64 * 48 * 2), syntax=syntax
+    )
     assert problem(whole) is None
     # What pynetdicom sends for a file whose tail was cut: a consistent data set with a short value.
-    short = with_pixel_data(tmp_path, "short.dcm", rows=64, columns=48, bits=16, pixel_bytes=bytes(4000),
-                            syntax=syntax)
+    short = with_pixel_data(tmp_path, "short.dcm", rows=64, columns=48, bits=16, pixel_bytes=bytes(4000), syntax=syntax)
     assert problem(short) == "Pixel Data has 4000 of 6144 bytes"
 
 
-@pytest.mark.parametrize(("rows", "columns", "bits", "present", "expected"), [
-    (3, 3, 8, 9, None),  # 9 bytes, written with a pad byte to 10: complete
-    (5, 5, 8, 25, None),
-    (3, 3, 1, 2, None),  # 1-bit: 9 pixels packed into 2 bytes
-    (5, 5, 1, 4, None),  # 25 bits → 4 bytes
-    (5, 5, 1, 2, "Pixel Data has 2 of 4 bytes"),
-    (5, 5, 8, 23, "Pixel Data has 24 of 25 bytes"),  # 23 bytes + pad: still short of 25
-])
-def test_odd_lengths_and_one_bit_images_are_counted_in_whole_bytes(tmp_path, rows, columns, bits, present,
-                                                                     expected) -> None:
+@pytest.mark.parametrize(
+    ("rows", "columns", "bits", "present", "expected"),
+    [
+        (3, 3, 8, 9, None),  # 9 bytes, written with a pad byte to 10: complete
+        (5, 5, 8, 25, None),
+        (3, 3, 1, 2, None),  # 1-bit: 9 pixels packed into 2 bytes
+        (5, 5, 1, 4, None),  # 25 bits → 4 bytes
+        (5, 5, 1, 2, "Pixel Data has 2 of 4 bytes"),
+        (5, 5, 8, 23, "Pixel Data has 24 of 25 bytes"),  # 23 bytes + pad: still short of 25
+    ],
+)
+def test_odd_lengths_and_one_bit_images_are_counted_in_whole_bytes(
+    tmp_path, rows, columns, bits, present, expected
+) -> None:
     path = with_pixel_data(tmp_path, "odd.dcm", rows=rows, columns=columns, bits=bits, pixel_bytes=bytes(present))
     assert problem(path) == expected
 
@@ -105,8 +118,9 @@ def test_odd_lengths_and_one_bit_images_are_counted_in_whole_bytes(tmp_path, row
 def test_multi_frame_native_pixel_data_needs_every_frame(tmp_path) -> None:
     frame = 16 * 16 * 2
     whole = with_pixel_data(tmp_path, "whole.dcm", rows=16, columns=16, bits=16, frames=3, pixel_bytes=bytes(3 * frame))
-    two_of_three = with_pixel_data(tmp_path, "short.dcm", rows=16, columns=16, bits=16, frames=3,
-                                   pixel_bytes=bytes(2 * frame))
+    two_of_three = with_pixel_data(
+        tmp_path, "short.dcm", rows=16, columns=16, bits=16, frames=3, pixel_bytes=bytes(2 * frame)
+    )
     assert problem(whole) is None
     assert problem(two_of_three) == f"Pixel Data has {2 * frame} of {3 * frame} bytes"
 
@@ -142,12 +156,14 @@ def test_a_missing_sequence_delimiter_is_named(tmp_path) -> None:
     missing = tmp_path / "no-delimiter.dcm"
     missing.write_bytes(raw[:end])
     assert problem(missing, read_from=whole) == (
-        f"encapsulated Pixel Data is not terminated: no sequence delimiter at offset {end}")
+        f"encapsulated Pixel Data is not terminated: no sequence delimiter at offset {end}"
+    )
     replaced = tmp_path / "padding-instead.dcm"  # Data Set Trailing Padding (FFFC,FFFC) OB where the delimiter belongs
     replaced.write_bytes(raw[:end] + b"\xfc\xff\xfc\xffOB\x00\x00\x02\x00\x00\x00\x00\x00")
     assert problem(replaced, read_from=whole) == (
         f"encapsulated Pixel Data is malformed: Unexpected tag '(FFFC,FFFC)' at offset {end} when parsing the "
-        "encapsulated pixel data fragment items")
+        "encapsulated pixel data fragment items"
+    )
 
 
 def test_an_encapsulated_stream_needs_a_basic_offset_table_and_a_fragment_per_frame(tmp_path) -> None:
@@ -155,16 +171,20 @@ def test_an_encapsulated_stream_needs_a_basic_offset_table_and_a_fragment_per_fr
     assert problem(encapsulated_file(tmp_path, "one.dcm", encapsulate([fragment]))) is None
     assert problem(encapsulated_file(tmp_path, "three.dcm", encapsulate([fragment] * 3), frames=3)) is None
     assert problem(encapsulated_file(tmp_path, "two-of-three.dcm", encapsulate([fragment] * 2), frames=3)) == (
-        "encapsulated Pixel Data has 2 fragment(s) for 3 frame(s)")
+        "encapsulated Pixel Data has 2 fragment(s) for 3 frame(s)"
+    )
     assert problem(encapsulated_file(tmp_path, "bot-only.dcm", BOT_ONLY)) == (
-        "encapsulated Pixel Data has 0 fragment(s) for 1 frame(s)")
+        "encapsulated Pixel Data has 0 fragment(s) for 1 frame(s)"
+    )
     whole = compressed_file(tmp_path, RLELossless)  # its Basic Offset Table's item tag overwritten:
     offset = dcmread(whole, defer_size=4096).get_item(PIXEL_DATA, keep_deferred=True).value_tell
     raw = whole.read_bytes()
     no_table = tmp_path / "no-table.dcm"
-    no_table.write_bytes(raw[:offset] + b"\x01\x02\x03\x04" + raw[offset + 4:])
-    assert problem(no_table) == ("encapsulated Pixel Data is malformed: Found unexpected tag (0201,0403) instead of "
-                                 "(FFFE,E000) when parsing the Basic Offset Table item")
+    no_table.write_bytes(raw[:offset] + b"\x01\x02\x03\x04" + raw[offset + 4 :])
+    assert problem(no_table) == (
+        "encapsulated Pixel Data is malformed: Found unexpected tag (0201,0403) instead of "
+        "(FFFE,E000) when parsing the Basic Offset Table item"
+    )
 
 
 def test_a_compressed_syntax_with_native_pixel_data_is_named(tmp_path) -> None:
@@ -179,13 +199,21 @@ def test_a_compressed_syntax_with_native_pixel_data_is_named(tmp_path) -> None:
 
 def receive(intake: Intake, path: Path):
     dataset = dcmread(path, stop_before_pixels=True)
-    return intake.receive(Received(path, "MODALITY", str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
-                                   str(dataset.file_meta.TransferSyntaxUID)))
+    return intake.receive(
+        Received(
+            path,
+            "MODALITY",
+            str(dataset.SOPClassUID),
+            str(dataset.SOPInstanceUID),
+            str(dataset.file_meta.TransferSyntaxUID),
+        )
+    )
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
-@pytest.mark.parametrize("kind", ["short-native", "short-multi-frame", "cut-rle", "cut-jpeg", "no-delimiter-jpeg2000",
-                                  "missing-frame-rle"])
+@pytest.mark.parametrize(
+    "kind", ["short-native", "short-multi-frame", "cut-rle", "cut-jpeg", "no-delimiter-jpeg2000", "missing-frame-rle"]
+)
 def test_the_intake_refuses_incomplete_pixel_data_and_keeps_nothing(intake, spool, tracker, tmp_path, kind) -> None:
     received_dir = spool.receiving_dir
     if kind == "short-native":
@@ -208,6 +236,7 @@ def test_the_intake_refuses_incomplete_pixel_data_and_keeps_nothing(intake, spoo
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, *COMPRESSED])
 def test_the_intake_stores_complete_instances_of_every_kind(intake, spool, syntax: str) -> None:
-    path = write_dataset(wrap_image(picture(), transfer_syntax=syntax, study_uid=generate_uid()),
-                         spool.receiving_dir / "x.dcm")
+    path = write_dataset(
+        wrap_image(picture(), transfer_syntax=syntax, study_uid=generate_uid()), spool.receiving_dir / "x.dcm"
+    )
     assert receive(intake, path).disposition == Disposition.STORED

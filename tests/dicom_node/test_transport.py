@@ -26,7 +26,7 @@ def test_recv_returns_the_whole_length_when_the_peer_sends_it_in_small_pieces() 
 
     def send_slowly() -> None:
         for start in range(0, len(payload), 1000):
-            peer.sendall(payload[start:start + 1000])
+            peer.sendall(payload[start : start + 1000])
 
     sender = threading.Thread(target=send_slowly)
     sender.start()

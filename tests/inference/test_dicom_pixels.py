@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
+    MPEG2MPML,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -27,7 +28,6 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    MPEG2MPML,
 )
 
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray, read_dicom_file

@@ -34,8 +34,11 @@ def _verdicts(images: list[np.ndarray]):
 def test_the_shipped_check_refuses_non_radiographs() -> None:
     rng = np.random.default_rng(3)
     ramp = np.add.outer(np.arange(300.0), np.arange(300.0))
-    images = [rng.integers(0, 256, (300, 300)).astype(np.float32), ramp.astype(np.float32),
-              np.kron(np.indices((10, 10)).sum(axis=0) % 2, np.ones((30, 30))).astype(np.float32) * 255]
+    images = [
+        rng.integers(0, 256, (300, 300)).astype(np.float32),
+        ramp.astype(np.float32),
+        np.kron(np.indices((10, 10)).sum(axis=0) % 2, np.ones((30, 30))).astype(np.float32) * 255,
+    ]
     assert all(verdict is not None and verdict.reason is GateReason.IMAGE_CHECK for verdict in _verdicts(images))
 
 

@@ -45,9 +45,19 @@ def test_balanced_threshold_respects_the_sensitivity_floor() -> None:
 
 
 def _site(tmp_path, weights_sha: str, **changes) -> SiteProfile:
-    profile = SiteProfile(id="test-site", threshold=0.5, temperature=1.5, target_sensitivity=0.98, confidence=0.95,
-                          target_met=True, weights_sha256=weights_sha, model_version="x", created="2026-11-30",
-                          data="test", n={"positive": 200, "negative": 100, "refused": 0})
+    profile = SiteProfile(
+        id="test-site",
+        threshold=0.5,
+        temperature=1.5,
+        target_sensitivity=0.98,
+        confidence=0.95,
+        target_met=True,
+        weights_sha256=weights_sha,
+        model_version="x",
+        created="2026-11-30",
+        data="test",
+        n={"positive": 200, "negative": 100, "refused": 0},
+    )
     for key, value in changes.items():
         setattr(profile, key, value)
     return profile
@@ -62,8 +72,10 @@ def test_the_classifier_uses_a_site_profile_and_names_it(tmp_path) -> None:
     prediction = site.predict([image], with_heatmap=False, populations=["children"])[0]
     assert prediction.threshold == 0.5 and prediction.operating_point == "site profile test-site / children"
     assert prediction.probability == pytest.approx(1 / (1 + np.exp(-prediction.logit / 1.5)), abs=1e-5)
-    assert shipped.predict([image], with_heatmap=False, populations=["children"])[0].operating_point == \
-        "shipped / children"
+    assert (
+        shipped.predict([image], with_heatmap=False, populations=["children"])[0].operating_point
+        == "shipped / children"
+    )
 
 
 def test_a_profile_for_other_weights_is_refused(tmp_path) -> None:
@@ -81,14 +93,22 @@ def test_calibrate_site_on_separable_logits() -> None:
     rng = np.random.default_rng(2)
     logits = np.concatenate([rng.normal(3, 1, 250), rng.normal(-2, 1, 150)])
     labels = np.array([1] * 250 + [0] * 150)
-    profile = calibrate_site(labels, logits, load_classifier(), target_sensitivity=0.95, confidence=0.95,
-                             profile_id="p1", data="synthetic")
+    profile = calibrate_site(
+        labels, logits, load_classifier(), target_sensitivity=0.95, confidence=0.95, profile_id="p1", data="synthetic"
+    )
     caught = (1 / (1 + np.exp(-logits[:250] / profile.temperature)) >= profile.threshold).sum()
     assert profile.target_met and sensitivity_lower_bound(int(caught), 250) >= 0.95
     assert profile.expected["sensitivity"]["lower_bound"] >= 0.95
     assert 0.8 < profile.expected["specificity"]["sample"] <= 1.0
     assert profile.temperature_fit["used"] in ("fitted", "shipped")
     assert "expected sensitivity ≥" in describe(profile)
-    few = calibrate_site(labels[150:], logits[150:], load_classifier(), target_sensitivity=0.98, confidence=0.95,
-                         profile_id="p2", data="synthetic")  # 100 positives: not enough
+    few = calibrate_site(
+        labels[150:],
+        logits[150:],
+        load_classifier(),
+        target_sensitivity=0.98,
+        confidence=0.95,
+        profile_id="p2",
+        data="synthetic",
+    )  # 100 positives: not enough
     assert not few.target_met and "needs ≥ 149 positives" in describe(few)

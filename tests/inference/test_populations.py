@@ -30,8 +30,12 @@ def images(count: int) -> np.ndarray:
     """``count`` different 224×224 uint8 squares (noise of varied brightness and texture)."""
     rng = np.random.default_rng(7)
     rows = np.linspace(0, 1, 224)[:, None] * np.linspace(0, 1, 224)[None]
-    return np.stack([np.clip(rng.normal(40 + 20 * i, 10 + 8 * i, (224, 224)) + 120 * rows * (i % 3), 0, 255)
-                     .astype(np.uint8) for i in range(count)])
+    return np.stack(
+        [
+            np.clip(rng.normal(40 + 20 * i, 10 + 8 * i, (224, 224)) + 120 * rows * (i % 3), 0, 255).astype(np.uint8)
+            for i in range(count)
+        ]
+    )
 
 
 def test_a_card_without_populations_is_one_population_named_children(tmp_path) -> None:
@@ -48,8 +52,9 @@ def test_a_card_without_populations_is_one_population_named_children(tmp_path) -
     classifier = Classifier(tmp_path)
     card = ModelCard.load(tmp_path)
     assert card.populations == []
-    assert classifier.populations == (Population(card.population["min_age_years"], card.population["max_age_years"],
-                                                 "children"),)
+    assert classifier.populations == (
+        Population(card.population["min_age_years"], card.population["max_age_years"], "children"),
+    )
     point = classifier.operating_point
     assert (point.threshold, point.temperature, point.name) == (card.threshold, card.temperature, "shipped / children")
     assert classifier.threshold == card.threshold
@@ -90,9 +95,19 @@ def test_the_image_check_chooses_for_images_without_an_age(two) -> None:
 
 
 def _site_profile(classifier: Classifier, **changes) -> SiteProfile:
-    profile = SiteProfile(id="ward-7", threshold=0.5, temperature=1.5, target_sensitivity=0.98, confidence=0.95,
-                          target_met=True, weights_sha256=classifier.card.weights_sha256, model_version="x",
-                          created="2026-11-30", data="test", n={"positive": 200, "negative": 100, "refused": 0})
+    profile = SiteProfile(
+        id="ward-7",
+        threshold=0.5,
+        temperature=1.5,
+        target_sensitivity=0.98,
+        confidence=0.95,
+        target_met=True,
+        weights_sha256=classifier.card.weights_sha256,
+        model_version="x",
+        created="2026-11-30",
+        data="test",
+        n={"positive": 200, "negative": 100, "refused": 0},
+    )
     for key, value in changes.items():
         setattr(profile, key, value)
     return profile
@@ -101,14 +116,19 @@ def _site_profile(classifier: Classifier, **changes) -> SiteProfile:
 def test_an_old_single_point_profile_applies_to_every_population(two, two_population_weights, tmp_path) -> None:
     path = _site_profile(two).save(tmp_path / "old.json")
     site = Classifier(two_population_weights, path)
-    assert {name: (point.threshold, point.temperature, point.name) for name, point in site.operating_points.items()} \
-        == {"children": (0.5, 1.5, "site profile ward-7 / children"), "adults": (0.5, 1.5, "site profile ward-7 / adults")}
+    assert {
+        name: (point.threshold, point.temperature, point.name) for name, point in site.operating_points.items()
+    } == {
+        "children": (0.5, 1.5, "site profile ward-7 / children"),
+        "adults": (0.5, 1.5, "site profile ward-7 / adults"),
+    }
 
 
 def test_a_profile_keeps_the_shipped_point_where_it_fitted_none(two, two_population_weights, tmp_path) -> None:
-    fits = [PopulationFit("children", PointSource.SITE, 0.3, 1.2, {"positive": 40, "negative": 40}, True),
-            PopulationFit("adults", PointSource.SHIPPED, 0.7, 2.0, {"positive": 3, "negative": 9},
-                          note="too few")]
+    fits = [
+        PopulationFit("children", PointSource.SITE, 0.3, 1.2, {"positive": 40, "negative": 40}, True),
+        PopulationFit("adults", PointSource.SHIPPED, 0.7, 2.0, {"positive": 3, "negative": 9}, note="too few"),
+    ]
     path = _site_profile(two, threshold=0.3, temperature=1.2, populations=fits).save(tmp_path / "site.json")
     assert json.loads(path.read_text())["populations"][1]["source"] == "shipped"
     site = Classifier(two_population_weights, path)
@@ -133,19 +153,35 @@ def test_site_calibration_fits_one_point_per_population_with_enough_cases(two) -
     rng = np.random.default_rng(2)
     child_labels, child_logits = _cases(rng, 200, 100, 0.0)
     adult_labels, adult_logits = _cases(rng, 200, 100, 3.0)  # adults score higher: a higher threshold fits them
-    profile = calibrate_site(np.concatenate([child_labels, adult_labels]), np.concatenate([child_logits, adult_logits]),
-                             two, target_sensitivity=0.95, confidence=0.95, profile_id="both", data="synthetic",
-                             populations=["children"] * 300 + ["adults"] * 300)
+    profile = calibrate_site(
+        np.concatenate([child_labels, adult_labels]),
+        np.concatenate([child_logits, adult_logits]),
+        two,
+        target_sensitivity=0.95,
+        confidence=0.95,
+        profile_id="both",
+        data="synthetic",
+        populations=["children"] * 300 + ["adults"] * 300,
+    )
     children, adults = profile.populations
     assert (children.population, adults.population) == ("children", "adults")
     assert children.source is adults.source is PointSource.SITE
     assert children.n == {"positive": 200, "negative": 100} and adults.n == {"positive": 200, "negative": 100}
+
     def logit_threshold(fit: PopulationFit) -> float:  # thresholds compared before each population's temperature
         return fit.temperature * float(logit(fit.threshold))
 
     assert logit_threshold(adults) > logit_threshold(children) + 2
-    alone = calibrate_site(child_labels, child_logits, two, target_sensitivity=0.95, confidence=0.95,
-                           profile_id="c", data="synthetic", populations=["children"] * 300)
+    alone = calibrate_site(
+        child_labels,
+        child_logits,
+        two,
+        target_sensitivity=0.95,
+        confidence=0.95,
+        profile_id="c",
+        data="synthetic",
+        populations=["children"] * 300,
+    )
     assert alone.populations[0].threshold == children.threshold  # fitted on the population's own cases only
     assert profile.n == {"positive": 400, "negative": 200, "refused": 0}
     assert (profile.threshold, profile.temperature) == (children.threshold, children.temperature)
@@ -157,9 +193,16 @@ def test_a_population_with_too_few_cases_keeps_the_shipped_point(two, two_popula
     rng = np.random.default_rng(3)
     child_labels, child_logits = _cases(rng, 200, 100, 0.0)
     adult_labels, adult_logits = _cases(rng, MIN_CASES_PER_CLASS - 1, 50, 3.0)
-    profile = calibrate_site(np.concatenate([child_labels, adult_labels]), np.concatenate([child_logits, adult_logits]),
-                             two, target_sensitivity=0.95, confidence=0.95, profile_id="kids", data="synthetic",
-                             populations=["children"] * 300 + ["adults"] * (MIN_CASES_PER_CLASS - 1 + 50))
+    profile = calibrate_site(
+        np.concatenate([child_labels, adult_labels]),
+        np.concatenate([child_logits, adult_logits]),
+        two,
+        target_sensitivity=0.95,
+        confidence=0.95,
+        profile_id="kids",
+        data="synthetic",
+        populations=["children"] * 300 + ["adults"] * (MIN_CASES_PER_CLASS - 1 + 50),
+    )
     children, adults = profile.populations
     assert children.source is PointSource.SITE and adults.source is PointSource.SHIPPED
     assert (adults.threshold, adults.temperature) == (0.7, 2.0)
@@ -171,18 +214,42 @@ def test_a_population_with_too_few_cases_keeps_the_shipped_point(two, two_popula
     assert site.operating_points["children"].name == "site profile kids / children"
 
     # a set of one population fits it on whatever it holds (as a one-population model always did)
-    only_adults = calibrate_site(adult_labels, adult_logits, two, target_sensitivity=0.95, confidence=0.95,
-                                 profile_id="ward", data="synthetic", populations=["adults"] * len(adult_labels))
+    only_adults = calibrate_site(
+        adult_labels,
+        adult_logits,
+        two,
+        target_sensitivity=0.95,
+        confidence=0.95,
+        profile_id="ward",
+        data="synthetic",
+        populations=["adults"] * len(adult_labels),
+    )
     assert [fit.source.value for fit in only_adults.populations] == ["shipped", "site"]
     # both populations present and both short: nothing to fit
     mixed_labels = np.concatenate([child_labels[:5], child_labels[-5:], adult_labels])
     mixed_logits = np.concatenate([child_logits[:5], child_logits[-5:], adult_logits])
     with pytest.raises(ValueError, match="no population has enough cases"):
-        calibrate_site(mixed_labels, mixed_logits, two, target_sensitivity=0.95, confidence=0.95, profile_id="none",
-                       data="synthetic", populations=["children"] * 10 + ["adults"] * len(adult_labels))
+        calibrate_site(
+            mixed_labels,
+            mixed_logits,
+            two,
+            target_sensitivity=0.95,
+            confidence=0.95,
+            profile_id="none",
+            data="synthetic",
+            populations=["children"] * 10 + ["adults"] * len(adult_labels),
+        )
     with pytest.raises(ValueError, match="populations \\['elderly'\\]"):
-        calibrate_site(child_labels, child_logits, two, target_sensitivity=0.95, confidence=0.95, profile_id="x",
-                       data="synthetic", populations=["elderly"] * 300)
+        calibrate_site(
+            child_labels,
+            child_logits,
+            two,
+            target_sensitivity=0.95,
+            confidence=0.95,
+            profile_id="x",
+            data="synthetic",
+            populations=["elderly"] * 300,
+        )
 
 
 def test_gated_scores_name_each_images_population(two, tmp_path) -> None:
@@ -204,8 +271,9 @@ def test_gated_scores_name_each_images_population(two, tmp_path) -> None:
     by_name = {Path(score.path).name: score for score in scores.accepted}
     assert by_name["004Y.dcm"].population == "children" and by_name["040Y.dcm"].population == "adults"
     for name in ("010Y.dcm", "no-header.png"):
-        unknown = two.predict([read_gray(data / ("PNEUMONIA" if name == "010Y.dcm" else "NORMAL") / name)],
-                              with_heatmap=False)[0]
+        unknown = two.predict(
+            [read_gray(data / ("PNEUMONIA" if name == "010Y.dcm" else "NORMAL") / name)], with_heatmap=False
+        )[0]
         assert by_name[name].population == unknown.population  # the image check's choice
     assert by_name["010Y.dcm"].verdict.reason is GateReason.AGE
     adult = by_name["040Y.dcm"]
@@ -214,7 +282,8 @@ def test_gated_scores_name_each_images_population(two, tmp_path) -> None:
     assert np.array_equal(scores.probabilities, [score.probability for score in scores.accepted])
 
     refused = score_files(files, two, two.intended_use())
-    assert [Path(score.path).name for score in refused.refused if score.verdict.reason is GateReason.AGE] == \
-        ["010Y.dcm"]
+    assert [Path(score.path).name for score in refused.refused if score.verdict.reason is GateReason.AGE] == [
+        "010Y.dcm"
+    ]
     labels, logits, facts = folder_cases(data, two, two.intended_use(policy="flag"))
     assert sorted(facts["populations"]) == sorted(scores.populations.tolist()) and len(labels) == 4

@@ -14,8 +14,8 @@ from config.settings import ModelSettings
 from inference.classifier import Classifier, load_classifier, load_model
 from inference.equivalence import compare
 from inference.images import read_gray
-from inference.preprocess import normalise, to_square_uint8
 from inference.precision import Precision, resolve
+from inference.preprocess import normalise, to_square_uint8
 from lungvision.cli import app
 from tests.kit.data import CHEST_XRAY, SHARED_DATA, require
 
@@ -26,12 +26,15 @@ MAX_PROBABILITY_DIFFERENCE = 0.02
 ADULTS_PER_FOLDER = 8  # adult images per folder (NORMAL, PNEUMONIA, OTHER as no pneumonia)
 
 
-@pytest.mark.parametrize(("capabilities", "expected"), [
-    ({"avx512_bf16": True, "avx2": True}, Precision.BF16),
-    ({"amx_bf16": True}, Precision.BF16),
-    ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, Precision.FP32),
-    ({"architecture": "x86_64"}, Precision.FP32),
-])
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx512_bf16": True, "avx2": True}, Precision.BF16),
+        ({"amx_bf16": True}, Precision.BF16),
+        ({"avx512_bf16": False, "amx_bf16": False, "avx2": True}, Precision.FP32),
+        ({"architecture": "x86_64"}, Precision.FP32),
+    ],
+)
 def test_auto_is_bf16_only_where_the_cpu_computes_it_natively(capabilities, expected) -> None:
     assert resolve("auto", capabilities) is expected
     assert resolve(Precision.FP32, {"amx_bf16": True}) is Precision.FP32  # an explicit choice is kept
@@ -86,10 +89,16 @@ def children_and_adults(tmp_path_factory) -> Path:
     as NORMAL, PNEUMONIA), linked into one NORMAL/ PNEUMONIA/ folder."""
     folder = tmp_path_factory.mktemp("children-and-adults")
     adults = require(SHARED_DATA / "adult_cxr" / "train")
-    children = [(path, path.parent.name) for name in ("NORMAL", "PNEUMONIA")
-                for path in sorted(require(CHEST_XRAY / "val" / name).glob("*.jpeg"))]
-    grown_up = [(path, "PNEUMONIA" if name == "PNEUMONIA" else "NORMAL") for name in ("NORMAL", "OTHER", "PNEUMONIA")
-                for path in sorted((adults / name).glob("*.jpg"))[::50][:ADULTS_PER_FOLDER]]
+    children = [
+        (path, path.parent.name)
+        for name in ("NORMAL", "PNEUMONIA")
+        for path in sorted(require(CHEST_XRAY / "val" / name).glob("*.jpeg"))
+    ]
+    grown_up = [
+        (path, "PNEUMONIA" if name == "PNEUMONIA" else "NORMAL")
+        for name in ("NORMAL", "OTHER", "PNEUMONIA")
+        for path in sorted((adults / name).glob("*.jpg"))[::50][:ADULTS_PER_FOLDER]
+    ]
     for path, label in children + grown_up:
         (folder / label).mkdir(exist_ok=True)
         (folder / label / f"{path.parent.name}-{path.name}").symlink_to(path)
@@ -121,11 +130,21 @@ def test_a_path_that_is_not_equivalent_is_caught() -> None:
 
 def test_equivalence_command_reports_the_figures(tmp_path) -> None:
     out = tmp_path / "equivalence.json"
-    result = CliRunner().invoke(app, ["equivalence", "--data", str(require(CHEST_XRAY / "val")), "--out", str(out),
-                                      "--seconds", "0.2"])
+    result = CliRunner().invoke(
+        app, ["equivalence", "--data", str(require(CHEST_XRAY / "val")), "--out", str(out), "--seconds", "0.2"]
+    )
     assert result.exit_code == 0, result.output
-    for words in ("max \\|Δprobability\\|", "label flips", "image-check verdict flips", "gate flips",
-                  "population flips", "roc_auc", "sensitivity", "specificity", "images/s"):
+    for words in (
+        "max \\|Δprobability\\|",
+        "label flips",
+        "image-check verdict flips",
+        "gate flips",
+        "population flips",
+        "roc_auc",
+        "sensitivity",
+        "specificity",
+        "images/s",
+    ):
         assert words in result.output, words
     figures = json.loads(out.read_text())
     assert figures["n"] == 16 and figures["reference"]["precision"] == "fp32" and figures["fast"]["precision"] == "bf16"

@@ -13,8 +13,19 @@ from tests.kit.data import CHEST_XRAY, SHARED_DATA, require
 def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     data = require(CHEST_XRAY)
     run = tmp_path / "run"
-    arguments = ["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--input-size", "64",
-                 "--max-train-images", "24"]
+    arguments = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "1",
+        "--input-size",
+        "64",
+        "--max-train-images",
+        "24",
+    ]
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
     for name in ("split.csv", "checkpoint.pt", "lungvision-resnet18.safetensors", "model_card.json", "MODEL_CARD.md"):
@@ -32,8 +43,9 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     classifier = Classifier(run)
     assert classifier.card.weights_sha256 == card["weights_sha256"]
 
-    result = CliRunner().invoke(app, [*arguments[:5], "--epochs", "2", "--input-size", "64",
-                                      "--max-train-images", "24", "--resume"])
+    result = CliRunner().invoke(
+        app, [*arguments[:5], "--epochs", "2", "--input-size", "64", "--max-train-images", "24", "--resume"]
+    )
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 1" in result.output
     assert json.loads((run / "model_card.json").read_text())["training"]["epochs"] == 2
@@ -42,13 +54,33 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
 def test_train_on_both_populations_gives_each_its_operating_point(tmp_path) -> None:
     data, adults = require(CHEST_XRAY), require(SHARED_DATA / "adult_cxr")
     run = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--data", str(data), "--adult-data", str(adults), "--out", str(run),
-                                      "--epochs", "1", "--input-size", "64", "--max-train-images", "120"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--adult-data",
+            str(adults),
+            "--out",
+            str(run),
+            "--epochs",
+            "1",
+            "--input-size",
+            "64",
+            "--max-train-images",
+            "120",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with (run / "split.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert {(row["population"], row["side"]) for row in rows} >= {("children", "val"), ("adults", "val"),
-                                                                  ("children", "train"), ("adults", "train")}
+    assert {(row["population"], row["side"]) for row in rows} >= {
+        ("children", "val"),
+        ("adults", "val"),
+        ("children", "train"),
+        ("adults", "train"),
+    }
     card = json.loads((run / "model_card.json").read_text())
     points = {point["name"]: point for point in card["populations"]}
     assert set(points) == {"children", "adults"} and card["version"].startswith("2.")
@@ -71,8 +103,9 @@ def test_refit_finalises_existing_weights_again(tmp_path, monkeypatch) -> None:
     from inference.model_card import WEIGHTS_DIR, ModelCard
 
     data = require(CHEST_XRAY)
-    result = CliRunner().invoke(app, ["refit", "--data", str(data), "--out", str(tmp_path / "refit"),
-                                      "--max-train-images", "24"])
+    result = CliRunner().invoke(
+        app, ["refit", "--data", str(data), "--out", str(tmp_path / "refit"), "--max-train-images", "24"]
+    )
     assert result.exit_code == 0, result.output
     shipped, refitted = ModelCard.load(WEIGHTS_DIR), ModelCard.load(tmp_path / "refit")
     assert refitted.weights_sha256 == shipped.weights_sha256  # the same network, finalised again

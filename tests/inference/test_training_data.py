@@ -17,8 +17,16 @@ ADULT_CXR = SHARED_DATA / "adult_cxr"
 
 def _adult(patient: str, folder: str, source: str = "rsna", boxes=()) -> SplitRow:
     label = 1 if folder == "PNEUMONIA" else 0
-    return SplitRow(f"x/{source}_{patient}.jpg", label, patient, population="adults", folder=folder, source=source,
-                    label_source="radiologist" if source == "rsna" else "nlp-report-mining", boxes=boxes)
+    return SplitRow(
+        f"x/{source}_{patient}.jpg",
+        label,
+        patient,
+        population="adults",
+        folder=folder,
+        source=source,
+        label_source="radiologist" if source == "rsna" else "nlp-report-mining",
+        boxes=boxes,
+    )
 
 
 def test_boxes_are_fractions_of_their_pixel_space() -> None:
@@ -29,8 +37,11 @@ def test_boxes_are_fractions_of_their_pixel_space() -> None:
 
 
 def test_split_groups_patients_across_folders_and_keeps_every_stratum() -> None:
-    rows = [_adult(f"p{i}", folder, source) for i in range(40) for folder, source in
-            (("NORMAL", "nih"), ("PNEUMONIA", "rsna"), ("OTHER", "rsna"))]
+    rows = [
+        _adult(f"p{i}", folder, source)
+        for i in range(40)
+        for folder, source in (("NORMAL", "nih"), ("PNEUMONIA", "rsna"), ("OTHER", "rsna"))
+    ]
     rows += [_adult("shared", "NORMAL", "nih"), _adult("shared", "PNEUMONIA", "nih")]  # one NIH patient, two films
     rows += [SplitRow(f"k/person{i}_bacteria_1.jpeg", 1, f"person{i}", folder="PNEUMONIA") for i in range(30)]
     split = assign_sides(rows, {"children": 0.2, "adults": 0.25}, seed=3)
@@ -40,17 +51,23 @@ def test_split_groups_patients_across_folders_and_keeps_every_stratum() -> None:
     assert all(len(found) == 1 for found in sides.values())
     assert split == assign_sides(rows, {"children": 0.2, "adults": 0.25}, seed=3)
     val_strata = {row.stratum for row in split if row.side == "val"}
-    assert {("adults", "NORMAL", "nih"), ("adults", "PNEUMONIA", "rsna"), ("adults", "OTHER", "rsna"),
-            ("children", "PNEUMONIA", "kermany")} <= val_strata
+    assert {
+        ("adults", "NORMAL", "nih"),
+        ("adults", "PNEUMONIA", "rsna"),
+        ("adults", "OTHER", "rsna"),
+        ("children", "PNEUMONIA", "kermany"),
+    } <= val_strata
 
 
 def test_split_csv_round_trip_keeps_boxes_and_sources(tmp_path) -> None:
-    rows = assign_sides([_adult("a", "PNEUMONIA", boxes=((0.1, 0.2, 0.3, 0.4),)), _adult("b", "NORMAL", "nih")],
-                        {"adults": 0.5}, seed=1)
+    rows = assign_sides(
+        [_adult("a", "PNEUMONIA", boxes=((0.1, 0.2, 0.3, 0.4),)), _adult("b", "NORMAL", "nih")], {"adults": 0.5}, seed=1
+    )
     write_split_csv(rows, tmp_path / "split.csv")
     again = read_split_csv(tmp_path / "split.csv")
-    assert [(r.path, r.side, r.source, r.label_source, r.folder) for r in again] == \
-        [(r.path, r.side, r.source, r.label_source, r.folder) for r in rows]
+    assert [(r.path, r.side, r.source, r.label_source, r.folder) for r in again] == [
+        (r.path, r.side, r.source, r.label_source, r.folder) for r in rows
+    ]
     assert again[0].boxes[0] == pytest.approx(rows[0].boxes[0]) and again[1].boxes == ()
 
 

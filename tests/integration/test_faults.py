@@ -19,6 +19,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from common.ports import free_port, wait_until_listening
+from common.results import StudyStatus
+from common.store import Store
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.kit.data import REPO, chest_pixels
 from tests.kit.dcmtk import dcmtk
@@ -28,8 +30,6 @@ from tests.kit.orthanc import Orthanc
 from tests.kit.redis_server import RedisServer
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, worker_sections
-from common.results import StudyStatus
-from common.store import Store
 
 pytestmark = pytest.mark.integration
 RESULT_TIMEOUT_S = 240.0
@@ -38,14 +38,18 @@ FAST = {"requeue_after_s": 4, "reconcile_interval_s": 1, "unacked_restore_interv
 
 
 def report(scenario: str, sent: int, delivered: int, duplicated: int, recovery_s: float) -> None:
-    print(f"\nFAULT | {scenario} | sent {sent} | delivered {delivered} | lost {sent - delivered} | "
-          f"duplicated {duplicated} | recovery {recovery_s:.1f} s")
+    print(
+        f"\nFAULT | {scenario} | sent {sent} | delivered {delivered} | lost {sent - delivered} | "
+        f"duplicated {duplicated} | recovery {recovery_s:.1f} s"
+    )
 
 
 def chest_study(folder: Path, name: str, count: int = 1) -> list[Path]:
     study_uid = generate_uid()
-    return [write_dataset(wrap_image(chest_pixels(index), study_uid=study_uid), folder / f"{name}-{index}.dcm")
-            for index in range(count)]
+    return [
+        write_dataset(wrap_image(chest_pixels(index), study_uid=study_uid), folder / f"{name}-{index}.dcm")
+        for index in range(count)
+    ]
 
 
 def study_uid_of(paths: list[Path]) -> str:
@@ -53,8 +57,12 @@ def study_uid_of(paths: list[Path]) -> str:
 
 
 def storescu(port: int, paths: list[Path], calling_ae: str = "MODALITY1") -> None:
-    result = subprocess.run([dcmtk("storescu"), "-aet", calling_ae, "-aec", "LUNGVISION", "127.0.0.1", str(port),
-                             *map(str, paths)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [dcmtk("storescu"), "-aet", calling_ae, "-aec", "LUNGVISION", "127.0.0.1", str(port), *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -112,6 +120,7 @@ def audit_events(path: Path, event: str) -> list[dict]:
 
 # --- SIGKILL of `lungvision serve` on the embedded SQLite broker ----------------------------------
 
+
 def process_tree(root: int) -> list[int]:
     """``root`` and every process below it (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -121,7 +130,7 @@ def process_tree(root: int) -> list[int]:
                 stat = (entry / "stat").read_text()
             except FileNotFoundError:  # ended while we listed: not part of any tree any more
                 continue
-            children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -135,7 +144,7 @@ def gone(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return True
-    return stat[stat.rindex(")") + 2:].split()[0] == "Z"
+    return stat[stat.rindex(")") + 2 :].split()[0] == "Z"
 
 
 class Serve:
@@ -145,27 +154,36 @@ class Serve:
         self.folder, self.port = folder, free_port()
         self.log_path = folder / "serve.log"
         self.environment = {
-            **os.environ, "LUNGVISION_NODE__PORT": str(self.port), "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
-            "LUNGVISION_SPOOL__STABLE_SECONDS": "1", "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0",
+            **os.environ,
+            "LUNGVISION_NODE__PORT": str(self.port),
+            "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
+            "LUNGVISION_SPOOL__STABLE_SECONDS": "1",
+            "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0",
             "LUNGVISION_WEB__PORT": str(free_port()),
-            "LUNGVISION_DESTINATIONS": json.dumps([{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                                    "port": orthanc.dicom_port}]),
-            **{f"LUNGVISION_WORKER__{key.upper()}": str(value) for key, value in FAST.items()}}
+            "LUNGVISION_DESTINATIONS": json.dumps(
+                [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}]
+            ),
+            **{f"LUNGVISION_WORKER__{key.upper()}": str(value) for key, value in FAST.items()},
+        }
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Serve":
         ready_before = self.log().count("ready.")
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=self.folder,
-                                            env=self.environment, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lungvision", "serve"],
+                cwd=self.folder,
+                env=self.environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_until_listening(self.port, self.process, timeout_s=120)
 
         def ready() -> bool:
             assert self.process.poll() is None, self.log()[-3000:]
             return self.log().count("ready.") > ready_before
 
-        wait_until(ready, timeout_s=120, interval_s=0.3,
-                   message=lambda: f"worker ready; log:\n{self.log()[-3000:]}")
+        wait_until(ready, timeout_s=120, interval_s=0.3, message=lambda: f"worker ready; log:\n{self.log()[-3000:]}")
         return self
 
     def log(self) -> str:
@@ -180,8 +198,7 @@ class Serve:
             except ProcessLookupError:  # it ended by itself in the meantime
                 continue
         self.process.wait(timeout=30)
-        wait_until(lambda: all(gone(pid) for pid in tree), timeout_s=30,
-                   message="every process of serve's tree gone")
+        wait_until(lambda: all(gone(pid) for pid in tree), timeout_s=30, message="every process of serve's tree gone")
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -200,9 +217,12 @@ def test_sigkill_of_serve_while_analysing_loses_and_duplicates_nothing(tmp_path)
         expected = {study_uid_of(big): 10, study_uid_of(small): 1}
         storescu(serve.port, big + small)
         audit = serve.folder / "var" / "audit.jsonl"
-        wait_until(lambda: any(e["study_uid"] == study_uid_of(big) for e in audit_events(audit, "analysing")),
-                   timeout_s=120, interval_s=0.1,
-                   message=lambda: f"the big study analysing; log:\n{serve.log()[-3000:]}")
+        wait_until(
+            lambda: any(e["study_uid"] == study_uid_of(big) for e in audit_events(audit, "analysing")),
+            timeout_s=120,
+            interval_s=0.1,
+            message=lambda: f"the big study analysing; log:\n{serve.log()[-3000:]}",
+        )
         serve.kill_everything()
         before = result_counts(orthanc, study_uid_of(big))
         assert before != (10, 10), "the big study was complete before the kill: nothing was tested"
@@ -210,14 +230,20 @@ def test_sigkill_of_serve_while_analysing_loses_and_duplicates_nothing(tmp_path)
         restarted = time.monotonic()
         serve.start()
         recovered = wait_for_results(orthanc, expected)
-        rows = wait_for_status(Store(f"sqlite:///{serve.folder}/var/lungvision.db"), set(expected),
-                               {StudyStatus.DELIVERED})
+        rows = wait_for_status(
+            Store(f"sqlite:///{serve.folder}/var/lungvision.db"), set(expected), {StudyStatus.DELIVERED}
+        )
         time.sleep(3)  # a (wrong) duplicate delivery would land now
         delivered, duplicated = delivered_and_duplicated(orthanc, expected)
         assert (delivered, duplicated) == (2, 0)
         assert any(e["message_id"] == rows[study_uid_of(big)].message_id for e in audit_events(audit, "requeued"))
-        report("SIGKILL serve while analysing (SQLite broker), restart", len(expected), delivered, duplicated,
-               recovered - restarted)
+        report(
+            "SIGKILL serve while analysing (SQLite broker), restart",
+            len(expected),
+            delivered,
+            duplicated,
+            recovered - restarted,
+        )
         assert serve.terminate() == 0
     finally:
         if serve.process is not None and serve.process.poll() is None:
@@ -227,6 +253,7 @@ def test_sigkill_of_serve_while_analysing_loses_and_duplicates_nothing(tmp_path)
 
 # --- node + Redis of our own + worker -------------------------------------------------------------
 
+
 class Deployment:
     """Orthanc (the PACS), a Redis of our own, the node and a worker (not started: each test starts it)."""
 
@@ -235,18 +262,27 @@ class Deployment:
         self.redis = RedisServer(folder / "redis")
         self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port())
         self.settings = node_settings(folder, spool={"stable_seconds": 1})
-        sections = worker_sections(folder, visibility_timeout_s=60, dead_letter_key=LEGACY_DEAD_LETTER_KEY,
-                                   max_attempts=2)
+        sections = worker_sections(
+            folder, visibility_timeout_s=60, dead_letter_key=LEGACY_DEAD_LETTER_KEY, max_attempts=2
+        )
         sections["worker"].update({"concurrency": 2, **FAST})
         sections["delivery"].update({"retry_base_delay_s": 1, "retry_max_delay_s": 2})
-        self.settings.update({
-            "broker": {"url": self.redis.url, "result_backend": self.redis.url}, **sections,
-            "destinations": [
-                {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
-                {"name": "nowhere", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": free_port()},  # nobody listens
-            ],
-            "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_NOWHERE", "destinations": ["nowhere"]}],
-        })
+        self.settings.update(
+            {
+                "broker": {"url": self.redis.url, "result_backend": self.redis.url},
+                **sections,
+                "destinations": [
+                    {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
+                    {
+                        "name": "nowhere",
+                        "ae_title": "NOWHERE",
+                        "host": "127.0.0.1",
+                        "port": free_port(),
+                    },  # nobody listens
+                ],
+                "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_NOWHERE", "destinations": ["nowhere"]}],
+            }
+        )
         self.node = NodeProcess(folder, self.settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
         self.store_path = folder / "outcomes.db"
@@ -256,24 +292,36 @@ class Deployment:
         return Store(f"sqlite:///{self.store_path}")
 
     def jobs(self, *arguments: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "lungvision", "--config", str(self.node.config_path), "jobs",
-                               *arguments], capture_output=True, text=True, timeout=120, cwd=REPO)
+        return subprocess.run(
+            [sys.executable, "-m", "lungvision", "--config", str(self.node.config_path), "jobs", *arguments],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+        )
 
     def queued_rounds(self, study_uid: str) -> list[Path]:
         return sorted((self.node.spool / "studies" / study_uid / "rounds").glob("*/queued.json"))
 
     def wait_until_queued(self, study_uid: str, timeout_s: float = 60.0) -> None:
-        wait_until(lambda: self.queued_rounds(study_uid), timeout_s,
-                   message=lambda: f"a queued round of the study; node log:\n{self.node.log_tail()}")
+        wait_until(
+            lambda: self.queued_rounds(study_uid),
+            timeout_s,
+            message=lambda: f"a queued round of the study; node log:\n{self.node.log_tail()}",
+        )
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     system = Deployment(tmp_path_factory.mktemp("faults"))
     system.redis.start()
-    legacy = {"id": "legacy0001", "job": {"message_id": "m-legacy", "study_instance_uid": "1.2.3",
-                                          "destination": "orthanc", "files": []},
-              "error": "association rejected", "attempts": 5, "failed_at": "2026-01-01T00:00:00+00:00"}
+    legacy = {
+        "id": "legacy0001",
+        "job": {"message_id": "m-legacy", "study_instance_uid": "1.2.3", "destination": "orthanc", "files": []},
+        "error": "association rejected",
+        "attempts": 5,
+        "failed_at": "2026-01-01T00:00:00+00:00",
+    }
     system.redis.client().hset(LEGACY_DEAD_LETTER_KEY, "legacy0001", json.dumps(legacy))  # as older versions kept it
     system.orthanc.start()
     system.node.start()
@@ -300,8 +348,13 @@ def test_a_burst_on_a_fresh_store_with_two_worker_processes_is_delivered_complet
         assert (delivered, duplicated) == (16, 0)
         assert "already exists" not in deployment.worker.log()
         requeued = [e for e in audit_events(deployment.audit_path, "requeued") if e["study_uid"] in expected]
-        report(f"burst, fresh store, concurrency 2 ({len(requeued)} re-sent while queued, skipped)", len(expected),
-               delivered, duplicated, done - sent)
+        report(
+            f"burst, fresh store, concurrency 2 ({len(requeued)} re-sent while queued, skipped)",
+            len(expected),
+            delivered,
+            duplicated,
+            done - sent,
+        )
     finally:
         deployment.worker.stop()
 
@@ -317,8 +370,12 @@ def test_a_redis_restart_loses_no_queued_study_and_no_dead_letter(deployment, tm
             listing = deployment.jobs("failed").stdout
             return listing if "nowhere" in listing else ""
 
-        listing = wait_until(failed_jobs, RESULT_TIMEOUT_S, interval_s=1, message="the dead letter of the "
-                             "study sent nowhere in `lungvision jobs failed`")
+        listing = wait_until(
+            failed_jobs,
+            RESULT_TIMEOUT_S,
+            interval_s=1,
+            message="the dead letter of the study sent nowhere in `lungvision jobs failed`",
+        )
         assert "nowhere" in listing and "legacy0001" in listing, listing  # the old Redis hash was moved in
     finally:
         deployment.worker.stop()
@@ -344,8 +401,13 @@ def test_a_redis_restart_loses_no_queued_study_and_no_dead_letter(deployment, tm
         time.sleep(3)
         delivered, duplicated = delivered_and_duplicated(deployment.orthanc, {study_uid: 2})
         assert (delivered, duplicated) == (1, 0)
-        report("Redis restarted (no persistence) while a study was queued; worker started after", 1, delivered,
-               duplicated, recovered - started)
+        report(
+            "Redis restarted (no persistence) while a study was queued; worker started after",
+            1,
+            delivered,
+            duplicated,
+            recovered - started,
+        )
 
         letter_id = next(line.split()[0] for line in listing.splitlines() if "  nowhere  " in line)
         replay = deployment.jobs("retry", letter_id)  # still replayable after the restart
@@ -360,7 +422,7 @@ def cut_in_pixel_data_header(path: Path) -> bytes:
     data = path.read_bytes()
     implicit = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_implicit_VR
     tag = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010), little endian
-    return data[:tag + (6 if implicit else 10)]  # tag, [VR, reserved,] then 2 of the 4 length bytes
+    return data[: tag + (6 if implicit else 10)]  # tag, [VR, reserved,] then 2 of the 4 length bytes
 
 
 def test_an_exception_inside_the_analysis_is_failed_audited_and_replayable(deployment, tmp_path) -> None:
@@ -380,8 +442,7 @@ def test_an_exception_inside_the_analysis_is_failed_audited_and_replayable(deplo
         failed_after = time.monotonic() - started
         reason = row.images[0].error
         assert reason.startswith("struct.error in "), reason
-        [event] = [e for e in audit_events(deployment.audit_path, "failed")
-                   if e.get("message_id") == row.message_id]
+        [event] = [e for e in audit_events(deployment.audit_path, "failed") if e.get("message_id") == row.message_id]
         assert (event["stage"], event["final"], event["outcome"]) == ("analysis", True, reason)
         logs = deployment.worker.log() + deployment.audit_path.read_text()
         assert "Secretname" not in logs and "PID-SECRET" not in logs
@@ -396,7 +457,13 @@ def test_an_exception_inside_the_analysis_is_failed_audited_and_replayable(deplo
         wait_for_status(deployment.store(), {study_uid}, {StudyStatus.DELIVERED})
         delivered, duplicated = delivered_and_duplicated(deployment.orthanc, {study_uid: 2})
         assert (delivered, duplicated) == (1, 0)
-        report(f"exception in the analysis (truncated spool file): failed + dead letter after {failed_after:.1f} s; "
-               f"replayed", 1, delivered, duplicated, recovered - replayed)
+        report(
+            f"exception in the analysis (truncated spool file): failed + dead letter after {failed_after:.1f} s; "
+            f"replayed",
+            1,
+            delivered,
+            duplicated,
+            recovered - replayed,
+        )
     finally:
         deployment.worker.stop()

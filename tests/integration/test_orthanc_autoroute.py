@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 
 from common.identity import UID_ROOT
 from common.ports import free_port
+from common.store import Store
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.kit.data import chest_pixels
 from tests.kit.dcmtk import dcmtk
@@ -27,7 +28,6 @@ from tests.kit.node import NodeProcess, node_settings
 from tests.kit.orthanc import ORTHANC_CONFIG, Orthanc, resolve_config
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, worker_sections
-from common.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -77,15 +77,25 @@ class AutorouteStack:
         http_port, dicom_port = free_port(), free_port()
         environment = orthanc_environment(folder / "orthanc", http_port, dicom_port, settings["node"]["port"])
         self.orthanc_config = resolve_config(ORTHANC_CONFIG, environment)
-        self.orthanc = Orthanc(folder / "orthanc", http_port, dicom_port, config_file=ORTHANC_CONFIG,
-                               environment=environment)
-        settings.update({
-            "broker": {"url": broker[0], "result_backend": broker[1]},
-            "destinations": [{"name": "orthanc", "ae_title": self.orthanc_config["DicomAet"], "host": "127.0.0.1",
-                              "port": dicom_port}],
-            **worker_sections(folder, visibility_timeout_s=60, dead_letter_key="lungvision:autoroute:dead",
-                              max_attempts=5),
-        })
+        self.orthanc = Orthanc(
+            folder / "orthanc", http_port, dicom_port, config_file=ORTHANC_CONFIG, environment=environment
+        )
+        settings.update(
+            {
+                "broker": {"url": broker[0], "result_backend": broker[1]},
+                "destinations": [
+                    {
+                        "name": "orthanc",
+                        "ae_title": self.orthanc_config["DicomAet"],
+                        "host": "127.0.0.1",
+                        "port": dicom_port,
+                    }
+                ],
+                **worker_sections(
+                    folder, visibility_timeout_s=60, dead_letter_key="lungvision:autoroute:dead", max_attempts=5
+                ),
+            }
+        )
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
         self.store_url = settings["store"]["url"]
@@ -103,8 +113,16 @@ class AutorouteStack:
 
     def send_to_orthanc(self, *paths: Path) -> None:
         """storescu → Orthanc (not to us), as a modality would."""
-        command = [dcmtk("storescu"), "-aet", "MODALITY1", "-aec", self.orthanc_config["DicomAet"], "127.0.0.1",
-                   str(self.orthanc.dicom_port), *map(str, paths)]
+        command = [
+            dcmtk("storescu"),
+            "-aet",
+            "MODALITY1",
+            "-aec",
+            self.orthanc_config["DicomAet"],
+            "127.0.0.1",
+            str(self.orthanc.dicom_port),
+            *map(str, paths),
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
 
@@ -126,8 +144,12 @@ class AutorouteStack:
             lines = self.routing_lines(study_uid)
             return any(re.search(pattern, line) for line in lines)
 
-        wait_until(decided, timeout_s, interval_s=0.5, message=lambda: f"a routing decision matching {pattern!r}: "
-                   f"{lines}\n{self.orthanc.log_tail()}")
+        wait_until(
+            decided,
+            timeout_s,
+            interval_s=0.5,
+            message=lambda: f"a routing decision matching {pattern!r}: {lines}\n{self.orthanc.log_tail()}",
+        )
         return lines
 
     def node_instances(self, study_uid: str) -> list[dict]:
@@ -155,8 +177,10 @@ def radiograph(folder: Path, name: str, study_uid: str, index: int = 0, **option
 
 def test_orthanc_routes_a_chest_study_once_and_never_our_results(stack, tmp_path) -> None:
     study_uid = generate_uid()
-    sources = [radiograph(tmp_path, "pa", study_uid, 0),
-               radiograph(tmp_path, "lateral", study_uid, 1, view_position="LL")]
+    sources = [
+        radiograph(tmp_path, "pa", study_uid, 0),
+        radiograph(tmp_path, "lateral", study_uid, 1, view_position="LL"),
+    ]
     source_uids = sorted(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in sources)
     stack.send_to_orthanc(*sources)
 
@@ -172,8 +196,11 @@ def test_orthanc_routes_a_chest_study_once_and_never_our_results(stack, tmp_path
     assert sorted(event["sop_instance_uid"] for event in received) == source_uids
     assert {event["outcome"] for event in received} == {"stored"}
     assert {event["calling_ae"] for event in received} == {stack.orthanc_config["DicomAet"]}
-    assert not [event for event in stack.node.events("instance")
-                if event["sop_instance_uid"].startswith(UID_ROOT) or event["outcome"] == "stored-own-object"]
+    assert not [
+        event
+        for event in stack.node.events("instance")
+        if event["sop_instance_uid"].startswith(UID_ROOT) or event["outcome"] == "stored-own-object"
+    ]
     assert [event["round"] for event in stack.node.events("study.queued") if event["study_uid"] == study_uid] == [1]
     assert stack.rounds(study_uid) == [1]
 
@@ -198,12 +225,14 @@ def test_a_chest_image_added_later_is_routed_alone(stack, tmp_path) -> None:
     stack.send_to_orthanc(later)
     stack.orthanc.wait_for_instances(study_uid, results_complete(2, 2), RESULT_TIMEOUT_S)
     lines = stack.wait_for_routing(study_uid, r"nothing to send \(Lung Vision objects: 4, sent before: 2\b")
-    assert [line.split(" (")[0] for line in lines if "sent to lungvision" in line] == \
-        ["1 instance(s) sent to lungvision"] * 2, lines
+    assert [line.split(" (")[0] for line in lines if "sent to lungvision" in line] == [
+        "1 instance(s) sent to lungvision"
+    ] * 2, lines
 
     received = stack.node_instances(study_uid)
-    assert [event["sop_instance_uid"] for event in received] == \
-        [str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in (first, later)]
+    assert [event["sop_instance_uid"] for event in received] == [
+        str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in (first, later)
+    ]
     assert stack.rounds(study_uid) == [1, 2]
 
 
@@ -211,8 +240,10 @@ def test_studies_that_are_not_chest_radiographs_or_only_ours_are_not_routed(stac
     knee_study, other_sc_study, ours_study = generate_uid(), generate_uid(), generate_uid()
     knee = radiograph(tmp_path, "knee", knee_study, 4, sop_class="DX", body_part="KNEE")
     other_sc = radiograph(tmp_path, "other-sc", other_sc_study, 4, sop_class="SC", body_part="")
-    ours = save(make_image(study_uid=ours_study, manufacturer="Lung Vision",
-                           sop_uid=generate_uid(prefix=UID_ROOT)), tmp_path / "ours.dcm")
+    ours = save(
+        make_image(study_uid=ours_study, manufacturer="Lung Vision", sop_uid=generate_uid(prefix=UID_ROOT)),
+        tmp_path / "ours.dcm",
+    )
     stack.send_to_orthanc(knee, other_sc, ours)
 
     stack.wait_for_routing(knee_study, r"nothing to send \(Lung Vision objects: 0, sent before: 0, not chest: 1\)")

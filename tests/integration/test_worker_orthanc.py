@@ -22,9 +22,10 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import CTImageStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
+from pynetdicom.sop_class import ComprehensiveSRStorage, CTImageStorage, SecondaryCaptureImageStorage
 
 from common.ports import free_port
+from common.store import Store
 from common.uids import output_instance_uid
 from dicom_node.enqueue import CeleryEnqueuer
 from inference.classifier import load_classifier
@@ -36,14 +37,19 @@ from tests.kit.node import NodeProcess, node_settings
 from tests.kit.orthanc import Orthanc
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, make_message, worker_sections
-from common.store import Store
 
 pytestmark = pytest.mark.integration
 INTEGRATION_REDIS_DB = 14  # flushed by the fixture: never a database in use
 RESULT_TIMEOUT_S = 120.0
 STORESCU_PROPOSAL = {  # storescu option that proposes a compressed file's own transfer syntax
-    JPEGBaseline8Bit: "-xy", JPEGExtended12Bit: "-xx", JPEGLosslessSV1: "-xs", JPEG2000Lossless: "-xv",
-    JPEG2000: "-xw", JPEGLSLossless: "-xt", JPEGLSNearLossless: "-xu", RLELossless: "-xr",
+    JPEGBaseline8Bit: "-xy",
+    JPEGExtended12Bit: "-xx",
+    JPEGLosslessSV1: "-xs",
+    JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw",
+    JPEGLSLossless: "-xt",
+    JPEGLSNearLossless: "-xu",
+    RLELossless: "-xr",
 }
 
 
@@ -54,17 +60,25 @@ class Deployment:
         redis_url = f"redis://127.0.0.1:6379/{INTEGRATION_REDIS_DB}"
         settings = node_settings(folder)
         self.archive_port = free_port()
-        self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(), {
-            "DicomModalities": {"lungvision": ["LUNGVISION", "127.0.0.1", settings["node"]["port"]]}})
-        settings.update({
-            "broker": {"url": redis_url, "result_backend": redis_url},
-            **worker_sections(folder, visibility_timeout_s=20, dead_letter_key="lungvision:test:dead", max_attempts=12),
-            "destinations": [
-                {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
-                {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": self.archive_port},
-            ],
-            "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_ARCHIVE", "destinations": ["archive"]}],
-        })
+        self.orthanc = Orthanc(
+            folder / "orthanc",
+            free_port(),
+            free_port(),
+            {"DicomModalities": {"lungvision": ["LUNGVISION", "127.0.0.1", settings["node"]["port"]]}},
+        )
+        settings.update(
+            {
+                "broker": {"url": redis_url, "result_backend": redis_url},
+                **worker_sections(
+                    folder, visibility_timeout_s=20, dead_letter_key="lungvision:test:dead", max_attempts=12
+                ),
+                "destinations": [
+                    {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": self.orthanc.dicom_port},
+                    {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": self.archive_port},
+                ],
+                "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_ARCHIVE", "destinations": ["archive"]}],
+            }
+        )
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
         self.store_url = settings["store"]["url"]
@@ -78,8 +92,17 @@ class Deployment:
             syntax = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
             by_option.setdefault(STORESCU_PROPOSAL.get(syntax, "-x="), []).append(str(path))
         for option, files in by_option.items():
-            command = [dcmtk("storescu"), "-aet", calling_ae, "-aec", "LUNGVISION", option, "127.0.0.1",
-                       str(self.node.port), *files]
+            command = [
+                dcmtk("storescu"),
+                "-aet",
+                calling_ae,
+                "-aec",
+                "LUNGVISION",
+                option,
+                "127.0.0.1",
+                str(self.node.port),
+                *files,
+            ]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, result.stderr
 
@@ -88,8 +111,13 @@ class Deployment:
 
     def jobs(self, *arguments: str) -> subprocess.CompletedProcess:
         """``lungvision jobs ...`` with the deployment's config."""
-        return subprocess.run([sys.executable, "-m", "lungvision", "--config", str(self.node.config_path), "jobs",
-                               *arguments], capture_output=True, text=True, timeout=60, cwd=self.folder)
+        return subprocess.run(
+            [sys.executable, "-m", "lungvision", "--config", str(self.node.config_path), "jobs", *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=self.folder,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -159,28 +187,37 @@ def test_results_arrive_in_the_same_study_and_say_what_the_model_said(deployment
     assert classes.count(SC_CLASS) == 1 and classes.count(COMPREHENSIVE_SR_CLASS) == 1
 
     # No patient name or id in any log or audit line of ours.
-    logs = deployment.worker.log() + deployment.node.log_path.read_text() + (deployment.folder / "audit.jsonl").read_text()
+    logs = (
+        deployment.worker.log() + deployment.node.log_path.read_text() + (deployment.folder / "audit.jsonl").read_text()
+    )
     assert str(source.PatientName) not in logs and str(source.PatientID) not in logs
 
 
 def test_lateral_and_non_chest_images_get_not_analysed_srs(deployment, tmp_path) -> None:
     study_uid = generate_uid()
     lateral = write_dataset(wrap_image(chest_pixels(3), view_position="LL", study_uid=study_uid), tmp_path / "lat.dcm")
-    knee = write_dataset(wrap_image(chest_pixels(4), sop_class="DX", body_part="KNEE", study_uid=study_uid),
-                         tmp_path / "knee.dcm")
+    knee = write_dataset(
+        wrap_image(chest_pixels(4), sop_class="DX", body_part="KNEE", study_uid=study_uid), tmp_path / "knee.dcm"
+    )
     deployment.send(lateral, knee)
     deployment.orthanc.wait_for_instances(study_uid, results_complete(2, 0), RESULT_TIMEOUT_S)
-    reasons = {path.name: sr_values(sr_of(deployment.orthanc, dcmread(path).SOPInstanceUID))["Image not analysed"]
-               for path in (lateral, knee)}
+    reasons = {
+        path.name: sr_values(sr_of(deployment.orthanc, dcmread(path).SOPInstanceUID))["Image not analysed"]
+        for path in (lateral, knee)
+    }
     assert reasons == {"lat.dcm": ["lateral view (ViewPosition LL)"], "knee.dcm": ["body part KNEE is not the chest"]}
 
 
-@pytest.mark.parametrize("options", [
-    {"photometric": "MONOCHROME1", "bits_stored": 12, "transfer_syntax": JPEG2000},
-    {"photometric": "MONOCHROME1", "bits_stored": 15, "transfer_syntax": JPEGLSLossless},
-    {"transfer_syntax": JPEGBaseline8Bit},
-    {"bits_stored": 16, "transfer_syntax": RLELossless},
-], ids=["mono1-j2k", "mono1-jpegls", "jpeg-baseline", "rle-16bit"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"photometric": "MONOCHROME1", "bits_stored": 12, "transfer_syntax": JPEG2000},
+        {"photometric": "MONOCHROME1", "bits_stored": 15, "transfer_syntax": JPEGLSLossless},
+        {"transfer_syntax": JPEGBaseline8Bit},
+        {"bits_stored": 16, "transfer_syntax": RLELossless},
+    ],
+    ids=["mono1-j2k", "mono1-jpegls", "jpeg-baseline", "rle-16bit"],
+)
 def test_compressed_and_monochrome1_inputs(deployment, tmp_path, options) -> None:
     [path] = chest_study(tmp_path, "compressed", **options)
     study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
@@ -216,15 +253,23 @@ def test_results_arrive_after_a_30_second_orthanc_outage(deployment, tmp_path) -
             rows = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
             return [d for r in rows for d in deployment.store().deliveries(r.message_id) if d.status == "retrying"]
 
-        wait_until(retrying, timeout_s=stopped_at + 25 - time.monotonic(), interval_s=0.5,
-                   message="the delivery retried while Orthanc was down")
+        wait_until(
+            retrying,
+            timeout_s=stopped_at + 25 - time.monotonic(),
+            interval_s=0.5,
+            message="the delivery retried while Orthanc was down",
+        )
         time.sleep(max(0.0, 30 - (time.monotonic() - stopped_at)))
     finally:
         deployment.orthanc.start()
     deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
     [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
-    wait_until(lambda: deployment.store().deliveries(row.message_id)[0].status == "delivered", timeout_s=30,
-               interval_s=0.5, message="the delivery marked delivered")  # just after the last C-STORE response
+    wait_until(
+        lambda: deployment.store().deliveries(row.message_id)[0].status == "delivered",
+        timeout_s=30,
+        interval_s=0.5,
+        message="the delivery marked delivered",
+    )  # just after the last C-STORE response
     [delivery] = deployment.store().deliveries(row.message_id)
     assert delivery.status == "delivered" and delivery.attempts > 1
 
@@ -268,8 +313,9 @@ def test_a_refused_delivery_is_dead_lettered_and_can_be_replayed(deployment, tmp
             listing = deployment.jobs("failed").stdout
             return listing if "archive" in listing else ""
 
-        listing = wait_until(failed_jobs, RESULT_TIMEOUT_S, interval_s=1,
-                             message="the refused delivery in `lungvision jobs failed`")
+        listing = wait_until(
+            failed_jobs, RESULT_TIMEOUT_S, interval_s=1, message="the refused delivery in `lungvision jobs failed`"
+        )
     finally:
         server.shutdown()
     job_id = next(line.split()[0] for line in listing.splitlines() if "archive" in line)

@@ -9,13 +9,13 @@ import pytest
 import yaml
 from pydicom.uid import generate_uid
 
+from common.results import FINAL_STATUSES, StudyStatus
+from common.store import Store
 from dicom_node.enqueue import CeleryEnqueuer
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.kit.data import chest_pixels
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, make_message, worker_sections
-from common.results import FINAL_STATUSES, StudyStatus
-from common.store import Store
 
 pytestmark = pytest.mark.integration
 INHERITED = "inherited from the parent (loaded before the fork)"
@@ -24,11 +24,14 @@ SLOW_MACHINE_TIMEOUT_S = 900.0  # torch alone takes a minute to import on a busy
 
 
 def worker_config(folder: Path, concurrency: int) -> Path:
-    settings = worker_sections(folder, visibility_timeout_s=600, dead_letter_key="lungvision:preload:dead",
-                               max_attempts=1)
+    settings = worker_sections(
+        folder, visibility_timeout_s=600, dead_letter_key="lungvision:preload:dead", max_attempts=1
+    )
     settings["worker"]["concurrency"] = concurrency
-    settings["broker"] = {"url": f"sqla+sqlite:///{folder}/broker.sqlite",
-                          "result_backend": f"db+sqlite:///{folder}/results.sqlite"}
+    settings["broker"] = {
+        "url": f"sqla+sqlite:///{folder}/broker.sqlite",
+        "result_backend": f"db+sqlite:///{folder}/results.sqlite",
+    }
     settings["spool"] = {"dir": str(folder / "spool")}
     config = folder / "lungvision.yaml"
     config.write_text(yaml.safe_dump(settings))
@@ -56,8 +59,16 @@ def test_pool_processes_have_the_model_before_their_first_task_and_analyse(tmp_p
         worker.wait_for_log(WARMED_UP, count=concurrency, timeout_s=1)  # in the parent, before the pool forked
         round_dir = tmp_path / "round"
         round_dir.mkdir()
-        messages = [make_message([write_dataset(wrap_image(chest_pixels(index), study_uid=generate_uid()),
-                                                round_dir / f"study-{index}.dcm")]) for index in range(2)]
+        messages = [
+            make_message(
+                [
+                    write_dataset(
+                        wrap_image(chest_pixels(index), study_uid=generate_uid()), round_dir / f"study-{index}.dcm"
+                    )
+                ]
+            )
+            for index in range(2)
+        ]
         enqueuer = CeleryEnqueuer(yaml.safe_load(config.read_text())["broker"]["url"])
         for message in messages:
             enqueuer.send(message)

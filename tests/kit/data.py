@@ -11,10 +11,22 @@ CHEST_XRAY = SHARED_DATA / "chest_xray"
 DICOM_SAMPLES = SHARED_DATA / "dicom_samples"
 
 TWO_POPULATIONS = [  # a two-population model card's operating points, far apart so tests can tell them apart
-    {"name": "children", "min_age_years": 1.0, "max_age_years": 6.0, "description": "children (test)",
-     "temperature": 1.0, "threshold": 0.2},
-    {"name": "adults", "min_age_years": 18.0, "max_age_years": 90.0, "description": "adults (test)",
-     "temperature": 2.0, "threshold": 0.7},
+    {
+        "name": "children",
+        "min_age_years": 1.0,
+        "max_age_years": 6.0,
+        "description": "children (test)",
+        "temperature": 1.0,
+        "threshold": 0.2,
+    },
+    {
+        "name": "adults",
+        "min_age_years": 18.0,
+        "max_age_years": 90.0,
+        "description": "adults (test)",
+        "temperature": 2.0,
+        "threshold": 0.7,
+    },
 ]
 
 

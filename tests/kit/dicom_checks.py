@@ -44,7 +44,9 @@ def sr_values(sr) -> dict[str, object]:
 def results_complete(sources: int, heatmaps: int):
     """A predicate on a study's instances (Orthanc's simplified tags): at least ``heatmaps`` Secondary
     Captures and ``sources`` SRs (one per source image) have arrived."""
+
     def check(instances: list[dict]) -> bool:
         classes = [instance["SOPClassUID"] for instance in instances]
         return classes.count(SC_CLASS) >= heatmaps and classes.count(COMPREHENSIVE_SR_CLASS) >= sources
+
     return check

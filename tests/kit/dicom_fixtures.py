@@ -19,7 +19,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import data_element_generator
-from pydicom.filewriter import write_dataset as write_encoded_dataset, write_file_meta_info
+from pydicom.filewriter import write_dataset as write_encoded_dataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
@@ -106,16 +107,25 @@ SHORT_LENGTH_VRS = frozenset("AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST
 
 def radiograph(index: int = 0, *, implicit: bool = False, study_uid: str | None = None, **attributes: str) -> Dataset:
     """A frontal chest CR of a 4-year-old (inside the shipped model's population), with ``attributes`` set."""
-    dataset = wrap_image(chest_pixels(index), study_uid=study_uid or generate_uid(),
-                         transfer_syntax=ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian)
+    dataset = wrap_image(
+        chest_pixels(index),
+        study_uid=study_uid or generate_uid(),
+        transfer_syntax=ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian,
+    )
     dataset.PatientAge = "004Y"
     for keyword, value in attributes.items():
         setattr(dataset, keyword, value)
     return dataset
 
 
-def write_broken(dataset: Dataset, path: Path, *, values: Mapping[str, bytes] | None = None,
-                 vrs: Mapping[str, str] | None = None, without: tuple[str, ...] = ()) -> Path:
+def write_broken(
+    dataset: Dataset,
+    path: Path,
+    *,
+    values: Mapping[str, bytes] | None = None,
+    vrs: Mapping[str, str] | None = None,
+    without: tuple[str, ...] = (),
+) -> Path:
     """Write ``dataset`` to ``path``, then store ``values`` (keyword → the exact value bytes, any
     length) with the VRs in ``vrs`` (keyword → VR; explicit VR files only), after removing the
     attributes named in ``without``. Returns ``path``."""
@@ -124,7 +134,7 @@ def write_broken(dataset: Dataset, path: Path, *, values: Mapping[str, bytes] | 
     for keyword in without:
         if keyword in dataset:
             delattr(dataset, keyword)
-    for keyword, raw in values.items():  # a placeholder of the right kind, replaced byte for byte below
+    for keyword in values:  # a placeholder of the right kind, replaced byte for byte below
         tag = tag_for_keyword(keyword)
         vr = vrs.get(keyword, dictionary_VR(tag))
         dataset[tag] = DataElement(tag, vr, _placeholder(keyword, vr), validation_mode=config.IGNORE)
@@ -143,17 +153,20 @@ def _replace_values(path: Path, replacements: Mapping[int, bytes]) -> None:
     with open(path, "rb") as file:
         # preamble and "DICM" (132 bytes), the group length element (12 bytes), then the rest of the meta
         file.seek(132 + 12 + meta.FileMetaInformationGroupLength)
-        elements = [element for element in data_element_generator(file, implicit, True, stop_when=_at_pixel_data)
-                    if element.tag in replacements]
+        elements = [
+            element
+            for element in data_element_generator(file, implicit, True, stop_when=_at_pixel_data)
+            if element.tag in replacements
+        ]
     assert {element.tag for element in elements} == set(replacements), "an attribute to break was not written"
     for element in sorted(elements, key=lambda element: element.value_tell, reverse=True):
         raw = replacements[element.tag]
         start = element.value_tell
         if not implicit and element.VR in SHORT_LENGTH_VRS:
-            data[start - 2:start] = struct.pack("<H", len(raw))
+            data[start - 2 : start] = struct.pack("<H", len(raw))
         else:
-            data[start - 4:start] = struct.pack("<I", len(raw))
-        data[start:start + element.length] = raw
+            data[start - 4 : start] = struct.pack("<I", len(raw))
+        data[start : start + element.length] = raw
     path.write_bytes(bytes(data))
 
 

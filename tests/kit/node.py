@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config as pynetdicom_config
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 
 from common.ports import free_port
 from tests.kit.data import REPO
@@ -113,7 +114,9 @@ class NodeProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "dicom_node", "--config", str(self.config_path)],
-                cwd=REPO, stdout=log, stderr=log,
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
             )
         self.wait_for_event("node.listening", count=starts_before + 1, timeout_s=NODE_START_TIMEOUT_S)
         return self

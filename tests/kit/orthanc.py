@@ -25,6 +25,7 @@ _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def resolve_config(path: Path, environment: Mapping[str, str]) -> dict:
     """A configuration file as Orthanc reads it: ``${NAME}`` / ``${NAME:-default}`` replaced from
     ``environment`` in the raw text (so unquoted ports and booleans work), then parsed as JSON."""
+
     def value(match: re.Match) -> str:
         name, default = match.group(1), match.group(2)
         if name in environment:
@@ -52,8 +53,16 @@ class Orthanc:
     then be what the file resolves to).
     """
 
-    def __init__(self, folder: Path, http_port: int, dicom_port: int, settings: dict | None = None, *,
-                 config_file: Path | None = None, environment: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        http_port: int,
+        dicom_port: int,
+        settings: dict | None = None,
+        *,
+        config_file: Path | None = None,
+        environment: dict[str, str] | None = None,
+    ) -> None:
         self.folder, self.http_port, self.dicom_port = folder, http_port, dicom_port
         folder.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / "orthanc.log"
@@ -86,10 +95,13 @@ class Orthanc:
 
     def start(self) -> "Orthanc":
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([orthanc_binary(), str(self.config_path)], stdout=log, stderr=log,
-                                            env={**os.environ, **self.environment})
-        wait_until(self._answers, START_TIMEOUT_S,
-                   message=lambda: f"Orthanc answering; log:\n{self.log_tail()}")
+            self.process = subprocess.Popen(
+                [orthanc_binary(), str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **self.environment},
+            )
+        wait_until(self._answers, START_TIMEOUT_S, message=lambda: f"Orthanc answering; log:\n{self.log_tail()}")
         return self
 
     def _answers(self) -> bool:
@@ -121,7 +133,9 @@ class Orthanc:
 
     def post(self, path: str, body: dict | bytes):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        with urllib.request.urlopen(urllib.request.Request(self.url + path, data=data, method="POST"), timeout=30) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(self.url + path, data=data, method="POST"), timeout=30
+        ) as response:
             return json.loads(response.read())
 
     def study_instances(self, study_uid: str) -> list[dict]:
@@ -138,6 +152,13 @@ class Orthanc:
             instances = self.study_instances(study_uid)
             return predicate(instances)
 
-        wait_until(held, timeout_s, interval_s=0.5, message=lambda: "the study's results; Orthanc holds "
-                   f"{[(i.get('Modality'), i.get('SOPInstanceUID')) for i in instances]}")
+        wait_until(
+            held,
+            timeout_s,
+            interval_s=0.5,
+            message=lambda: (
+                "the study's results; Orthanc holds "
+                f"{[(i.get('Modality'), i.get('SOPInstanceUID')) for i in instances]}"
+            ),
+        )
         return instances

@@ -26,8 +26,23 @@ class RedisServer:
         if binary is None:
             pytest.skip("redis-server is not installed")
         with open(self.folder / "redis.log", "ab") as log:
-            self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                             "--appendonly", "no", "--dir", str(self.folder)], stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.folder),
+                ],
+                stdout=log,
+                stderr=log,
+            )
         wait_until_listening(self.port, self.process, timeout_s=30)
         return self
 

@@ -49,17 +49,26 @@ class Serve:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "Serve":
-        environment = {**os.environ, "LUNGVISION_NODE__PORT": str(self.port),
-                       "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1", "LUNGVISION_SPOOL__STABLE_SECONDS": "3",
-                       "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0", "LUNGVISION_WEB__PORT": str(self.web_port),
-                       **self.environment}
+        environment = {
+            **os.environ,
+            "LUNGVISION_NODE__PORT": str(self.port),
+            "LUNGVISION_NODE__BIND_ADDRESS": "127.0.0.1",
+            "LUNGVISION_SPOOL__STABLE_SECONDS": "3",
+            "LUNGVISION_SPOOL__MIN_FREE_BYTES": "0",
+            "LUNGVISION_WEB__PORT": str(self.web_port),
+            **self.environment,
+        }
         log_path = self.folder / "serve.log"
         self.log_offset = log_path.stat().st_size if log_path.exists() else 0  # this run's lines start here
         with open(log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "lungvision", "serve"], cwd=self.folder,
-                                            env=environment, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._started, timeout_s=120, interval_s=0.3,
-                   message="serve started (node listening, worker ready)")
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "lungvision", "serve"],
+                cwd=self.folder,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_until(self._started, timeout_s=120, interval_s=0.3, message="serve started (node listening, worker ready)")
         return self
 
     def _started(self) -> bool:
@@ -68,7 +77,7 @@ class Serve:
 
     def log(self) -> str:
         """What this run (since the last start) wrote to serve.log."""
-        return (self.folder / "serve.log").read_bytes()[self.log_offset:].decode(errors="replace")
+        return (self.folder / "serve.log").read_bytes()[self.log_offset :].decode(errors="replace")
 
     def terminate(self) -> int:
         self.process.send_signal(signal.SIGTERM)

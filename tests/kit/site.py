@@ -1,7 +1,7 @@
 """A site (store, outbox, audit trail) seeded with real analysed studies, for the web and HL7 tests."""
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydicom.uid import generate_uid
@@ -42,7 +42,10 @@ class Site:
 def site_settings(root: Path) -> Settings:
     return load_settings(
         store={"url": f"sqlite:///{root / 'lungvision.db'}"},
-        broker={"url": f"sqla+sqlite:///{root / 'broker.sqlite'}", "result_backend": f"db+sqlite:///{root / 'r.sqlite'}"},
+        broker={
+            "url": f"sqla+sqlite:///{root / 'broker.sqlite'}",
+            "result_backend": f"db+sqlite:///{root / 'r.sqlite'}",
+        },
         worker={"outbox_dir": str(root / "outbox")},
         audit={"path": str(root / "audit.jsonl")},
         web={"auth_token": TOKEN, "refresh_s": 0},
@@ -57,7 +60,7 @@ def seed(root: Path) -> Site:
     audit.configure(settings.audit.path)
     store = Store(settings.store.url)
     classifier = load_classifier(None)
-    start = datetime(2026, 11, 25, 8, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 25, 8, 0, tzinfo=UTC)
     plan = [  # accession, finding, probability, delivery status, minutes after start
         ("ACC-NEG", Finding.NEGATIVE, 0.020, DeliveryStatus.DELIVERED, 0),
         ("ACC-POS-LOW", Finding.POSITIVE, 0.410, DeliveryStatus.DELIVERED, 5),
@@ -73,32 +76,78 @@ def seed(root: Path) -> Site:
         dataset.AccessionNumber = accession
         path = write_dataset(dataset, root / "in" / f"{accession}.dcm")
         message = make_message([path])
-        outcome = analyse_study(message, classifier, classifier.intended_use(), Path(settings.worker.outbox_dir),
-                                device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+        outcome = analyse_study(
+            message,
+            classifier,
+            classifier.intended_use(),
+            Path(settings.worker.outbox_dir),
+            device_uid=device_uid_for("LUNGVISION"),
+            max_long_side=512,
+        )
         positive = finding is Finding.POSITIVE
-        images = [image.model_copy(update={"probability": probability, "positive": positive})
-                  for image in outcome.images]
+        images = [
+            image.model_copy(update={"probability": probability, "positive": positive}) for image in outcome.images
+        ]
         received = start + timedelta(minutes=minutes)
-        store.save_result(StudyResult(
-            message_id=message.message_id, study_instance_uid=study_uid, round=1, calling_ae="CR_ROOM1",
-            modality="CR", accession_number=accession, status=StudyStatus.ANALYSED, finding=finding,
-            probability=probability,
-            threshold=classifier.card.threshold, model_version=classifier.version,
-            model_sha256=classifier.card.weights_sha256, images=images, timings_ms=outcome.timings_ms,
-            received_at=received, analysed_at=received + timedelta(seconds=20)))
+        store.save_result(
+            StudyResult(
+                message_id=message.message_id,
+                study_instance_uid=study_uid,
+                round=1,
+                calling_ae="CR_ROOM1",
+                modality="CR",
+                accession_number=accession,
+                status=StudyStatus.ANALYSED,
+                finding=finding,
+                probability=probability,
+                threshold=classifier.card.threshold,
+                model_version=classifier.version,
+                model_sha256=classifier.card.weights_sha256,
+                images=images,
+                timings_ms=outcome.timings_ms,
+                received_at=received,
+                analysed_at=received + timedelta(seconds=20),
+            )
+        )
         delivered = status is DeliveryStatus.DELIVERED
-        store.update_delivery(message.message_id, "pacs", status=status, attempts=1 if delivered else 5,
-                              error=None if delivered else "association rejected")
-        audit.record("analysed", message_id=message.message_id, study_uid=study_uid, finding=finding,
-                     probability=probability, model_sha256=classifier.card.weights_sha256, duration_ms=850.0,
-                     inference_ms=120.0)
+        store.update_delivery(
+            message.message_id,
+            "pacs",
+            status=status,
+            attempts=1 if delivered else 5,
+            error=None if delivered else "association rejected",
+        )
+        audit.record(
+            "analysed",
+            message_id=message.message_id,
+            study_uid=study_uid,
+            finding=finding,
+            probability=probability,
+            model_sha256=classifier.card.weights_sha256,
+            duration_ms=850.0,
+            inference_ms=120.0,
+        )
         studies[accession] = Seeded(study_uid, accession, finding, probability, status, name, patient_id)
     analysing_uid = generate_uid()
-    store.save_result(StudyResult(
-        message_id=generate_uid(), study_instance_uid=analysing_uid, round=1, calling_ae="DX_ROOM2", modality=None,
-        accession_number=None, status=StudyStatus.ANALYSING, finding=Finding.PENDING, probability=None,
-        threshold=classifier.card.threshold, model_version=classifier.version,
-        model_sha256=classifier.card.weights_sha256, images=[], timings_ms={}, received_at=start))
+    store.save_result(
+        StudyResult(
+            message_id=generate_uid(),
+            study_instance_uid=analysing_uid,
+            round=1,
+            calling_ae="DX_ROOM2",
+            modality=None,
+            accession_number=None,
+            status=StudyStatus.ANALYSING,
+            finding=Finding.PENDING,
+            probability=None,
+            threshold=classifier.card.threshold,
+            model_version=classifier.version,
+            model_sha256=classifier.card.weights_sha256,
+            images=[],
+            timings_ms={},
+            received_at=start,
+        )
+    )
     studies["analysing"] = Seeded(analysing_uid, "", Finding.PENDING, None, "analysing", "", "")
     received_uid = generate_uid()
     audit.record("received", study_uid=received_uid, sop_instance_uid=generate_uid(), calling_ae="CR_ROOM1")

@@ -24,8 +24,11 @@ class StorageScp:
         self.lock = threading.Lock()
         ae = AE(ae_title="TESTSCP")
         ae.add_supported_context(ComputedRadiographyImageStorage)
-        handlers = [(evt.EVT_ACCEPTED, self._accepted), (evt.EVT_RELEASED, self._released),
-                    (evt.EVT_C_STORE, self._store)]
+        handlers = [
+            (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_RELEASED, self._released),
+            (evt.EVT_C_STORE, self._store),
+        ]
         self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
 
     def answer(self, command: str, argument: str | None) -> dict | None:

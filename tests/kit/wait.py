@@ -7,8 +7,12 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], timeout_s: float, interval_s: float = 0.2,
-               message: str | Callable[[], str] = "the condition") -> T:
+def wait_until(
+    condition: Callable[[], T],
+    timeout_s: float,
+    interval_s: float = 0.2,
+    message: str | Callable[[], str] = "the condition",
+) -> T:
     """Call ``condition`` every ``interval_s`` until it returns something true, and return that.
 
     After ``timeout_s`` without, raise AssertionError naming ``message`` (what was waited for; a callable

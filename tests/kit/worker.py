@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom import dcmread
@@ -18,25 +18,45 @@ from tests.kit.wait import wait_until
 
 def make_message(paths, message_id: str | None = None) -> StudyReady:
     """The node's message for a study round made of ``paths`` (files of one study, in one folder)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     instances = []
     for path in paths:
         dataset = dcmread(path, stop_before_pixels=True)
-        instances.append(InstanceRef(sop_class_uid=dataset.SOPClassUID, sop_instance_uid=dataset.SOPInstanceUID,
-                                     series_instance_uid=dataset.SeriesInstanceUID,
-                                     transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID, path=str(path),
-                                     calling_ae="STORESCU", received_at=now))
+        instances.append(
+            InstanceRef(
+                sop_class_uid=dataset.SOPClassUID,
+                sop_instance_uid=dataset.SOPInstanceUID,
+                series_instance_uid=dataset.SeriesInstanceUID,
+                transfer_syntax_uid=dataset.file_meta.TransferSyntaxUID,
+                path=str(path),
+                calling_ae="STORESCU",
+                received_at=now,
+            )
+        )
     study_uid = dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
-    return StudyReady(message_id=message_id or generate_uid(), study_instance_uid=study_uid, round=1,
-                      spool_dir=str(paths[0].parent), calling_ae="STORESCU", first_received_at=now,
-                      last_received_at=now, instances=instances)
+    return StudyReady(
+        message_id=message_id or generate_uid(),
+        study_instance_uid=study_uid,
+        round=1,
+        spool_dir=str(paths[0].parent),
+        calling_ae="STORESCU",
+        first_received_at=now,
+        last_received_at=now,
+        instances=instances,
+    )
 
 
 def worker_sections(folder: Path, *, visibility_timeout_s: float, dead_letter_key: str, max_attempts: int) -> dict:
     """The worker-side settings of a test deployment in ``folder``: one worker process, fast retries."""
     return {
-        "worker": {"concurrency": 1, "outbox_dir": str(folder / "outbox"), "visibility_timeout_s": visibility_timeout_s,
-                   "soft_time_limit_s": 100, "time_limit_s": 120, "dead_letter_key": dead_letter_key},
+        "worker": {
+            "concurrency": 1,
+            "outbox_dir": str(folder / "outbox"),
+            "visibility_timeout_s": visibility_timeout_s,
+            "soft_time_limit_s": 100,
+            "time_limit_s": 120,
+            "dead_letter_key": dead_letter_key,
+        },
         "delivery": {"max_attempts": max_attempts, "retry_base_delay_s": 2, "retry_max_delay_s": 8},
         "store": {"url": f"sqlite:///{folder}/outcomes.db"},
         "audit": {"path": str(folder / "audit.jsonl")},
@@ -55,7 +75,11 @@ class WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lungvision", "--config", str(self.config_path), "worker"],
-                cwd=REPO, stdout=log, stderr=log, start_new_session=True)
+                cwd=REPO,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         self.wait_for_log("ready.", count=ready_before + 1, timeout_s=timeout_s)
         return self
 

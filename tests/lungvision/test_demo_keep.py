@@ -39,8 +39,13 @@ raise SystemExit(code)
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_keep_serving_answers_until_a_stop_signal_then_exits_0(stop_signal) -> None:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", HARNESS, str(port)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HARNESS, str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = wait_for_line(output_lines(process.stdout), "Ctrl-C to stop", timeout_s=60)
         url = f"http://127.0.0.1:{port}/"

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -31,8 +32,20 @@ def test_evaluate_writes_metrics_plots_and_report(tiny_labelled_folder, tmp_path
     result = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("n", "accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc", "ece",
-                "threshold", "confusion", "ci95"):
+    for key in (
+        "n",
+        "accuracy",
+        "recall",
+        "specificity",
+        "precision",
+        "f1",
+        "roc_auc",
+        "pr_auc",
+        "ece",
+        "threshold",
+        "confusion",
+        "ci95",
+    ):
         assert key in metrics, key
     # 10 readable images; the lateral is outside the intended use, and the image check may refuse a
     # training image too (it refuses ~1 % of in-distribution images): the figures use the accepted ones
@@ -104,8 +117,20 @@ def test_calibrate_writes_a_site_profile_that_analyze_then_uses(tiny_labelled_fo
     from inference.classifier import load_classifier
 
     profile_path = tmp_path / "site.json"
-    result = CliRunner().invoke(app, ["calibrate", "--data", str(tiny_labelled_folder), "--out", str(profile_path),
-                                      "--target-sensitivity", "0.9", "--name", "ward-7"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--data",
+            str(tiny_labelled_folder),
+            "--out",
+            str(profile_path),
+            "--target-sensitivity",
+            "0.9",
+            "--name",
+            "ward-7",
+        ],
+    )
     assert result.exit_code == 0, result.output
     profile = json.loads(profile_path.read_text())
     assert profile["id"] == "ward-7" and profile["weights_sha256"] == load_classifier().card.weights_sha256
@@ -137,12 +162,12 @@ def test_calibrate_and_evaluate_need_one_source_of_labels(tmp_path) -> None:
 
 
 def test_evaluate_and_calibrate_from_the_worklist_reviews(tmp_path, monkeypatch) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
     from uuid import uuid4
 
-    from inference.classifier import load_classifier
     from common.results import Verdict
     from common.store import Store, StudyResult
+    from inference.classifier import load_classifier
 
     sha = load_classifier().card.weights_sha256
     store = Store(f"sqlite:///{tmp_path / 'lv.db'}")
@@ -151,11 +176,23 @@ def test_evaluate_and_calibrate_from_the_worklist_reviews(tmp_path, monkeypatch)
         pneumonia = index < 120
         logit = float(rng.normal(3.0 if pneumonia else -3.0, 1.0))
         finding = "POSITIVE" if logit > 0 else "NEGATIVE"
-        result = StudyResult(message_id=uuid4().hex, study_instance_uid=f"2.25.{uuid4().int}", round=1,
-                             calling_ae="AE", modality="CR", accession_number=None, status="analysed",
-                             finding=finding, probability=None, threshold=0.5, model_version="m", model_sha256=sha,
-                             images=[{"sop_instance_uid": "1.2", "logit": logit}], timings_ms={},
-                             received_at=datetime.now(timezone.utc))
+        result = StudyResult(
+            message_id=uuid4().hex,
+            study_instance_uid=f"2.25.{uuid4().int}",
+            round=1,
+            calling_ae="AE",
+            modality="CR",
+            accession_number=None,
+            status="analysed",
+            finding=finding,
+            probability=None,
+            threshold=0.5,
+            model_version="m",
+            model_sha256=sha,
+            images=[{"sop_instance_uid": "1.2", "logit": logit}],
+            timings_ms={},
+            received_at=datetime.now(UTC),
+        )
         store.save_result(result)
         agrees = (finding == "POSITIVE") == pneumonia
         store.save_review(result, Verdict.AGREE if agrees else Verdict.DISAGREE, "operator")
@@ -167,8 +204,9 @@ def test_evaluate_and_calibrate_from_the_worklist_reviews(tmp_path, monkeypatch)
     assert metrics["n"] == 160 and metrics["confusion"]["tp"] + metrics["confusion"]["fn"] == 120
     assert metrics["data_dir"] == "worklist reviews" and "recall" in metrics["ci95"]
 
-    result = CliRunner().invoke(app, ["calibrate", "--from-worklist", "--out", str(tmp_path / "site.json"),
-                                      "--target-sensitivity", "0.95"])
+    result = CliRunner().invoke(
+        app, ["calibrate", "--from-worklist", "--out", str(tmp_path / "site.json"), "--target-sensitivity", "0.95"]
+    )
     assert result.exit_code == 0, result.output
     profile = json.loads((tmp_path / "site.json").read_text())
     assert profile["n"] == {"positive": 120, "negative": 40, "refused": 0} and profile["target_met"] is True
@@ -180,8 +218,9 @@ def test_from_worklist_without_reviews_is_a_clear_error(tmp_path, monkeypatch) -
     assert result.exit_code == 2 and "no study reviewed" in result.output
 
 
-def test_analyze_names_each_images_population_and_operating_point(tiny_labelled_folder, two_population_weights,
-                                                                    tmp_path, monkeypatch) -> None:
+def test_analyze_names_each_images_population_and_operating_point(
+    tiny_labelled_folder, two_population_weights, tmp_path, monkeypatch
+) -> None:
     jpeg = sorted((tiny_labelled_folder / "PNEUMONIA").iterdir())[0]
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -196,14 +235,18 @@ def test_analyze_names_each_images_population_and_operating_point(tiny_labelled_
     lines = {json.loads(line)["path"].rsplit("/", 1)[-1]: json.loads(line) for line in result.stdout.splitlines()}
     adult, child, gap = lines["040Y.dcm"], lines["004Y.dcm"], lines["010Y.dcm"]
     assert (adult["population"], adult["operating_point"], adult["threshold"]) == ("adults", "shipped / adults", 0.7)
-    assert (child["population"], child["operating_point"], child["threshold"]) == \
-        ("children", "shipped / children", 0.2)
+    assert (child["population"], child["operating_point"], child["threshold"]) == (
+        "children",
+        "shipped / children",
+        0.2,
+    )
     assert gap["intended_use"] is False and "populations 1 to <6, 18 to <90 years" in gap["reason"]
     assert gap["population"] in ("children", "adults")  # no age in a population: the image check chose
 
 
-def test_evaluate_reports_each_population_and_the_heatmap_against_boxes(tiny_labelled_folder, two_population_weights,
-                                                                        tmp_path, monkeypatch) -> None:
+def test_evaluate_reports_each_population_and_the_heatmap_against_boxes(
+    tiny_labelled_folder, two_population_weights, tmp_path, monkeypatch
+) -> None:
     """Adult DICOMs (header age) with radiologists' boxes beside the pediatric JPEGs: one section per
     population at its own operating point, and the pointing game / energy with their baselines."""
     import csv
@@ -225,8 +268,9 @@ def test_evaluate_reports_each_population_and_the_heatmap_against_boxes(tiny_lab
     monkeypatch.setenv("LUNGVISION_MODEL__INTENDED_USE_POLICY", "flag")  # the test card's image check is pediatric
 
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--boxes", str(tmp_path / "boxes.csv"),
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["evaluate", "--data", str(data), "--boxes", str(tmp_path / "boxes.csv"), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     adults = metrics["by_population"]["adults"]
@@ -238,6 +282,7 @@ def test_evaluate_reports_each_population_and_the_heatmap_against_boxes(tiny_lab
     assert {"pointing_centre", "energy", "ci95"} <= set(located)
     assert "## adults" in (out / "report.md").read_text() and "heatmap: n = 3 boxed images" in result.output
 
-    result = CliRunner().invoke(app, ["evaluate", "--boxes", str(tmp_path / "missing.csv"), "--data", str(data),
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["evaluate", "--boxes", str(tmp_path / "missing.csv"), "--data", str(data), "--out", str(out)]
+    )
     assert result.exit_code == 2 and "--boxes" in result.output

@@ -19,9 +19,9 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
-from config.settings import load_settings
-from common.logs import JsonLineFormatter, configure_logging
 from common import audit, logfilter
+from common.logs import JsonLineFormatter, configure_logging
+from config.settings import load_settings
 from tests.kit.dicom_fixtures import radiograph, write_broken
 from tests.kit.serve import Serve
 from tests.kit.wait import wait_until
@@ -33,18 +33,24 @@ INVALID_BIRTH_DATE = "20200231"  # 31 February: a date pydicom refuses, quoting 
 # --- the redaction itself ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("message", "safe"), [
-    ("Invalid value for VR DA: '20200231'.", "Invalid value for VR DA: <redacted>."),
-    ('The string "MARKERNAME" is unlikely to represent the intended person name', "The string <redacted> is "
-                                                                                "unlikely to represent the intended "
-                                                                                "person name"),
-    ('The string "O\'Brien" is unlikely', "The string <redacted> is unlikely"),  # a quote inside the value
-    ("Unable to convert b'MARKER\\xfc' to 'DA' object", "Unable to convert <redacted> object"),
-    ("value 'MARKER never closed", "value <redacted>"),
-    ("patient age 58 years, model's population 1 to <6 years", "patient age 58 years, model's population 1 to "
-                                                                "<6 years"),  # apostrophes in words stay
-    ("study round 1.2.3 analysed: POSITIVE", "study round 1.2.3 analysed: POSITIVE"),
-])
+@pytest.mark.parametrize(
+    ("message", "safe"),
+    [
+        ("Invalid value for VR DA: '20200231'.", "Invalid value for VR DA: <redacted>."),
+        (
+            'The string "MARKERNAME" is unlikely to represent the intended person name',
+            "The string <redacted> is unlikely to represent the intended person name",
+        ),
+        ('The string "O\'Brien" is unlikely', "The string <redacted> is unlikely"),  # a quote inside the value
+        ("Unable to convert b'MARKER\\xfc' to 'DA' object", "Unable to convert <redacted> object"),
+        ("value 'MARKER never closed", "value <redacted>"),
+        (
+            "patient age 58 years, model's population 1 to <6 years",
+            "patient age 58 years, model's population 1 to <6 years",
+        ),  # apostrophes in words stay
+        ("study round 1.2.3 analysed: POSITIVE", "study round 1.2.3 analysed: POSITIVE"),
+    ],
+)
 def test_quoted_values_are_redacted_and_plain_messages_kept(message, safe) -> None:
     assert logfilter.redact(message) == safe
 
@@ -92,9 +98,11 @@ def test_an_exception_keeps_its_traceback_but_not_the_value(captured_logs) -> No
 def test_a_dataset_is_never_formatted_into_a_message(captured_logs) -> None:
     dataset = radiograph(PatientName=f"{MARKER}NAME", PatientID=f"{MARKER}ID")
     logging.getLogger("some.library").warning("could not handle %s (%r)", dataset, dataset["PatientName"])
-    logging.getLogger("celery.app.trace").error("Task %(name)s raised unexpected: %(exc)s",
-                                                {"name": "analyse", "exc": f"ValueError('{MARKER}')"},
-                                                extra={"data": {"exc": f"ValueError('{MARKER}')"}})
+    logging.getLogger("celery.app.trace").error(
+        "Task %(name)s raised unexpected: %(exc)s",
+        {"name": "analyse", "exc": f"ValueError('{MARKER}')"},
+        extra={"data": {"exc": f"ValueError('{MARKER}')"}},
+    )
     text = captured_logs.getvalue()
     assert MARKER not in text
     assert "could not handle <Dataset> (<DataElement>)" in text and "raised unexpected: ValueError(<redacted>)" in text
@@ -137,16 +145,35 @@ def marked_study(tmp_path):
     shipped population covers that age)."""
     study_uid = generate_uid()
     files = [
-        write_broken(radiograph(0, study_uid=study_uid, PatientName=f"{MARKER}NAME", PatientID=f"{MARKER}ID01",
-                                ReferringPhysicianName=f"{MARKER}DOCTOR"), tmp_path / "a.dcm",
-                     values={"PatientBirthDate": INVALID_BIRTH_DATE.encode()}),
-        write_broken(radiograph(1, study_uid=study_uid, PatientName=f"{MARKER}FAMILY^{MARKER}GIVEN",
-                                OtherPatientNames=f"{MARKER}OTHER"), tmp_path / "b.dcm",
-                     values={"PatientBirthDate": f"{MARKER}DOB".encode(), "PatientID": (f"{MARKER}ID" * 9).encode()}),
-        write_broken(radiograph(2, study_uid=study_uid), tmp_path / "c.dcm", without=("SpecificCharacterSet",),
-                     values={"PatientName": f"{MARKER}ÜMLAUT".encode("latin-1"), "PatientID": b"MARKERID03"}),
-        write_broken(radiograph(3, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="012Y"),
-                     tmp_path / "d.dcm", values={"PatientBirthDate": INVALID_BIRTH_DATE.encode()}),
+        write_broken(
+            radiograph(
+                0,
+                study_uid=study_uid,
+                PatientName=f"{MARKER}NAME",
+                PatientID=f"{MARKER}ID01",
+                ReferringPhysicianName=f"{MARKER}DOCTOR",
+            ),
+            tmp_path / "a.dcm",
+            values={"PatientBirthDate": INVALID_BIRTH_DATE.encode()},
+        ),
+        write_broken(
+            radiograph(
+                1, study_uid=study_uid, PatientName=f"{MARKER}FAMILY^{MARKER}GIVEN", OtherPatientNames=f"{MARKER}OTHER"
+            ),
+            tmp_path / "b.dcm",
+            values={"PatientBirthDate": f"{MARKER}DOB".encode(), "PatientID": (f"{MARKER}ID" * 9).encode()},
+        ),
+        write_broken(
+            radiograph(2, study_uid=study_uid),
+            tmp_path / "c.dcm",
+            without=("SpecificCharacterSet",),
+            values={"PatientName": f"{MARKER}ÜMLAUT".encode("latin-1"), "PatientID": b"MARKERID03"},
+        ),
+        write_broken(
+            radiograph(3, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="012Y"),
+            tmp_path / "d.dcm",
+            values={"PatientBirthDate": INVALID_BIRTH_DATE.encode()},
+        ),
     ]
     return files
 
@@ -156,10 +183,14 @@ def test_marked_patient_fields_reach_neither_logs_nor_audit_nor_store(marked_stu
 
     settings = load_settings(
         store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
-        broker={"url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-                "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}"},
-        worker={"outbox_dir": str(tmp_path / "outbox")}, audit={"path": str(tmp_path / "audit.jsonl")},
-        delivery={"shadow_mode": True})
+        broker={
+            "url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+            "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+        },
+        worker={"outbox_dir": str(tmp_path / "outbox")},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+        delivery={"shadow_mode": True},
+    )
     celery_app.configure(settings)
     tasks.store.cache_clear()
     try:
@@ -214,8 +245,9 @@ def fresh_logging():
 def test_node_and_web_logging_set_up_installs_the_filter(fresh_logging) -> None:
     configure_logging("INFO")  # dicom_node.node and web.commands call this
     assert isinstance(logging.getLogRecordFactory(), logfilter._ScrubbingFactory)
-    assert all(any(isinstance(f, logfilter.PhiFilter) for f in handler.filters)
-               for handler in logging.getLogger().handlers)
+    assert all(
+        any(isinstance(f, logfilter.PhiFilter) for f in handler.filters) for handler in logging.getLogger().handlers
+    )
 
 
 def test_celery_logging_set_up_installs_the_filter(fresh_logging) -> None:
@@ -246,8 +278,13 @@ def test_serve_logs_no_patient_fields(tmp_path) -> None:
 
     study_uid = generate_uid()
     datasets = [
-        radiograph(0, study_uid=study_uid, PatientName=f"{MARKER}NAME", PatientID=f"{MARKER}ID01",
-                   ReferringPhysicianName=f"{MARKER}DOCTOR"),
+        radiograph(
+            0,
+            study_uid=study_uid,
+            PatientName=f"{MARKER}NAME",
+            PatientID=f"{MARKER}ID01",
+            ReferringPhysicianName=f"{MARKER}DOCTOR",
+        ),
         radiograph(1, study_uid=study_uid, PatientName=f"{MARKER}ADULT", PatientAge="12"),  # no population: refused
     ]
     for dataset in datasets:
@@ -255,13 +292,20 @@ def test_serve_logs_no_patient_fields(tmp_path) -> None:
     serve = Serve(tmp_path, LUNGVISION_LOG_LEVEL="INFO", PYTHONWARNINGS="always").start()
     try:
         assert send_datasets(Destination("LUNGVISION", "127.0.0.1", serve.port), datasets) == [0, 0]
-        wait_until(lambda: len(serve.results(study_uid)) >= 3, timeout_s=180, interval_s=0.5,
-                   message="SC + SR, and the adult's SR")
+        wait_until(
+            lambda: len(serve.results(study_uid)) >= 3,
+            timeout_s=180,
+            interval_s=0.5,
+            message="SC + SR, and the adult's SR",
+        )
         assert len(serve.results(study_uid)) == 3
     finally:
         assert serve.terminate() == 0
     log = (tmp_path / "serve.log").read_text(errors="replace")
     assert "unlikely to represent the intended person name" in log  # highdicom warned, through the filter
-    for name, text in [("serve.log", log), ("audit", (tmp_path / "var" / "audit.jsonl").read_text()),
-                       ("store", (tmp_path / "var" / "lungvision.db").read_bytes().decode("latin-1"))]:
+    for name, text in [
+        ("serve.log", log),
+        ("audit", (tmp_path / "var" / "audit.jsonl").read_text()),
+        ("store", (tmp_path / "var" / "lungvision.db").read_bytes().decode("latin-1")),
+    ]:
         assert MARKER not in text and INVALID_BIRTH_DATE not in text, (name, _lines_with_markers(text))

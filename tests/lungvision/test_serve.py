@@ -24,8 +24,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_demo_shows_a_result_for_every_sample_study(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "lungvision", "demo", "--workdir", str(tmp_path / "demo")],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "lungvision", "demo", "--workdir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     descriptions = [study.description for study in sample_studies()]
     rows = {line[:56].strip(): line for line in result.stdout.splitlines() if line[:56].strip() in descriptions}
@@ -40,8 +45,13 @@ def test_demo_shows_a_result_for_every_sample_study(tmp_path) -> None:
 
 
 def test_demo_keep_keeps_the_worklist_up_after_the_results_until_ctrl_c(tmp_path) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "lungvision", "demo", "--keep", "--workdir", str(tmp_path / "demo")],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lungvision", "demo", "--keep", "--workdir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+    )
     try:
         line = wait_for_line(output_lines(process.stdout), "Ctrl-C to stop", timeout_s=600)  # after the results table
         url = line.split("worklist at ", 1)[1].split(" ", 1)[0]
@@ -78,8 +88,12 @@ def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
 
         serve.start()
         try:
-            wait_until(lambda: len(serve.results(study_uid)) >= 2, timeout_s=120, interval_s=0.5,
-                       message="the study's results in var/out")
+            wait_until(
+                lambda: len(serve.results(study_uid)) >= 2,
+                timeout_s=120,
+                interval_s=0.5,
+                message="the study's results in var/out",
+            )
             assert len(serve.results(study_uid)) == 2  # the heatmap SC and the SR
 
             api = f"http://127.0.0.1:{serve.web_port}"
@@ -91,12 +105,18 @@ def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
                     return {}
                 return study if study.get("status") == "delivered" and listener.messages else {}
 
-            study = wait_until(delivered_and_sent, timeout_s=120, interval_s=0.5,
-                               message="the study delivered and its HL7 result received")
+            study = wait_until(
+                delivered_and_sent,
+                timeout_s=120,
+                interval_s=0.5,
+                message="the study delivered and its HL7 result received",
+            )
             assert study["status"] == "delivered" and study["finding"] in ("POSITIVE", "NEGATIVE"), study
             assert study["patient"] is None
-            assert get_json(f"{api}/api/studies/{study_uid}", Authorization="Bearer serve-token")["patient"][
-                "patient_id"] == "LV-TEST"
+            assert (
+                get_json(f"{api}/api/studies/{study_uid}", Authorization="Bearer serve-token")["patient"]["patient_id"]
+                == "LV-TEST"
+            )
             (message,) = listener.messages
             assert str(message.segment("OBX")[8]) == ("A" if study["finding"] == "POSITIVE" else "N")
             assert str(message.segment("PID")[3][0][0]) == "LV-TEST"
@@ -122,7 +142,7 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:  # it ended while we looked: that is an answer, not an error
         return None
-    state, parent, group = stat[stat.rindex(")") + 2:].split()[:3]  # the command name may hold spaces
+    state, parent, group = stat[stat.rindex(")") + 2 :].split()[:3]  # the command name may hold spaces
     return state, int(parent), int(group)
 
 
@@ -157,8 +177,12 @@ def test_a_killed_serve_takes_its_children_along_and_a_new_serve_gets_the_same_p
     def left() -> list[int]:
         return [pid for pid, (_, group) in _live_processes().items() if group in groups]
 
-    wait_until(lambda: not left(), timeout_s=120, interval_s=0.5,
-               message=lambda: f"serve's children gone; left: {[(pid, _command(pid)) for pid in left()]}")
+    wait_until(
+        lambda: not left(),
+        timeout_s=120,
+        interval_s=0.5,
+        message=lambda: f"serve's children gone; left: {[(pid, _command(pid)) for pid in left()]}",
+    )
 
     serve.start()  # the same folder, the same node and web ports
     try:

@@ -16,8 +16,9 @@ def live_server(site) -> str:
     from web.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(site.settings), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(site.settings), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, timeout_s=20, interval_s=0.05, message="uvicorn started")

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from datetime import UTC
 
 from common.audit import read_events
 from web.metrics import LungVisionCollector
@@ -51,12 +52,12 @@ def test_an_audit_line_that_is_not_json_is_skipped_and_logged_without_quoting_it
 
 
 def test_an_audit_event_with_an_unreadable_time_is_logged_and_still_shown(caplog) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from web.worklist import _parse_time
 
     with caplog.at_level(logging.WARNING, logger="lungvision.web.worklist"):
         parsed = _parse_time("Doe^Jane 31/02")
-    assert abs((parsed - datetime.now(timezone.utc)).total_seconds()) < 60
+    assert abs((parsed - datetime.now(UTC)).total_seconds()) < 60
     assert "unreadable time" in caplog.text and "Doe" not in caplog.text
-    assert _parse_time("2026-11-30T10:00:00+00:00") == datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
+    assert _parse_time("2026-11-30T10:00:00+00:00") == datetime(2026, 11, 30, 10, tzinfo=UTC)

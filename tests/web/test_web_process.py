@@ -40,11 +40,11 @@ print(json.dumps({"answers": answers, "broker_up": broker_up, "loaded": loaded})
 
 
 def test_the_web_process_imports_no_worker_no_model_and_no_torch(tmp_path) -> None:
-    done = subprocess.run([sys.executable, "-c", WEB_PROCESS, str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", WEB_PROCESS, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.splitlines()[-1])
-    assert report["answers"] == {"/": 200, "/api/studies": 200, "/metrics": 200, "replay": 200,
-                                 "dead letters left": 0}
+    assert report["answers"] == {"/": 200, "/api/studies": 200, "/metrics": 200, "replay": 200, "dead letters left": 0}
     assert report["broker_up"] == ["lungvision_broker_up 1.0"]
     assert report["loaded"] == []

@@ -12,8 +12,16 @@ import pytest
 from tests.kit.site import TOKEN
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic", "--disable-dev-shm-usage"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +60,10 @@ def test_worklist_shows_findings_thumbnails_in_priority_order(browser, live_serv
 
     page.select_option("select[name=finding]", "NEGATIVE")  # the filter submits itself
     page.wait_for_url("**finding=NEGATIVE**")
-    assert [page.locator("#worklist tr.study").nth(i).get_attribute("data-study-uid")
-            for i in range(page.locator("#worklist tr.study").count())] == [site.studies["ACC-NEG"].study_uid]
+    assert [
+        page.locator("#worklist tr.study").nth(i).get_attribute("data-study-uid")
+        for i in range(page.locator("#worklist tr.study").count())
+    ] == [site.studies["ACC-NEG"].study_uid]
 
     page.goto(f"{live_server}/studies/{site.studies['ACC-POS-HIGH'].study_uid}", wait_until="networkidle")
     picture = page.locator("img[alt='heatmap Secondary Capture']")

@@ -11,8 +11,17 @@ from tests.kit.data import chest_pixels
 
 def strip_type2(dataset) -> None:
     """Make the dataset as incomplete as real inputs often are."""
-    for keyword in ("PatientID", "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID",
-                    "PatientBirthDate", "PatientSex", "PatientOrientation"):
+    for keyword in (
+        "PatientID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "StudyID",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientOrientation",
+    ):
         if keyword in dataset:
             delattr(dataset, keyword)
 
@@ -23,8 +32,9 @@ def study_files(tmp_path) -> dict[str, Path]:
     non-chest DX; returns their paths by role."""
     study_uid = generate_uid()
     datasets = {
-        "frontal": wrap_image(chest_pixels(), photometric="MONOCHROME1", bits_stored=12, transfer_syntax=JPEG2000,
-                              study_uid=study_uid),
+        "frontal": wrap_image(
+            chest_pixels(), photometric="MONOCHROME1", bits_stored=12, transfer_syntax=JPEG2000, study_uid=study_uid
+        ),
         "lateral": wrap_image(chest_pixels(1), view_position="LL", study_uid=study_uid),
         "knee": wrap_image(chest_pixels(2), sop_class="DX", body_part="KNEE", view_position="AP", study_uid=study_uid),
     }

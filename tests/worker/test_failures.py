@@ -26,10 +26,14 @@ def worker(tmp_path):
 
     settings = load_settings(
         store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
-        broker={"url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-                "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}"},
-        worker={"outbox_dir": str(tmp_path / "outbox")}, audit={"path": str(tmp_path / "audit.jsonl")},
-        destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}])
+        broker={
+            "url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+            "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+        },
+        worker={"outbox_dir": str(tmp_path / "outbox")},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+        destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}],
+    )
     celery_app.configure(settings)
     tasks.store.cache_clear()
     yield tasks
@@ -50,8 +54,9 @@ def dead_letters(tasks) -> DeadLetters:
     return DeadLetters(tasks.store())
 
 
-def test_any_exception_in_the_analysis_ends_the_round_as_failed_and_replayable(worker, study_files,
-                                                                             monkeypatch) -> None:
+def test_any_exception_in_the_analysis_ends_the_round_as_failed_and_replayable(
+    worker, study_files, monkeypatch
+) -> None:
     def explode(*_args, **_kwargs):
         raise ValueError(f"bad element value {SECRET!r}")
 
@@ -84,8 +89,7 @@ def test_any_exception_in_the_analysis_ends_the_round_as_failed_and_replayable(w
     assert worker.store().result(message.message_id).status == StudyStatus.ANALYSED
 
 
-def test_the_soft_time_limit_and_a_model_that_cannot_load_are_failures_too(worker, study_files,
-                                                                          monkeypatch) -> None:
+def test_the_soft_time_limit_and_a_model_that_cannot_load_are_failures_too(worker, study_files, monkeypatch) -> None:
     def too_slow(*_args, **_kwargs):
         raise SoftTimeLimitExceeded()
 

@@ -13,8 +13,15 @@ from inference.intended_use import GateReason, GateVerdict
 from inference.sample_dicom import wrap_image
 from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, dciodvfy_errors, sr_values
 from worker.encode.equipment import Algorithm
-from worker.encode.findings_sr import (CHEST_XRAY, NOT_ANALYSED, PNEUMONIA, PNEUMONIA_PROBABILITY, STUDY_LEVEL,
-                                       ImageFinding, build_findings_sr)
+from worker.encode.findings_sr import (
+    CHEST_XRAY,
+    NOT_ANALYSED,
+    PNEUMONIA,
+    PNEUMONIA_PROBABILITY,
+    STUDY_LEVEL,
+    ImageFinding,
+    build_findings_sr,
+)
 from worker.encode.heatmap_sc import build_heatmap_sc
 from worker.pipeline import study_finding, write_outputs
 
@@ -30,18 +37,38 @@ def study() -> dict[str, ImageFinding]:
     pixels = np.add.outer(np.arange(64), np.arange(48)).astype(np.uint8)
     frontal = wrap_image(pixels, study_uid=study_uid, patient_name="Sr^Test", patient_id="SR-1")
     lateral = wrap_image(pixels, study_uid=study_uid, view_position="LL", patient_name="Sr^Test", patient_id="SR-1")
-    sc = build_heatmap_sc(frontal, np.zeros((64, 48, 3), np.uint8), algorithm=ALGORITHM,
-                          series_instance_uid=generate_uid(), sop_instance_uid=generate_uid(), series_number=9901,
-                          instance_number=1)
-    return {"frontal": ImageFinding(frontal, probability=0.8312, positive=True, heatmap_sc=sc, logit=1.7),
-            "lateral": ImageFinding(lateral, not_analysed_reason="lateral view (ViewPosition LL)",
-                                    gate=GateVerdict(GateReason.VIEW, "lateral view (ViewPosition LL)"))}
+    sc = build_heatmap_sc(
+        frontal,
+        np.zeros((64, 48, 3), np.uint8),
+        algorithm=ALGORITHM,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=9901,
+        instance_number=1,
+    )
+    return {
+        "frontal": ImageFinding(frontal, probability=0.8312, positive=True, heatmap_sc=sc, logit=1.7),
+        "lateral": ImageFinding(
+            lateral,
+            not_analysed_reason="lateral view (ViewPosition LL)",
+            gate=GateVerdict(GateReason.VIEW, "lateral view (ViewPosition LL)"),
+        ),
+    }
 
 
 def build(findings, top):
-    return build_findings_sr(findings, study_finding=top, threshold=THRESHOLD, operating_point=POINT,
-                             algorithm=ALGORITHM, device_uid=DEVICE_UID, series_instance_uid=generate_uid(),
-                             sop_instance_uid=generate_uid(), series_number=9902, instance_number=1)
+    return build_findings_sr(
+        findings,
+        study_finding=top,
+        threshold=THRESHOLD,
+        operating_point=POINT,
+        algorithm=ALGORITHM,
+        device_uid=DEVICE_UID,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=9902,
+        instance_number=1,
+    )
 
 
 def code(item) -> tuple[str, str]:
@@ -64,8 +91,12 @@ def image_references(items) -> set[str]:
 
 
 def evidence(sr) -> set[str]:
-    return {instance.ReferencedSOPInstanceUID for study_item in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in study_item.ReferencedSeriesSequence for instance in series.ReferencedSOPSequence}
+    return {
+        instance.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
 
 
 def test_sr_is_a_tid_1500_measurement_report_in_the_source_study(study) -> None:
@@ -83,8 +114,9 @@ def test_sr_is_a_tid_1500_measurement_report_in_the_source_study(study) -> None:
     assert observer_uid.UID == DEVICE_UID  # the device observer: Lung Vision
     (measurements,) = children(sr, "126010")  # Imaging Measurements
     study_group, image_group = children(measurements, "125007")  # Measurement Groups: the study's first
-    assert [item.ConceptCodeSequence[0].CodeValue for item in children(study_group, "276214006", "SCT")] == \
-        [STUDY_LEVEL.value]  # Finding category
+    assert [item.ConceptCodeSequence[0].CodeValue for item in children(study_group, "276214006", "SCT")] == [
+        STUDY_LEVEL.value
+    ]  # Finding category
     assert [item.ConceptCodeSequence[0].CodeValue for item in children(image_group, "121071")] == [PNEUMONIA.value]
     assert sr.content[0].ContentSequence == sr.ContentSequence  # highdicom's view holds the whole tree
 

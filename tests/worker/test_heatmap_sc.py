@@ -27,14 +27,21 @@ def phantom() -> np.ndarray:
 
 def hot_spot(shape: tuple[int, int], peak: float) -> np.ndarray:
     """A heatmap of ``shape``: one round spot of heat ``peak`` at three quarters down, three quarters right."""
-    rows, columns = np.mgrid[0:shape[0], 0:shape[1]]
+    rows, columns = np.mgrid[0 : shape[0], 0 : shape[1]]
     distance = np.hypot(rows / shape[0] - 0.75, columns / shape[1] - 0.75)
     return (np.clip(1 - distance / 0.15, 0, 1) * peak).astype(np.float32)
 
 
 def build(source, picture):
-    return build_heatmap_sc(source, picture, algorithm=ALGORITHM, series_instance_uid=generate_uid(),
-                            sop_instance_uid=generate_uid(), series_number=9901, instance_number=3)
+    return build_heatmap_sc(
+        source,
+        picture,
+        algorithm=ALGORITHM,
+        series_instance_uid=generate_uid(),
+        sop_instance_uid=generate_uid(),
+        series_number=9901,
+        instance_number=3,
+    )
 
 
 @pytest.fixture
@@ -45,8 +52,9 @@ def source():
 @pytest.fixture
 def picture() -> np.ndarray:
     size = display_size((ROWS, COLUMNS), MAX_LONG_SIDE)
-    return render_overlay(phantom(), hot_spot(size, 0.9), legend_lines(0.9, True, 0.5, "lungvision-resnet18 1.0.0"),
-                          MAX_LONG_SIDE)
+    return render_overlay(
+        phantom(), hot_spot(size, 0.9), legend_lines(0.9, True, 0.5, "lungvision-resnet18 1.0.0"), MAX_LONG_SIDE
+    )
 
 
 def test_the_picture_has_the_display_size() -> None:
@@ -66,8 +74,10 @@ def test_sc_is_a_derived_secondary_capture_in_the_source_study(source, picture, 
     assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
     assert (sc.Rows, sc.Columns) == display_size((ROWS, COLUMNS), MAX_LONG_SIDE) == picture.shape[:2]
     reference = sc.SourceImageSequence[0]
-    assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == \
-        (source.SOPClassUID, source.SOPInstanceUID)
+    assert (reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID) == (
+        source.SOPClassUID,
+        source.SOPInstanceUID,
+    )
     assert "Lung Vision" in [item.Manufacturer for item in sc.ContributingEquipmentSequence]
 
     (path,) = write_outputs([sc], tmp_path / "outbox")
@@ -80,7 +90,7 @@ def test_the_legend_and_colour_bar_are_burned_into_the_pixels(picture) -> None:
     assert (top == 0).all(axis=2).any() and (top == 255).all(axis=2).any()  # white text on the black box
     red, blue = top[..., 0] - top[..., 2], top[..., 2] - top[..., 0]
     assert red.max() > 100 and blue.max() > 100  # both ends of the heat scale
-    rest = picture[picture.shape[0] // 3: picture.shape[0] // 2].astype(int)  # under the legend, away from the heat
+    rest = picture[picture.shape[0] // 3 : picture.shape[0] // 2].astype(int)  # under the legend, away from the heat
     assert (rest[..., 0] == rest[..., 1]).all() and (rest[..., 1] == rest[..., 2]).all()
 
 
@@ -91,7 +101,7 @@ def test_heat_is_shown_where_it_is_and_only_above_the_floor() -> None:
     spot = hot[int(size[0] * 0.75), int(size[1] * 0.75)]
     assert spot[0] - spot[2] > 40  # the peak is tinted red
     faint = render_overlay(phantom(), hot_spot(size, HEAT_FLOOR * 0.9), legend, MAX_LONG_SIDE).astype(int)
-    below = faint[faint.shape[0] // 3:]
+    below = faint[faint.shape[0] // 3 :]
     assert (below[..., 0] == below[..., 2]).all()  # heat under the floor is not coloured at all
 
 

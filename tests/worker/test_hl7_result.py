@@ -18,12 +18,22 @@ def hl7_worker(site, monkeypatch):
     from worker import celery_app, tasks
 
     def configure(port: int, *, include_name: bool = False, max_attempts: int = 5):
-        settings = site.settings.model_copy(update={
-            "hl7": site.settings.hl7.model_copy(update={
-                "endpoints": [Hl7Endpoint(name="ris", host="127.0.0.1", port=port, receiving_application="RIS")],
-                "include_patient_name": include_name, "timeout_s": 3.0}),
-            "delivery": site.settings.delivery.model_copy(update={"max_attempts": max_attempts,
-                                                                  "retry_base_delay_s": 0.01})})
+        settings = site.settings.model_copy(
+            update={
+                "hl7": site.settings.hl7.model_copy(
+                    update={
+                        "endpoints": [
+                            Hl7Endpoint(name="ris", host="127.0.0.1", port=port, receiving_application="RIS")
+                        ],
+                        "include_patient_name": include_name,
+                        "timeout_s": 3.0,
+                    }
+                ),
+                "delivery": site.settings.delivery.model_copy(
+                    update={"max_attempts": max_attempts, "retry_base_delay_s": 0.01}
+                ),
+            }
+        )
         celery_app.configure(settings)
         tasks.store.cache_clear()
         return tasks
@@ -45,9 +55,21 @@ def assert_strict_v25(message) -> None:
 def job_for(site, accession: str) -> dict:
     """The HL7 task's argument for a seeded study, as the analysis task builds it."""
     [row] = site.store.study_results(site.studies[accession].study_uid)
-    return asdict(Hl7Job(row.message_id, "ris", row.study_instance_uid, row.finding, row.probability, row.threshold,
-                         row.model_version, row.model_sha256, row.analysed_at.isoformat(), row.accession_number,
-                         [uid for image in row.images for uid in (image.sr_uid, image.sc_uid) if uid]))
+    return asdict(
+        Hl7Job(
+            row.message_id,
+            "ris",
+            row.study_instance_uid,
+            row.finding,
+            row.probability,
+            row.threshold,
+            row.model_version,
+            row.model_sha256,
+            row.analysed_at.isoformat(),
+            row.accession_number,
+            [uid for image in row.images for uid in (image.sr_uid, image.sc_uid) if uid],
+        )
+    )
 
 
 def test_positive_study_gives_an_oru_with_abnormal_flag_and_patient_id(site, hl7_worker) -> None:
@@ -101,8 +123,13 @@ def test_unreachable_or_rejecting_endpoint_is_retried_then_given_up(site, hl7_wo
 
 
 def test_a_study_outside_the_intended_use_gets_an_explicit_not_analysed_result(site, hl7_worker) -> None:
-    job = {**job_for(site, "ACC-NEG"), "finding": "NOT_ANALYSED", "probability": None,
-           "operating_point": "site profile ward-7", "remark": "patient age 58 years, model's population 1 to <6 years"}
+    job = {
+        **job_for(site, "ACC-NEG"),
+        "finding": "NOT_ANALYSED",
+        "probability": None,
+        "operating_point": "site profile ward-7",
+        "remark": "patient age 58 years, model's population 1 to <6 years",
+    }
     with MllpListener() as listener:
         tasks = hl7_worker(listener.port)
         assert tasks.send_hl7_task.apply(args=[job]).get() == "delivered"
@@ -118,19 +145,41 @@ def test_a_study_outside_the_intended_use_gets_an_explicit_not_analysed_result(s
 
 
 @pytest.mark.parametrize("finding", ["POSITIVE", "NEGATIVE", "NOT_ANALYSED"])
-@pytest.mark.parametrize("patient", [PatientHeader("PID-1", "HOSP", "Doe^Jane^Q^Dr^III", "ACC-9"),
-                                     PatientHeader("", "", "", ""),  # Type 2 attributes left empty in the image
-                                     PatientHeader("A|B^C&D~E\\F", "", "MARKERNAME", "ACC|1")])  # separators, one-part name
+@pytest.mark.parametrize(
+    "patient",
+    [
+        PatientHeader("PID-1", "HOSP", "Doe^Jane^Q^Dr^III", "ACC-9"),
+        PatientHeader("", "", "", ""),  # Type 2 attributes left empty in the image
+        PatientHeader("A|B^C&D~E\\F", "", "MARKERNAME", "ACC|1"),
+    ],
+)  # separators, one-part name
 @pytest.mark.parametrize("include_name", [False, True])
 def test_every_oru_passes_strict_v25_validation(finding, patient, include_name) -> None:
     from config.settings import Hl7Settings
 
     analysed = finding != "NOT_ANALYSED"
-    job = Hl7Job("m-1", "ris", "1.2.826.0.1.3680043.10.1514.1", finding, 0.42 if analysed else None, 0.1956,
-                 "lungvision-resnet18 1.1", "ab" * 32, "2026-11-30T10:00:00+00:00", "ACC-9", ["1.2.3"],
-                 "site profile ward-7", None if analysed else "patient age 58 years")
-    message = build_oru(job, patient, Hl7Settings(include_patient_name=include_name),
-                        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575), control_id="c0ffee")
+    job = Hl7Job(
+        "m-1",
+        "ris",
+        "1.2.826.0.1.3680043.10.1514.1",
+        finding,
+        0.42 if analysed else None,
+        0.1956,
+        "lungvision-resnet18 1.1",
+        "ab" * 32,
+        "2026-11-30T10:00:00+00:00",
+        "ACC-9",
+        ["1.2.3"],
+        "site profile ward-7",
+        None if analysed else "patient age 58 years",
+    )
+    message = build_oru(
+        job,
+        patient,
+        Hl7Settings(include_patient_name=include_name),
+        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575),
+        control_id="c0ffee",
+    )
     assert_strict_v25(message)
     pid = message.segment("PID")
     if not patient.patient_id:
@@ -143,10 +192,27 @@ def test_every_oru_passes_strict_v25_validation(finding, patient, include_name) 
 def test_the_operating_point_obx_names_the_population(operating_point) -> None:
     from config.settings import Hl7Settings
 
-    job = Hl7Job("m-1", "ris", "1.2.826.0.1.3680043.10.1514.1", "POSITIVE", 0.81, 0.7, "lungvision-resnet18 1.2",
-                 "ab" * 32, "2026-11-30T10:00:00+00:00", "ACC-9", ["1.2.3"], operating_point)
-    message = build_oru(job, PatientHeader("PID-1", "", "", "ACC-9"), Hl7Settings(),
-                        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575), control_id="c0ffee")
+    job = Hl7Job(
+        "m-1",
+        "ris",
+        "1.2.826.0.1.3680043.10.1514.1",
+        "POSITIVE",
+        0.81,
+        0.7,
+        "lungvision-resnet18 1.2",
+        "ab" * 32,
+        "2026-11-30T10:00:00+00:00",
+        "ACC-9",
+        ["1.2.3"],
+        operating_point,
+    )
+    message = build_oru(
+        job,
+        PatientHeader("PID-1", "", "", "ACC-9"),
+        Hl7Settings(),
+        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575),
+        control_id="c0ffee",
+    )
     assert_strict_v25(message)
     point = next(obx for obx in message.segments("OBX") if str(obx[3][0][0]) == "LV-OPPT")
     assert str(point[5]) == f"{operating_point} (threshold 0.7000)"

@@ -15,8 +15,14 @@ from worker.pipeline import analyse_study, device_uid_for
 def outcome(study_files, tmp_path):
     paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
     classifier = load_classifier()
-    return analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox",
-                         device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    return analyse_study(
+        make_message(paths),
+        classifier,
+        classifier.intended_use(),
+        tmp_path / "outbox",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=512,
+    )
 
 
 def test_one_sc_per_analysed_image_and_one_sr_per_image(outcome) -> None:
@@ -24,7 +30,10 @@ def test_one_sc_per_analysed_image_and_one_sr_per_image(outcome) -> None:
     assert classes.count(SC_CLASS) == 1
     assert classes.count(COMPREHENSIVE_SR_CLASS) == 3
     assert [image.not_analysed_reason for image in outcome.images] == [
-        None, "lateral view (ViewPosition LL)", "body part KNEE is not the chest"]
+        None,
+        "lateral view (ViewPosition LL)",
+        "body part KNEE is not the chest",
+    ]
 
 
 def test_outputs_are_valid_dicom(outcome) -> None:
@@ -68,8 +77,14 @@ def test_sr_says_what_the_model_said(outcome) -> None:
 def test_analysing_again_gives_the_same_uids(outcome, study_files, tmp_path) -> None:
     paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
     classifier = load_classifier()
-    again = analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox2",
-                          device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    again = analyse_study(
+        make_message(paths),
+        classifier,
+        classifier.intended_use(),
+        tmp_path / "outbox2",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=512,
+    )
     assert [path.name for path in again.files] == [path.name for path in outcome.files]
 
 
@@ -90,8 +105,14 @@ def adult_and_child(tmp_path):
 
 def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_path) -> None:
     classifier = load_classifier()
-    outcome = analyse_study(make_message(adult_and_child), classifier, classifier.intended_use(), tmp_path / "outbox",
-                            device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    outcome = analyse_study(
+        make_message(adult_and_child),
+        classifier,
+        classifier.intended_use(),
+        tmp_path / "outbox",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=512,
+    )
     adult, child = outcome.images
     assert adult.probability is None and adult.sc_uid is None and adult.intended_use is False
     assert adult.gate_reason is GateReason.AGE and "12 years" in adult.not_analysed_reason
@@ -112,8 +133,14 @@ def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_pat
 def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> None:
     classifier = load_classifier()
     gate = classifier.intended_use(policy="flag")
-    outcome = analyse_study(make_message(adult_and_child[:1]), classifier, gate, tmp_path / "outbox",
-                            device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    outcome = analyse_study(
+        make_message(adult_and_child[:1]),
+        classifier,
+        gate,
+        tmp_path / "outbox",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=512,
+    )
     (adult,) = outcome.images
     assert adult.probability is not None and adult.sc_uid and adult.intended_use is False
     assert outcome.gate_counts() == {"refused": {}, "flagged": {"age": 1}}
@@ -124,8 +151,14 @@ def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> 
 
 def test_every_image_refused_makes_the_round_outside_use(adult_and_child, tmp_path) -> None:
     classifier = load_classifier()
-    outcome = analyse_study(make_message(adult_and_child[:1]), classifier, classifier.intended_use(),
-                            tmp_path / "outbox", device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    outcome = analyse_study(
+        make_message(adult_and_child[:1]),
+        classifier,
+        classifier.intended_use(),
+        tmp_path / "outbox",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=512,
+    )
     assert outcome.status is StudyStatus.OUTSIDE_USE and outcome.finding is Finding.NOT_ANALYSED
     assert outcome.top is None
 
@@ -144,12 +177,17 @@ def test_each_image_gets_its_populations_operating_point(two_population_weights,
         dataset.PatientAge = age
         paths.append(write_dataset(dataset, tmp_path / f"{name}.dcm"))
     classifier = Classifier(two_population_weights)
-    outcome = analyse_study(make_message(paths), classifier, classifier.intended_use(), tmp_path / "outbox",
-                            device_uid=device_uid_for("LUNGVISION"), max_long_side=512)
+    outcome = analyse_study(
+        make_message(paths),
+        classifier,
+        classifier.intended_use(),
+        tmp_path / "outbox",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=512,
+    )
     adult, child, gap = outcome.images
     assert (adult.population, adult.threshold, adult.operating_point) == ("adults", 0.7, "shipped / adults")
-    assert (child.population, child.threshold, child.operating_point) == \
-        ("children", 0.2, "shipped / children")
+    assert (child.population, child.threshold, child.operating_point) == ("children", 0.2, "shipped / children")
     assert gap.probability is None and gap.gate_reason is GateReason.AGE and gap.population is None
     assert "populations 1 to <6, 18 to <90 years" in gap.not_analysed_reason
     # the same pixels: one logit, two temperatures and thresholds
@@ -157,8 +195,10 @@ def test_each_image_gets_its_populations_operating_point(two_population_weights,
     assert adult.positive == (adult.probability >= 0.7) and child.positive == (child.probability >= 0.2)
     for image, threshold in ((adult, 0.7), (child, 0.2)):
         values = sr_values(dcmread(next(path for path in outcome.files if path.stem == image.sr_uid)))
-        assert f"operating point shipped / {image.population} (threshold {threshold:.4f})" in \
-            values["Algorithm Parameters"]
+        assert (
+            f"operating point shipped / {image.population} (threshold {threshold:.4f})"
+            in values["Algorithm Parameters"]
+        )
         assert values["Decision threshold"] == [pytest.approx(threshold)]
     top = outcome.top  # the study's finding: a positive image first, then the highest probability
     assert top.positive == any(image.positive for image in (adult, child))

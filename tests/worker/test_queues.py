@@ -33,8 +33,10 @@ def broker_url(request, tmp_path) -> Iterator[str]:
 def configure(broker_url: str, folder: Path):
     """The worker's app on ``broker_url``, without the connections it cached for the last test's broker
     (configure() is meant to run once per process; Celery keeps its first connection pool)."""
-    settings = load_settings(broker={"url": broker_url, "result_backend": f"db+sqlite:///{folder}/results.sqlite"},
-                             audit={"path": str(folder / "audit.jsonl")})
+    settings = load_settings(
+        broker={"url": broker_url, "result_backend": f"db+sqlite:///{folder}/results.sqlite"},
+        audit={"path": str(folder / "audit.jsonl")},
+    )
     app = celery_app.configure(settings)
     app._pool = None
     app.amqp._producer_pool = None

@@ -5,7 +5,7 @@ import json
 import os
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,8 +17,17 @@ from common.spool import ArrivalRecord, Spool
 from common.store import RoundState, Store, StudyResult
 from config.settings import load_settings
 from dicom_node.dispatcher import build_study_ready
-from worker.reconcile import (Action, Claim, Limits, Sweeper, claim_decision, claim_round, owner_alive,
-                              process_identity, sweep_decision)
+from worker.reconcile import (
+    Action,
+    Claim,
+    Limits,
+    Sweeper,
+    claim_decision,
+    claim_round,
+    owner_alive,
+    process_identity,
+    sweep_decision,
+)
 
 LIMITS = Limits(requeue_after_s=60, time_limit_s=300, max_attempts=3, retry_max_delay_s=120)
 ME, OTHER = "host/ns/1", "host/ns/2"
@@ -35,38 +44,72 @@ def dead(_owner) -> bool:
 
 # --- the decisions, with a fake clock --------------------------------------------------------------
 
-@pytest.mark.parametrize(("state", "is_alive", "expected"), [
-    (RoundState(), alive, Claim.START),  # never seen: start
-    (RoundState(status=StudyStatus.DELIVERED, attempts=1), alive, Claim.DONE),
-    (RoundState(status=StudyStatus.FAILED, attempts=1), alive, Claim.DONE),  # replay resets it first
-    (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=OTHER, started_at=NOW - 10), alive, Claim.RUNNING),
-    (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=OTHER, started_at=NOW - 10), dead, Claim.START),
-    (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=OTHER, started_at=NOW - 301), alive, Claim.START),
-    (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=ME, started_at=NOW - 10), alive, Claim.START),
-    (RoundState(status=StudyStatus.ANALYSING, attempts=3, owner=OTHER, started_at=NOW - 10), dead, Claim.GIVE_UP),
-    (RoundState(status=StudyStatus.ANALYSING, attempts=3, owner=OTHER, started_at=NOW - 10), alive, Claim.RUNNING),
-    (RoundState(status=StudyStatus.REQUEUED, attempts=0, requeued_at=NOW - 5), alive, Claim.START),
-], ids=["new", "delivered", "failed", "running-elsewhere", "owner-dead", "past-time-limit", "own-pid",
-        "attempts-used-up", "last-attempt-running", "replayed"])
+
+@pytest.mark.parametrize(
+    ("state", "is_alive", "expected"),
+    [
+        (RoundState(), alive, Claim.START),  # never seen: start
+        (RoundState(status=StudyStatus.DELIVERED, attempts=1), alive, Claim.DONE),
+        (RoundState(status=StudyStatus.FAILED, attempts=1), alive, Claim.DONE),  # replay resets it first
+        (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=OTHER, started_at=NOW - 10), alive, Claim.RUNNING),
+        (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=OTHER, started_at=NOW - 10), dead, Claim.START),
+        (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=OTHER, started_at=NOW - 301), alive, Claim.START),
+        (RoundState(status=StudyStatus.ANALYSING, attempts=1, owner=ME, started_at=NOW - 10), alive, Claim.START),
+        (RoundState(status=StudyStatus.ANALYSING, attempts=3, owner=OTHER, started_at=NOW - 10), dead, Claim.GIVE_UP),
+        (RoundState(status=StudyStatus.ANALYSING, attempts=3, owner=OTHER, started_at=NOW - 10), alive, Claim.RUNNING),
+        (RoundState(status=StudyStatus.REQUEUED, attempts=0, requeued_at=NOW - 5), alive, Claim.START),
+    ],
+    ids=[
+        "new",
+        "delivered",
+        "failed",
+        "running-elsewhere",
+        "owner-dead",
+        "past-time-limit",
+        "own-pid",
+        "attempts-used-up",
+        "last-attempt-running",
+        "replayed",
+    ],
+)
 def test_claim_decision(state, is_alive, expected) -> None:
     assert claim_decision(state, ME, NOW, LIMITS, is_alive) is expected
 
 
-@pytest.mark.parametrize(("queued_ago", "state", "is_alive", "expected"), [
-    (10, RoundState(), alive, Action.WAIT),  # queued, not taken yet: a busy queue
-    (61, RoundState(), alive, Action.REQUEUE),  # silent longer than requeue_after_s: lost by the broker
-    (61, RoundState(requeues=1, requeued_at=NOW - 30), alive, Action.WAIT),  # sent again lately
-    (500, RoundState(requeues=1, requeued_at=NOW - 61), alive, Action.REQUEUE),  # lost again
-    (500, RoundState(status=StudyStatus.ANALYSED), alive, Action.SETTLED),
-    (500, RoundState(status=StudyStatus.OUTSIDE_USE), alive, Action.SETTLED),
-    (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 100), alive, Action.WAIT),
-    (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 100), dead, Action.REQUEUE),
-    (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 301), alive, Action.REQUEUE),
-    (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 100, requeued_at=NOW - 30), dead,
-     Action.WAIT),  # its copy was sent 30 s ago: give a worker time to take it
-    (500, RoundState(status=StudyStatus.REQUEUED, requeued_at=NOW - 10), alive, Action.WAIT),  # just replayed
-], ids=["queued-recently", "queued-silent", "requeued-recently", "requeued-silent", "analysed", "outside-use",
-        "analysing", "analyser-gone", "analysing-past-time-limit", "analyser-gone-already-requeued", "replayed"])
+@pytest.mark.parametrize(
+    ("queued_ago", "state", "is_alive", "expected"),
+    [
+        (10, RoundState(), alive, Action.WAIT),  # queued, not taken yet: a busy queue
+        (61, RoundState(), alive, Action.REQUEUE),  # silent longer than requeue_after_s: lost by the broker
+        (61, RoundState(requeues=1, requeued_at=NOW - 30), alive, Action.WAIT),  # sent again lately
+        (500, RoundState(requeues=1, requeued_at=NOW - 61), alive, Action.REQUEUE),  # lost again
+        (500, RoundState(status=StudyStatus.ANALYSED), alive, Action.SETTLED),
+        (500, RoundState(status=StudyStatus.OUTSIDE_USE), alive, Action.SETTLED),
+        (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 100), alive, Action.WAIT),
+        (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 100), dead, Action.REQUEUE),
+        (500, RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 301), alive, Action.REQUEUE),
+        (
+            500,
+            RoundState(status=StudyStatus.ANALYSING, owner=OTHER, started_at=NOW - 100, requeued_at=NOW - 30),
+            dead,
+            Action.WAIT,
+        ),  # its copy was sent 30 s ago: give a worker time to take it
+        (500, RoundState(status=StudyStatus.REQUEUED, requeued_at=NOW - 10), alive, Action.WAIT),  # just replayed
+    ],
+    ids=[
+        "queued-recently",
+        "queued-silent",
+        "requeued-recently",
+        "requeued-silent",
+        "analysed",
+        "outside-use",
+        "analysing",
+        "analyser-gone",
+        "analysing-past-time-limit",
+        "analyser-gone-already-requeued",
+        "replayed",
+    ],
+)
 def test_sweep_decision(queued_ago, state, is_alive, expected) -> None:
     assert sweep_decision(NOW - queued_ago, state, NOW, LIMITS, is_alive).action is expected
 
@@ -82,11 +125,25 @@ def test_owner_alive_tells_a_gone_process_of_this_host_only() -> None:
 
 # --- the claim on a real store ---------------------------------------------------------------------
 
+
 def placeholder(message_id: str) -> StudyResult:
-    return StudyResult(message_id=message_id, study_instance_uid="1.2.3", round=1, calling_ae="AE", modality=None,
-                       accession_number=None, status=StudyStatus.ANALYSING, finding=Finding.PENDING,
-                       probability=None, threshold=0.5, model_version="m 1", model_sha256="ab" * 32, images=[],
-                       timings_ms={}, received_at=datetime.now(timezone.utc))
+    return StudyResult(
+        message_id=message_id,
+        study_instance_uid="1.2.3",
+        round=1,
+        calling_ae="AE",
+        modality=None,
+        accession_number=None,
+        status=StudyStatus.ANALYSING,
+        finding=Finding.PENDING,
+        probability=None,
+        threshold=0.5,
+        model_version="m 1",
+        model_sha256="ab" * 32,
+        images=[],
+        timings_ms={},
+        received_at=datetime.now(UTC),
+    )
 
 
 def test_of_two_processes_claiming_one_round_one_analyses_it(tmp_path) -> None:
@@ -99,7 +156,7 @@ def test_of_two_processes_claiming_one_round_one_analyses_it(tmp_path) -> None:
 
     # A claim decided on a state another process has changed since loses instead of claiming twice.
     stale = RoundState(attempts=0)
-    assert not store.start_attempt(placeholder("m1"), OTHER, datetime.now(timezone.utc), stale)
+    assert not store.start_attempt(placeholder("m1"), OTHER, datetime.now(UTC), stale)
 
 
 def test_a_round_whose_worker_keeps_dying_is_given_up(tmp_path) -> None:
@@ -110,6 +167,7 @@ def test_a_round_whose_worker_keeps_dying_is_given_up(tmp_path) -> None:
 
 
 # --- the sweeper on a real spool and store ---------------------------------------------------------
+
 
 class FakePublisher:
     def __init__(self) -> None:
@@ -136,9 +194,13 @@ class Clock:
 @pytest.fixture
 def site(tmp_path):
     """A spool, a store, settings with requeue_after_s = 60, a fake publisher and clock, the audit trail."""
-    settings = load_settings(spool={"dir": str(tmp_path / "spool")}, store={"url": f"sqlite:///{tmp_path}/lv.db"},
-                             worker={"requeue_after_s": 60, "time_limit_s": 300, "outbox_dir": str(tmp_path / "out")},
-                             delivery={"retry_max_delay_s": 120}, audit={"path": str(tmp_path / "audit.jsonl")})
+    settings = load_settings(
+        spool={"dir": str(tmp_path / "spool")},
+        store={"url": f"sqlite:///{tmp_path}/lv.db"},
+        worker={"requeue_after_s": 60, "time_limit_s": 300, "outbox_dir": str(tmp_path / "out")},
+        delivery={"retry_max_delay_s": 120},
+        audit={"path": str(tmp_path / "audit.jsonl")},
+    )
     audit.configure(settings.audit.path)
     spool = Spool(settings.spool.dir, min_free_bytes=0)
     spool.prepare()
@@ -151,8 +213,9 @@ def site(tmp_path):
     site.settings, site.spool, site.store, site.clock = settings, spool, Store(settings.store.url), clock
     site.publisher = FakePublisher()
     site.tmp = tmp_path
-    site.sweeper = lambda is_alive=alive: Sweeper(settings, site.store, spool, site.publisher, clock=clock,
-                                                  is_alive=is_alive)
+    site.sweeper = lambda is_alive=alive: Sweeper(
+        settings, site.store, spool, site.publisher, clock=clock, is_alive=is_alive
+    )
     yield site
     audit.configure(None)
 
@@ -161,8 +224,14 @@ def queued_round(site, study_uid: str = "1.2.3.4", queued_ago_s: float = 0.0):
     """A round as the node leaves it: one instance spooled and sealed, message.json, queued.json."""
     source = site.tmp / f"{study_uid}.incoming"
     source.write_bytes(b"DICOM bytes")
-    record = ArrivalRecord(f"{study_uid}.1", "1.2.840.10008.5.1.4.1.1.1", f"{study_uid}.2", "1.2.840.10008.1.2.1",
-                           "MODALITY", site.clock.now)
+    record = ArrivalRecord(
+        f"{study_uid}.1",
+        "1.2.840.10008.5.1.4.1.1.1",
+        f"{study_uid}.2",
+        "1.2.840.10008.1.2.1",
+        "MODALITY",
+        site.clock.now,
+    )
     site.spool.store(study_uid, record, source)
     sealed = site.spool.seal_round(study_uid)
     message = build_study_ready(sealed, site.spool.arrival_records(sealed), message_id=f"message-{study_uid}")
@@ -188,7 +257,7 @@ def test_a_round_lost_by_the_broker_is_sent_again_with_the_same_message(site) ->
     assert (task, task_id) == (ANALYSE_STUDY_TASK, message.message_id)
     assert args == message.as_task_args()
     [event] = audit_events(site, "requeued")
-    assert event["message_id"] == message.message_id and "no outcome 61 s after it was queued" == event["reason"]
+    assert event["message_id"] == message.message_id and event["reason"] == "no outcome 61 s after it was queued"
 
     sweeper.sweep()  # sent again just now: not again
     assert len(site.publisher.sent) == 1
@@ -221,8 +290,17 @@ def replace_status(result: StudyResult, status: StudyStatus) -> StudyResult:
 
 def test_a_round_whose_analyser_is_gone_is_sent_again_at_once(site) -> None:
     message = queued_round(site, queued_ago_s=5)
-    assert claim_round(site.store, placeholder(message.message_id), Limits.of(site.settings), me=OTHER,
-                       clock=site.clock, is_alive=alive) is Claim.START
+    assert (
+        claim_round(
+            site.store,
+            placeholder(message.message_id),
+            Limits.of(site.settings),
+            me=OTHER,
+            clock=site.clock,
+            is_alive=alive,
+        )
+        is Claim.START
+    )
     site.sweeper(is_alive=alive).sweep()
     assert site.publisher.sent == []  # its analyser runs
     site.sweeper(is_alive=dead).sweep()
@@ -236,7 +314,7 @@ def test_a_replayed_round_whose_message_was_lost_is_sent_again(site) -> None:
     sweeper = site.sweeper()
     sweeper.sweep()
     assert site.publisher.sent == []  # failed is an outcome; but failed rounds stay watched: they may be replayed
-    site.store.mark_replayed(message.message_id, datetime.fromtimestamp(site.clock.now, timezone.utc))
+    site.store.mark_replayed(message.message_id, datetime.fromtimestamp(site.clock.now, UTC))
     sweeper.sweep()
     assert site.publisher.sent == []  # the replay's own message may still be on its way
     site.clock.now += 61
@@ -248,8 +326,10 @@ def test_a_delivery_whose_task_ran_before_the_outcome_was_recorded_keeps_its_sta
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
     store.update_delivery("m1", "pacs", status=DeliveryStatus.DELIVERED, attempts=1)  # the task was faster
     store.save_outcome(replace_status(placeholder("m1"), StudyStatus.ANALYSED), ["pacs", "archive"])
-    assert {(d.destination, d.status) for d in store.deliveries("m1")} == {("pacs", DeliveryStatus.DELIVERED),
-                                                                          ("archive", DeliveryStatus.PENDING)}
+    assert {(d.destination, d.status) for d in store.deliveries("m1")} == {
+        ("pacs", DeliveryStatus.DELIVERED),
+        ("archive", DeliveryStatus.PENDING),
+    }
     assert store.result("m1").status == StudyStatus.ANALYSED
     store.save_outcome(replace_status(placeholder("m2"), StudyStatus.ANALYSED), [])  # no destination
     store.update_delivery("m3", "pacs", status=DeliveryStatus.DELIVERED, attempts=1)
@@ -287,11 +367,14 @@ def test_a_silent_delivery_is_sent_again_where_its_attempts_stopped(site) -> Non
 
     site.clock.now += 120  # now the retrying one is silent too (and the first is still silent since its re-send)
     sweeper.sweep()
-    assert {(task_id, retries) for _, _, task_id, retries in site.publisher.sent[1:]} == {("m1:pacs", 2),
-                                                                                          ("m1:archive", 0)}
+    assert {(task_id, retries) for _, _, task_id, retries in site.publisher.sent[1:]} == {
+        ("m1:pacs", 2),
+        ("m1:archive", 0),
+    }
 
 
 # --- kombu's Redis restore -------------------------------------------------------------------------
+
 
 def test_redis_is_told_to_return_a_dead_workers_task_within_visibility_timeout_plus_restore_interval(tmp_path) -> None:
     """kombu's defaults look for such tasks every 10 s but scan only every 10th time (measured: back after
@@ -299,14 +382,24 @@ def test_redis_is_told_to_return_a_dead_workers_task_within_visibility_timeout_p
     from worker import celery_app
 
     trail = {"path": str(tmp_path / "audit.jsonl")}
-    redis_broker = load_settings(broker={"url": "redis://127.0.0.1:1/0", "result_backend": "redis://127.0.0.1:1/0"},
-                                 worker={"visibility_timeout_s": 30, "unacked_restore_interval_s": 2}, audit=trail)
-    embedded = load_settings(broker={"url": f"sqla+sqlite:///{tmp_path}/b.sqlite",
-                                     "result_backend": f"db+sqlite:///{tmp_path}/r.sqlite"}, audit=trail)
+    redis_broker = load_settings(
+        broker={"url": "redis://127.0.0.1:1/0", "result_backend": "redis://127.0.0.1:1/0"},
+        worker={"visibility_timeout_s": 30, "unacked_restore_interval_s": 2},
+        audit=trail,
+    )
+    embedded = load_settings(
+        broker={"url": f"sqla+sqlite:///{tmp_path}/b.sqlite", "result_backend": f"db+sqlite:///{tmp_path}/r.sqlite"},
+        audit=trail,
+    )
     try:
         options = celery_app.configure(redis_broker).conf.broker_transport_options
-        assert options == {"visibility_timeout": 30, "unacked_restore_interval": 2, "unacked_restore_throttle": 1,
-                           "unacked_mutex_expire": celery_app.UNACKED_MUTEX_EXPIRE_S, "queue_order_strategy": "priority"}
+        assert options == {
+            "visibility_timeout": 30,
+            "unacked_restore_interval": 2,
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": celery_app.UNACKED_MUTEX_EXPIRE_S,
+            "queue_order_strategy": "priority",
+        }
         assert celery_app.configure(embedded).conf.broker_transport_options == {}  # create_engine() would get them
     finally:
         celery_app.configure(embedded)

@@ -1,7 +1,7 @@
 """Review marks in the store and the labelled set built from them (worker/review.py)."""
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -19,24 +19,52 @@ def store(tmp_path) -> Store:
 
 
 def image(logit: float | None) -> ImageResult:
-    return ImageResult(sop_instance_uid=f"2.25.{uuid.uuid4().int}", probability=0.5, positive=True,
-                       logit=logit, sc_uid=f"2.25.{uuid.uuid4().int}", sr_uid=f"2.25.{uuid.uuid4().int}")
+    return ImageResult(
+        sop_instance_uid=f"2.25.{uuid.uuid4().int}",
+        probability=0.5,
+        positive=True,
+        logit=logit,
+        sc_uid=f"2.25.{uuid.uuid4().int}",
+        sr_uid=f"2.25.{uuid.uuid4().int}",
+    )
 
 
-def saved(store: Store, finding: Finding, logits: list[float | None], *, sha256: str = WEIGHTS,
-          status: StudyStatus = StudyStatus.ANALYSED) -> StudyResult:
-    result = StudyResult(message_id=uuid.uuid4().hex, study_instance_uid=f"2.25.{uuid.uuid4().int}", round=1,
-                         calling_ae="AE", modality="CR", accession_number=None, status=status, finding=finding,
-                         probability=None, threshold=0.06, model_version="m 1", model_sha256=sha256,
-                         images=[image(logit) for logit in logits], timings_ms={},
-                         received_at=datetime.now(timezone.utc))
+def saved(
+    store: Store,
+    finding: Finding,
+    logits: list[float | None],
+    *,
+    sha256: str = WEIGHTS,
+    status: StudyStatus = StudyStatus.ANALYSED,
+) -> StudyResult:
+    result = StudyResult(
+        message_id=uuid.uuid4().hex,
+        study_instance_uid=f"2.25.{uuid.uuid4().int}",
+        round=1,
+        calling_ae="AE",
+        modality="CR",
+        accession_number=None,
+        status=status,
+        finding=finding,
+        probability=None,
+        threshold=0.06,
+        model_version="m 1",
+        model_sha256=sha256,
+        images=[image(logit) for logit in logits],
+        timings_ms={},
+        received_at=datetime.now(UTC),
+    )
     store.save_result(result)
     return result
 
 
 def test_labels_follow_the_verdict_on_each_finding_and_the_score_is_the_highest_logit(store) -> None:
-    cases = [(Finding.POSITIVE, Verdict.AGREE, 1), (Finding.POSITIVE, Verdict.DISAGREE, 0),
-             (Finding.NEGATIVE, Verdict.AGREE, 0), (Finding.NEGATIVE, Verdict.DISAGREE, 1)]
+    cases = [
+        (Finding.POSITIVE, Verdict.AGREE, 1),
+        (Finding.POSITIVE, Verdict.DISAGREE, 0),
+        (Finding.NEGATIVE, Verdict.AGREE, 0),
+        (Finding.NEGATIVE, Verdict.DISAGREE, 1),
+    ]
     expected = {}
     for index, (finding, verdict, label) in enumerate(cases):
         result = saved(store, finding, [-3.0 + index, 1.5 + index, None])
@@ -53,8 +81,12 @@ def test_a_second_mark_of_the_same_round_replaces_the_first(store) -> None:
     second = store.save_review(result, Verdict.DISAGREE, "second-reader")
     assert second.id == first.id
     current = store.review(result.message_id)
-    assert (current.verdict, current.reviewer, current.finding, current.model_sha256) == \
-        (Verdict.DISAGREE, "second-reader", Finding.POSITIVE, WEIGHTS)
+    assert (current.verdict, current.reviewer, current.finding, current.model_sha256) == (
+        Verdict.DISAGREE,
+        "second-reader",
+        Finding.POSITIVE,
+        WEIGHTS,
+    )
     assert current.verdict.value == "disagree"
     assert [review.message_id for review in store.reviews()] == [result.message_id]
     assert reviewed_scores(store, WEIGHTS).labels == [0]
@@ -62,9 +94,12 @@ def test_a_second_mark_of_the_same_round_replaces_the_first(store) -> None:
 
 def test_reviews_with_other_weights_or_without_a_logit_are_skipped_and_counted(store) -> None:
     kept = saved(store, Finding.POSITIVE, [0.7])
-    for result in (saved(store, Finding.POSITIVE, [1.0], sha256=OTHER_WEIGHTS),
-                   saved(store, Finding.NEGATIVE, [-1.0], sha256=OTHER_WEIGHTS),
-                   saved(store, Finding.NEGATIVE, [None]), kept):
+    for result in (
+        saved(store, Finding.POSITIVE, [1.0], sha256=OTHER_WEIGHTS),
+        saved(store, Finding.NEGATIVE, [-1.0], sha256=OTHER_WEIGHTS),
+        saved(store, Finding.NEGATIVE, [None]),
+        kept,
+    ):
         store.save_review(result, Verdict.AGREE, "operator")
     scores = reviewed_scores(store, WEIGHTS)
     assert scores.study_uids == [kept.study_instance_uid] and scores.logits == [0.7] and scores.labels == [1]
@@ -72,9 +107,14 @@ def test_reviews_with_other_weights_or_without_a_logit_are_skipped_and_counted(s
     assert SkipReason.OTHER_WEIGHTS.value == "made with other weights"
 
 
-@pytest.mark.parametrize(("status", "finding"), [(StudyStatus.NOT_ANALYSED, Finding.NOT_ANALYSED),
-                                                 (StudyStatus.ANALYSING, Finding.PENDING),
-                                                 (StudyStatus.OUTSIDE_USE, Finding.NOT_ANALYSED)])
+@pytest.mark.parametrize(
+    ("status", "finding"),
+    [
+        (StudyStatus.NOT_ANALYSED, Finding.NOT_ANALYSED),
+        (StudyStatus.ANALYSING, Finding.PENDING),
+        (StudyStatus.OUTSIDE_USE, Finding.NOT_ANALYSED),
+    ],
+)
 def test_a_round_without_an_analysed_finding_cannot_be_reviewed(store, status, finding) -> None:
     result = saved(store, finding, [], status=status)
     with pytest.raises(ValueError, match="no analysed finding"):
@@ -92,12 +132,16 @@ def test_the_verdict_is_stored_as_its_value(store) -> None:
 
 def test_the_scored_images_population_comes_with_the_score(store) -> None:
     result = saved(store, Finding.POSITIVE, [1.0, 2.5])
-    result.images = [result.images[0].model_copy(update={"population": "children"}),
-                     result.images[1].model_copy(update={"population": "adults"})]
+    result.images = [
+        result.images[0].model_copy(update={"population": "children"}),
+        result.images[1].model_copy(update={"population": "adults"}),
+    ]
     store.save_result(result)
     older = saved(store, Finding.NEGATIVE, [-1.0])  # recorded before populations were stored
     for reviewed in (result, older):
         store.save_review(reviewed, Verdict.AGREE, "operator")
     scores = reviewed_scores(store, WEIGHTS)
     assert dict(zip(scores.study_uids, zip(scores.logits, scores.populations))) == {
-        result.study_instance_uid: (2.5, "adults"), older.study_instance_uid: (-1.0, None)}
+        result.study_instance_uid: (2.5, "adults"),
+        older.study_instance_uid: (-1.0, None),
+    }

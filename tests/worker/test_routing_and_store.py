@@ -2,12 +2,11 @@
 
 import random
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import get_args
 
 import pytest
 import sqlalchemy
-
-from typing import get_args
 
 from common.dead_letters import DeadLetters, DeliveryJob, new_dead_letter
 from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
@@ -25,15 +24,22 @@ DESTINATIONS = [
 def test_without_rules_every_destination_gets_everything() -> None:
     settings = load_settings(destinations=DESTINATIONS)
     assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding=Finding.NEGATIVE) == [
-        "pacs", "priority", "er"]
+        "pacs",
+        "priority",
+        "er",
+    ]
 
 
 def test_rules_route_by_result_calling_ae_and_modality() -> None:
-    settings = load_settings(destinations=DESTINATIONS, routing=[
-        {"destinations": ["pacs"]},
-        {"result": "positive", "destinations": ["priority"]},
-        {"calling_ae": "ER_CR1", "modality": "CR", "destinations": ["er"]},
-    ])
+    settings = load_settings(
+        destinations=DESTINATIONS,
+        routing=[
+            {"destinations": ["pacs"]},
+            {"result": "positive", "destinations": ["priority"]},
+            {"calling_ae": "ER_CR1", "modality": "CR", "destinations": ["er"]},
+        ],
+    )
+
     def chosen(calling_ae: str, modality: str, finding: Finding) -> list[str]:
         return choose_destinations(settings, calling_ae=calling_ae, modalities={modality}, finding=finding)
 
@@ -62,11 +68,23 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_maximum() -> None:
 
 
 def _result(message_id: str) -> StudyResult:
-    return StudyResult(message_id=message_id, study_instance_uid="1.2.3", round=1, calling_ae="AE", modality="CR",
-                       accession_number=None, status=StudyStatus.ANALYSED, finding=Finding.POSITIVE,
-                       probability=0.9, threshold=0.5, model_version="m 1", model_sha256="ab" * 32,
-                       images=[ImageResult(sop_instance_uid="1.2.3.4")],
-                       timings_ms={"encode": 1.0}, received_at=datetime.now(timezone.utc))
+    return StudyResult(
+        message_id=message_id,
+        study_instance_uid="1.2.3",
+        round=1,
+        calling_ae="AE",
+        modality="CR",
+        accession_number=None,
+        status=StudyStatus.ANALYSED,
+        finding=Finding.POSITIVE,
+        probability=0.9,
+        threshold=0.5,
+        model_version="m 1",
+        model_sha256="ab" * 32,
+        images=[ImageResult(sop_instance_uid="1.2.3.4")],
+        timings_ms={"encode": 1.0},
+        received_at=datetime.now(UTC),
+    )
 
 
 def _exercise(store: Store) -> None:
@@ -120,11 +138,16 @@ def test_dead_letters_live_in_the_store_without_redis(tmp_path) -> None:
 
 
 def test_a_study_outside_the_intended_use_matches_not_analysed_and_its_own_rules() -> None:
-    settings = load_settings(destinations=DESTINATIONS, routing=[
-        {"result": "not_analysed", "destinations": ["pacs"]},
-        {"result": "outside_intended_use", "destinations": ["er"]},
-    ])
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding=Finding.NOT_ANALYSED,
-                               status=StudyStatus.OUTSIDE_USE) == ["pacs", "er"]
-    assert choose_destinations(settings, calling_ae="X", modalities={"CR"}, finding=Finding.NOT_ANALYSED,
-                               status=StudyStatus.NOT_ANALYSED) == ["pacs"]
+    settings = load_settings(
+        destinations=DESTINATIONS,
+        routing=[
+            {"result": "not_analysed", "destinations": ["pacs"]},
+            {"result": "outside_intended_use", "destinations": ["er"]},
+        ],
+    )
+    assert choose_destinations(
+        settings, calling_ae="X", modalities={"CR"}, finding=Finding.NOT_ANALYSED, status=StudyStatus.OUTSIDE_USE
+    ) == ["pacs", "er"]
+    assert choose_destinations(
+        settings, calling_ae="X", modalities={"CR"}, finding=Finding.NOT_ANALYSED, status=StudyStatus.NOT_ANALYSED
+    ) == ["pacs"]

@@ -21,11 +21,16 @@ def run_task(tmp_path):
         settings = load_settings(
             model=model or {},
             store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
-            broker={"url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-                    "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}"},
-            worker={"outbox_dir": str(tmp_path / "outbox")}, audit={"path": str(tmp_path / "audit.jsonl")},
+            broker={
+                "url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
+                "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+            },
+            worker={"outbox_dir": str(tmp_path / "outbox")},
+            audit={"path": str(tmp_path / "audit.jsonl")},
             destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}],
-            hl7={"endpoints": [{"name": "ris", "host": "127.0.0.1", "port": 9}]}, delivery=delivery)
+            hl7={"endpoints": [{"name": "ris", "host": "127.0.0.1", "port": 9}]},
+            delivery=delivery,
+        )
         celery_app.configure(settings)
         tasks.store.cache_clear()
         message = make_message(paths)
@@ -34,7 +39,6 @@ def run_task(tmp_path):
 
     yield run
     audit.configure(None)
-    from worker import tasks
 
     tasks.store.cache_clear()
 
@@ -71,8 +75,11 @@ def test_the_task_records_the_population_and_point_of_each_image(two_population_
 
     adult = wrap_image(chest_pixels(5))
     adult.PatientAge = "052Y"
-    answer, result, settings = run_task([write_dataset(adult, tmp_path / "adult.dcm")],
-                                        model={"weights_dir": str(two_population_weights)}, shadow_mode=True)
+    answer, result, settings = run_task(
+        [write_dataset(adult, tmp_path / "adult.dcm")],
+        model={"weights_dir": str(two_population_weights)},
+        shadow_mode=True,
+    )
     (image,) = result.images
     assert (image.population, image.operating_point, image.threshold) == ("adults", "shipped / adults", 0.7)
     assert result.threshold == 0.7 and analysed_event(settings)["operating_point"] == "shipped / adults"

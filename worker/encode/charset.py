@@ -11,6 +11,7 @@ declares ``ISO_IR 192`` (UTF-8), else it declares nothing (the default repertoir
 """
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 from pydicom import Dataset
 from pydicom.charset import decode_bytes, python_encoding
@@ -89,7 +90,10 @@ def element_text(element: DataElement | RawDataElement, vr: str, encodings: list
     return [] if text == "" else [text]
 
 
-def declare_character_set(dataset: Dataset) -> Dataset:
+AnyDataset = TypeVar("AnyDataset", bound=Dataset)
+
+
+def declare_character_set(dataset: AnyDataset) -> AnyDataset:
     """Set ``dataset``'s Specific Character Set to what its text needs: ISO_IR 192 with non-ASCII
     text, none without. Returns ``dataset``."""
     if any(not text.isascii() for text in _texts(dataset)):

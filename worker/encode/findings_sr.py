@@ -78,19 +78,26 @@ def _tracking_uid(finding: ImageFinding, algorithm: Algorithm) -> str:
     return derived_uid(finding.source.SOPInstanceUID, algorithm.weights_sha256, "tracking")
 
 
-def _image_group(finding: ImageFinding, threshold: float, algorithm_id: hd.sr.AlgorithmIdentification,
-                 tracking_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _image_group(
+    finding: ImageFinding, threshold: float, algorithm_id: hd.sr.AlgorithmIdentification, tracking_uid: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(finding.source)]
     if finding.heatmap_sc is not None:
         source_images.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(finding.heatmap_sc))
     tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"image {finding.source.SOPInstanceUID}"[:64])
-    gate = [] if finding.gate is None else [hd.sr.QualitativeEvaluation(OUTSIDE_INTENDED_USE,
-                                                                        GATE_RULES[finding.gate.reason])]
-    if not finding.analysed:
+    gate = (
+        []
+        if finding.gate is None
+        else [hd.sr.QualitativeEvaluation(OUTSIDE_INTENDED_USE, GATE_RULES[finding.gate.reason])]
+    )
+    if finding.probability is None:  # not analysed
         evaluation = hd.sr.QualitativeEvaluation(NOT_ANALYSED, _reason_code(finding.not_analysed_reason or "unknown"))
         return hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking, algorithm_id=algorithm_id, qualitative_evaluations=[evaluation, *gate],
-            source_images=source_images[:1])
+            tracking_identifier=tracking,
+            algorithm_id=algorithm_id,
+            qualitative_evaluations=[evaluation, *gate],
+            source_images=source_images[:1],
+        )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=PNEUMONIA,
@@ -100,7 +107,9 @@ def _image_group(finding: ImageFinding, threshold: float, algorithm_id: hd.sr.Al
             *gate,
         ],
         measurements=[
-            hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id),
+            hd.sr.Measurement(
+                PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id
+            ),
             hd.sr.Measurement(DECISION_THRESHOLD, round(threshold, 4), NO_UNITS),
         ],
         source_images=source_images,
@@ -130,30 +139,42 @@ def build_findings_sr(
     """
     _check_findings(findings, study_finding)
     algorithm_id = hd.sr.AlgorithmIdentification(
-        name=algorithm.name, version=algorithm.version,
-        parameters=[f"weights sha256 {algorithm.weights_sha256}",
-                    f"operating point {operating_point} (threshold {threshold:.4f})"])
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[
+            f"weights sha256 {algorithm.weights_sha256}",
+            f"operating point {operating_point} (threshold {threshold:.4f})",
+        ],
+    )
     groups = [_image_group(finding, threshold, algorithm_id, _tracking_uid(finding, algorithm)) for finding in findings]
     if study_finding is not None:
+        assert study_finding.probability is not None  # checked above: an analysed image
         study_group = hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(study_finding.source.StudyInstanceUID, algorithm.weights_sha256, "study-finding"),
-                identifier="study"),
+                identifier="study",
+            ),
             finding_type=PNEUMONIA,
             finding_category=STUDY_LEVEL,
             algorithm_id=algorithm_id,
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(PNEUMONIA, codes.SCT.Present if study_finding.positive else codes.SCT.Absent)
+                hd.sr.QualitativeEvaluation(
+                    PNEUMONIA, codes.SCT.Present if study_finding.positive else codes.SCT.Absent
+                )
             ],
-            measurements=[hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS,
-                                            algorithm_id=algorithm_id)],
+            measurements=[
+                hd.sr.Measurement(
+                    PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id
+                )
+            ],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(study_finding.source)],
         )
         groups.insert(0, study_group)
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid, name="Lung Vision", manufacturer_name=MANUFACTURER, model_name=algorithm.name),
+            uid=device_uid, name="Lung Vision", manufacturer_name=MANUFACTURER, model_name=algorithm.name
+        ),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
@@ -174,7 +195,7 @@ def build_findings_sr(
         contributing_equipment=[algorithm.contributing_equipment()],
     )
     sr.SeriesDescription = SERIES_DESCRIPTION
-    sr.SoftwareVersions = algorithm.software_versions
+    sr.SoftwareVersions = algorithm.software_versions  # type: ignore[assignment]  # highdicom: str or 1-tuple
     sr.ManufacturerModelName = algorithm.name
     return declare_character_set(sr)
 

@@ -43,8 +43,10 @@ def build_heatmap_sc(
     for a picture that is not H×W×3 uint8 or a source without the UIDs the SC refers to it by.
     """
     if overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3 or overlay_rgb.dtype != np.uint8:
-        raise ValueError(f"the overlay must be an H×W×3 uint8 RGB picture (render_overlay's), "
-                         f"got shape {overlay_rgb.shape} of {overlay_rgb.dtype}")
+        raise ValueError(
+            f"the overlay must be an H×W×3 uint8 RGB picture (render_overlay's), "
+            f"got shape {overlay_rgb.shape} of {overlay_rgb.dtype}"
+        )
     require_references(source, "the source image")
     header = complete_source_header(source)
     orientation = _patient_orientation(header)
@@ -64,12 +66,13 @@ def build_heatmap_sc(
         contributing_equipment=[algorithm.contributing_equipment()],
     )
     if orientation is None:
-        sc.PatientOrientation = ""  # Type 2: unknown stays empty rather than guessed
+        # Type 2: unknown stays empty rather than guessed (highdicom types the attribute as a list)
+        sc.PatientOrientation = ""  # type: ignore[assignment]
     sc.Laterality = header.get("Laterality", "")  # Type 2C for paired body parts: empty when unknown (or invalid)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
     sc.SeriesDescription = SERIES_DESCRIPTION
-    sc.SoftwareVersions = algorithm.software_versions
+    sc.SoftwareVersions = algorithm.software_versions  # type: ignore[assignment]  # highdicom: str or 1-tuple
     sc.ManufacturerModelName = algorithm.name
     sc.DerivationDescription = "Grad-CAM heatmap and legend blended over the source image"
     reference = Dataset()

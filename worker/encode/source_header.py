@@ -25,7 +25,8 @@ import logging
 from dataclasses import dataclass, field
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR
+from pydicom.tag import Tag
 
 from worker.encode.charset import declare_character_set, declared_encodings, element_text
 from worker.encode.vr_values import SINGLE_VALUE_TEXT_VRS, clean_value
@@ -33,18 +34,47 @@ from worker.encode.vr_values import SINGLE_VALUE_TEXT_VRS, clean_value
 LOG = logging.getLogger("lungvision.worker.encode")
 
 PATIENT_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
-    "OtherPatientNames", "EthnicGroup", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
 )
 STUDY_KEYWORDS = (
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-    "StudyDescription", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "AdmittingDiagnosesDescription",
-    "PatientAge", "PatientSize", "PatientWeight", "Occupation", "AdditionalPatientHistory",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "Occupation",
+    "AdditionalPatientHistory",
 )
 # read by highdicom for the "acquisition equipment" item of Contributing Equipment
 EQUIPMENT_KEYWORDS = (
-    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
-    "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "AcquisitionDateTime", "AcquisitionDate",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "AcquisitionDateTime",
+    "AcquisitionDate",
     "AcquisitionTime",
 )
 # what our outputs refer to, and the image attributes the heatmap SC keeps
@@ -81,7 +111,7 @@ def clean_source_header(source: Dataset) -> tuple[Dataset, HeaderReport]:
     encodings = declared_encodings(source)
     header, report = Dataset(), HeaderReport()
     for keyword in COPIED_KEYWORDS:
-        tag = tag_for_keyword(keyword)
+        tag = Tag(keyword)
         element = source.get_item(tag)
         if element is None:
             continue
@@ -91,7 +121,7 @@ def clean_source_header(source: Dataset) -> tuple[Dataset, HeaderReport]:
             header.add_new(tag, vr, "")
             continue
         cleaned = None if values is None else _clean_values(keyword, vr, values)
-        if cleaned is None:
+        if values is None or cleaned is None:
             report.dropped.append(keyword)
             continue
         if cleaned != _unpadded(vr, values):
@@ -110,10 +140,15 @@ def complete_source_header(source: Dataset) -> Dataset:
     """
     header, report = clean_source_header(source)
     if report.repaired or report.dropped:
-        LOG.log(logging.WARNING if report.dropped else logging.INFO,
-                "source header of %s: %d attribute(s) repaired (%s), %d dropped (%s)",
-                header.get("SOPInstanceUID", ""), len(report.repaired), " ".join(report.repaired) or "-",
-                len(report.dropped), " ".join(report.dropped) or "-")
+        LOG.log(
+            logging.WARNING if report.dropped else logging.INFO,
+            "source header of %s: %d attribute(s) repaired (%s), %d dropped (%s)",
+            header.get("SOPInstanceUID", ""),
+            len(report.repaired),
+            " ".join(report.repaired) or "-",
+            len(report.dropped),
+            " ".join(report.dropped) or "-",
+        )
     return header
 
 
@@ -128,7 +163,7 @@ def require_references(source: Dataset, role: str) -> None:
 def instance_number(source: Dataset, default: int) -> int:
     """The source's Instance Number when it is one valid IS value, else ``default`` — for the
     Instance Number of our outputs, which the pipeline takes from their source."""
-    element = source.get_item(tag_for_keyword("InstanceNumber"))
+    element = source.get_item(Tag("InstanceNumber"))
     values = None if element is None else element_text(element, "IS", None)
     number = clean_value("IS", values[0]) if values and len(values) == 1 else None
     return int(number) if number else default
@@ -136,10 +171,11 @@ def instance_number(source: Dataset, default: int) -> int:
 
 def _clean_values(keyword: str, vr: str, values: list[str]) -> list[str] | None:
     """Every value of one attribute cleaned, or None when any cannot be or their number is wrong."""
-    if dictionary_VM(tag_for_keyword(keyword)) == "1" and len(values) > 1:
+    if dictionary_VM(Tag(keyword)) == "1" and len(values) > 1:
         return None  # a backslash where the attribute holds one value: which part was meant is unknowable
-    cleaned = [clean_value(vr, value) for value in values]
-    if any(value is None for value in cleaned):
+    maybe_cleaned = [clean_value(vr, value) for value in values]
+    cleaned = [value for value in maybe_cleaned if value is not None]
+    if len(cleaned) < len(maybe_cleaned):
         return None
     if keyword in IDENTIFIER_KEYWORDS and cleaned != _unpadded(vr, values):
         return None

@@ -20,8 +20,22 @@ import re
 from datetime import date
 
 # PS3.5 Table 6.2-1: maximum length of one value (for PN: of one component group)
-MAX_LENGTH = {"AE": 16, "AS": 4, "CS": 16, "DA": 8, "DS": 16, "DT": 26, "IS": 12, "LO": 64, "LT": 10240,
-              "PN": 64, "SH": 16, "ST": 1024, "TM": 14, "UI": 64}
+MAX_LENGTH = {
+    "AE": 16,
+    "AS": 4,
+    "CS": 16,
+    "DA": 8,
+    "DS": 16,
+    "DT": 26,
+    "IS": 12,
+    "LO": 64,
+    "LT": 10240,
+    "PN": 64,
+    "SH": 16,
+    "ST": 1024,
+    "TM": 14,
+    "UI": 64,
+}
 TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})  # the VRs a Specific Character Set applies to
 SINGLE_VALUE_TEXT_VRS = frozenset({"ST", "LT", "UT"})  # VM 1 always; a backslash is part of the text
 REPLACEMENT = "\ufffd"
@@ -32,8 +46,10 @@ _CODE_STRING = re.compile(r"[A-Z0-9 _]*")
 _AGE = re.compile(r"(\d{1,3})\s*(D|DAYS?|W|WEEKS?|WKS?|M|MONTHS?|MOS?|Y|YEARS?|YRS?)?", re.IGNORECASE)
 _DATE = re.compile(r"(\d{4})[-./]?(\d{2})[-./]?(\d{2})")
 _TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:[.,](\d+))?)?)?")
-_DATETIME = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,6})?)?)?)?)?)?"
-                       r"(?:[+-](\d{2})(\d{2}))?")
+_DATETIME = re.compile(
+    r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,6})?)?)?)?)?)?"
+    r"(?:[+-](\d{2})(\d{2}))?"
+)
 _INTEGER = re.compile(r"[+-]?\d+(?:\.0*)?")
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _IS_RANGE = (-(2**31), 2**31 - 1)
@@ -132,8 +148,15 @@ def _clean_datetime(vr: str, value: str) -> str | None:
     if match is None:
         return None
     _, month, day, hours, minutes, seconds, offset_hours, offset_minutes = match.groups()
-    limits = ((month, 1, 12), (day, 1, 31), (hours, 0, 23), (minutes, 0, 59), (seconds, 0, 60),
-              (offset_hours, 0, 14), (offset_minutes, 0, 59))
+    limits = (
+        (month, 1, 12),
+        (day, 1, 31),
+        (hours, 0, 23),
+        (minutes, 0, 59),
+        (seconds, 0, 60),
+        (offset_hours, 0, 14),
+        (offset_minutes, 0, 59),
+    )
     if any(part is not None and not low <= int(part) <= high for part, low, high in limits):
         return None
     if day is not None and _clean_date("DA", text[:8]) is None:  # 31 February
@@ -172,8 +195,19 @@ def _clean_uid(vr: str, value: str) -> str | None:
 
 
 _CLEANERS = {
-    "SH": _clean_text, "LO": _clean_text, "ST": _clean_text, "LT": _clean_text, "UC": _clean_text,
-    "UT": _clean_text, "PN": _clean_person_name, "CS": _clean_code_string, "AS": _clean_age,
-    "DA": _clean_date, "TM": _clean_time, "DT": _clean_datetime, "IS": _clean_integer_string,
-    "DS": _clean_decimal_string, "UI": _clean_uid,
+    "SH": _clean_text,
+    "LO": _clean_text,
+    "ST": _clean_text,
+    "LT": _clean_text,
+    "UC": _clean_text,
+    "UT": _clean_text,
+    "PN": _clean_person_name,
+    "CS": _clean_code_string,
+    "AS": _clean_age,
+    "DA": _clean_date,
+    "TM": _clean_time,
+    "DT": _clean_datetime,
+    "IS": _clean_integer_string,
+    "DS": _clean_decimal_string,
+    "UI": _clean_uid,
 }
