@@ -24,11 +24,8 @@ run, and the ratios. Nothing is asserted.
 
 import argparse
 import json
-import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,23 +33,21 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 from pydicom import dcmread
 
 # bench/ holds a worker.py that would hide the worker package: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.deployment import Deployment
 from bench.worker import make_studies
-from common.ports import free_port, wait_until_listening
+from common.ports import free_port
 from tests.kit.orthanc import Orthanc
 from tests.kit.redis_server import RedisServer
-from worker.preload import worker_environment
 
 REPO = Path(__file__).resolve().parents[1]
 STABLE_SECONDS = 1.0
 BURST_ASSOCIATIONS = 4
 POLL_S = 0.005
-START_TIMEOUT_S = 600.0  # torch takes a minute to import on a busy two-core machine
 RESULT_TIMEOUT_S = 300.0
 STAGES = ("seal_queue", "wait", "analysis", "delivery")
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
@@ -73,65 +68,15 @@ def deployment_settings(folder: Path, concurrency: int, redis_url: str, orthanc:
     }
 
 
-class Stack:
-    """Redis, Orthanc, ``lungvision node`` and ``lungvision worker`` (from the checkout ``repo``) in ``folder``."""
+class Stack(Deployment):
+    """Redis and Orthanc of their own, then ``lungvision node`` and ``lungvision worker`` (from the checkout
+    ``repo``) in ``folder`` with Orthanc as the destination."""
 
     def __init__(self, folder: Path, concurrency: int, repo: Path) -> None:
-        self.folder, self.repo = folder, repo
         self.redis = RedisServer(folder / "redis").start()
         self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(), environment={"TCP_NODELAY": "1"}).start()
-        self.settings = deployment_settings(folder, concurrency, self.redis.url, self.orthanc)
-        self.config = folder / "lungvision.yaml"
-        self.config.write_text(yaml.safe_dump(self.settings))
-        self.processes = {name: self._start(name) for name in ("node", "worker")}
-        self._wait_ready()
-
-    def _start(self, command: str) -> subprocess.Popen:
-        with open(self.folder / f"{command}.log", "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "lungvision", "--config", str(self.config), command],
-                cwd=self.repo,
-                stdout=log,
-                stderr=log,
-                env=worker_environment(dict(os.environ)),  # as `lungvision serve` and the Docker image run it
-                start_new_session=True,
-            )
-
-    def log(self, command: str) -> str:
-        return (self.folder / f"{command}.log").read_text(errors="replace")
-
-    def _wait_ready(self) -> None:
-        wait_until_listening(self.settings["node"]["port"], self.processes["node"], START_TIMEOUT_S)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while " ready." not in self.log("worker"):  # Celery's consumer is ready
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready:\n{self.log('worker')[-3000:]}")
-            time.sleep(0.1)
-
-    def _check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"the {name} exited ({process.returncode}):\n{self.log(name)[-3000:]}")
-
-    def send(self, paths: list[Path]) -> float:
-        """C-STORE ``paths`` over one association; the wall-clock time when storescu returned."""
-        subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                "BENCH",
-                "-aec",
-                "LUNGVISION",
-                "127.0.0.1",
-                str(self.settings["node"]["port"]),
-                *map(str, paths),
-            ],
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
-        return time.time()
+        super().__init__(folder, deployment_settings(folder, concurrency, self.redis.url, self.orthanc), repo)
+        self.wait_until_ready()
 
     def results_in_orthanc(self) -> int:
         return int(self.orthanc.get("/statistics")["CountInstances"])
@@ -141,7 +86,7 @@ class Stack:
         deadline = time.monotonic() + RESULT_TIMEOUT_S
         while self.results_in_orthanc() < count:
             if time.monotonic() > deadline:
-                self._check_alive()
+                self.check_alive()
                 raise RuntimeError(
                     f"Orthanc holds {self.results_in_orthanc()} of {count} instances; worker log:\n"
                     f"{self.log('worker')[-3000:]}"
@@ -150,14 +95,7 @@ class Stack:
         return time.time()
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        super().stop()
         self.orthanc.stop()
         self.redis.stop()
 

@@ -24,8 +24,6 @@ asserted.
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,17 +31,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 # This script shares its folder with bench/worker.py: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.deployment import Deployment, worker_processes
 from bench.worker import make_studies
 from common.ports import free_port
-from worker.preload import worker_environment
 
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 900.0  # generous: on a busy machine (nice 19) torch alone takes a minute to import
 RESULTS_TIMEOUT_S = 900.0
 SETTLE_S = 3.0  # after the last start-up line / the last result, for late allocations to show
 CUDA_LIBRARIES = (
@@ -148,27 +144,6 @@ def memory_of(role: str, pid: int) -> Memory:
     )
 
 
-def children_of(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found.extend(int(child) for child in (task / "children").read_text().split())
-    return sorted(found)
-
-
-def worker_processes(parent_pid: int) -> list[tuple[str, int]]:
-    """(role, pid) of the worker's parent, its sweeper and each pool process."""
-    processes = [("worker parent", parent_pid)]
-    pool = 0
-    for child in children_of(parent_pid):
-        command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        if b"worker.reconcile" in command:
-            processes.append(("worker sweeper", child))
-        else:
-            pool += 1
-            processes.append((f"worker child {pool}", child))
-    return processes
-
-
 def deployment_settings(folder: Path, concurrency: int) -> dict:
     """Embedded defaults (SQLite broker and store) in ``folder``, results written to a folder."""
     return {
@@ -186,67 +161,14 @@ def deployment_settings(folder: Path, concurrency: int) -> dict:
     }
 
 
-class Deployment:
-    """``lungvision node`` and ``lungvision worker`` from the checkout ``repo`` on one configuration, each in
-    its own process group."""
-
-    def __init__(self, folder: Path, concurrency: int, repo: Path) -> None:
-        self.folder, self.concurrency, self.repo = folder, concurrency, repo
-        self.settings = deployment_settings(folder, concurrency)
-        self.config = folder / "lungvision.yaml"
-        self.config.write_text(yaml.safe_dump(self.settings))
-        self.node = self._start("node")
-        self.worker = self._start("worker")
-
-    def _start(self, command: str) -> subprocess.Popen:
-        with open(self.folder / f"{command}.log", "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "lungvision", "--config", str(self.config), command],
-                cwd=self.repo,
-                stdout=log,
-                stderr=log,
-                env=worker_environment(dict(os.environ)),  # as `lungvision serve` and the Docker image run it
-                start_new_session=True,
-            )
-
-    def log(self, command: str) -> str:
-        return (self.folder / f"{command}.log").read_text(errors="replace")
-
-    def wait_until_ready(self) -> float:
-        """Seconds until the node listens, the worker is ready and its pool processes and sweeper run."""
-        started = time.monotonic()
-        while not (
-            "node.listening" in self.log("node")
-            and "ready." in self.log("worker")
-            and len(worker_processes(self.worker.pid)) == self.concurrency + 2
-        ):
-            self._check_alive()
-            if time.monotonic() - started > START_TIMEOUT_S:
-                raise RuntimeError(f"not ready after {START_TIMEOUT_S:.0f} s:\n{self.log('worker')[-3000:]}")
-            time.sleep(0.1)
-        return time.monotonic() - started
-
-    def send(self, studies: list[Path]) -> None:
-        subprocess.run(
-            [
-                "storescu",
-                "-aet",
-                "BENCH",
-                "-aec",
-                "LUNGVISION",
-                "127.0.0.1",
-                str(self.settings["node"]["port"]),
-                *map(str, studies),
-            ],
-            check=True,
-            timeout=300,
-        )
+class FolderDeployment(Deployment):
+    """A deployment whose results go to a folder destination."""
 
     def wait_for_results(self, count: int) -> float:
         """Seconds until the folder destination holds ``count`` files."""
         started = time.monotonic()
         while len(list((self.folder / "out").rglob("*.dcm"))) < count:
-            self._check_alive()
+            self.check_alive()
             if time.monotonic() - started > RESULTS_TIMEOUT_S:
                 raise RuntimeError(f"no {count} results after {RESULTS_TIMEOUT_S:.0f} s:\n{self.log('worker')[-3000:]}")
             time.sleep(0.2)
@@ -257,22 +179,6 @@ class Deployment:
         processes = [memory_of("node", self.node.pid)] + [memory_of(role, pid) for role, pid in worker]
         pids = [pid for _, pid in worker]
         return Snapshot(processes, distinct_kib(pids), distinct_kib(pids, without_cuda=True))
-
-    def _check_alive(self) -> None:
-        for name, process in (("node", self.node), ("worker", self.worker)):
-            if process.poll() is not None:
-                raise RuntimeError(f"the {name} exited ({process.returncode}):\n{self.log(name)[-3000:]}")
-
-    def stop(self) -> None:
-        for process in (self.node, self.worker):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in (self.node, self.worker):
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 def mib(kib: int | None) -> str:
@@ -295,7 +201,7 @@ def print_table(title: str, snapshot: Snapshot) -> None:
 
 def run(concurrency: int, studies: list[Path], folder: Path, repo: Path) -> dict[str, Snapshot]:
     """Idle and after-studies snapshots of one deployment, printed as they are taken."""
-    deployment = Deployment(folder, concurrency, repo)
+    deployment = FolderDeployment(folder, deployment_settings(folder, concurrency), repo)
     snapshots = {}
     try:
         ready_s = deployment.wait_until_ready()

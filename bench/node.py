@@ -19,6 +19,7 @@ nothing is asserted.
 """
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -203,38 +204,25 @@ def main() -> None:
             for associations in (1, 8):
                 folders = split(paths, associations, workdir / f"nagle-{'off' if 'TCP_NODELAY' in env else 'on'}")
                 node = measure(start_node, spooled_instances, folders, count, workdir, "node", env)
-                plain = measure(
-                    lambda port, out: start_storescp(port, out, False, env),  # noqa: B023 (called within this iteration)
-                    storescp_files,
-                    folders,
-                    count,
-                    workdir,
-                    "storescp",
-                    env,
-                )
-                bit = measure(
-                    lambda port, out: start_storescp(port, out, True, env),  # noqa: B023 (called within this iteration)
-                    storescp_files,
-                    folders,
-                    count,
-                    workdir,
-                    "storescp-B",
-                    env,
+                plain, bit = (
+                    measure(
+                        functools.partial(start_storescp, bit_preserving=bit_preserving, env=env),
+                        storescp_files,
+                        folders,
+                        count,
+                        workdir,
+                        label,
+                        env,
+                    )
+                    for bit_preserving, label in ((False, "storescp"), (True, "storescp-B"))
                 )
                 row = (
                     f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
                     f"{bit:>18.1f} | {node / bit:>16.2f}"
                 )
                 if baseline is not None:
-                    before = measure(
-                        lambda port, out: start_node(port, out, baseline.resolve()),
-                        spooled_instances,
-                        folders,
-                        count,
-                        workdir,
-                        "baseline",
-                        env,
-                    )
+                    starter = functools.partial(start_node, repo=baseline.resolve())
+                    before = measure(starter, spooled_instances, folders, count, workdir, "baseline", env)
                     row += f" | {before:>13.1f} | {node / before:>13.2f}"
                 print(row)
 

@@ -1,0 +1,100 @@
+"""A deployment for the benches: ``lungvision node`` and ``lungvision worker`` of one checkout as real
+processes on one configuration, each in its own process group, with the environment ``lungvision
+serve`` and the Docker image give them. Used by bench/memory.py and bench/end_to_end.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from worker.preload import worker_environment
+
+START_TIMEOUT_S = 900.0  # generous: on a busy machine (nice 19) torch alone takes a minute to import
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.extend(int(child) for child in (task / "children").read_text().split())
+    return sorted(found)
+
+
+def worker_processes(parent_pid: int) -> list[tuple[str, int]]:
+    """(role, pid) of the worker's parent, its sweeper and each pool process."""
+    processes = [("worker parent", parent_pid)]
+    pool = 0
+    for child in children_of(parent_pid):
+        command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if b"worker.reconcile" in command:
+            processes.append(("worker sweeper", child))
+        else:
+            pool += 1
+            processes.append((f"worker child {pool}", child))
+    return processes
+
+
+class Deployment:
+    """Node and worker from the checkout ``repo`` on ``settings`` (written to ``folder``/lungvision.yaml)."""
+
+    def __init__(self, folder: Path, settings: dict, repo: Path) -> None:
+        self.folder, self.settings, self.repo = folder, settings, repo
+        self.concurrency = settings["worker"]["concurrency"]
+        self.config = folder / "lungvision.yaml"
+        self.config.write_text(yaml.safe_dump(settings))
+        self.node = self._start("node")
+        self.worker = self._start("worker")
+
+    def _start(self, command: str) -> subprocess.Popen:
+        with open(self.folder / f"{command}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "lungvision", "--config", str(self.config), command],
+                cwd=self.repo,
+                stdout=log,
+                stderr=log,
+                env=worker_environment(dict(os.environ)),
+                start_new_session=True,
+            )
+
+    def log(self, command: str) -> str:
+        return (self.folder / f"{command}.log").read_text(errors="replace")
+
+    def wait_until_ready(self) -> float:
+        """Seconds until the node listens, the worker is ready and its pool processes and sweeper run."""
+        started = time.monotonic()
+        while not (
+            "node.listening" in self.log("node")
+            and "ready." in self.log("worker")
+            and len(worker_processes(self.worker.pid)) == self.concurrency + 2
+        ):
+            self.check_alive()
+            if time.monotonic() - started > START_TIMEOUT_S:
+                raise RuntimeError(f"not ready after {START_TIMEOUT_S:.0f} s:\n{self.log('worker')[-3000:]}")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    def send(self, studies: list[Path]) -> float:
+        """C-STORE ``studies`` over one association with dcmtk's storescu; the wall-clock time it returned."""
+        port = str(self.settings["node"]["port"])
+        command = ["storescu", "-aet", "BENCH", "-aec", "LUNGVISION", "127.0.0.1", port, *map(str, studies)]
+        subprocess.run(command, check=True, timeout=300, capture_output=True)
+        return time.time()
+
+    def check_alive(self) -> None:
+        for name, process in (("node", self.node), ("worker", self.worker)):
+            if process.poll() is not None:
+                raise RuntimeError(f"the {name} exited ({process.returncode}):\n{self.log(name)[-3000:]}")
+
+    def stop(self) -> None:
+        for process in (self.node, self.worker):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in (self.node, self.worker):
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
