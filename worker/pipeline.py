@@ -142,59 +142,113 @@ def analyse_study(
     operating point of its population: the header's patient age's, else the image check's.
     """
     watch = _Stopwatch()
+    images = _read_and_select(message, gate, watch)
+    predictions = _predict(images, classifier, gate, max_long_side, watch)
+    algorithm = algorithm_of(classifier)
+    uids = _OutputUids(message.study_instance_uid, algorithm.weights_sha256)
+    findings = _findings_with_heatmaps(images, predictions, classifier, algorithm, uids, max_long_side, watch)
+    outputs, results = _findings_reports(findings, classifier, algorithm, uids, device_uid, watch)
     started = time.perf_counter()
-    sources: list[Dataset] = []
-    grays: dict[int, np.ndarray] = {}
-    skipped: dict[int, tuple[str, GateVerdict | None]] = {}  # index → (reason, gate verdict)
-    verdicts: dict[int, GateVerdict] = {}
-    populations: dict[int, str | None] = {}  # index → population of the header's age (None: unknown)
+    files = write_outputs(outputs, outbox / message.study_instance_uid)
+    watch.lap("write", started)
+    return StudyOutcome(message, findings, files, results, watch.timings)
+
+
+@dataclass
+class _Images:
+    """The round's instances as read: each source dataset, and per index its gray image (analysable ones),
+    or why it is skipped; the header's gate verdict and population where there is one."""
+
+    sources: list[Dataset] = field(default_factory=list)
+    grays: dict[int, np.ndarray] = field(default_factory=dict)
+    skipped: dict[int, tuple[str, GateVerdict | None]] = field(default_factory=dict)  # index → (reason, verdict)
+    verdicts: dict[int, GateVerdict] = field(default_factory=dict)
+    populations: dict[int, str | None] = field(default_factory=dict)  # the header's age's (None: unknown)
+
+
+@dataclass(frozen=True)
+class _OutputUids:
+    """The UIDs of a round's outputs: derived from the study, the source and the weights, so a re-run
+    replaces rather than duplicates them."""
+
+    study_uid: str
+    weights_sha256: str
+
+    def series(self, kind: str) -> str:
+        return output_series_uid(self.study_uid, self.weights_sha256, kind)
+
+    def instance(self, source: Dataset, kind: str) -> str:
+        return output_instance_uid(source.SOPInstanceUID, self.weights_sha256, kind)
+
+
+def _read_and_select(message: StudyReady, gate: IntendedUse, watch: _Stopwatch) -> _Images:
+    """Read each instance, apply the header rules and decode the pixels of those that pass."""
+    started = time.perf_counter()
+    images = _Images()
     for index, instance in enumerate(message.instances):
         dataset = dcmread(instance.path, force=True)
-        sources.append(dataset)
+        images.sources.append(dataset)
         selection = select(dataset, gate)
         if selection.skip_reason is not None:
-            skipped[index] = (selection.skip_reason, None)
+            images.skipped[index] = (selection.skip_reason, None)
         elif gate.refuses(selection.verdict):
-            skipped[index] = (selection.verdict.text, selection.verdict)
+            images.skipped[index] = (selection.verdict.text, selection.verdict)
         else:
             try:
-                grays[index] = dataset_to_gray(dataset)
-                populations[index] = selection.population
+                images.grays[index] = dataset_to_gray(dataset)
+                images.populations[index] = selection.population
                 if selection.verdict is not None:
-                    verdicts[index] = selection.verdict
+                    images.verdicts[index] = selection.verdict
             except UnsupportedImage as error:
-                skipped[index] = (f"unsupported image: {error}", None)
-    started = watch.lap("read_decode", started)
+                images.skipped[index] = (f"unsupported image: {error}", None)
+    watch.lap("read_decode", started)
+    return images
 
-    candidates = sorted(grays)
-    squares = np.stack([to_square_uint8(grays[index]) for index in candidates]) if candidates else None
+
+def _predict(
+    images: _Images, classifier: Classifier, gate: IntendedUse, max_long_side: int, watch: _Stopwatch
+) -> dict[int, Prediction]:
+    """One forward pass for the decoded images (heatmaps at the SC's size); the image check's verdict
+    then refuses some (their probability is dropped here, never shown)."""
+    started = time.perf_counter()
+    candidates = sorted(images.grays)
+    squares = np.stack([to_square_uint8(images.grays[index]) for index in candidates]) if candidates else None
     started = watch.lap("preprocess", started)
-    heatmap_shapes = [display_size(grays[i].shape, max_long_side) for i in candidates]  # the SC's size
+    heatmap_shapes = [display_size(images.grays[index].shape, max_long_side) for index in candidates]
     predictions = (
-        classifier.predict_squares(squares, heatmap_shapes, [populations[i] for i in candidates])
+        classifier.predict_squares(squares, heatmap_shapes, [images.populations[index] for index in candidates])
         if squares is not None
         else []
     )
-    started = watch.lap("model_heatmap", started)
-
-    by_index: dict[int, Prediction] = {}
+    watch.lap("model_heatmap", started)
+    kept: dict[int, Prediction] = {}
     for index, predicted in zip(candidates, predictions):
-        verdict = gate.verdict(verdicts.get(index), predicted.image_check_score)
+        verdict = gate.verdict(images.verdicts.get(index), predicted.image_check_score)
         if gate.refuses(verdict):
-            skipped[index] = (verdict.text, verdict)  # the probability is dropped here, never shown
+            images.skipped[index] = (verdict.text, verdict)
         else:
-            by_index[index] = predicted
+            kept[index] = predicted
             if verdict is not None:
-                verdicts[index] = verdict
+                images.verdicts[index] = verdict
+    return kept
 
-    algorithm = algorithm_of(classifier)
-    sha = algorithm.weights_sha256
-    study_uid = message.study_instance_uid
+
+def _findings_with_heatmaps(
+    images: _Images,
+    predictions: dict[int, Prediction],
+    classifier: Classifier,
+    algorithm: Algorithm,
+    uids: _OutputUids,
+    max_long_side: int,
+    watch: _Stopwatch,
+) -> list[ImageFinding]:
+    """One finding per source image: analysed ones with their heatmap Secondary Capture."""
+    started = time.perf_counter()
     findings: list[ImageFinding] = []
-    for index, source in enumerate(sources):
-        prediction = by_index.get(index)
+    for index, source in enumerate(images.sources):
+        prediction = predictions.get(index)
         if prediction is None:
-            reason, verdict = skipped[index]
+            reason, verdict = images.skipped[index]
             findings.append(ImageFinding(source, not_analysed_reason=reason, gate=verdict))
             continue
         legend = legend_lines(
@@ -203,29 +257,42 @@ def analyse_study(
         assert prediction.heatmap is not None  # predict_squares was given the heatmap shapes
         sc = build_heatmap_sc(
             source,
-            render_overlay(grays[index], prediction.heatmap, legend, max_long_side),
+            render_overlay(images.grays[index], prediction.heatmap, legend, max_long_side),
             algorithm=algorithm,
-            series_instance_uid=output_series_uid(study_uid, sha, "sc"),
-            sop_instance_uid=output_instance_uid(source.SOPInstanceUID, sha, "sc"),
+            series_instance_uid=uids.series("sc"),
+            sop_instance_uid=uids.instance(source, "sc"),
             series_number=SC_SERIES_NUMBER,
             instance_number=instance_number(source, index + 1),
         )
+        point = classifier.operating_points[prediction.population]
         findings.append(
             ImageFinding(
                 source,
                 prediction.probability,
                 prediction.positive,
                 heatmap_sc=sc,
-                gate=verdicts.get(index),
+                gate=images.verdicts.get(index),
                 logit=prediction.logit,
-                operating_point=classifier.operating_points[prediction.population],
+                operating_point=point,
             )
         )
-    started = watch.lap("sc_build", started)
+    watch.lap("sc_build", started)
+    return findings
 
+
+def _findings_reports(
+    findings: list[ImageFinding],
+    classifier: Classifier,
+    algorithm: Algorithm,
+    uids: _OutputUids,
+    device_uid: str,
+    watch: _Stopwatch,
+) -> tuple[list[Dataset], list[ImageResult]]:
+    """One findings SR per source image; the outputs to write (SC then SR per image) and the image results."""
+    started = time.perf_counter()
     top = study_finding(findings)
     outputs: list[Dataset] = []
-    images: list[ImageResult] = []
+    results: list[ImageResult] = []
     for index, finding in enumerate(findings):
         # an image not analysed names the point of the study's finding, or the first population's
         point = finding.operating_point or (top.operating_point if top else classifier.operating_point)
@@ -237,17 +304,15 @@ def analyse_study(
             operating_point=point.name,
             algorithm=algorithm,
             device_uid=device_uid,
-            series_instance_uid=output_series_uid(study_uid, sha, "sr"),
-            sop_instance_uid=output_instance_uid(finding.source.SOPInstanceUID, sha, "sr"),
+            series_instance_uid=uids.series("sr"),
+            sop_instance_uid=uids.instance(finding.source, "sr"),
             series_number=SR_SERIES_NUMBER,
             instance_number=instance_number(finding.source, index + 1),
         )
         outputs += [finding.heatmap_sc, sr] if finding.heatmap_sc is not None else [sr]
-        images.append(image_record(finding, sr))
-    started = watch.lap("sr_build", started)
-    files = write_outputs(outputs, outbox / study_uid)
-    watch.lap("write", started)
-    return StudyOutcome(message, findings, files, images, watch.timings)
+        results.append(image_record(finding, sr))
+    watch.lap("sr_build", started)
+    return outputs, results
 
 
 def image_record(finding: ImageFinding, sr: Dataset) -> ImageResult:
