@@ -20,16 +20,7 @@ sys.path.insert(0, str(REPO))
 from common.ports import free_port, wait_until_listening
 from common.scu import Destination, send_datasets
 from lungvision.demo import START_TIMEOUT_S, sample_studies
-
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+from tests.kit.browser import launch_chromium
 
 
 def main(output: Path) -> None:
@@ -74,7 +65,7 @@ def main(output: Path) -> None:
                     pass
                 time.sleep(1)
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=ARGS)
+                browser = launch_chromium(playwright)
                 page = browser.new_page(viewport={"width": 1280, "height": 560})
                 page.goto(f"{url}/", wait_until="networkidle")
                 page.screenshot(path=str(output))

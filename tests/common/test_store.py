@@ -2,7 +2,6 @@
 creation racing another process."""
 
 import json
-from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
@@ -11,7 +10,8 @@ from sqlalchemy.exc import OperationalError, StatementError
 
 from common import store as store_module
 from common.results import DeliveryStatus, Finding, GateReason, ImageResult, StudyStatus, Verdict
-from common.store import Store, StudyResult
+from common.store import Store
+from tests.kit.records import study_result
 
 
 def test_every_value_is_the_string_earlier_versions_stored() -> None:
@@ -72,22 +72,11 @@ def test_a_row_written_by_an_earlier_version_reads_back_typed(tmp_path) -> None:
 def test_what_is_written_is_the_plain_value(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
     store.save_result(
-        StudyResult(
-            message_id="m1",
-            study_instance_uid="1.2.3",
-            round=1,
-            calling_ae=None,
-            modality=None,
-            accession_number=None,
+        study_result(
+            "m1",
             status=StudyStatus.NOT_ANALYSED,
             finding=Finding.NOT_ANALYSED,
-            probability=None,
-            threshold=0.5,
-            model_version="m 1",
-            model_sha256="ab",
             images=[ImageResult(sop_instance_uid="1.2.3.4", gate_reason="view")],
-            timings_ms={},
-            received_at=datetime.now(UTC),
         )
     )
     with store.engine.connect() as connection:

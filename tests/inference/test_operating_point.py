@@ -10,7 +10,8 @@ from inference.calibration import balanced_threshold, sensitivity_lower_bound, t
 from inference.classifier import Classifier, load_classifier
 from inference.model_card import WEIGHTS_DIR
 from inference.site_calibration import calibrate_site, describe, positives_needed
-from inference.site_profile import SiteProfile, SiteProfileError
+from inference.site_profile import SiteProfileError
+from tests.kit.records import site_profile
 
 
 def test_clopper_pearson_lower_bounds() -> None:
@@ -44,28 +45,9 @@ def test_balanced_threshold_respects_the_sensitivity_floor() -> None:
         balanced_threshold(scores, np.ones(10), 0.9)
 
 
-def _site(tmp_path, weights_sha: str, **changes) -> SiteProfile:
-    profile = SiteProfile(
-        id="test-site",
-        threshold=0.5,
-        temperature=1.5,
-        target_sensitivity=0.98,
-        confidence=0.95,
-        target_met=True,
-        weights_sha256=weights_sha,
-        model_version="x",
-        created="2026-11-30",
-        data="test",
-        n={"positive": 200, "negative": 100, "refused": 0},
-    )
-    for key, value in changes.items():
-        setattr(profile, key, value)
-    return profile
-
-
 def test_the_classifier_uses_a_site_profile_and_names_it(tmp_path) -> None:
     shipped = load_classifier()
-    path = _site(tmp_path, shipped.card.weights_sha256).save(tmp_path / "site.json")
+    path = site_profile(shipped.card.weights_sha256).save(tmp_path / "site.json")
     site = Classifier(WEIGHTS_DIR, path)
     assert site.threshold == 0.5 and site.operating_point.temperature == 1.5
     image = np.random.default_rng(1).integers(0, 255, (256, 256)).astype(np.float32)
@@ -79,7 +61,7 @@ def test_the_classifier_uses_a_site_profile_and_names_it(tmp_path) -> None:
 
 
 def test_a_profile_for_other_weights_is_refused(tmp_path) -> None:
-    path = _site(tmp_path, "0" * 64).save(tmp_path / "other.json")
+    path = site_profile("0" * 64).save(tmp_path / "other.json")
     with pytest.raises(SiteProfileError, match="made for weights sha256 0000"):
         Classifier(WEIGHTS_DIR, path)
     (tmp_path / "junk.json").write_text(json.dumps({"threshold": 0.5}))

@@ -19,6 +19,7 @@ from inference.sample_dicom import wrap_image, write_dataset
 from inference.site_calibration import MIN_CASES_PER_CLASS, calibrate_site, describe
 from inference.site_profile import PointSource, PopulationFit, SiteProfile, SiteProfileError
 from tests.kit.data import TWO_POPULATIONS
+from tests.kit.records import site_profile
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +96,7 @@ def test_the_image_check_chooses_for_images_without_an_age(two) -> None:
 
 
 def _site_profile(classifier: Classifier, **changes) -> SiteProfile:
-    profile = SiteProfile(
-        id="ward-7",
-        threshold=0.5,
-        temperature=1.5,
-        target_sensitivity=0.98,
-        confidence=0.95,
-        target_met=True,
-        weights_sha256=classifier.card.weights_sha256,
-        model_version="x",
-        created="2026-11-30",
-        data="test",
-        n={"positive": 200, "negative": 100, "refused": 0},
-    )
-    for key, value in changes.items():
-        setattr(profile, key, value)
-    return profile
+    return site_profile(classifier.card.weights_sha256, id="ward-7", **changes)
 
 
 def test_an_old_single_point_profile_applies_to_every_population(two, two_population_weights, tmp_path) -> None:
@@ -144,25 +130,33 @@ def test_a_profile_keeps_the_shipped_point_where_it_fitted_none(two, two_populat
         Classifier(two_population_weights, path)
 
 
-def _cases(rng, positives: int, negatives: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+Cases = tuple[np.ndarray, np.ndarray, str]  # labels, logits and the population they are of
+
+
+def _cases(rng, population: str, positives: int, negatives: int, shift: float) -> Cases:
     logits = np.concatenate([rng.normal(3 + shift, 1, positives), rng.normal(-2 + shift, 1, negatives)])
-    return np.array([1] * positives + [0] * negatives), logits
+    return np.array([1] * positives + [0] * negatives), logits, population
+
+
+def _calibrate(classifier: Classifier, profile_id: str, *groups: Cases) -> SiteProfile:
+    """Site calibration of the ``groups``' cases for a sensitivity of 0.95 shown with 95 % confidence."""
+    return calibrate_site(
+        np.concatenate([labels for labels, _, _ in groups]),
+        np.concatenate([logits for _, logits, _ in groups]),
+        classifier,
+        target_sensitivity=0.95,
+        confidence=0.95,
+        profile_id=profile_id,
+        data="synthetic",
+        populations=[population for labels, _, population in groups for _ in labels],
+    )
 
 
 def test_site_calibration_fits_one_point_per_population_with_enough_cases(two) -> None:
     rng = np.random.default_rng(2)
-    child_labels, child_logits = _cases(rng, 200, 100, 0.0)
-    adult_labels, adult_logits = _cases(rng, 200, 100, 3.0)  # adults score higher: a higher threshold fits them
-    profile = calibrate_site(
-        np.concatenate([child_labels, adult_labels]),
-        np.concatenate([child_logits, adult_logits]),
-        two,
-        target_sensitivity=0.95,
-        confidence=0.95,
-        profile_id="both",
-        data="synthetic",
-        populations=["children"] * 300 + ["adults"] * 300,
-    )
+    child_cases = _cases(rng, "children", 200, 100, 0.0)
+    adult_cases = _cases(rng, "adults", 200, 100, 3.0)  # adults score higher: a higher threshold fits them
+    profile = _calibrate(two, "both", child_cases, adult_cases)
     children, adults = profile.populations
     assert (children.population, adults.population) == ("children", "adults")
     assert children.source is adults.source is PointSource.SITE
@@ -172,16 +166,7 @@ def test_site_calibration_fits_one_point_per_population_with_enough_cases(two) -
         return fit.temperature * float(logit(fit.threshold))
 
     assert logit_threshold(adults) > logit_threshold(children) + 2
-    alone = calibrate_site(
-        child_labels,
-        child_logits,
-        two,
-        target_sensitivity=0.95,
-        confidence=0.95,
-        profile_id="c",
-        data="synthetic",
-        populations=["children"] * 300,
-    )
+    alone = _calibrate(two, "c", child_cases)
     assert alone.populations[0].threshold == children.threshold  # fitted on the population's own cases only
     assert profile.n == {"positive": 400, "negative": 200, "refused": 0}
     assert (profile.threshold, profile.temperature) == (children.threshold, children.temperature)
@@ -191,18 +176,9 @@ def test_site_calibration_fits_one_point_per_population_with_enough_cases(two) -
 
 def test_a_population_with_too_few_cases_keeps_the_shipped_point(two, two_population_weights, tmp_path) -> None:
     rng = np.random.default_rng(3)
-    child_labels, child_logits = _cases(rng, 200, 100, 0.0)
-    adult_labels, adult_logits = _cases(rng, MIN_CASES_PER_CLASS - 1, 50, 3.0)
-    profile = calibrate_site(
-        np.concatenate([child_labels, adult_labels]),
-        np.concatenate([child_logits, adult_logits]),
-        two,
-        target_sensitivity=0.95,
-        confidence=0.95,
-        profile_id="kids",
-        data="synthetic",
-        populations=["children"] * 300 + ["adults"] * (MIN_CASES_PER_CLASS - 1 + 50),
-    )
+    child_cases = _cases(rng, "children", 200, 100, 0.0)
+    adult_cases = _cases(rng, "adults", MIN_CASES_PER_CLASS - 1, 50, 3.0)
+    profile = _calibrate(two, "kids", child_cases, adult_cases)
     children, adults = profile.populations
     assert children.source is PointSource.SITE and adults.source is PointSource.SHIPPED
     assert (adults.threshold, adults.temperature) == (0.7, 2.0)
@@ -214,42 +190,15 @@ def test_a_population_with_too_few_cases_keeps_the_shipped_point(two, two_popula
     assert site.operating_points["children"].name == "site profile kids / children"
 
     # a set of one population fits it on whatever it holds (as a one-population model always did)
-    only_adults = calibrate_site(
-        adult_labels,
-        adult_logits,
-        two,
-        target_sensitivity=0.95,
-        confidence=0.95,
-        profile_id="ward",
-        data="synthetic",
-        populations=["adults"] * len(adult_labels),
-    )
+    only_adults = _calibrate(two, "ward", adult_cases)
     assert [fit.source.value for fit in only_adults.populations] == ["shipped", "site"]
     # both populations present and both short: nothing to fit
-    mixed_labels = np.concatenate([child_labels[:5], child_labels[-5:], adult_labels])
-    mixed_logits = np.concatenate([child_logits[:5], child_logits[-5:], adult_logits])
+    labels, logits, _ = child_cases
+    few_children = (np.concatenate([labels[:5], labels[-5:]]), np.concatenate([logits[:5], logits[-5:]]), "children")
     with pytest.raises(ValueError, match="no population has enough cases"):
-        calibrate_site(
-            mixed_labels,
-            mixed_logits,
-            two,
-            target_sensitivity=0.95,
-            confidence=0.95,
-            profile_id="none",
-            data="synthetic",
-            populations=["children"] * 10 + ["adults"] * len(adult_labels),
-        )
+        _calibrate(two, "none", few_children, adult_cases)
     with pytest.raises(ValueError, match="populations \\['elderly'\\]"):
-        calibrate_site(
-            child_labels,
-            child_logits,
-            two,
-            target_sensitivity=0.95,
-            confidence=0.95,
-            profile_id="x",
-            data="synthetic",
-            populations=["elderly"] * 300,
-        )
+        _calibrate(two, "x", (labels, logits, "elderly"))
 
 
 def test_gated_scores_name_each_images_population(two, tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -10,24 +11,18 @@ from lungvision.cli import app
 from tests.kit.data import CHEST_XRAY, SHARED_DATA, require
 
 
+def _train(data: Path, run: Path, *options: str, epochs: int = 1, max_images: int = 24) -> str:
+    """``lungvision train`` of a tiny model (64 pixels) on ``data`` into ``run``; returns its output."""
+    arguments = ["train", "--data", str(data), "--out", str(run), "--epochs", str(epochs), "--input-size", "64"]
+    result = CliRunner().invoke(app, [*arguments, "--max-train-images", str(max_images), *options])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
 def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     data = require(CHEST_XRAY)
     run = tmp_path / "run"
-    arguments = [
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--epochs",
-        "1",
-        "--input-size",
-        "64",
-        "--max-train-images",
-        "24",
-    ]
-    result = CliRunner().invoke(app, arguments)
-    assert result.exit_code == 0, result.output
+    _train(data, run)
     for name in ("split.csv", "checkpoint.pt", "lungvision-resnet18.safetensors", "model_card.json", "MODEL_CARD.md"):
         assert (run / name).exists(), name
     with (run / "split.csv").open() as handle:
@@ -43,36 +38,14 @@ def test_train_writes_a_loadable_model_and_resumes(tmp_path) -> None:
     classifier = Classifier(run)
     assert classifier.card.weights_sha256 == card["weights_sha256"]
 
-    result = CliRunner().invoke(
-        app, [*arguments[:5], "--epochs", "2", "--input-size", "64", "--max-train-images", "24", "--resume"]
-    )
-    assert result.exit_code == 0, result.output
-    assert "resumed after epoch 1" in result.output
+    assert "resumed after epoch 1" in _train(data, run, "--resume", epochs=2)
     assert json.loads((run / "model_card.json").read_text())["training"]["epochs"] == 2
 
 
 def test_train_on_both_populations_gives_each_its_operating_point(tmp_path) -> None:
     data, adults = require(CHEST_XRAY), require(SHARED_DATA / "adult_cxr")
     run = tmp_path / "run"
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            "--data",
-            str(data),
-            "--adult-data",
-            str(adults),
-            "--out",
-            str(run),
-            "--epochs",
-            "1",
-            "--input-size",
-            "64",
-            "--max-train-images",
-            "120",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    _train(data, run, "--adult-data", str(adults), max_images=120)
     with (run / "split.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {(row["population"], row["side"]) for row in rows} >= {

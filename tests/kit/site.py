@@ -9,12 +9,13 @@ from pydicom.uid import generate_uid
 from common import audit
 from common.results import DeliveryStatus, Finding, StudyStatus
 from common.store import Store, StudyResult
-from config.settings import Settings, load_settings
+from config.settings import Settings
 from inference.classifier import load_classifier
 from inference.sample_dicom import wrap_image, write_dataset
 from tests.kit.data import chest_pixels
-from tests.kit.worker import make_message
-from worker.pipeline import analyse_study, device_uid_for
+from tests.kit.pipeline import run_pipeline
+from tests.kit.records import study_result
+from tests.kit.worker import embedded_settings, make_message
 
 TOKEN = "test-secret-token"
 
@@ -39,24 +40,14 @@ class Site:
     studies: dict[str, Seeded]
 
 
-def site_settings(root: Path) -> Settings:
-    return load_settings(
-        store={"url": f"sqlite:///{root / 'lungvision.db'}"},
-        broker={
-            "url": f"sqla+sqlite:///{root / 'broker.sqlite'}",
-            "result_backend": f"db+sqlite:///{root / 'r.sqlite'}",
-        },
-        worker={"outbox_dir": str(root / "outbox")},
-        audit={"path": str(root / "audit.jsonl")},
-        web={"auth_token": TOKEN, "refresh_s": 0},
-        destinations=[{"name": "pacs", "kind": "folder", "path": str(root / "out")}],
-    )
-
-
 def seed(root: Path) -> Site:
     """Four analysed studies with real SC/SR files (the model ran; the rows' finding and probability
     are then set by the test, to know the expected order), one 'analysing' and one only received."""
-    settings = site_settings(root)
+    settings = embedded_settings(
+        root,
+        web={"auth_token": TOKEN, "refresh_s": 0},
+        destinations=[{"name": "pacs", "kind": "folder", "path": str(root / "out")}],
+    )
     audit.configure(settings.audit.path)
     store = Store(settings.store.url)
     classifier = load_classifier(None)
@@ -76,14 +67,7 @@ def seed(root: Path) -> Site:
         dataset.AccessionNumber = accession
         path = write_dataset(dataset, root / "in" / f"{accession}.dcm")
         message = make_message([path])
-        outcome = analyse_study(
-            message,
-            classifier,
-            classifier.intended_use(),
-            Path(settings.worker.outbox_dir),
-            device_uid=device_uid_for("LUNGVISION"),
-            max_long_side=512,
-        )
+        outcome = run_pipeline(message, classifier, Path(settings.worker.outbox_dir))
         positive = finding is Finding.POSITIVE
         images = [
             image.model_copy(update={"probability": probability, "positive": positive}) for image in outcome.images
@@ -130,21 +114,13 @@ def seed(root: Path) -> Site:
         studies[accession] = Seeded(study_uid, accession, finding, probability, status, name, patient_id)
     analysing_uid = generate_uid()
     store.save_result(
-        StudyResult(
-            message_id=generate_uid(),
+        study_result(
+            generate_uid(),
             study_instance_uid=analysing_uid,
-            round=1,
             calling_ae="DX_ROOM2",
-            modality=None,
-            accession_number=None,
-            status=StudyStatus.ANALYSING,
-            finding=Finding.PENDING,
-            probability=None,
             threshold=classifier.card.threshold,
             model_version=classifier.version,
             model_sha256=classifier.card.weights_sha256,
-            images=[],
-            timings_ms={},
             received_at=start,
         )
     )

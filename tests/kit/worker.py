@@ -1,5 +1,5 @@
-"""The worker side of a test: a StudyReady message for files on disk, the worker's settings of a test
-deployment, and a real worker process (``python -m lungvision worker``)."""
+"""The worker side of a test: a StudyReady message for files on disk, the settings of a test deployment
+(embedded, or the worker's sections of one), and a real worker process (``python -m lungvision worker``)."""
 
 import os
 import signal
@@ -12,6 +12,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from common.messages import InstanceRef, StudyReady
+from config.settings import Settings, load_settings
 from tests.kit.data import REPO
 from tests.kit.wait import wait_until
 
@@ -44,6 +45,21 @@ def make_message(paths, message_id: str | None = None) -> StudyReady:
         last_received_at=now,
         instances=instances,
     )
+
+
+def embedded_settings(root: Path, **sections: object) -> Settings:
+    """The settings of a deployment without servers in ``root``: SQLite store and broker, outbox and audit
+    trail in the folder. ``sections`` add settings sections, or replace these ones whole."""
+    embedded = {
+        "store": {"url": f"sqlite:///{root / 'lv.db'}"},
+        "broker": {
+            "url": f"sqla+sqlite:///{root / 'broker.sqlite'}",
+            "result_backend": f"db+sqlite:///{root / 'results.sqlite'}",
+        },
+        "worker": {"outbox_dir": str(root / "outbox")},
+        "audit": {"path": str(root / "audit.jsonl")},
+    }
+    return load_settings(**{**embedded, **sections})
 
 
 def worker_sections(folder: Path, *, visibility_timeout_s: float, dead_letter_key: str, max_attempts: int) -> dict:

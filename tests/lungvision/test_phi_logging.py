@@ -21,11 +21,10 @@ from pydicom.uid import generate_uid
 
 from common import audit, logfilter
 from common.logs import JsonLineFormatter, configure_logging
-from config.settings import load_settings
 from tests.kit.dicom_fixtures import radiograph, write_broken
 from tests.kit.serve import Serve
 from tests.kit.wait import wait_until
-from tests.kit.worker import make_message
+from tests.kit.worker import embedded_settings, make_message
 
 MARKER = "MARKER"  # in every name, id and description below; nothing else in a test run says it in capitals
 INVALID_BIRTH_DATE = "20200231"  # 31 February: a date pydicom refuses, quoting it
@@ -181,16 +180,7 @@ def marked_study(tmp_path):
 def test_marked_patient_fields_reach_neither_logs_nor_audit_nor_store(marked_study, captured_logs, tmp_path) -> None:
     from worker import celery_app, tasks
 
-    settings = load_settings(
-        store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
-        broker={
-            "url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-            "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}",
-        },
-        worker={"outbox_dir": str(tmp_path / "outbox")},
-        audit={"path": str(tmp_path / "audit.jsonl")},
-        delivery={"shadow_mode": True},
-    )
+    settings = embedded_settings(tmp_path, delivery={"shadow_mode": True})
     celery_app.configure(settings)
     tasks.store.cache_clear()
     try:

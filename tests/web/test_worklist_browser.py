@@ -4,24 +4,12 @@ Set LUNGVISION_SCREENSHOT=docs/worklist.png to also save the README's screenshot
 """
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.kit.browser import CHROMIUM, launch_chromium
 from tests.kit.site import TOKEN
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-dev-shm-usage",
-]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +21,7 @@ def browser(tmp_path_factory):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)  # fresh profile
+        chromium = launch_chromium(playwright)
         yield chromium
         chromium.close()
 

@@ -12,8 +12,7 @@ from common import audit
 from common.dead_letters import ANALYSIS_STAGE, AnalysisJob, DeadLetters, DeliveryJob
 from common.publisher import Publisher
 from common.results import DeliveryStatus, StudyStatus
-from config.settings import load_settings
-from tests.kit.worker import make_message
+from tests.kit.worker import embedded_settings, make_message
 from worker.record import MODEL_UNAVAILABLE, Model
 
 SECRET = "Secretname^Patient"  # what an exception message might quote from a DICOM header
@@ -24,15 +23,8 @@ def worker(tmp_path):
     """The worker's task module on an embedded broker and store in ``tmp_path``."""
     from worker import celery_app, tasks
 
-    settings = load_settings(
-        store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
-        broker={
-            "url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-            "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}",
-        },
-        worker={"outbox_dir": str(tmp_path / "outbox")},
-        audit={"path": str(tmp_path / "audit.jsonl")},
-        destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}],
+    settings = embedded_settings(
+        tmp_path, destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}]
     )
     celery_app.configure(settings)
     tasks.store.cache_clear()

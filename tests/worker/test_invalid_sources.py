@@ -20,11 +20,11 @@ from inference.classifier import load_classifier
 from tests.kit.data import DICOM_SAMPLES, require
 from tests.kit.dicom_checks import dciodvfy_errors
 from tests.kit.dicom_fixtures import radiograph, write_broken
+from tests.kit.pipeline import run_pipeline
 from tests.kit.worker import make_message
 from worker.encode.charset import declared_encodings, decode_text
 from worker.encode.source_header import clean_source_header
 from worker.encode.vr_values import clean_value
-from worker.pipeline import analyse_study, device_uid_for
 
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 OUTCOMES = {StudyStatus.ANALYSED, StudyStatus.NOT_ANALYSED, StudyStatus.OUTSIDE_USE}
@@ -246,14 +246,7 @@ def broken_study(classifier, tmp_path_factory) -> dict[str, dict]:
         breakage = dict(breakage)
         dataset = radiograph(index % 4, implicit=breakage.pop("implicit", False), study_uid=study_uid)
         paths[case] = write_broken(dataset, folder / f"case{index}.dcm", **breakage)
-    outcome = analyse_study(
-        make_message(list(paths.values())),
-        classifier,
-        classifier.intended_use(),
-        folder / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=256,
-    )
+    outcome = run_pipeline(make_message(list(paths.values())), classifier, folder / "outbox", max_long_side=256)
     by_stem = {path.stem: path for path in outcome.files}
     results = {}
     for case, image in zip(CASES, outcome.images):
@@ -351,28 +344,14 @@ def test_invalid_enumerations_and_multiplicities_are_dropped(broken_study) -> No
 # Two crashes outside worker/encode that the property test below found (now fixed).
 def test_a_manufacturer_with_a_backslash_gives_an_outcome(classifier, tmp_path) -> None:
     path = write_broken(radiograph(0), tmp_path / "source.dcm", values={"Manufacturer": b"ACME\\X-RAY "})
-    outcome = analyse_study(
-        make_message([path]),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=256,
-    )
+    outcome = run_pipeline(make_message([path]), classifier, tmp_path / "outbox", max_long_side=256)
     assert outcome.status in OUTCOMES
 
 
 @pytest.mark.parametrize("stored", [b"abc ", b"1\\2 "])
 def test_an_invalid_instance_number_gives_an_outcome(classifier, tmp_path, stored) -> None:
     path = write_broken(radiograph(0), tmp_path / "source.dcm", values={"InstanceNumber": stored})
-    outcome = analyse_study(
-        make_message([path]),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=256,
-    )
+    outcome = run_pipeline(make_message([path]), classifier, tmp_path / "outbox", max_long_side=256)
     assert outcome.status in OUTCOMES
 
 
@@ -483,12 +462,11 @@ def assert_valid_outcome(
         damage = {**damage, "SpecificCharacterSet": charset}
     with tempfile.TemporaryDirectory(prefix="lv-fuzz-") as folder:
         path = write_broken(dataset, Path(folder) / "damaged.dcm", values=damage, vrs=vrs)
-        outcome = analyse_study(
+        outcome = run_pipeline(
             make_message([path]),
             classifier,
-            classifier.intended_use(policy=policy),
             Path(folder) / "outbox",
-            device_uid=device_uid_for("LUNGVISION"),
+            gate=classifier.intended_use(policy=policy),
             max_long_side=256,
         )
         assert outcome.status in OUTCOMES

@@ -7,22 +7,15 @@ from pydicom.uid import generate_uid
 from common.results import Finding, GateReason, StudyStatus
 from inference.classifier import load_classifier
 from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, dciodvfy_errors, sr_values
+from tests.kit.pipeline import run_pipeline
 from tests.kit.worker import make_message
-from worker.pipeline import analyse_study, device_uid_for
 
 
 @pytest.fixture
 def outcome(study_files, tmp_path):
     paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
     classifier = load_classifier()
-    return analyse_study(
-        make_message(paths),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=512,
-    )
+    return run_pipeline(make_message(paths), classifier, tmp_path / "outbox")
 
 
 def test_one_sc_per_analysed_image_and_one_sr_per_image(outcome) -> None:
@@ -77,14 +70,7 @@ def test_sr_says_what_the_model_said(outcome) -> None:
 def test_analysing_again_gives_the_same_uids(outcome, study_files, tmp_path) -> None:
     paths = [study_files["frontal"], study_files["lateral"], study_files["knee"]]
     classifier = load_classifier()
-    again = analyse_study(
-        make_message(paths),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox2",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=512,
-    )
+    again = run_pipeline(make_message(paths), classifier, tmp_path / "outbox2")
     assert [path.name for path in again.files] == [path.name for path in outcome.files]
 
 
@@ -105,14 +91,7 @@ def adult_and_child(tmp_path):
 
 def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_path) -> None:
     classifier = load_classifier()
-    outcome = analyse_study(
-        make_message(adult_and_child),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=512,
-    )
+    outcome = run_pipeline(make_message(adult_and_child), classifier, tmp_path / "outbox")
     adult, child = outcome.images
     assert adult.probability is None and adult.sc_uid is None and adult.intended_use is False
     assert adult.gate_reason is GateReason.AGE and "12 years" in adult.not_analysed_reason
@@ -133,14 +112,7 @@ def test_refused_image_gets_no_probability_and_says_why(adult_and_child, tmp_pat
 def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> None:
     classifier = load_classifier()
     gate = classifier.intended_use(policy="flag")
-    outcome = analyse_study(
-        make_message(adult_and_child[:1]),
-        classifier,
-        gate,
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=512,
-    )
+    outcome = run_pipeline(make_message(adult_and_child[:1]), classifier, tmp_path / "outbox", gate=gate)
     (adult,) = outcome.images
     assert adult.probability is not None and adult.sc_uid and adult.intended_use is False
     assert outcome.gate_counts() == {"refused": {}, "flagged": {"age": 1}}
@@ -151,14 +123,7 @@ def test_flag_policy_analyses_and_marks_the_image(adult_and_child, tmp_path) -> 
 
 def test_every_image_refused_makes_the_round_outside_use(adult_and_child, tmp_path) -> None:
     classifier = load_classifier()
-    outcome = analyse_study(
-        make_message(adult_and_child[:1]),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=512,
-    )
+    outcome = run_pipeline(make_message(adult_and_child[:1]), classifier, tmp_path / "outbox")
     assert outcome.status is StudyStatus.OUTSIDE_USE and outcome.finding is Finding.NOT_ANALYSED
     assert outcome.top is None
 
@@ -177,14 +142,7 @@ def test_each_image_gets_its_populations_operating_point(two_population_weights,
         dataset.PatientAge = age
         paths.append(write_dataset(dataset, tmp_path / f"{name}.dcm"))
     classifier = Classifier(two_population_weights)
-    outcome = analyse_study(
-        make_message(paths),
-        classifier,
-        classifier.intended_use(),
-        tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
-        max_long_side=512,
-    )
+    outcome = run_pipeline(make_message(paths), classifier, tmp_path / "outbox")
     adult, child, gap = outcome.images
     assert (adult.population, adult.threshold, adult.operating_point) == ("adults", 0.7, "shipped / adults")
     assert (child.population, child.threshold, child.operating_point) == ("children", 0.2, "shipped / children")

@@ -12,11 +12,12 @@ import pytest
 
 from common import audit
 from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, BrokerUnavailable
-from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
+from common.results import DeliveryStatus, ImageResult, StudyStatus
 from common.spool import ArrivalRecord, Spool
-from common.store import RoundState, Store, StudyResult
+from common.store import RoundState, Store
 from config.settings import load_settings
 from dicom_node.dispatcher import build_study_ready
+from tests.kit.records import study_result
 from worker.reconcile import (
     Action,
     Claim,
@@ -126,44 +127,24 @@ def test_owner_alive_tells_a_gone_process_of_this_host_only() -> None:
 # --- the claim on a real store ---------------------------------------------------------------------
 
 
-def placeholder(message_id: str) -> StudyResult:
-    return StudyResult(
-        message_id=message_id,
-        study_instance_uid="1.2.3",
-        round=1,
-        calling_ae="AE",
-        modality=None,
-        accession_number=None,
-        status=StudyStatus.ANALYSING,
-        finding=Finding.PENDING,
-        probability=None,
-        threshold=0.5,
-        model_version="m 1",
-        model_sha256="ab" * 32,
-        images=[],
-        timings_ms={},
-        received_at=datetime.now(UTC),
-    )
-
-
 def test_of_two_processes_claiming_one_round_one_analyses_it(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
-    assert claim_round(store, placeholder("m1"), LIMITS, me=ME, is_alive=alive) is Claim.START
-    assert claim_round(store, placeholder("m1"), LIMITS, me=OTHER, is_alive=alive) is Claim.RUNNING
+    assert claim_round(store, study_result("m1"), LIMITS, me=ME, is_alive=alive) is Claim.START
+    assert claim_round(store, study_result("m1"), LIMITS, me=OTHER, is_alive=alive) is Claim.RUNNING
     assert store.result("m1").status == StudyStatus.ANALYSING
     state = store.round_state("m1")
     assert (state.attempts, state.owner) == (1, ME)
 
     # A claim decided on a state another process has changed since loses instead of claiming twice.
     stale = RoundState(attempts=0)
-    assert not store.start_attempt(placeholder("m1"), OTHER, datetime.now(UTC), stale)
+    assert not store.start_attempt(study_result("m1"), OTHER, datetime.now(UTC), stale)
 
 
 def test_a_round_whose_worker_keeps_dying_is_given_up(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
     for attempt in range(1, LIMITS.max_attempts + 1):
-        assert claim_round(store, placeholder("m1"), LIMITS, me=f"host/ns/{attempt}", is_alive=dead) is Claim.START
-    assert claim_round(store, placeholder("m1"), LIMITS, me="host/ns/9", is_alive=dead) is Claim.GIVE_UP
+        assert claim_round(store, study_result("m1"), LIMITS, me=f"host/ns/{attempt}", is_alive=dead) is Claim.START
+    assert claim_round(store, study_result("m1"), LIMITS, me="host/ns/9", is_alive=dead) is Claim.GIVE_UP
 
 
 # --- the sweeper on a real spool and store ---------------------------------------------------------
@@ -276,16 +257,11 @@ def test_two_sweepers_send_a_round_once(site) -> None:
 
 def test_a_round_with_an_outcome_is_settled_and_not_read_again(site) -> None:
     message = queued_round(site, queued_ago_s=1000)
-    result = replace_status(placeholder(message.message_id), StudyStatus.NOT_ANALYSED)
+    result = study_result(message.message_id, status=StudyStatus.NOT_ANALYSED)
     site.store.save_result(result)
     sweeper = site.sweeper()
     sweeper.sweep()
     assert site.publisher.sent == [] and len(sweeper._settled) == 1
-
-
-def replace_status(result: StudyResult, status: StudyStatus) -> StudyResult:
-    result.status = status
-    return result
 
 
 def test_a_round_whose_analyser_is_gone_is_sent_again_at_once(site) -> None:
@@ -293,7 +269,7 @@ def test_a_round_whose_analyser_is_gone_is_sent_again_at_once(site) -> None:
     assert (
         claim_round(
             site.store,
-            placeholder(message.message_id),
+            study_result(message.message_id),
             Limits.of(site.settings),
             me=OTHER,
             clock=site.clock,
@@ -310,7 +286,7 @@ def test_a_round_whose_analyser_is_gone_is_sent_again_at_once(site) -> None:
 
 def test_a_replayed_round_whose_message_was_lost_is_sent_again(site) -> None:
     message = queued_round(site, queued_ago_s=1000)
-    site.store.save_result(replace_status(placeholder(message.message_id), StudyStatus.FAILED))
+    site.store.save_result(study_result(message.message_id, status=StudyStatus.FAILED))
     sweeper = site.sweeper()
     sweeper.sweep()
     assert site.publisher.sent == []  # failed is an outcome; but failed rounds stay watched: they may be replayed
@@ -325,15 +301,15 @@ def test_a_replayed_round_whose_message_was_lost_is_sent_again(site) -> None:
 def test_a_delivery_whose_task_ran_before_the_outcome_was_recorded_keeps_its_state(tmp_path) -> None:
     store = Store(f"sqlite:///{tmp_path}/outcomes.db")
     store.update_delivery("m1", "pacs", status=DeliveryStatus.DELIVERED, attempts=1)  # the task was faster
-    store.save_outcome(replace_status(placeholder("m1"), StudyStatus.ANALYSED), ["pacs", "archive"])
+    store.save_outcome(study_result("m1", status=StudyStatus.ANALYSED), ["pacs", "archive"])
     assert {(d.destination, d.status) for d in store.deliveries("m1")} == {
         ("pacs", DeliveryStatus.DELIVERED),
         ("archive", DeliveryStatus.PENDING),
     }
     assert store.result("m1").status == StudyStatus.ANALYSED
-    store.save_outcome(replace_status(placeholder("m2"), StudyStatus.ANALYSED), [])  # no destination
+    store.save_outcome(study_result("m2", status=StudyStatus.ANALYSED), [])  # no destination
     store.update_delivery("m3", "pacs", status=DeliveryStatus.DELIVERED, attempts=1)
-    store.save_outcome(replace_status(placeholder("m3"), StudyStatus.ANALYSED), ["pacs"])
+    store.save_outcome(study_result("m3", status=StudyStatus.ANALYSED), ["pacs"])
     assert (store.result("m2").status, store.result("m3").status) == (StudyStatus.ANALYSED, StudyStatus.DELIVERED)
 
 
@@ -349,7 +325,7 @@ def test_a_send_that_finds_the_broker_down_is_tried_again_later(site) -> None:
 
 
 def test_a_silent_delivery_is_sent_again_where_its_attempts_stopped(site) -> None:
-    result = replace_status(placeholder("m1"), StudyStatus.ANALYSED)
+    result = study_result("m1", status=StudyStatus.ANALYSED)
     result.images = [ImageResult(sc_uid="1.2.3.10", sr_uid="1.2.3.11"), ImageResult(sr_uid="1.2.3.12")]
     site.store.save_result(result)
     site.store.update_delivery("m1", "pacs", status=DeliveryStatus.RETRYING, attempts=2, error="timeout")

@@ -8,8 +8,7 @@ import pytest
 
 from common import audit
 from common.results import Finding, StudyStatus
-from config.settings import load_settings
-from tests.kit.worker import make_message
+from tests.kit.worker import embedded_settings, make_message
 
 
 @pytest.fixture
@@ -18,15 +17,9 @@ def run_task(tmp_path):
     from worker import celery_app, tasks
 
     def run(paths, model: dict | None = None, **delivery):
-        settings = load_settings(
+        settings = embedded_settings(
+            tmp_path,
             model=model or {},
-            store={"url": f"sqlite:///{tmp_path / 'lv.db'}"},
-            broker={
-                "url": f"sqla+sqlite:///{tmp_path / 'broker.sqlite'}",
-                "result_backend": f"db+sqlite:///{tmp_path / 'results.sqlite'}",
-            },
-            worker={"outbox_dir": str(tmp_path / "outbox")},
-            audit={"path": str(tmp_path / "audit.jsonl")},
             destinations=[{"name": "files", "kind": "folder", "path": str(tmp_path / "out")}],
             hl7={"endpoints": [{"name": "ris", "host": "127.0.0.1", "port": 9}]},
             delivery=delivery,
