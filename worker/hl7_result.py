@@ -34,6 +34,8 @@ UNKNOWN_PATIENT_ID = ("UNKNOWN", "", "", "", "U")
 PNEUMONIA = ("233604007", "Pneumonia", "SCT")
 PRESENT = ("52101004", "Present", "SCT")
 ABSENT = ("2667000", "Absent", "SCT")
+TRIAGE = ("LV-PNEU", "Chest X-ray pneumonia triage (AI)", "L")  # the order (OBR-4)
+PROBABILITY = ("LV-PROB", "Pneumonia probability (calibrated)", "L")
 
 
 class Hl7DeliveryError(Exception):
@@ -101,6 +103,77 @@ def _hl7_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y%m%d%H%M%S+0000")
 
 
+_escape = hl7.parse("MSH|^~\\&|").escape  # escapes | ^ ~ \ & in values
+
+
+def _field(*components: str) -> str:
+    """One field of escaped ``^``-separated components, without empty trailing components."""
+    return "^".join(_escape(component) for component in components).rstrip("^")
+
+
+def _segment(name: str, fields: dict[int, str]) -> str:
+    """One segment from its fields by HL7 field number (``{3: ...}`` is PID-3), empty ones left out.
+
+    MSH-1 is the field separator itself, so an MSH's first field is MSH-2."""
+    last = max(number for number, value in fields.items() if value)
+    first = 2 if name == "MSH" else 1
+    return "|".join([name, *(fields.get(number, "") for number in range(first, last + 1))])
+
+
+def _obx(
+    value_type: str,
+    identifier: tuple[str, ...],
+    value: str,
+    *,
+    units: str = "",
+    reference_range: str = "",
+    flag: str = "",
+    status: str = "F",
+    observed: str = "",
+) -> dict[int, str]:
+    """OBX-2 to OBX-14 of one observation, ``value`` already escaped (OBX-1 is its place in the message)."""
+    return {
+        2: value_type,
+        3: _field(*identifier),
+        4: "1",  # observation sub-id
+        5: value,
+        6: units,
+        7: reference_range,
+        8: flag,
+        11: status,
+        14: observed,
+    }
+
+
+def _observations(job: Hl7Job, observed: str) -> list[dict[int, str]]:
+    """The OBX rows: finding, probability (analysed rounds only), operating point, model, study."""
+    if job.probability is None:  # not analysed: results cannot be obtained (HL7 v2.5 table 0085)
+        rows = [_obx("CWE", PNEUMONIA, "", status="X", observed=observed)]
+    else:
+        positive = job.finding is Finding.POSITIVE
+        finding, flag = (_field(*PRESENT), "A") if positive else (_field(*ABSENT), "N")
+        probability, normal = f"{job.probability:.4f}", f"<{job.threshold:.4f}"  # normal: below the threshold
+        rows = [
+            _obx("CWE", PNEUMONIA, finding, flag=flag, observed=observed),
+            _obx("NM", PROBABILITY, probability, units="1^^UCUM", reference_range=normal, flag=flag, observed=observed),
+        ]
+    operating_point = f"{job.operating_point} (threshold {job.threshold:.4f})"
+    return [
+        *rows,
+        _obx("ST", ("LV-OPPT", "Operating point", "L"), _escape(operating_point)),
+        _obx("ST", ("LV-MODEL", "Algorithm", "L"), _escape(f"{job.model_version} sha256 {job.model_sha256}")),
+        _obx("ST", ("110180", "Study Instance UID", "DCM"), _escape(job.study_instance_uid)),
+    ]
+
+
+def _patient_name(patient: PatientHeader, settings: Hl7Settings) -> str:
+    """PID-5: the patient's name where the site asks for it and the image has one, else the pseudo-name."""
+    if settings.include_patient_name and patient.name.strip("^ "):
+        family, given, middle, prefix, suffix = (patient.name.split("^") + [""] * 5)[:5]  # DICOM PN order
+        return _field(family, given, middle, suffix, prefix)  # HL7 XPN order
+    return _field(*WITHHELD_NAME)
+
+
 def build_oru(
     job: Hl7Job,
     patient: PatientHeader,
@@ -118,139 +191,40 @@ def build_oru(
     ``X`` (HL7 v2.5 table 0085: results cannot be obtained for this observation), no probability,
     and the reason in a note. Every message names the operating point used.
     """
-    now = now or datetime.now(UTC)
-    escape = hl7.parse("MSH|^~\\&|").escape  # escapes | ^ ~ \ & in values
-
-    def field(*components: str) -> str:
-        return "^".join(escape(component) for component in components).rstrip("^")  # no empty trailing parts
-
-    positive = job.finding is Finding.POSITIVE
-    analysed = job.probability is not None
-    flag = ("A" if positive else "N") if analysed else ""
     observed = _hl7_time(datetime.fromisoformat(job.analysed_at))
-    name = field(*WITHHELD_NAME)
-    if settings.include_patient_name and patient.name.strip("^ "):
-        family, given, middle, prefix, suffix = (patient.name.split("^") + [""] * 5)[:5]  # DICOM PN order
-        name = field(family, given, middle, suffix, prefix)  # HL7 XPN order
-    accession = escape(patient.accession_number or job.accession_number or "")
-    observations = [
-        [
-            "CWE",
-            field(*PNEUMONIA),
-            field(*(PRESENT if positive else ABSENT)) if analysed else "",
-            "",
-            "",
-            flag,
-            "",
-            "",
-            "F" if analysed else "X",
-            "",
-            "",
-            observed,
-        ]
-    ]
-    if analysed:
-        observations.append(
-            [
-                "NM",
-                field("LV-PROB", "Pneumonia probability (calibrated)", "L"),
-                f"{job.probability:.4f}",
-                field("1", "", "UCUM"),
-                f"<{job.threshold:.4f}",
-                flag,
-                "",
-                "",
-                "F",
-                "",
-                "",
-                observed,
-            ]
-        )
-    observations += [
-        [
-            "ST",
-            field("LV-OPPT", "Operating point", "L"),
-            escape(f"{job.operating_point} (threshold {job.threshold:.4f})"),
-            "",
-            "",
-            "",
-            "",
-            "",
-            "F",
-        ],
-        [
-            "ST",
-            field("LV-MODEL", "Algorithm", "L"),
-            escape(f"{job.model_version} sha256 {job.model_sha256}"),
-            "",
-            "",
-            "",
-            "",
-            "",
-            "F",
-        ],
-        ["ST", field("110180", "Study Instance UID", "DCM"), escape(job.study_instance_uid), "", "", "", "", "", "F"],
-    ]
+    accession = _escape(patient.accession_number or job.accession_number or "")
+    patient_id = (
+        _field(patient.patient_id, "", "", patient.issuer, "PI") if patient.patient_id else _field(*UNKNOWN_PATIENT_ID)
+    )
     notes = ["Lung Vision research software - NOT FOR DIAGNOSTIC USE; must be read by a radiologist"]
     if job.remark:
-        notes.append(("Not analysed: " if not analysed else "Outside intended use: ") + job.remark)
+        notes.append(("Not analysed: " if job.probability is None else "Outside intended use: ") + job.remark)
     segments = [
-        "|".join(
-            [
-                "MSH",
-                "^~\\&",
-                escape(settings.sending_application),
-                escape(settings.sending_facility),
-                escape(endpoint.receiving_application),
-                escape(endpoint.receiving_facility),
-                _hl7_time(now),
-                "",
-                "ORU^R01^ORU_R01",
-                escape(control_id),
-                "P",
-                "2.5",
-                "",
-                "",
-                "AL",
-                "NE",
-                "",
-                "UNICODE UTF-8",
-            ]
+        _segment(
+            "MSH",
+            {
+                2: "^~\\&",
+                3: _escape(settings.sending_application),
+                4: _escape(settings.sending_facility),
+                5: _escape(endpoint.receiving_application),
+                6: _escape(endpoint.receiving_facility),
+                7: _hl7_time(now or datetime.now(UTC)),
+                9: "ORU^R01^ORU_R01",
+                10: _escape(control_id),
+                11: "P",  # production
+                12: "2.5",
+                15: "AL",  # accept acknowledgment: always
+                16: "NE",  # application acknowledgment: never
+                18: "UNICODE UTF-8",
+            },
         ),
-        "|".join(
-            [
-                "PID",
-                "1",
-                "",
-                field(patient.patient_id, "", "", patient.issuer, "PI")
-                if patient.patient_id
-                else field(*UNKNOWN_PATIENT_ID),
-                "",
-                name,
-            ]
-        ),
-        "|".join(
-            [
-                "OBR",
-                "1",
-                accession,
-                accession,
-                field("LV-PNEU", "Chest X-ray pneumonia triage (AI)", "L"),
-                "",
-                "",
-                observed,
-                *[""] * 14,
-                observed,
-                "",
-                "",
-                "F",
-            ]
-        ),
+        _segment("PID", {1: "1", 3: patient_id, 5: _patient_name(patient, settings)}),
+        _segment("OBR", {1: "1", 2: accession, 3: accession, 4: _field(*TRIAGE), 7: observed, 22: observed, 25: "F"}),
         *[
-            "|".join(["OBX", str(number), kind, code, "1", *rest])
-            for number, (kind, code, *rest) in enumerate(observations, start=1)
+            _segment("OBX", {1: str(number), **fields})
+            for number, fields in enumerate(_observations(job, observed), start=1)
         ],
-        *["|".join(["NTE", str(number), "L", escape(note)]) for number, note in enumerate(notes, start=1)],
+        *[_segment("NTE", {1: str(number), 2: "L", 3: _escape(note)}) for number, note in enumerate(notes, start=1)],
     ]
     return hl7.parse("\r".join(segments))
 

@@ -217,3 +217,101 @@ def test_the_operating_point_obx_names_the_population(operating_point) -> None:
     point = next(obx for obx in message.segments("OBX") if str(obx[3][0][0]) == "LV-OPPT")
     assert str(point[5]) == f"{operating_point} (threshold 0.7000)"
     assert str(message.segments("OBX")[1][7]) == "<0.7000"  # the population's threshold is the reference range
+
+
+_MSH = "MSH|^~\\&|LUNGVISION||RIS||20261201083000+0000||ORU^R01^ORU_R01|c0ffee|P|2.5|||AL|NE||UNICODE UTF-8"
+_OBR = (
+    "OBR|1|ACC\\F\\9|ACC\\F\\9|LV-PNEU^Chest X-ray pneumonia triage (AI)^L|||20261130100000+0000"
+    "|||||||||||||||20261130100000+0000|||F"
+)
+_TAIL = [
+    "ST|LV-OPPT^Operating point^L|1|site profile ward-7 / adults (threshold 0.1956)||||||F",
+    "ST|LV-MODEL^Algorithm^L|1|lungvision-resnet18 1.1 sha256 " + "ab" * 32 + "||||||F",
+    "ST|110180^Study Instance UID^DCM|1|1.2.826.0.1.3680043.10.1514.1||||||F",
+]
+_NOTE = "NTE|1|L|Lung Vision research software - NOT FOR DIAGNOSTIC USE; must be read by a radiologist"
+
+
+@pytest.mark.parametrize(
+    ("finding", "probability", "patient", "include_name", "expected"),
+    [
+        (
+            "POSITIVE",
+            0.8123,
+            PatientHeader("PID-1", "HOSP", "Doe^Jane^Q^Dr^III", ""),
+            True,
+            [
+                _MSH,
+                "PID|1||PID-1^^^HOSP^PI||Doe^Jane^Q^III^Dr",
+                _OBR,
+                "OBX|1|CWE|233604007^Pneumonia^SCT|1|52101004^Present^SCT|||A|||F|||20261130100000+0000",
+                "OBX|2|NM|LV-PROB^Pneumonia probability (calibrated)^L|1|0.8123|1^^UCUM|<0.1956|A|||F|||"
+                "20261130100000+0000",
+                *[f"OBX|{number}|{row}" for number, row in enumerate(_TAIL, start=3)],
+                _NOTE,
+                "NTE|2|L|Outside intended use: patient remark",
+            ],
+        ),
+        (
+            "NEGATIVE",
+            0.0456,
+            PatientHeader("", "", "Doe^Jane", ""),
+            False,
+            [
+                _MSH,
+                "PID|1||UNKNOWN^^^^U||WITHHELD^^^^^^S",
+                _OBR,
+                "OBX|1|CWE|233604007^Pneumonia^SCT|1|2667000^Absent^SCT|||N|||F|||20261130100000+0000",
+                "OBX|2|NM|LV-PROB^Pneumonia probability (calibrated)^L|1|0.0456|1^^UCUM|<0.1956|N|||F|||"
+                "20261130100000+0000",
+                *[f"OBX|{number}|{row}" for number, row in enumerate(_TAIL, start=3)],
+                _NOTE,
+                "NTE|2|L|Outside intended use: patient remark",
+            ],
+        ),
+        (
+            "NOT_ANALYSED",
+            None,
+            PatientHeader("PID-1", "HOSP", "Doe^Jane^Q^Dr^III", ""),
+            True,
+            [
+                _MSH,
+                "PID|1||PID-1^^^HOSP^PI||Doe^Jane^Q^III^Dr",
+                _OBR,
+                "OBX|1|CWE|233604007^Pneumonia^SCT|1|||||||X|||20261130100000+0000",
+                *[f"OBX|{number}|{row}" for number, row in enumerate(_TAIL, start=2)],
+                _NOTE,
+                "NTE|2|L|Not analysed: patient remark",
+            ],
+        ),
+    ],
+)
+def test_the_full_oru_message_is_pinned(finding, probability, patient, include_name, expected) -> None:
+    from datetime import UTC, datetime
+
+    from config.settings import Hl7Settings
+
+    job = Hl7Job(
+        "m-1",
+        "ris",
+        "1.2.826.0.1.3680043.10.1514.1",
+        finding,
+        probability,
+        0.1956,
+        "lungvision-resnet18 1.1",
+        "ab" * 32,
+        "2026-11-30T10:00:00+00:00",
+        "ACC|9",
+        ["1.2.3"],
+        "site profile ward-7 / adults",
+        "patient remark",
+    )
+    message = build_oru(
+        job,
+        patient,
+        Hl7Settings(include_patient_name=include_name),
+        Hl7Endpoint(name="ris", host="127.0.0.1", port=2575, receiving_application="RIS"),
+        control_id="c0ffee",
+        now=datetime(2026, 12, 1, 8, 30, tzinfo=UTC),
+    )
+    assert str(message) == "\r".join(expected) + "\r"
