@@ -65,23 +65,20 @@ def analyse_study_task(message: dict) -> dict:
             return unclaimed(ready, model, claim, settings)
         audit.record("analysing", message_id=ready.message_id, study_uid=ready.study_instance_uid, round=ready.round)
         started = time.perf_counter()
+        # analyse and encode
         analysis = analyse_study(
             ready,
             classifier,
             gate,
-            settings.worker.outbox_dir,  # analyse, encode
+            settings.worker.outbox_dir,
             device_uid=device_uid_for(settings.node.ae_title),
             max_long_side=settings.worker.sc_max_long_side,
         )
-        destinations = queue_deliveries(ready, model, analysis, settings)  # deliver
+        # deliver
+        destinations = queue_deliveries(ready, model, analysis, settings)
+        # record
         record_analysed(
-            store(),
-            ready,
-            model,
-            analysis,
-            destinations,  # record
-            shadow_mode=settings.delivery.shadow_mode,
-            started=started,
+            store(), ready, model, analysis, destinations, shadow_mode=settings.delivery.shadow_mode, started=started
         )
         return {"message_id": ready.message_id, "finding": analysis.finding, "destinations": destinations}
     except SoftTimeLimitExceeded:
