@@ -36,7 +36,7 @@ def load_before_fork(settings: Settings) -> None:
     release_large_blocks()  # inherited by the pool processes
     classifier = _load_model(settings)
     if classifier is not None:
-        warm_up(classifier, settings)
+        warm_up_or_log(classifier, settings)
     # Move everything alive now out of the garbage collector's sight, so collections in the pool
     # processes do not write to (and so copy) the pages of the objects they inherited.
     gc.collect()
@@ -44,6 +44,15 @@ def load_before_fork(settings: Settings) -> None:
 
 
 _warm_up_ms: float | None = None  # set by warm_up in the parent; the pool processes inherit it and log it
+
+
+def warm_up_or_log(classifier: "Classifier", settings: Settings) -> None:
+    """The warm-up study, or an error logged when it fails: the worker starts without it (each pool process
+    then loads lazily, and a study that fails the same way is recorded as failed with its reason)."""
+    try:
+        warm_up(classifier, settings)
+    except Exception as error:  # any failure of the synthetic study must not keep the worker from starting
+        log.error("the warm-up study failed (%s: %s); the worker starts without it", type(error).__name__, error)
 
 
 def warm_up(classifier: "Classifier", settings: Settings) -> None:

@@ -1,5 +1,6 @@
 """Pool-process memory settings made in the worker's parent before the fork."""
 
+import logging
 import platform
 from pathlib import Path
 
@@ -23,3 +24,15 @@ def test_the_worker_environment_asks_for_huge_pages_unless_tunables_are_set() ->
 def test_the_docker_image_runs_with_the_same_tunable() -> None:
     dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
     assert f"GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}" in dockerfile
+
+
+def test_a_failing_warm_up_is_logged_and_does_not_stop_the_worker(monkeypatch, caplog) -> None:
+    from worker import preload
+
+    def broken(*_: object) -> None:
+        raise OSError("no room for the warm-up study")
+
+    monkeypatch.setattr(preload, "warm_up", broken)
+    with caplog.at_level(logging.ERROR, logger="lungvision.worker"):
+        preload.warm_up_or_log(object(), object())  # type: ignore[arg-type]
+    assert "the warm-up study failed (OSError: no room for the warm-up study)" in caplog.text
