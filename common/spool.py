@@ -3,6 +3,7 @@
 Layout under the spool root (every name below ``studies/`` is a checked UID or a round number)::
 
     .receiving/                      half-received network payloads (the SCP's temporary files)
+    .locks/                          one empty file per lock stripe (see StudyLocks)
     studies/<study>/incoming/        <sop>.dcm + <sop>.json (arrival record), not yet dispatched
     studies/<study>/rounds/0001/     a sealed round: the incoming folder renamed in one step,
                                      plus message.json (what is sent) and queued.json (sent)
@@ -13,12 +14,14 @@ fsynced, so after a crash a name either points at complete data or does not exis
 """
 
 import errno
+import fcntl
 import json
 import os
 import shutil
 import threading
 import zlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from common.durable import fsync_dir
 from common.uids import checked_uid, is_valid_uid
 
 RECEIVING = ".receiving"
+LOCKS = ".locks"
 STUDIES = "studies"
 INCOMING = "incoming"
 ROUNDS = "rounds"
@@ -111,13 +115,14 @@ class SweepReport:
 
 
 class Spool:
-    """The on-disk spool. Thread-safe: SCP threads store while the dispatcher seals and sweeps."""
+    """The on-disk spool. Safe across threads and processes: receiving processes and their association
+    threads store while the node's dispatcher seals and sweeps."""
 
     def __init__(self, root: Path, min_free_bytes: int) -> None:
         self.root = Path(root).resolve()
         self.min_free_bytes = min_free_bytes  # reassigned on configuration reload
         self._studies = self.root / STUDIES
-        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._locks = StudyLocks(self.root / LOCKS)
 
     @property
     def receiving_dir(self) -> Path:
@@ -128,6 +133,7 @@ class Spool:
         """Create the layout and delete leftovers of receives interrupted by a stop; return how many."""
         _ensure_dir(self._studies)
         _ensure_dir(self.receiving_dir)
+        _ensure_dir(self.root / LOCKS)
         removed = 0
         for leftover in self.receiving_dir.iterdir():
             leftover.unlink()
@@ -229,21 +235,30 @@ class Spool:
 
     def recover(self) -> Recovered:
         """Scan the spool after a start: studies with undispatched instances, rounds never queued."""
-        pending: dict[str, float] = {}
         unqueued: list[SealedRound] = []
         for study_uid, study_dir in self._study_dirs():
             incoming = study_dir / INCOMING
             if incoming.is_dir():
                 _remove_temporaries(incoming)
-                arrivals = [_arrival_time(path) for path in incoming.glob(f"*{DICOM_SUFFIX}")]
-                if arrivals:
-                    pending[study_uid] = max(arrivals)
             for round_dir in _round_dirs(study_dir):
                 _remove_temporaries(round_dir)
                 sealed = SealedRound(study_uid, int(round_dir.name), round_dir)
                 if not sealed.queued_path.exists():
                     unqueued.append(sealed)
-        return Recovered(pending, unqueued)
+        return Recovered(self.pending(), unqueued)
+
+    def pending(self) -> dict[str, float]:
+        """Studies with undispatched instances → their latest arrival (POSIX seconds). Read-only, so it may run
+        while instances arrive (a study being sealed meanwhile is simply not listed)."""
+        pending: dict[str, float] = {}
+        for study_uid, study_dir in self._study_dirs():
+            try:
+                arrivals = [_arrival_time(path) for path in (study_dir / INCOMING).glob(f"*{DICOM_SUFFIX}")]
+            except FileNotFoundError:  # sealed or deleted meanwhile
+                continue
+            if arrivals:
+                pending[study_uid] = max(arrivals)
+        return pending
 
     def sweep(self, now: float, retention_s: float, stale_partial_s: float) -> SweepReport:
         """Delete queued rounds and own objects older than ``retention_s``, emptied studies, stale partial receives."""
@@ -284,8 +299,41 @@ class Spool:
             if entry.is_dir() and is_valid_uid(entry.name):
                 yield entry.name, entry
 
-    def _lock(self, study_uid: str) -> threading.Lock:
-        return self._locks[zlib.crc32(study_uid.encode()) % _LOCK_STRIPES]
+    def _lock(self, study_uid: str) -> AbstractContextManager[None]:
+        return self._locks.hold(study_uid)
+
+
+class StudyLocks:
+    """Mutual exclusion per study for the threads *and* processes sharing a spool.
+
+    A study maps to one of 64 stripes; a stripe is a thread lock (``flock`` does not exclude threads that
+    share an open file) plus an ``flock`` on the stripe's file, opened once per process.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._thread_locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._descriptors: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    @contextmanager
+    def hold(self, study_uid: str) -> Iterator[None]:
+        stripe = zlib.crc32(study_uid.encode()) % _LOCK_STRIPES
+        with self._thread_locks[stripe]:
+            descriptor = self._descriptor(stripe)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+
+    def _descriptor(self, stripe: int) -> int:
+        if self._pid != os.getpid():  # a forked copy: an inherited descriptor would share the parent's lock
+            self._descriptors, self._pid = {}, os.getpid()
+        if stripe not in self._descriptors:
+            self._folder.mkdir(exist_ok=True)
+            self._descriptors[stripe] = os.open(self._folder / f"{stripe:02d}", os.O_RDWR | os.O_CREAT, 0o640)
+        return self._descriptors[stripe]
 
 
 def _round_dirs(study_dir: Path) -> list[Path]:

@@ -66,14 +66,24 @@ class Dispatcher:
     def resume(self) -> None:
         """Pick up after a stop: restart the completion clock of pending studies, re-send unqueued rounds."""
         recovered = self._spool.recover()
-        now, wall_now = self._monotonic_clock(), self._wall_clock()
-        for study_uid, last_arrival in recovered.pending.items():
-            self._tracker.seen(study_uid, now - max(0.0, wall_now - last_arrival))
+        self._track(recovered.pending)
         for sealed in recovered.unqueued:
             self._unqueued[sealed.path] = _Unqueued(sealed)
         log_event(
             LOG, "spool.recovered", pending_studies=len(recovered.pending), unqueued_rounds=len(recovered.unqueued)
         )
+
+    def track_pending(self) -> int:
+        """Restart the completion clock of every study with undispatched instances; return how many. Safe beside
+        the dispatch loop: run when a receiving process died, whose last arrivals may not have been reported."""
+        pending = self._spool.pending()
+        self._track(pending)
+        return len(pending)
+
+    def _track(self, pending: dict[str, float]) -> None:
+        now, wall_now = self._monotonic_clock(), self._wall_clock()
+        for study_uid, last_arrival in pending.items():
+            self._tracker.seen(study_uid, now - max(0.0, wall_now - last_arrival))
 
     def dispatch_due(self) -> float:
         """Seal the studies that fell quiet, queue the rounds whose (re)try is due; return when something is

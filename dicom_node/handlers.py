@@ -86,7 +86,8 @@ class _AssociationStats:
 class AssociationJournal:
     """One structured log line per instance, and one per association when its connection closes."""
 
-    def __init__(self) -> None:
+    def __init__(self, receiver: int = 0) -> None:
+        self._receiver = receiver  # which receiving process (dicom_node/receivers.py) writes these lines
         self._stats: dict[int, _AssociationStats] = {}
         self._lock = threading.Lock()
         self._count = 0
@@ -108,6 +109,7 @@ class AssociationJournal:
         log_event(
             LOG,
             "echo",
+            receiver=self._receiver,
             association=stats.number if stats else None,
             calling_ae=event.assoc.requestor.ae_title.strip(),
             status="0x0000",
@@ -124,6 +126,7 @@ class AssociationJournal:
             LOG,
             "instance",
             logging.INFO if outcome.status == StoreStatus.SUCCESS else logging.WARNING,
+            receiver=self._receiver,
             association=stats.number if stats else None,
             calling_ae=received.calling_ae,
             sop_class=received.sop_class_uid,
@@ -155,6 +158,7 @@ class AssociationJournal:
             LOG,
             "association",
             logging.WARNING if result in ("rejected", "aborted") else logging.INFO,
+            receiver=self._receiver,
             association=stats.number,
             calling_ae=stats.calling_ae or None,
             peer=stats.peer,

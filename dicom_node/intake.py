@@ -5,12 +5,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from common import audit
 from common.identity import is_lung_vision_object
 from common.spool import ArrivalRecord, Spool
 from common.uids import InvalidUid, checked_uid
-from dicom_node.completion import StudyCompletionTracker
 from dicom_node.header import UnreadableDataset, read_header
 
 
@@ -79,13 +79,19 @@ class Outcome:
         return _STATUS[self.disposition]
 
 
+class Arrivals(Protocol):
+    """Where stored arrivals are reported: the completion tracker, or (in a receiving process) the pipe to it."""
+
+    def seen(self, study_uid: str, at: float) -> None: ...
+
+
 class Intake:
     """Checks one instance and spools it; the study's completion clock restarts on every stored instance."""
 
     def __init__(
         self,
         spool: Spool,
-        tracker: StudyCompletionTracker,
+        tracker: Arrivals,
         analysed_sop_classes: frozenset[str],
         *,
         wall_clock: Callable[[], float] = time.time,

@@ -1,4 +1,5 @@
-"""Node runtime: Settings → the storage SCP plus the dispatch loop, running until SIGTERM or SIGINT.
+"""Node runtime: Settings → the storage SCP (in ``node.receivers`` processes) plus the dispatch loop, running
+until SIGTERM or SIGINT.
 
 SIGHUP re-reads the configuration and applies ``spool.min_free_bytes`` (the free-space watermark)
 without dropping associations; other changes are logged as needing a restart.
@@ -6,24 +7,18 @@ without dropping associations; other changes are logged as needing a restart.
 
 import logging
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-
-from pynetdicom import _config as pynetdicom_config
 
 from common import audit
 from common.logs import configure_logging, log_event
 from common.spool import Spool
 from config.settings import ConfigError, Settings
-from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.dispatcher import Dispatcher, dispatch_until_stopped
 from dicom_node.enqueue import CeleryEnqueuer
-from dicom_node.handlers import AssociationJournal, bindings
-from dicom_node.intake import Intake
-from dicom_node.transport import start_server
+from dicom_node.receivers import ReceiverPool, receiver_count, serve_instances
 
 LOG = logging.getLogger("dicom_node")
 SWEEP_INTERVAL_S = 3600.0  # retention and stale-partial clean-up; also once at start
@@ -36,10 +31,6 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     audit.configure(settings.audit.path)  # 'received' events (dicom_node.intake)
     spool = Spool(settings.spool.dir, settings.spool.min_free_bytes)
     partials = spool.prepare()
-    # Large payloads are streamed to disk by pynetdicom rather than held in memory, and into the
-    # spool's own file system, so that spooling them is a rename, not a copy.
-    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
-    tempfile.tempdir = str(spool.receiving_dir)
 
     wake = threading.Event()  # ends the dispatch loop's wait: a new study, a signal
     tracker = StudyCompletionTracker(settings.spool.stable_seconds, on_new_study=wake.set)
@@ -48,15 +39,16 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     dispatcher.resume()
 
     stop, reload_requested = _signal_events(wake)
-    node = settings.node
-    intake = Intake(spool, tracker, ANALYSED_SOP_CLASSES)
-    journal = AssociationJournal()
-    server = start_server(
-        build_ae(node),
-        (node.bind_address, node.port),
-        ssl_context=server_ssl_context(node.tls),
-        evt_handlers=list(bindings(intake, Admission(node), journal)),
+    server = serve_instances(settings, spool, tracker)
+    receivers = ReceiverPool(
+        settings.model_copy(update={"node": settings.node.model_copy(update={"port": server.server_address[1]})}),
+        server.listener,
+        receiver_count(settings) - 1,
+        on_arrival=tracker.seen,
+        on_exit=dispatcher.track_pending,
     )
+    receivers.start()
+    node = settings.node
     log_event(
         LOG,
         "node.listening",
@@ -68,13 +60,14 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         partials_removed=partials,
         stable_seconds=settings.spool.stable_seconds,
         max_associations=node.max_associations,
+        receivers=receiver_count(settings),
     )
 
+    housekeeping = _Housekeeping(settings, reload_settings, spool, reload_requested, receivers.set_min_free_bytes)
     try:
-        dispatch_until_stopped(
-            dispatcher, stop, wake, housekeeping=_Housekeeping(settings, reload_settings, spool, reload_requested)
-        )
+        dispatch_until_stopped(dispatcher, stop, wake, housekeeping=housekeeping)
     finally:
+        receivers.stop()
         server.shutdown()
         enqueuer.close()
         log_event(LOG, "node.stopped", unqueued_rounds=dispatcher.backlog, pending_studies=len(tracker))
@@ -106,8 +99,10 @@ class _Housekeeping:
         reload_settings: Callable[[], Settings] | None,
         spool: Spool,
         reload_requested: threading.Event,
+        watermark_changed: Callable[[int], None],
     ) -> None:
         self._settings = settings
+        self._watermark_changed = watermark_changed
         self._reload_settings = reload_settings
         self._spool = spool
         self._reload_requested = reload_requested
@@ -118,6 +113,7 @@ class _Housekeeping:
         if self._reload_requested.is_set():
             self._reload_requested.clear()
             self._settings = _reload(self._settings, self._reload_settings, self._spool)
+            self._watermark_changed(self._spool.min_free_bytes)
         if time.monotonic() >= self._next_sweep:
             _sweep(self._spool, self._settings)
             self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S

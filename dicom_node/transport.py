@@ -70,18 +70,61 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
+class SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, optionally on a listening socket another receiving process also accepts on.
+
+    The listening socket is non-blocking: when several processes wait on it, whichever accepts first takes
+    the connection, and the others' ``accept`` fails at once (``BlockingIOError``, which socketserver skips)
+    instead of waiting for the next connection with the server loop stuck in it.
+    """
+
+    def __init__(self, *args, listener: socket.socket | None = None, **kwargs) -> None:
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._listener is None:
+            super().server_bind()
+            return
+        self.listener.close()  # the one socketserver made: the inherited listener replaces it
+        self.socket = self._listener
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listener is None:
+            super().server_activate()
+        self.listener.setblocking(False)
+
+    @property
+    def listener(self) -> socket.socket:
+        """The listening socket, to share with other receiving processes."""
+        if self.socket is None:
+            raise RuntimeError("the server is closed")
+        return self.socket
+
+
 def start_server(
-    ae: AE, address: tuple[str, int], *, ssl_context: ssl.SSLContext | None, evt_handlers: list
-) -> ThreadedAssociationServer:
-    """Like ``AE.start_server(..., block=False)``: the server runs in a daemon thread until ``shutdown()``."""
+    ae: AE,
+    address: tuple[str, int],
+    *,
+    ssl_context: ssl.SSLContext | None,
+    evt_handlers: list,
+    listener: socket.socket | None = None,
+) -> SharedListenerServer:
+    """Like ``AE.start_server(..., block=False)``: the server runs in a daemon thread until ``shutdown()``.
+
+    ``listener``: a listening socket made by another process (``address`` is then not bound again).
+    """
     server = ae.make_server(
         address,
         ssl_context=ssl_context,
         evt_handlers=evt_handlers,
         contexts=[SharedUidContext.like(context) for context in ae.supported_contexts],
-        server_class=ThreadedAssociationServer,
+        server_class=SharedListenerServer,
         request_handler=_RequestHandler,
+        listener=listener,
     )
+    assert isinstance(server, SharedListenerServer)  # make_server returns ``server_class``'s instance
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() and AE.shutdown() look for it there
     threading.Thread(target=server.serve_forever, name="dicom-node-server", daemon=True).start()
     return server

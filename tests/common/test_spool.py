@@ -1,6 +1,8 @@
 """Spool: durable store, duplicates, rounds, restart scan, retention, path safety — no network."""
 
+import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -134,3 +136,34 @@ def test_watermark_is_evaluated_on_every_call_so_it_recovers_by_itself(spool: Sp
     assert not spool.has_room()
     spool.min_free_bytes = 0
     assert spool.has_room()
+
+
+def _hold_study_lock(root: Path, study_uid: str, held, release) -> None:
+    spool = Spool(root, min_free_bytes=0)
+    with spool._lock(study_uid):
+        held.set()
+        release.wait(30)
+
+
+def test_a_study_lock_excludes_other_processes_not_only_threads(spool: Spool) -> None:
+    """Receiving processes and the node's dispatcher share the spool: its per-study lock must hold across them."""
+    context = multiprocessing.get_context("spawn")
+    held, release = context.Event(), context.Event()
+    other = context.Process(target=_hold_study_lock, args=(spool.root, "1.2.3", held, release))
+    other.start()
+    try:
+        assert held.wait(30)
+        acquired = threading.Event()
+
+        def take() -> None:
+            with spool._lock("1.2.3"):
+                acquired.set()
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        assert not acquired.wait(0.5), "took the study's lock while another process held it"
+        release.set()
+        assert acquired.wait(30)
+    finally:
+        release.set()
+        other.join(30)

@@ -275,3 +275,17 @@ def test_the_loop_on_real_threads_queues_after_the_quiet_period_and_stops_when_t
     assert not loop.is_alive()
     [sent_at] = broker.sent_at
     assert sent_at >= arrived_at + stable_s  # causality only: never before the quiet period
+
+
+def test_track_pending_starts_the_clock_of_a_study_whose_arrival_was_never_reported(spool: Spool) -> None:
+    """A receiving process died after storing but before reporting: the node re-tracks what is pending."""
+    clock, broker = Clock(), Broker()
+    dispatcher, tracker = dispatcher_for(spool, broker, clock)
+    arrive(spool, None, clock, "1.7", "1.7.1")  # stored, never reported to the tracker
+    clock.now += STABLE_S
+    dispatcher.dispatch_due()
+    assert broker.sent == []
+    assert dispatcher.track_pending() == 1
+    dispatcher.dispatch_due()  # it arrived STABLE_S ago (wall clock): quiet already
+    assert [message.study_instance_uid for message in broker.sent] == ["1.7"]
+    assert dispatcher.track_pending() == 0

@@ -173,7 +173,7 @@ def test_path_traversal_and_malformed_uids_cannot_escape_the_spool(node: NodePro
     root = node.folder.parent
     assert not [path for path in root.rglob("escaped*")]
     assert sorted(path.name for path in node.folder.iterdir()) == ["node.log", "node.yaml", "spool"]
-    assert sorted(path.name for path in node.spool.iterdir()) == [".receiving", "studies"]
+    assert sorted(path.name for path in node.spool.iterdir()) == [".locks", ".receiving", "studies"]
 
 
 def test_duplicates_are_stored_once_and_later_instances_make_a_second_round(node, redis_queue) -> None:

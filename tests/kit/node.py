@@ -152,6 +152,20 @@ class NodeProcess:
         assert self.process is not None
         self.process.send_signal(number)
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the node's own process (not its receiving processes): only those accept meanwhile."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def receivers(self) -> int:
+        """How many processes receive, as the node's latest start logged it."""
+        return self.events("node.listening")[-1]["receivers"]
+
     def kill_hard(self) -> None:
         """kill -9: no clean-up runs."""
         assert self.process is not None
