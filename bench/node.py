@@ -5,8 +5,8 @@ Input: generated uncompressed 16-bit CR images, 2000×2500 (≈10 MB each), ever
 SOP Instance UID. Sender: dcmtk's ``storescu``, 1 association, then 8 in parallel (the instances
 split evenly). Receivers, each started fresh on a loopback port with an empty output folder:
 
-* the node (``python -m dicom_node``): temp file + fsync + rename + arrival record per instance,
-  stable_seconds set high so no dispatch runs during the measurement;
+* the node (``python -m dicom_node``, default settings: one receiving process per CPU): temp file + fsync +
+  rename + arrival record per instance, stable_seconds set high so no dispatch runs during the measurement;
 * ``storescp --fork`` (a child process per association), default mode (decodes, re-encodes, writes,
   no fsync) and ``+B`` bit-preserving mode (writes the bytes as received, no fsync).
 
@@ -98,23 +98,29 @@ def dcmtk(tool: str) -> str:
 
 
 def start_node(port: int, output: Path, repo: Path = REPO) -> subprocess.Popen:
+    """The node of ``repo``, returned once it logs ``node.listening`` (all its receiving processes accept)."""
     config = output.parent / f"{output.name}.yaml"
+    log_path = output.parent / f"{output.name}.log"
     config.write_text(
         yaml.safe_dump(
             {
-                "log_level": "WARNING",
+                "log_level": "INFO",
                 "node": {"port": port, "bind_address": "127.0.0.1", "max_pdu_bytes": MAX_PDU_BYTES},
                 "spool": {"dir": str(output), "stable_seconds": 3600, "min_free_bytes": 0},
                 "broker": {"url": f"redis://127.0.0.1:6379/{REDIS_DB}"},
             }
         )
     )
-    return subprocess.Popen(
-        [sys.executable, "-m", "dicom_node", "--config", str(config)],
-        cwd=repo,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "--config", str(config)], cwd=repo, stdout=log, stderr=log
+        )
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while "node.listening" not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the node did not start; its log:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+    return process
 
 
 def start_storescp(port: int, output: Path, bit_preserving: bool, env: dict) -> subprocess.Popen:

@@ -40,6 +40,7 @@ from dicom_node.transport import SharedListenerServer, start_server
 
 LOG = logging.getLogger("dicom_node.receivers")
 FOLLOW_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
+START_TIMEOUT_S = 60.0  # a receiving process not accepting by then is logged (and restarted if it died)
 STOP_TIMEOUT_S = 10.0  # a receiving process that has not stopped by then is killed
 RESTART_FIRST_DELAY_S = 1.0
 RESTART_MAX_DELAY_S = 30.0
@@ -53,6 +54,13 @@ class Arrival:
 
     study_uid: str
     at: float  # time.monotonic(): one clock for all processes of the machine
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Receiving process → node: it accepts associations now."""
+
+    pid: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ def receive(settings: Settings, number: int, listener: socket.socket, pipe: Conn
     spool = Spool(settings.spool.dir, settings.spool.min_free_bytes)
     server = serve_instances(settings, spool, _PipeArrivals(pipe, stop), listener=listener, receiver=number)
     log_event(LOG, "receiver.started", receiver=number, pid=os.getpid())
+    pipe.send(Ready(os.getpid()))
     try:
         _follow_node(pipe, spool, stop)
     finally:
@@ -201,9 +210,22 @@ class ReceiverPool:
         self._thread = threading.Thread(target=self._run, name="dicom-node-receivers", daemon=True)
 
     def start(self) -> None:
+        """Start the processes and wait (up to ``START_TIMEOUT_S``) until each accepts associations."""
         for number in range(1, self._count + 1):
             self._start(number, RESTART_FIRST_DELAY_S)
+        for receiver in list(self._receivers.values()):
+            self._await_ready(receiver)
         self._thread.start()
+
+    def _await_ready(self, receiver: _Receiver) -> None:
+        """Wait for the process's Ready; one that does not come up is left to the pool's thread (restart)."""
+        if receiver.pipe.poll(START_TIMEOUT_S):
+            try:
+                if isinstance(receiver.pipe.recv(), Ready):
+                    return
+            except EOFError:
+                receiver.pipe_ended = True
+        log_event(LOG, "receiver.not-ready", logging.ERROR, receiver=receiver.number, timeout_s=START_TIMEOUT_S)
 
     def set_min_free_bytes(self, value: int) -> None:
         self._tell_all(FreeSpaceWatermark(value))
@@ -255,22 +277,24 @@ class ReceiverPool:
                 by_handle[receiver.process.sentinel] = receiver
                 if not receiver.pipe_ended:
                     by_handle[receiver.pipe] = receiver
-            for handle in wait(list(by_handle), timeout=FOLLOW_POLL_S):  # type: ignore[arg-type]  # pipes, sentinels
-                receiver = by_handle[handle]
-                if handle is receiver.pipe:
-                    self._read(receiver)
-                elif not self._stopping.is_set():
-                    self._exited(receiver)
+            ready = wait(list(by_handle), timeout=FOLLOW_POLL_S)  # type: ignore[arg-type]  # pipes, sentinels
+            for handle in ready:  # arrivals first: a process that died may have reported some just before
+                if handle is by_handle[handle].pipe:
+                    self._read(by_handle[handle])
+            for handle in ready:
+                if handle is by_handle[handle].process.sentinel and not self._stopping.is_set():
+                    self._exited(by_handle[handle])
             self._restart_due()
 
     def _read(self, receiver: _Receiver) -> None:
-        """Pass on one reported arrival, or note the end of the pipe (the process is ending)."""
+        """Pass on a reported arrival (a restarted process's Ready needs nothing), or note the end of the pipe."""
         try:
-            arrival = receiver.pipe.recv()
+            message = receiver.pipe.recv()
         except EOFError:
             receiver.pipe_ended = True
             return
-        self._on_arrival(arrival.study_uid, arrival.at)
+        if isinstance(message, Arrival):
+            self._on_arrival(message.study_uid, message.at)
 
     def _exited(self, receiver: _Receiver) -> None:
         while not receiver.pipe_ended and receiver.pipe.poll():  # what it reported before it died

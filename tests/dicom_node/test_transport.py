@@ -1,4 +1,5 @@
-"""The node's server transport: whole-PDU reads and presentation contexts copied without re-validating UIDs."""
+"""The node's server transport: whole-PDU reads, presentation contexts copied without re-validating UIDs, and
+association threads that sleep until there is work."""
 
 import copy
 import socket
@@ -10,7 +11,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from config.settings import NodeSettings
 from dicom_node.application_entity import build_ae
-from dicom_node.transport import SharedUidContext, WholePduSocket, start_server
+from dicom_node.transport import IDLE_WAIT_S, ReactorGate, SharedUidContext, WholePduSocket, start_server
 
 
 def _socket_over(raw: socket.socket) -> WholePduSocket:
@@ -78,3 +79,57 @@ def test_the_server_accepts_what_the_ae_supports_and_stops() -> None:
     finally:
         server.shutdown()
     assert server not in ae._servers
+
+
+def test_the_reactor_gate_opens_on_work_and_on_set_and_stays_shut_while_cleared() -> None:
+    gate = ReactorGate()
+    gate.work()
+    assert gate.wait() is True  # work queued before the wait: no sleep
+    gate.clear()
+    opened = threading.Event()
+
+    def wait() -> None:
+        gate.wait()
+        opened.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    gate.work()  # work alone does not open a paused reactor
+    assert not opened.wait(IDLE_WAIT_S * 4)
+    gate.set()
+    assert opened.wait(10)
+    waiter.join(10)
+
+
+def test_an_idle_association_sleeps_instead_of_polling_every_millisecond(monkeypatch) -> None:
+    """pynetdicom's loops look for work 1 000 times a second; here an idle association's threads wake about
+    1 / IDLE_WAIT_S times a second (counted over half a second: polling would make it ≈ 500 wake-ups)."""
+    wakeups = {"dul": 0, "reactor": 0}
+    ready, wait = WholePduSocket.ready.fget, ReactorGate.wait
+
+    def counted_ready(self) -> bool:
+        wakeups["dul"] += 1
+        return ready(self)
+
+    def counted_wait(self, timeout=None) -> bool:
+        wakeups["reactor"] += 1
+        return wait(self, timeout)
+
+    monkeypatch.setattr(WholePduSocket, "ready", property(counted_ready))
+    monkeypatch.setattr(ReactorGate, "wait", counted_wait)
+    server = start_server(
+        build_ae(NodeSettings(ae_title="LUNGVISION")), ("127.0.0.1", 0), ssl_context=None, evt_handlers=[]
+    )
+    try:
+        requestor = AE(ae_title="TESTSCU")
+        requestor.add_requested_context(Verification)
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="LUNGVISION")
+        assert assoc.send_c_echo().Status == 0x0000  # answered at once: the response woke the DUL
+        before = dict(wakeups)
+        threading.Event().wait(0.5)
+        during = {name: wakeups[name] - before[name] for name in wakeups}
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert 0 < during["dul"] < 100 and 0 < during["reactor"] < 100, during
