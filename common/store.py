@@ -313,21 +313,17 @@ class Store:
             log.debug("attempt row of %s was created by another process at the same moment", message_id)
 
     def start_attempt(self, placeholder: StudyResult, owner: str, now: datetime, seen: RoundState) -> bool:
-        """Record that ``owner`` starts analysing the round now, and show it as analysing (``placeholder``).
-        False, and nothing written, when another process started it since ``seen`` was read."""
-        self.track(placeholder.message_id)
-        with Session(self.engine) as session, session.begin():
-            claimed = (
-                _changed(
-                    session,
-                    update(RoundAttempt)
-                    .where(RoundAttempt.message_id == placeholder.message_id, RoundAttempt.attempts == seen.attempts)
-                    .values(attempts=seen.attempts + 1, owner=owner, started_at=now),
-                )
-                == 1
-            )
-            if claimed:
-                session.merge(placeholder)
+        """Record that ``owner`` starts analysing the round now, and show it as analysing (``placeholder``),
+        in one transaction. False, and nothing written, when another process started it since ``seen`` was
+        read (or gave the round its attempt row at the same moment)."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                claimed = _count_start(session, placeholder.message_id, owner, now, seen)
+                if claimed:
+                    session.merge(placeholder)
+        except IntegrityError:
+            log.debug("attempt row of %s was created by another process at the same moment", placeholder.message_id)
+            return False
         return claimed
 
     def record_failure(self, failed: StudyResult, letter_id: str, letter_record: str) -> bool:
@@ -436,6 +432,22 @@ class Store:
 def _changed(session: Session, statement: Update) -> int:
     """How many rows an UPDATE matched (``Session.execute`` is typed as returning a Result without rowcount)."""
     return cast(CursorResult, session.execute(statement)).rowcount
+
+
+def _count_start(session: Session, message_id: str, owner: str, now: datetime, seen: RoundState) -> bool:
+    """One more start of the round by ``owner``, if its attempt row still counts ``seen.attempts`` starts; a
+    round without a row gets one (the first start; another process inserting it too fails: IntegrityError)."""
+    if session.get(RoundAttempt, message_id) is None:
+        if seen.attempts:  # the row that ``seen`` was read from is gone: not the round that was decided on
+            return False
+        session.add(RoundAttempt(message_id=message_id, attempts=1, owner=owner, started_at=now, requeues=0))
+        return True
+    started = (
+        update(RoundAttempt)
+        .where(RoundAttempt.message_id == message_id, RoundAttempt.attempts == seen.attempts)
+        .values(attempts=seen.attempts + 1, owner=owner, started_at=now)
+    )
+    return _changed(session, started) == 1
 
 
 def _roll_up(session: Session, message_id: str) -> None:

@@ -67,13 +67,17 @@ def _display_gray(gray: np.ndarray, size: tuple[int, int]) -> Image.Image:
     shrunk = _resized(gray, size, Image.Resampling.BOX)
     low, high = np.percentile(shrunk[::2, ::2], WINDOW_PERCENTILES)
     scale = 255.0 / max(float(high - low), 1e-6)
-    return Image.fromarray(np.clip((shrunk - low) * scale, 0, 255).astype(np.uint8), "L")
+    windowed = shrunk - low  # then in place: each new picture-sized array is fresh memory to fault in
+    windowed *= scale
+    return Image.fromarray(np.clip(windowed, 0, 255, out=windowed).astype(np.uint8), "L")
 
 
 def _heat_levels(heatmap: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """The 0..1 heatmap at ``size`` as 8-bit levels (0..255), stretched bilinearly if it has another size."""
-    heat = _resized(heatmap, size, Image.Resampling.BILINEAR)
-    return Image.fromarray((np.clip(heat, 0, 1) * (LEVELS - 1) + 0.5).astype(np.uint8), "L")
+    levels = np.clip(_resized(heatmap, size, Image.Resampling.BILINEAR), 0, 1)  # a new array: scaled in place
+    levels *= LEVELS - 1
+    levels += 0.5
+    return Image.fromarray(levels.astype(np.uint8), "L")
 
 
 @functools.cache

@@ -28,7 +28,11 @@ def to_square_uint8(image: np.ndarray, size: int = SQUARE_SIZE) -> np.ndarray:
         raise ValueError(f"expected a 2-D gray image, got shape {image.shape}")
     pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
     low, high = pixels.min(), pixels.max()
-    pixels = (pixels - low) / (high - low) if high > low else torch.zeros_like(pixels)
+    if high > low:
+        pixels = pixels - low  # a new tensor (never the caller's image): divided in place, one full-size pass less
+        pixels /= high - low
+    else:
+        pixels = torch.zeros_like(pixels)
     square = F.interpolate(pixels[None, None], size=(size, size), mode="bilinear", antialias=True)
     return (square[0, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
 

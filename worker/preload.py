@@ -5,7 +5,7 @@ study loading the model.
 Torch and fork: GNU OpenMP, the thread pool of PyTorch's Linux wheels, does not survive a fork — a
 pool process whose parent had started OpenMP threads waits for ever for threads it does not have in
 its first parallel region. So the parent runs torch on one thread (no OpenMP threads are ever
-started there) and each pool process sets its own share of the cores after the fork.
+started there), and so does each pool process (see ``POOL_TORCH_THREADS``).
 """
 
 import ctypes
@@ -42,6 +42,13 @@ def load_before_fork(settings: Settings) -> None:
     gc.collect()
     gc.freeze()
 
+
+# Torch threads of a pool process: one, whatever the cores. A study's torch work (a 224-pixel model, one
+# resize of the image) is too small to gain from a second OpenMP thread, and in a worker that waits between
+# studies that thread cost more than it gave: with 2 threads a pool process (concurrency 1 on 2 cores)
+# analysed a study in ≈ 30–40 ms more and used ≈ 55–60 ms more CPU (bench/end_to_end.py, issue 12). More cores
+# are used by more pool processes (``worker.concurrency``), which also keeps them apart.
+POOL_TORCH_THREADS = 1
 
 _warm_up_ms: float | None = None  # set by warm_up in the parent; the pool processes inherit it and log it
 
@@ -145,14 +152,14 @@ def release_large_blocks() -> bool:
 
 
 def prepare_pool_process(settings: Settings) -> None:
-    """In each pool process, once, before its first task: its share of the cores, the model (inherited
-    from the parent when :func:`load_before_fork` ran there) and the outcome store."""
+    """In each pool process, once, before its first task: its torch threads, the model (inherited from the
+    parent when :func:`load_before_fork` ran there) and the outcome store."""
     import torch
 
     from inference.classifier import load_classifier
     from worker.tasks import store
 
-    torch.set_num_threads(threads_per_process(settings.worker.concurrency))
+    torch.set_num_threads(POOL_TORCH_THREADS)
     hits_before = load_classifier.cache_info().hits
     classifier = _load_model(settings)
     inherited = load_classifier.cache_info().hits > hits_before
@@ -182,8 +189,3 @@ def _load_model(settings: Settings) -> "Classifier | None":
         )
         return None
     return classifier
-
-
-def threads_per_process(concurrency: int) -> int:
-    """Each pool process's share of the CPU cores, so the processes do not oversubscribe them."""
-    return max(1, (os.cpu_count() or 1) // concurrency)

@@ -1,7 +1,7 @@
 """Load before fork: a real ``lungvision worker`` (embedded SQLite broker, one or two pool processes) loads the
 model in its parent; each pool process finds it already loaded before its first task, and analyses studies.
-With one pool process it runs torch on both cores: had the parent started OpenMP threads (torch work on more
-than one thread), that process would hang in its first forward pass — checked by mutation when written."""
+Parent and pool processes run torch on one thread (worker/preload.py), so no process forks or needs an
+OpenMP thread pool (one forked from a parent that had started one would hang in its first forward pass)."""
 
 from pathlib import Path
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from common import audit
 from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, BrokerUnavailable
@@ -138,6 +139,24 @@ def test_of_two_processes_claiming_one_round_one_analyses_it(tmp_path) -> None:
     # A claim decided on a state another process has changed since loses instead of claiming twice.
     stale = RoundState(attempts=0)
     assert not store.start_attempt(study_result("m1"), OTHER, datetime.now(UTC), stale)
+
+
+def test_a_claim_that_loses_the_race_to_create_the_attempt_row_is_lost(tmp_path) -> None:
+    """Two processes claim a round the store has no attempt row for: the second insert fails, and its
+    claim is lost (not an error), so it reads the round again and sees it running."""
+    store, other = Store(f"sqlite:///{tmp_path}/outcomes.db"), Store(f"sqlite:///{tmp_path}/outcomes.db")
+    seen = store.round_state("m1")
+    raced = []
+
+    def the_other_process_first(connection, cursor, statement, *_) -> None:
+        if statement.startswith("INSERT INTO round_attempts") and not raced:
+            raced.append(other.start_attempt(study_result("m1"), OTHER, datetime.now(UTC), seen))
+
+    event.listen(store.engine, "before_cursor_execute", the_other_process_first)
+    assert not store.start_attempt(study_result("m1"), ME, datetime.now(UTC), seen)
+    assert raced == [True]
+    assert (store.round_state("m1").attempts, store.round_state("m1").owner) == (1, OTHER)
+    assert claim_round(store, study_result("m1"), LIMITS, me=ME, is_alive=alive) is Claim.RUNNING
 
 
 def test_a_round_whose_worker_keeps_dying_is_given_up(tmp_path) -> None:
