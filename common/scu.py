@@ -24,6 +24,8 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
+from common.association_io import sleep_until_work
+
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8: context IDs are odd numbers 1..255
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 log = logging.getLogger("lungvision.scu")
@@ -325,6 +327,7 @@ def _associate(request: AssociationRequest, first_sop_uid: str) -> Association:
     if not assoc.is_established:
         raise _association_error(destination, assoc, first_sop_uid)
     _without_nagle(assoc)
+    sleep_until_work(assoc)  # a kept association then waits for the next delivery without polling
     return assoc
 
 

@@ -22,6 +22,7 @@ from tests.kit import storage_scp
 from tests.kit.dicom_fixtures import make_image
 from tests.kit.orthanc import Orthanc
 from tests.kit.wait import wait_until
+from tests.kit.wakeups import counted_wakeups, wakeups_while_idle
 
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 WAIT_S = 20.0  # bound of every wait for something to happen (never a timing assertion)
@@ -251,3 +252,14 @@ def test_orthanc_gets_a_burst_over_kept_associations_and_after_its_crash_a_new_o
     finally:
         pool.close()
         orthanc.stop()
+
+
+def test_a_kept_association_waits_for_the_next_study_without_polling(scp, pool, monkeypatch) -> None:
+    """Polling would wake each of its threads ≈ 500 times in half a second (and cost a worker ≈ 45 ms of CPU per
+    study while it analyses the next one); sleeping, about 0.5 / IDLE_WAIT_S times."""
+    with counted_wakeups(monkeypatch) as wakeups:
+        assert send_datasets(scp.destination, study(), pool=pool) == [SUCCESS, SUCCESS]
+        idle = wakeups_while_idle(wakeups)
+        assert send_datasets(scp.destination, study(), pool=pool) == [SUCCESS, SUCCESS]
+    assert scp.associations == 1
+    assert 0 < idle["dul"] < 100 and 0 < idle["reactor"] < 100, idle
