@@ -177,7 +177,7 @@ class _Receiver:
     process: BaseProcess
     pipe: Connection
     started: float  # monotonic
-    restart_delay: float = RESTART_FIRST_DELAY_S
+    quick_exits: int = 0  # how many times in a row its predecessors died within QUICK_EXIT_S of starting
     pipe_ended: bool = False
 
 
@@ -204,7 +204,7 @@ class ReceiverPool:
         self._on_exit = on_exit
         self._context = multiprocessing.get_context("spawn")  # the node has threads: never fork it
         self._receivers: dict[int, _Receiver] = {}
-        self._restarts: dict[int, tuple[float, float]] = {}  # number → (monotonic time due, delay used)
+        self._restarts: dict[int, tuple[float, int]] = {}  # number → (monotonic time due, quick exits so far)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dicom-node-receivers", daemon=True)
@@ -212,7 +212,7 @@ class ReceiverPool:
     def start(self) -> None:
         """Start the processes and wait (up to ``START_TIMEOUT_S``) until each accepts associations."""
         for number in range(1, self._count + 1):
-            self._start(number, RESTART_FIRST_DELAY_S)
+            self._start(number, quick_exits=0)
         for receiver in list(self._receivers.values()):
             self._await_ready(receiver)
         self._thread.start()
@@ -246,7 +246,7 @@ class ReceiverPool:
         if self._thread.is_alive():
             self._thread.join()
 
-    def _start(self, number: int, restart_delay: float) -> None:
+    def _start(self, number: int, *, quick_exits: int) -> None:
         pipe, child_pipe = self._context.Pipe()
         process = self._context.Process(
             target=receive,
@@ -257,7 +257,7 @@ class ReceiverPool:
         process.start()
         child_pipe.close()
         with self._lock:
-            self._receivers[number] = _Receiver(number, process, pipe, time.monotonic(), restart_delay)
+            self._receivers[number] = _Receiver(number, process, pipe, time.monotonic(), quick_exits)
 
     def _tell_all(self, message: FreeSpaceWatermark | Stop) -> None:
         with self._lock:
@@ -301,11 +301,11 @@ class ReceiverPool:
             self._read(receiver)
         receiver.process.join()
         receiver.pipe.close()
-        quick = time.monotonic() - receiver.started < QUICK_EXIT_S
-        delay = min(RESTART_MAX_DELAY_S, receiver.restart_delay * 2) if quick else RESTART_FIRST_DELAY_S
+        quick_exits = receiver.quick_exits + 1 if time.monotonic() - receiver.started < QUICK_EXIT_S else 0
+        delay = min(RESTART_MAX_DELAY_S, RESTART_FIRST_DELAY_S * 2 ** max(0, quick_exits - 1))
         with self._lock:
             del self._receivers[receiver.number]
-            self._restarts[receiver.number] = (time.monotonic() + delay, delay)
+        self._restarts[receiver.number] = (time.monotonic() + delay, quick_exits)
         log_event(
             LOG,
             "receiver.exited",
@@ -318,7 +318,11 @@ class ReceiverPool:
 
     def _restart_due(self) -> None:
         now = time.monotonic()
-        for number, (due, delay) in list(self._restarts.items()):
+        for number, (due, quick_exits) in list(self._restarts.items()):
             if due <= now and not self._stopping.is_set():
                 del self._restarts[number]
-                self._start(number, delay)
+                try:
+                    self._start(number, quick_exits=quick_exits)
+                except OSError as error:  # e.g. out of processes or memory: try again later
+                    log_event(LOG, "receiver.start-failed", logging.ERROR, receiver=number, error=str(error))
+                    self._restarts[number] = (now + RESTART_MAX_DELAY_S, quick_exits)

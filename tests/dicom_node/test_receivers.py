@@ -38,14 +38,19 @@ def test_a_receiving_process_stores_and_reports_so_the_node_queues_the_study(nod
     assert {line["receiver"] for line in node.events("instance") if line["study_uid"] == study} == {1}
 
 
-def test_a_killed_receiving_process_is_replaced_and_the_port_keeps_serving(node_factory, redis_queue) -> None:
+def test_a_killed_receiving_process_is_replaced_with_backoff_and_the_port_keeps_serving(
+    node_factory, redis_queue
+) -> None:
     node: NodeProcess = node_factory(node=TWO, spool={"stable_seconds": 1})
     [first] = node.wait_for_event("receiver.started")
     os.kill(first["pid"], signal.SIGKILL)
     [exited] = node.wait_for_event("receiver.exited")
-    assert (exited["receiver"], exited["exit_code"]) == (1, -signal.SIGKILL)
+    assert (exited["receiver"], exited["exit_code"], exited["restart_in_s"]) == (1, -signal.SIGKILL, 1.0)
     second = node.wait_for_event("receiver.started", count=2, timeout_s=30)[-1]
     assert second["pid"] != first["pid"]
+    os.kill(second["pid"], signal.SIGKILL)  # dies again soon after its start: it waits twice as long
+    assert node.wait_for_event("receiver.exited", count=2)[-1]["restart_in_s"] == 2.0
+    node.wait_for_event("receiver.started", count=3, timeout_s=30)
     study = generate_uid()
     with node.paused():
         assert store_statuses(node.port, [make_image(study_uid=study)]) == [0]
