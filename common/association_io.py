@@ -37,6 +37,10 @@ class Wakeup:
     def fileno(self) -> int:
         return self._read.fileno()
 
+    def write_fileno(self) -> int:
+        """The end :meth:`notify` writes to (non-blocking), e.g. for ``signal.set_wakeup_fd``."""
+        return self._write.fileno()
+
     def notify(self) -> None:
         try:
             self._write.send(b"\0")

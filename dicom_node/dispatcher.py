@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from common import audit
 from common.logs import log_event
@@ -41,6 +42,14 @@ class _Unqueued:
     sealed: SealedRound
     attempts: int = 0
     next_attempt: float = 0.0  # monotonic seconds
+
+
+class Wake(Protocol):
+    """What the dispatch loop waits on: a ``threading.Event`` or the node's ``WakeEvent``."""
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class Dispatcher:
@@ -171,7 +180,7 @@ class Dispatcher:
 def dispatch_until_stopped(
     dispatcher: Dispatcher,
     stop: threading.Event,
-    wake: threading.Event,
+    wake: "Wake",
     *,
     housekeeping: Callable[[], float] = lambda: math.inf,
     monotonic_clock: Callable[[], float] = time.monotonic,

@@ -6,12 +6,14 @@ without dropping associations; other changes are logged as needing a restart.
 """
 
 import logging
+import select
 import signal
 import threading
 import time
 from collections.abc import Callable
 
 from common import audit
+from common.association_io import Wakeup
 from common.logs import configure_logging, log_event
 from common.spool import Spool
 from config.settings import ConfigError, Settings
@@ -32,7 +34,7 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     spool = Spool(settings.spool.dir, settings.spool.min_free_bytes)
     partials = spool.prepare()
 
-    wake = threading.Event()  # ends the dispatch loop's wait: a new study, a signal
+    wake = WakeEvent()  # ends the dispatch loop's wait: a new study, a signal
     tracker = StudyCompletionTracker(settings.spool.stable_seconds, on_new_study=wake.set)
     enqueuer = CeleryEnqueuer(settings.broker.url)
     dispatcher = Dispatcher(spool, tracker, enqueuer.send)
@@ -73,9 +75,10 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         log_event(LOG, "node.stopped", unqueued_rounds=dispatcher.backlog, pending_studies=len(tracker))
 
 
-def _signal_events(wake: threading.Event) -> tuple[threading.Event, threading.Event]:
+def _signal_events(wake: "WakeEvent") -> tuple[threading.Event, threading.Event]:
     """(stop: SIGTERM/SIGINT, reload: SIGHUP), installed before the port opens; each also sets ``wake``."""
     stop, reload_requested = threading.Event(), threading.Event()
+    wake.receive_signals()
 
     def request(event: threading.Event) -> Callable[..., None]:
         def handler(*_: object) -> None:
@@ -88,6 +91,38 @@ def _signal_events(wake: threading.Event) -> tuple[threading.Event, threading.Ev
     signal.signal(signal.SIGINT, request(stop))
     signal.signal(signal.SIGHUP, request(reload_requested))
     return stop, reload_requested
+
+
+class WakeEvent:
+    """``threading.Event``'s set / clear / wait for the dispatch loop, on a socket pair that signals also write
+    to (``signal.set_wakeup_fd``). The kernel may hand SIGTERM or SIGHUP to any of the node's threads, and a
+    ``threading.Event.wait`` in the main thread ends only for a signal the main thread got — the node could
+    then miss a stop until its next hourly sweep. Here the signal's byte ends the wait wherever it landed, and
+    Python runs the handler in the main thread as soon as it does."""
+
+    def __init__(self) -> None:
+        self._pipe = Wakeup()
+        self._flag = False
+
+    def receive_signals(self) -> None:
+        """Let every signal of this process end :meth:`wait` (main thread only, as signal handlers are)."""
+        signal.set_wakeup_fd(self._pipe.write_fileno(), warn_on_full_buffer=False)
+
+    def set(self) -> None:
+        self._flag = True
+        self._pipe.notify()
+
+    def clear(self) -> None:
+        self._flag = False
+        self._pipe.drain()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self._flag:
+            select.select([self._pipe], [], [], timeout)
+        return self._flag
 
 
 class _Housekeeping:

@@ -3,6 +3,8 @@ wakes at deadlines instead of scanning on a tick — no network."""
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from common.messages import BrokerUnavailable, StudyReady
 from common.spool import ArrivalRecord, Spool
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.dispatcher import RETRY_FIRST_DELAY_S, Dispatcher, dispatch_until_stopped
+from tests.kit.data import REPO
 from tests.kit.dicom_fixtures import make_image, save
 
 STABLE_S = 5.0
@@ -289,3 +292,31 @@ def test_track_pending_starts_the_clock_of_a_study_whose_arrival_was_never_repor
     dispatcher.dispatch_due()  # it arrived STABLE_S ago (wall clock): quiet already
     assert [message.study_instance_uid for message in broker.sent] == ["1.7"]
     assert dispatcher.track_pending() == 0
+
+
+WAIT_FOR_A_SIGNAL_ON_ANOTHER_THREAD = """
+import signal, threading, time
+from dicom_node.node import WakeEvent
+
+wake = WakeEvent()
+wake.receive_signals()
+signal.signal(signal.SIGUSR1, lambda *_: wake.set())
+
+
+def signal_this_thread():
+    time.sleep(0.5)  # the main thread is waiting by then
+    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+
+
+threading.Thread(target=signal_this_thread).start()
+while not wake.is_set():
+    wake.wait()  # no timeout: only the signal can end it
+"""
+
+
+def test_the_loops_wait_ends_for_a_signal_the_kernel_gave_another_thread() -> None:
+    """With a threading.Event this script waits for ever (the main thread is never interrupted)."""
+    finished = subprocess.run(
+        [sys.executable, "-c", WAIT_FOR_A_SIGNAL_ON_ANOTHER_THREAD], cwd=REPO, timeout=20, capture_output=True
+    )
+    assert finished.returncode == 0, finished.stderr.decode()
