@@ -13,7 +13,6 @@ a node killed with SIGKILL leaves nothing holding its port, and what was acknowl
 restart to find.
 """
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -31,6 +30,7 @@ from pynetdicom import _config as pynetdicom_config
 
 from common import audit
 from common.logs import configure_logging, log_event
+from common.processes import request_parent_death_signal
 from common.spool import Spool
 from config.settings import Settings
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
@@ -45,7 +45,6 @@ STOP_TIMEOUT_S = 10.0  # a receiving process that has not stopped by then is kil
 RESTART_FIRST_DELAY_S = 1.0
 RESTART_MAX_DELAY_S = 30.0
 QUICK_EXIT_S = 10.0  # a process that dies sooner than this after its start waits twice as long to restart
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -107,9 +106,9 @@ def serve_instances(
 # --- in a receiving process ---------------------------------------------------------------------
 
 
-def receive(settings: Settings, number: int, listener: socket.socket, pipe: Connection) -> None:
+def receive(settings: Settings, number: int, listener: socket.socket, pipe: Connection, node_pid: int) -> None:
     """A receiving process: serve ``listener`` until the node says stop, goes away, or SIGTERM comes."""
-    _die_with_parent()
+    _die_with(node_pid)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the node decides
@@ -127,12 +126,10 @@ def receive(settings: Settings, number: int, listener: socket.socket, pipe: Conn
         log_event(LOG, "receiver.stopped", receiver=number)
 
 
-def _die_with_parent() -> None:
+def _die_with(node_pid: int) -> None:
     """Have the kernel SIGKILL this process when the node's process ends, however it ends."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() == 1:  # the node died before the call above took effect
+    request_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != node_pid:  # the node died before the request took effect
         raise SystemExit("the node is gone")
 
 
@@ -250,7 +247,7 @@ class ReceiverPool:
         pipe, child_pipe = self._context.Pipe()
         process = self._context.Process(
             target=receive,
-            args=(self._settings, number, self._listener, child_pipe),
+            args=(self._settings, number, self._listener, child_pipe, os.getpid()),
             name=f"dicom-node-receiver-{number}",
             daemon=True,
         )

@@ -13,7 +13,6 @@ above — and keeps a watchdog thread that notices the parent is gone and, if th
 finished stopping within GRACE_S, kills the child's whole process group (the worker's pool too).
 """
 
-import ctypes
 import json
 import os
 import signal
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 from common import logfilter
+from common.processes import request_parent_death_signal
 from config.settings import Settings, mask_secrets
 from worker.preload import worker_environment
 
@@ -105,7 +105,6 @@ def _stop_child(child: subprocess.Popen, timeout_s: float) -> None:
 
 # --- in each child ---------------------------------------------------------------------------------
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 WATCHDOG_INTERVAL_S = 0.5
 
 
@@ -126,14 +125,10 @@ def run_child(argv: list[str]) -> None:
 
 def _request_parent_death_signal(signal_number: int) -> bool:
     """Ask Linux to send ``signal_number`` to this process when its parent dies; False where that is unavailable."""
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) != 0:
-        print(
-            f"serve child: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}; relying on the watchdog",
-            file=sys.stderr,
-        )
+    try:
+        request_parent_death_signal(signal_number)
+    except OSError as error:
+        print(f"serve child: {error}; relying on the watchdog", file=sys.stderr)
         return False
     return True
 
