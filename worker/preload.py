@@ -9,6 +9,7 @@ started there), and so does each pool process (see ``POOL_TORCH_THREADS``).
 """
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -33,7 +34,7 @@ def load_before_fork(settings: Settings) -> None:
     import torch
 
     torch.set_num_threads(1)  # before any torch work here: see the module's note on OpenMP and fork
-    release_large_blocks()  # inherited by the pool processes
+    set_large_block_thresholds()  # inherited by the pool processes
     classifier = _load_model(settings)
     if classifier is not None:
         warm_up_or_log(classifier, settings)
@@ -41,6 +42,7 @@ def load_before_fork(settings: Settings) -> None:
     # processes do not write to (and so copy) the pages of the objects they inherited.
     gc.collect()
     gc.freeze()
+    return_free_memory()  # what loading and the warm-up freed: no pool process inherits it
 
 
 # Torch threads of a pool process: one, whatever the cores. A study's torch work (a 224-pixel model, one
@@ -112,14 +114,16 @@ def warm_up(classifier: "Classifier", settings: Settings) -> None:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-LARGE_BLOCK_BYTES = 1 << 20  # an image row block, a decoded frame, a tensor: mapped on its own, unmapped on free
+# Above a study's arrays (a 2500×2000 image as float32 is 19 MiB): they come from the heap, where the study's
+# later arrays reuse the memory its earlier ones freed; larger blocks are mapped on their own, unmapped on free.
+LARGE_BLOCK_BYTES = 24 << 20
 ARENAS = 2
 
 
-# Each of those blocks is new memory, so its first use faults page by page (≈ 15–20 ms a study on
-# 4 KiB pages). With this glibc tunable in the worker's environment — read when the process starts,
-# so ``lungvision serve`` and the Docker image set it — glibc asks for transparent huge pages
-# instead (Linux "madvise" mode), 512 times fewer faults; other C libraries ignore it.
+# New memory faults page by page on first use. With this glibc tunable in the worker's environment — read
+# when the process starts, so ``lungvision serve`` and the Docker image set it — glibc asks for transparent
+# huge pages for its heap and mapped blocks (Linux "madvise" mode), 512 times fewer faults; other C libraries
+# ignore it.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
@@ -128,38 +132,62 @@ def worker_environment(environment: dict[str, str]) -> dict[str, str]:
     return environment if environment.get("GLIBC_TUNABLES") else {**environment, "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
 
 
-def release_large_blocks() -> bool:
-    """Make freed image memory go back to the system at once (glibc only; False elsewhere).
+def set_large_block_thresholds() -> bool:
+    """Fix glibc's thresholds for a study's large arrays (glibc only; False elsewhere).
 
-    By default glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, so after
-    the first study the 10–20 MB arrays of every later one come from the heap and stay there: each pool
-    process keeps the high-water mark of its largest study. A fixed threshold maps every block of
-    ``LARGE_BLOCK_BYTES`` or more on its own and unmaps it on free; a fixed trim threshold returns the
-    heap's free top; ``ARENAS`` caps the per-thread heaps torch's threads would otherwise each create.
+    By default glibc raises its mmap and trim thresholds each time a large block is freed (up to 32 and
+    64 MiB), so a pool process keeps the high-water mark of its largest study. This fixes both at
+    ``LARGE_BLOCK_BYTES``: a study's 10–20 MB arrays come from the heap, from the first study on, and its
+    later arrays reuse the pages its earlier ones freed; :func:`return_free_memory` gives back what the
+    heap keeps, after each task (``prepare_pool_process``). ``ARENAS`` caps the per-thread heaps torch's
+    threads would otherwise each create.
+
+    Measured against the former 1 MiB thresholds, which mapped every array on its own and so faulted all
+    its pages in again for each study (bench/end_to_end.py, issue 12, concurrency 2, medians over runs):
+    analysis 82 ms instead of 105 ms a study, the same worker memory (bench/memory.py). Without the trim
+    after each task a pool process kept 15–100 MiB more — the holes its studies left in the heap —
+    whatever the trim threshold (24 or 64 MiB): over 1 GB for the worker at concurrency 2.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, macOS): its allocator's defaults stay
+    libc = _glibc()
+    if libc is None:  # not glibc (musl, macOS): its allocator's defaults stay
         return False
     return all(
         libc.mallopt(parameter, value) == 1
         for parameter, value in (
             (_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES),
-            (_M_TRIM_THRESHOLD, 2 * LARGE_BLOCK_BYTES),
+            (_M_TRIM_THRESHOLD, LARGE_BLOCK_BYTES),
             (_M_ARENA_MAX, ARENAS),
         )
     )
+
+
+def return_free_memory(**_: object) -> None:
+    """Give the heap's free pages back to the system, the holes between its blocks too (glibc's
+    ``malloc_trim``, well under a millisecond; nothing elsewhere). Also a Celery signal handler."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
 
 
 def prepare_pool_process(settings: Settings) -> None:
     """In each pool process, once, before its first task: its torch threads, the model (inherited from the
     parent when :func:`load_before_fork` ran there) and the outcome store."""
     import torch
+    from celery.signals import task_postrun
 
     from inference.classifier import load_classifier
     from worker.tasks import store
 
     torch.set_num_threads(POOL_TORCH_THREADS)
+    task_postrun.connect(return_free_memory)  # see set_large_block_thresholds
     hits_before = load_classifier.cache_info().hits
     classifier = _load_model(settings)
     inherited = load_classifier.cache_info().hits > hits_before

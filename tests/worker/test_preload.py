@@ -6,12 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from worker.preload import HUGE_PAGES_TUNABLE, release_large_blocks, worker_environment
+from worker.preload import HUGE_PAGES_TUNABLE, return_free_memory, set_large_block_thresholds, worker_environment
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_glibc_takes_the_fixed_thresholds() -> None:
-    assert release_large_blocks() is True
+    assert set_large_block_thresholds() is True
+
+
+def test_returning_free_memory_works_as_a_celery_signal_handler() -> None:
+    assert return_free_memory(sender=None, signal=None) is None  # task_postrun's keywords; no error here or off glibc
 
 
 def test_the_worker_environment_asks_for_huge_pages_unless_tunables_are_set() -> None:
