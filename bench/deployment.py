@@ -37,6 +37,19 @@ def worker_processes(parent_pid: int) -> list[tuple[str, int]]:
     return processes
 
 
+def node_processes(node_pid: int) -> list[tuple[str, int]]:
+    """(role, pid) of the node and the processes it started: receiving processes, multiprocessing's tracker."""
+    processes = [("node", node_pid)]
+    receivers = 0
+    for child in children_of(node_pid):
+        if b"resource_tracker" in Path(f"/proc/{child}/cmdline").read_bytes():
+            processes.append(("node mp tracker", child))
+        else:
+            receivers += 1
+            processes.append((f"node receiver {receivers}", child))
+    return processes
+
+
 class Deployment:
     """Node and worker from the checkout ``repo`` on ``settings`` (written to ``folder``/lungvision.yaml)."""
 

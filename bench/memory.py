@@ -35,7 +35,7 @@ import numpy as np
 # This script shares its folder with bench/worker.py: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.deployment import Deployment, worker_processes
+from bench.deployment import Deployment, node_processes, worker_processes
 from bench.worker import make_studies
 from common.ports import free_port
 
@@ -176,7 +176,8 @@ class FolderDeployment(Deployment):
 
     def measure(self) -> Snapshot:
         worker = worker_processes(self.worker.pid)
-        processes = [memory_of("node", self.node.pid)] + [memory_of(role, pid) for role, pid in worker]
+        node = node_processes(self.node.pid)
+        processes = [memory_of(role, pid) for role, pid in node + worker]
         pids = [pid for _, pid in worker]
         return Snapshot(processes, distinct_kib(pids), distinct_kib(pids, without_cuda=True))
 
