@@ -82,7 +82,7 @@ class NodeSettings(Section):
     allowed_calling_aes: list[CallingPeer] = []  # empty = any calling AE
     require_called_ae: bool = False  # refuse associations whose called AE is not ae_title
     max_associations: int = Field(default=32, ge=1)  # per receiving process
-    receivers: int = Field(default=0, ge=0)  # processes accepting associations on the port; 0 = one per CPU
+    receivers: int = Field(default=0, ge=0)  # processes accepting associations on the port; 0 = one per CPU, at most 4
     max_pdu_bytes: int = Field(default=262144, ge=0)  # largest PDU we accept; 0 = unlimited
     network_timeout_s: float | None = Field(default=60.0, gt=0)
     acse_timeout_s: float = Field(default=30.0, gt=0)

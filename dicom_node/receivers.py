@@ -39,6 +39,7 @@ from dicom_node.intake import Arrivals, Intake
 from dicom_node.transport import SharedListenerServer, start_server
 
 LOG = logging.getLogger("dicom_node.receivers")
+AUTO_RECEIVERS_MAX = 4  # with node.receivers 0: one receiving process per CPU, at most this many
 FOLLOW_POLL_S = 0.5  # how often a waiting loop looks at its stop flag
 START_TIMEOUT_S = 60.0  # a receiving process not accepting by then is logged (and restarted if it died)
 STOP_TIMEOUT_S = 10.0  # a receiving process that has not stopped by then is killed
@@ -75,8 +76,9 @@ class Stop:
 
 
 def receiver_count(settings: Settings) -> int:
-    """How many processes receive (the node's own included): ``node.receivers``, 0 meaning one per usable CPU."""
-    return settings.node.receivers or len(os.sched_getaffinity(0))
+    """How many processes receive (the node's own included): ``node.receivers``; 0 means one per usable CPU, at
+    most ``AUTO_RECEIVERS_MAX`` (each costs ≈ 50 MiB, and a big server's cores are better left to the worker)."""
+    return settings.node.receivers or min(AUTO_RECEIVERS_MAX, len(os.sched_getaffinity(0)))
 
 
 def serve_instances(
