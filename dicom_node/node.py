@@ -45,7 +45,7 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
     receivers = ReceiverPool(
         settings.model_copy(update={"node": settings.node.model_copy(update={"port": server.server_address[1]})}),
         server.listener,
-        receiver_count(settings) - 1,
+        receiver_count(settings.node) - 1,
         on_arrival=tracker.seen,
         on_exit=dispatcher.track_pending,
     )
@@ -62,7 +62,7 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         partials_removed=partials,
         stable_seconds=settings.spool.stable_seconds,
         max_associations=node.max_associations,
-        receivers=receiver_count(settings),
+        receivers=receiver_count(settings.node),
     )
 
     housekeeping = _Housekeeping(settings, reload_settings, spool, reload_requested, receivers.set_min_free_bytes)

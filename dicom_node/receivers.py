@@ -32,7 +32,7 @@ from common import audit
 from common.logs import configure_logging, log_event
 from common.processes import request_parent_death_signal
 from common.spool import Spool
-from config.settings import Settings
+from config.settings import NodeSettings, Settings
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES, Admission, build_ae, server_ssl_context
 from dicom_node.handlers import AssociationJournal, bindings
 from dicom_node.intake import Arrivals, Intake
@@ -75,10 +75,10 @@ class Stop:
     """Node → receiving process: close the port and exit."""
 
 
-def receiver_count(settings: Settings) -> int:
+def receiver_count(node: NodeSettings) -> int:
     """How many processes receive (the node's own included): ``node.receivers``; 0 means one per usable CPU, at
     most ``AUTO_RECEIVERS_MAX`` (each costs ≈ 50 MiB, and a big server's cores are better left to the worker)."""
-    return settings.node.receivers or min(AUTO_RECEIVERS_MAX, len(os.sched_getaffinity(0)))
+    return node.receivers or min(AUTO_RECEIVERS_MAX, len(os.sched_getaffinity(0)))
 
 
 def serve_instances(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from config.settings import NodeSettings, Settings
+from config.settings import NodeSettings
 from dicom_node.receivers import AUTO_RECEIVERS_MAX, receiver_count
 from tests.kit.dicom_fixtures import make_image
 from tests.kit.node import NodeProcess, store_statuses
@@ -82,8 +82,7 @@ def test_a_reloaded_watermark_reaches_every_receiving_process(node_factory) -> N
 
 
 def test_the_default_is_one_receiving_process_per_cpu_up_to_four(monkeypatch) -> None:
-    settings = Settings()
     for cpus, expected in ((1, 1), (2, 2), (4, 4), (32, AUTO_RECEIVERS_MAX)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cpus=cpus: set(range(cpus)))
-        assert receiver_count(settings) == expected
-    assert receiver_count(settings.model_copy(update={"node": NodeSettings(receivers=6)})) == 6
+        assert receiver_count(NodeSettings()) == expected
+    assert receiver_count(NodeSettings(receivers=6)) == 6
