@@ -1,6 +1,7 @@
 """A deployment for the benches: ``lungvision node`` and ``lungvision worker`` of one checkout as real
 processes on one configuration, each in its own process group, with the environment ``lungvision
-serve`` and the Docker image give them. Used by bench/memory.py and bench/end_to_end.py."""
+serve`` and the Docker image give them. Used by bench/memory.py and bench/end_to_end.py (and its log wait by
+bench/node.py and bench/seal.py)."""
 
 import os
 import signal
@@ -14,6 +15,16 @@ import yaml
 from worker.preload import worker_environment
 
 START_TIMEOUT_S = 900.0  # generous: on a busy machine (nice 19) torch alone takes a minute to import
+
+
+def wait_for_log_line(log_path: Path, text: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Poll ``log_path`` until it holds ``text`` (e.g. the node's ``node.listening``, logged once all its
+    receiving processes accept); RuntimeError with the log's tail if ``process`` exits or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"no {text!r} in {log_path}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
 
 
 def children_of(pid: int) -> list[int]:

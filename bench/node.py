@@ -35,6 +35,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
+# Run as a script, this file's folder comes first on the path: look for packages in the repo instead.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench.deployment import wait_for_log_line
 from common.ports import free_port, wait_until_listening
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,11 +119,7 @@ def start_node(port: int, output: Path, repo: Path = REPO) -> subprocess.Popen:
         process = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "--config", str(config)], cwd=repo, stdout=log, stderr=log
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while "node.listening" not in log_path.read_text(errors="replace"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the node did not start; its log:\n{log_path.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.05)
+    wait_for_log_line(log_path, "node.listening", process, START_TIMEOUT_S)
     return process
 
 

@@ -27,6 +27,7 @@ import yaml
 # This script shares its folder with bench/worker.py: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.deployment import wait_for_log_line
 from common.ports import free_port
 from tests.kit.dicom_fixtures import make_image
 from tests.kit.node import store_statuses
@@ -56,11 +57,7 @@ def start_node(folder: Path, repo: Path) -> tuple[subprocess.Popen, int]:
         node = subprocess.Popen(
             [sys.executable, "-m", "lungvision", "--config", str(config), "node"], cwd=repo, stdout=log, stderr=log
         )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while "node.listening" not in log_path.read_text(errors="replace"):
-        if node.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the node did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.1)
+    wait_for_log_line(log_path, "node.listening", node, START_TIMEOUT_S)
     return node, settings["node"]["port"]
 
 

@@ -180,7 +180,7 @@ class Dispatcher:
 def dispatch_until_stopped(
     dispatcher: Dispatcher,
     stop: threading.Event,
-    wake: "Wake",
+    wake: Wake,
     *,
     housekeeping: Callable[[], float] = lambda: math.inf,
     monotonic_clock: Callable[[], float] = time.monotonic,

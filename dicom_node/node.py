@@ -42,10 +42,11 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
 
     stop, reload_requested = _signal_events(wake)
     server = serve_instances(settings, spool, tracker)
+    count = receiver_count(settings.node)
     receivers = ReceiverPool(
-        settings.model_copy(update={"node": settings.node.model_copy(update={"port": server.server_address[1]})}),
+        settings,  # the others accept on this process's listening socket: they bind nothing themselves
         server.listener,
-        receiver_count(settings.node) - 1,
+        count - 1,
         on_arrival=tracker.seen,
         on_exit=dispatcher.track_pending,
     )
@@ -62,7 +63,7 @@ def run_node(settings: Settings, reload_settings: Callable[[], Settings] | None 
         partials_removed=partials,
         stable_seconds=settings.spool.stable_seconds,
         max_associations=node.max_associations,
-        receivers=receiver_count(settings.node),
+        receivers=count,
     )
 
     housekeeping = _Housekeeping(settings, reload_settings, spool, reload_requested, receivers.set_min_free_bytes)
