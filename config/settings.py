@@ -173,6 +173,10 @@ class DeliverySettings(Section):
     dimse_timeout_s: float = Field(default=60.0, gt=0)  # waiting for each C-STORE response
     network_timeout_s: float = Field(default=60.0, gt=0)  # idle network
     association_idle_s: float = Field(default=5.0, ge=0)  # an association stays open this long for the next study
+    # true = results are sent by `lungvision deliverer` alone, while the analysis workers go on with the next
+    # study (`lungvision serve` and docker compose run one and set this); false = analysis workers send them
+    by_deliverer: bool = False
+    deliverer_threads: int = Field(default=4, ge=1)  # deliveries a deliverer runs at once, one association each
     shadow_mode: bool = False  # true = results stay in the worklist and store; nothing goes to destinations or HL7
 
 

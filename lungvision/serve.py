@@ -1,10 +1,13 @@
-"""Serve — the node, the worker and the worklist web server under one command, stopped together and cleanly.
+"""Serve — the node, the worker, the deliverer and the worklist web server under one command, stopped
+together and cleanly.
 
-``lungvision serve`` runs each as a child process with the same configuration. SIGTERM or Ctrl-C
-stops the node first (no new associations; what it accepted is on disk), then the worker (Celery's
-warm shutdown finishes the study in hand or returns it to the queue), then the web server (so the
-worklist shows the last results until the end), then exits 0. If a child dies on its own, the
-others are stopped and serve exits 1.
+``lungvision serve`` runs each as a child process with the same configuration; the worker leaves
+sending results to the deliverer (``delivery.by_deliverer``), so a study's objects go out while the
+next study is analysed. SIGTERM or Ctrl-C stops the node first (no new associations; what it accepted
+is on disk), then the worker (Celery's warm shutdown finishes the study in hand or returns it to the
+queue), then the deliverer (deliveries in hand finish; queued ones wait in the broker), then the web
+server (so the worklist shows the last results until the end), then exits 0. If a child dies on its
+own, the others are stopped and serve exits 1.
 
 The children die with serve even when serve itself is killed (SIGKILL, OOM killer): each runs
 through :func:`run_child` (``python -m lungvision.serve PARENT_PID GRACE_S ARGS...``), which asks
@@ -28,7 +31,7 @@ from config.settings import Settings, mask_secrets
 from worker.preload import worker_environment
 
 FOLDER_DESTINATION = {"name": "local-folder", "kind": "folder", "path": "./var/out"}
-CHILDREN = ("node", "worker", "web")  # started in this order, and stopped in it: node first
+CHILDREN = ("node", "worker", "deliverer", "web")  # started in this order, and stopped in it: node first
 
 
 def banner(settings: Settings, folder_fallback: bool) -> str:
@@ -59,10 +62,11 @@ def banner(settings: Settings, folder_fallback: bool) -> str:
 
 
 def serve(settings: Settings, config_args: list[str]) -> int:
-    """Run node, worker and web server until a stop signal; return the exit code."""
+    """Run node, worker, deliverer and web server until a stop signal; return the exit code."""
     logfilter.install()  # warnings of this parent process too (the children install it in their own set-up)
     folder_fallback = not settings.destinations
     environment = worker_environment(dict(os.environ))  # huge pages for the worker's image buffers
+    environment["LUNGVISION_DELIVERY__BY_DELIVERER"] = "true"  # the deliverer child sends the results
     if folder_fallback:
         environment["LUNGVISION_DESTINATIONS"] = json.dumps([FOLDER_DESTINATION])
     Path("var").mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ from config.settings import Settings, load_settings
 from worker.deliver import close_association_pool
 from worker.queues import worker_broker
 
-app = Celery("lungvision", include=["worker.tasks"])
+app = Celery("lungvision")  # its task modules: configure()
 app.conf.update(
     task_serializer="json",  # messages are small JSON records; never unpickle what the network sent
     accept_content=["json"],
@@ -32,13 +32,19 @@ app.conf.update(
 _settings: Settings | None = None
 
 
-def configure(settings: Settings) -> Celery:
-    """Apply ``settings`` to the app (broker, backend, limits) and keep them for the tasks."""
+ANALYSIS_TASKS = "worker.tasks"  # the analysis and, for a worker without deliverer, the result tasks
+RESULT_TASKS = "worker.result_tasks"  # a deliverer's: sending results (imports no model code)
+
+
+def configure(settings: Settings, *, deliverer: bool = False) -> Celery:
+    """Apply ``settings`` to the app (broker, backend, limits) and keep them for the tasks; a ``deliverer``
+    imports only the result tasks (no model code: no torch in its process)."""
     global _settings
     _settings = settings
     audit.configure(settings.audit.path)
     broker_url, broker_transport = worker_broker(settings.broker.url)
     app.conf.update(
+        include=[RESULT_TASKS if deliverer else ANALYSIS_TASKS],
         broker_url=broker_url,
         broker_transport=broker_transport,  # the SQLAlchemy broker: one that takes from its queues in order
         result_backend=settings.broker.result_backend,

@@ -25,12 +25,11 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
 
     @app.command("worker")
     def worker() -> None:
-        """Run the analysis worker: consume studies from the queue, analyse, send and record results (results
-        first: their queue is taken before new studies); its sweeper sends again what a dead process or a
-        lost message left without outcome."""
+        """Run the analysis worker: consume studies from the queue, analyse, queue and record results, and
+        send them unless a deliverer does (``delivery.by_deliverer``; results first: their queue is taken
+        before new studies); its sweeper sends again what a dead process or a lost message left without outcome."""
         from worker.celery_app import configure
         from worker.preload import load_before_fork
-        from worker.queues import CONSUMED_QUEUES
         from worker.reconcile import start_sweeper, stop_sweeper
 
         settings = get_settings()
@@ -40,20 +39,31 @@ def register(app: typer.Typer, get_settings: Callable[[], Settings]) -> None:
         sweeper = start_sweeper()
         try:
             celery.worker_main(
-                [
-                    "worker",
-                    "--loglevel",
-                    settings.log_level,
-                    "--queues",
-                    ",".join(CONSUMED_QUEUES),
-                    "--concurrency",
-                    str(settings.worker.concurrency),
-                    "--without-gossip",
-                    "--without-mingle",
-                ]
+                celery_worker_arguments(settings, worker_queues(settings), str(settings.worker.concurrency))
             )
         finally:
             stop_sweeper(sweeper)
+
+    @app.command("deliverer")
+    def deliverer() -> None:
+        """Run a deliverer: send analysed studies' results (DICOM destinations, HL7 endpoints) with
+        ``delivery.deliverer_threads`` threads, each on an association of its own, while the analysis
+        workers go on with the next studies. Loads no model. Set ``delivery.by_deliverer`` for the
+        workers to leave results to it (``lungvision serve`` and docker compose do)."""
+        from common.messages import DELIVERY_QUEUE
+        from worker.celery_app import configure
+        from worker.result_tasks import store
+
+        settings = get_settings()
+        celery = configure(settings, deliverer=True)
+        prepare_store(settings)
+        store()  # the threads' one store, made before they start
+        threads = str(settings.delivery.deliverer_threads)
+        celery.worker_main(
+            celery_worker_arguments(
+                settings, [DELIVERY_QUEUE], threads, "--pool", "threads", "--hostname", "deliverer@%h"
+            )
+        )
 
     jobs = typer.Typer(
         help="Dead letters (failed analyses, deliveries that ran out of attempts): list and replay.",
@@ -111,3 +121,29 @@ def prepare_store(settings: Settings) -> None:
         move_legacy_dead_letters(settings, store)
     finally:
         store.engine.dispose()  # no connection is inherited by the pool's processes
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    """The queues an analysis worker takes from, first things first: results and studies, or studies
+    alone when a deliverer sends the results."""
+    from common.messages import QUEUE as ANALYSIS_QUEUE
+    from worker.queues import CONSUMED_QUEUES
+
+    return [ANALYSIS_QUEUE] if settings.delivery.by_deliverer else list(CONSUMED_QUEUES)
+
+
+def celery_worker_arguments(settings: Settings, queues: list[str], concurrency: str, *extra: str) -> list[str]:
+    """Celery's ``worker`` command line for ``queues`` (without gossip and mingle: our workers need not know
+    of each other)."""
+    return [
+        "worker",
+        "--loglevel",
+        settings.log_level,
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        concurrency,
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]

@@ -2,22 +2,30 @@
 (common/store.py), an event in the audit trail and a line in the log (none holds patient data). Each
 outcome has one function here that writes all three: a study round analysed or failed, a delivery
 sent, retried or given up, an HL7 result sent, retried or given up. The store row of a study round is
-built in one place, :func:`study_result`."""
+built in one place, :func:`study_result`.
+
+The model and the analysis are named for their types only: this module imports no model code, so a
+deliverer (worker/result_tasks.py) records its outcomes without loading torch."""
+
+from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import audit
 from common.dead_letters import AnalysisJob, DeadLetter, DeadLetters, DeliveryJob, new_dead_letter
 from common.messages import StudyReady
 from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
 from common.store import Store, StudyResult
-from inference.classifier import Classifier
-from inference.site_profile import OperatingPoint
 from worker.hl7_result import Hl7Job
-from worker.pipeline import StudyOutcome
+
+if TYPE_CHECKING:  # types only (see above)
+    from inference.classifier import Classifier
+    from inference.site_profile import OperatingPoint
+    from worker.pipeline import StudyOutcome
 
 log = logging.getLogger("lungvision.worker")
 MODEL_UNAVAILABLE = "unavailable"  # model version of a failed round when the model itself could not be loaded
@@ -33,7 +41,7 @@ class Model:
     point: OperatingPoint | None  # the first population's; None: the model could not be loaded
 
     @classmethod
-    def of(cls, classifier: Classifier | None) -> "Model":
+    def of(cls, classifier: Classifier | None) -> Model:
         """``classifier``'s identity; None when loading the model was what failed."""
         if classifier is None:
             return cls(MODEL_UNAVAILABLE, "", None)

@@ -1,44 +1,33 @@
 """Tasks — thin Celery adapters: a StudyReady message is loaded, analysed and encoded (pipeline), its files
-are queued for delivery (one task per destination and HL7 endpoint), and every outcome is recorded
-(worker/record.py: store row, audit event and log line together).
+are queued for delivery (one task per destination and HL7 endpoint, worker/result_tasks.py), and every
+outcome is recorded (worker/record.py: store row, audit event and log line together).
 
 Every round ends visibly: an analysis that raises anything is recorded as failed (with the reason and a
 dead letter to replay it); a delivery that raises anything unexpected is dead-lettered; what a dead
 process or a lost message leaves behind is sent again by the sweeper (worker/reconcile.py)."""
 
-import functools
 import logging
 import time
-import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
-from pathlib import Path
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from common import audit
 from common.dead_letters import DeliveryJob
 from common.failures import describe_failure
-from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, HL7_TASK, StudyReady
-from common.results import DeliveryStatus
-from common.scu import DeliveryError
-from common.store import Store
+from common.messages import ANALYSE_STUDY_TASK, StudyReady
 from config.settings import Settings
 from inference.classifier import load_model
 from worker.celery_app import app, current_settings
-from worker.deliver import choose_destinations, retry_delay_s, send_files
-from worker.hl7_result import Hl7DeliveryError, Hl7Job, build_oru, read_patient_header, send_mllp
+from worker.deliver import choose_destinations
+from worker.hl7_result import Hl7Job
 from worker.pipeline import StudyOutcome, analyse_study, device_uid_for
 from worker.reconcile import Claim, Limits, claim_round
-from worker.record import Model, record_analysed, record_analysis_failure, record_delivery, record_hl7, study_result
+from worker.record import Model, record_analysed, record_analysis_failure, study_result
+from worker.result_tasks import deliver_task, send_hl7_task, store
 
 log = logging.getLogger("lungvision.worker")
-
-
-@functools.lru_cache(maxsize=1)
-def store() -> Store:
-    """The process's outcome store."""
-    return Store(current_settings().store.url)
 
 
 @app.task(name=ANALYSE_STUDY_TASK)
@@ -147,63 +136,3 @@ def queue_deliveries(ready: StudyReady, model: Model, analysis: StudyOutcome, se
         )
         send_hl7_task.apply_async(args=[asdict(hl7_job)], task_id=f"{ready.message_id}:hl7:{endpoint.name}")
     return destinations
-
-
-@app.task(name=DELIVER_TASK, bind=True, max_retries=None)
-def deliver_task(self, job: dict) -> str:
-    """Send one study round's files to one destination; retry transient failures with back-off,
-    dead-letter the job after the last attempt, on a permanent failure, and on any unexpected exception
-    (a bug or a broken file: another attempt would fail the same way)."""
-    delivery = DeliveryJob(**job)
-    settings = current_settings()
-    attempt = self.request.retries + 1
-    try:
-        send_files(settings, delivery.destination, [Path(name) for name in delivery.files])
-    except Exception as error:
-        transient = isinstance(error, DeliveryError) and error.transient
-        # Our own errors (LookupError: destination no longer configured; OSError: an unreadable outbox file)
-        # say what happened; any other exception's message might quote a DICOM value: type and place only.
-        ours = isinstance(error, (DeliveryError, LookupError, OSError))
-        reason = str(error) if ours else describe_failure(error)
-        if transient and attempt < settings.delivery.max_attempts:
-            delay = retry_delay(settings, attempt)
-            record_delivery(store(), delivery, DeliveryStatus.RETRYING, attempt, reason=reason, retry_in_s=delay)
-            raise self.retry(countdown=delay, exc=error) from error
-        record_delivery(store(), delivery, DeliveryStatus.FAILED, attempt, reason=reason)
-        return DeliveryStatus.FAILED.value
-    record_delivery(store(), delivery, DeliveryStatus.DELIVERED, attempt)
-    return DeliveryStatus.DELIVERED.value
-
-
-@app.task(name=HL7_TASK, bind=True, max_retries=None)
-def send_hl7_task(self, job: dict) -> str:
-    """Send the ORU^R01 of one analysed study round to one HL7 endpoint; retry like DICOM delivery
-    (same back-off and attempts), give up with a ``failed`` audit event after the last attempt, on a
-    permanent failure and on any unexpected exception."""
-    settings = current_settings()
-    oru_job = Hl7Job(**job)
-    attempt = self.request.retries + 1
-    endpoint = next((e for e in settings.hl7.endpoints if e.name == oru_job.endpoint), None)
-    try:
-        if endpoint is None:
-            raise Hl7DeliveryError("endpoint no longer configured", transient=False)
-        patient = read_patient_header(settings.worker.outbox_dir, oru_job)
-        message = build_oru(oru_job, patient, settings.hl7, endpoint, control_id=uuid.uuid4().hex[:20])
-        send_mllp(endpoint, message, settings.hl7.timeout_s)
-    except Exception as error:
-        transient = isinstance(error, Hl7DeliveryError) and error.transient
-        # OSError: the outbox file could not be read; other unexpected exceptions: type and place only
-        reason = str(error) if isinstance(error, (Hl7DeliveryError, OSError)) else describe_failure(error)
-        final = not transient or attempt >= settings.delivery.max_attempts
-        delay = retry_delay(settings, attempt)
-        record_hl7(oru_job, attempt, reason=reason, final=final, retry_in_s=delay)
-        if final:
-            return DeliveryStatus.FAILED.value
-        raise self.retry(countdown=delay, exc=error) from error
-    record_hl7(oru_job, attempt)
-    return DeliveryStatus.DELIVERED.value
-
-
-def retry_delay(settings: Settings, attempt: int) -> float:
-    """The back-off before the attempt after ``attempt`` (DICOM and HL7 alike)."""
-    return retry_delay_s(attempt, settings.delivery.retry_base_delay_s, settings.delivery.retry_max_delay_s)

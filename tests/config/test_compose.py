@@ -17,7 +17,7 @@ from tests.kit.orthanc import AUTOROUTE_SCRIPT, ORTHANC_CONFIG, resolve_config
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 SHARED_DATA_DIR = "/var/lib/lungvision"
-REQUIRED_SERVICES = {"redis", "orthanc", "node", "worker", "web"}
+REQUIRED_SERVICES = {"redis", "orthanc", "node", "worker", "deliverer", "web"}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,8 @@ def orthanc_config(services) -> dict:
 def test_the_services_are_there(services) -> None:
     assert set(services) >= REQUIRED_SERVICES
     assert set(services) <= REQUIRED_SERVICES | {"flower"}
-    assert services["node"]["command"] == ["node"] and services["worker"]["command"] == ["worker"]
+    for name in ("node", "worker", "deliverer"):
+        assert services[name]["command"] == [name]
 
 
 def test_every_image_is_pinned(services) -> None:
@@ -95,7 +96,7 @@ def test_every_image_is_pinned(services) -> None:
         repository, _, tag = image.rpartition(":")
         assert repository and "/" not in tag and tag not in {"", "latest"}, f"{name}: {image} is not pinned"
         assert re.search(r"\d", tag), f"{name}: {image} is not pinned to a version"
-    for name in ("node", "worker"):
+    for name in ("node", "worker", "deliverer"):
         assert services[name]["image"] == f"lungvision:{version}"
         assert services[name]["build"]["context"] == "." and services[name]["build"]["dockerfile"] == "Dockerfile"
 
@@ -117,12 +118,18 @@ def test_node_and_worker_share_the_spool_and_store_volume(compose, services, mon
         assert settings.store.url.startswith(f"sqlite:///{SHARED_DATA_DIR}/")
         assert Path(settings.worker.outbox_dir).is_relative_to(SHARED_DATA_DIR)
     assert environment(services["node"]) == environment(services["worker"]), "node and worker share one config"
+    assert environment(services["deliverer"]) == environment(services["worker"]), "...and the deliverer"
+
+
+def test_the_workers_leave_results_to_the_deliverer(services, monkeypatch) -> None:
+    assert settings_from(services["worker"], monkeypatch).delivery.by_deliverer
+    assert "deliverer@" in " ".join(services["deliverer"]["healthcheck"]["test"])  # the deliverer's Celery name
 
 
 def test_healthchecks_and_start_order(services) -> None:
-    for name in ("redis", "orthanc", "node", "worker"):
+    for name in ("redis", "orthanc", "node", "worker", "deliverer"):
         assert services[name]["healthcheck"]["test"], name
-    for name in ("node", "worker"):
+    for name in ("node", "worker", "deliverer"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "node" in services["orthanc"]["depends_on"]
 
@@ -140,7 +147,7 @@ def test_the_dockerfile_builds_a_cpu_non_root_image() -> None:
 # --- agreement with the settings and the Orthanc configuration ---------------------------------------
 
 
-@pytest.mark.parametrize("name", ["node", "worker"])
+@pytest.mark.parametrize("name", ["node", "worker", "deliverer"])
 def test_every_lungvision_variable_is_a_real_setting(services, name, monkeypatch) -> None:
     variables = {key: value for key, value in environment(services[name]).items() if key.startswith("LUNGVISION_")}
     assert variables

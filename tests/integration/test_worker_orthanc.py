@@ -1,11 +1,15 @@
-"""Node → Redis → worker → Orthanc, with real processes: results arrive in the same study, exactly once,
-through an Orthanc outage and a SIGKILLed worker; lateral and non-chest images get "not analysed" SRs."""
+"""Node → Redis → worker → deliverer → Orthanc, with real processes (as ``lungvision serve`` and docker compose
+run them): results arrive in the same study, exactly once, through an Orthanc outage and a SIGKILLed worker
+or deliverer; lateral and non-chest images get "not analysed" SRs; the deliverer loads no model and keeps
+several deliveries to one destination in flight."""
 
 import io
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import redis
@@ -54,7 +58,7 @@ STORESCU_PROPOSAL = {  # storescu option that proposes a compressed file's own t
 
 
 class Deployment:
-    """Orthanc as the destination PACS, the node, Redis (db 15) and a worker, sharing one config."""
+    """Orthanc as the destination PACS, the node, Redis (db 14), a worker and a deliverer, sharing one config."""
 
     def __init__(self, folder) -> None:
         redis_url = f"redis://127.0.0.1:6379/{INTEGRATION_REDIS_DB}"
@@ -79,8 +83,10 @@ class Deployment:
                 "routing": [{"destinations": ["orthanc"]}, {"calling_ae": "TO_ARCHIVE", "destinations": ["archive"]}],
             }
         )
+        settings["delivery"]["by_deliverer"] = True
         self.node = NodeProcess(folder, settings)
         self.worker = WorkerProcess(self.node.config_path, folder / "worker.log")
+        self.deliverer = WorkerProcess(self.node.config_path, folder / "deliverer.log", command="deliverer")
         self.store_url = settings["store"]["url"]
         self.broker_url = redis_url
         self.folder = folder
@@ -131,7 +137,9 @@ def deployment(tmp_path_factory):
     system.orthanc.start()
     system.node.start()
     system.worker.start()
+    system.deliverer.start()
     yield system
+    system.deliverer.stop()
     system.worker.stop()
     system.node.stop()
     system.orthanc.stop()
@@ -289,22 +297,44 @@ def test_a_sigkilled_worker_still_delivers_exactly_once(deployment, tmp_path) ->
     assert classes.count(SC_CLASS) == 6 and classes.count(COMPREHENSIVE_SR_CLASS) == 6
 
 
-def archive_scp(port: int, sop_classes: list[str], received: list[str]):
-    """A pynetdicom storage SCP on ``port`` accepting only ``sop_classes``; appends received UIDs."""
-    ae = AE(ae_title="ARCHIVE")
-    for sop_class in sop_classes:
-        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+class ArchiveScp:
+    """A pynetdicom storage SCP on ``port`` accepting only ``sop_classes``, answering each C-STORE after
+    ``delay_s``; it keeps the received UIDs and the most C-STOREs it had in hand at once."""
 
-    def on_store(event) -> int:
-        received.append(str(event.request.AffectedSOPInstanceUID))
+    def __init__(self, port: int, sop_classes: list[str], delay_s: float = 0.0) -> None:
+        self.received: list[str] = []
+        self.started = 0  # C-STOREs that reached the handler
+        self.in_hand = self.most_in_hand = 0
+        self.delay_s = delay_s
+        self.lock = threading.Lock()
+        ae = AE(ae_title="ARCHIVE")
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)])
+
+    def _store(self, event) -> int:
+        with self.lock:
+            self.started += 1
+            self.in_hand += 1
+            self.most_in_hand = max(self.most_in_hand, self.in_hand)
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.in_hand -= 1
+            self.received.append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
-    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    def shutdown(self) -> None:
+        """Stop listening and end the associations in progress (pynetdicom's shutdown alone leaves them up)."""
+        for association in self.server.active_associations:
+            association.abort()
+        self.server.shutdown()
+
+
+RESULT_CLASSES = [SecondaryCaptureImageStorage, ComprehensiveSRStorage]
 
 
 def test_a_refused_delivery_is_dead_lettered_and_can_be_replayed(deployment, tmp_path) -> None:
-    received: list[str] = []
-    server = archive_scp(deployment.archive_port, [CTImageStorage], received)  # refuses SC and SR
+    server = ArchiveScp(deployment.archive_port, [CTImageStorage])  # refuses SC and SR
     try:
         [path] = chest_study(tmp_path, "deadletter")
         deployment.send(path, calling_ae="TO_ARCHIVE")
@@ -320,13 +350,71 @@ def test_a_refused_delivery_is_dead_lettered_and_can_be_replayed(deployment, tmp
         server.shutdown()
     job_id = next(line.split()[0] for line in listing.splitlines() if "archive" in line)
 
-    server = archive_scp(deployment.archive_port, [SecondaryCaptureImageStorage, ComprehensiveSRStorage], received)
+    server = ArchiveScp(deployment.archive_port, RESULT_CLASSES)
     try:
         replay = deployment.jobs("retry", job_id)
         assert replay.returncode == 0, replay.stderr
+        received = server.received
         wait_until(lambda: len(received) >= 2, RESULT_TIMEOUT_S, interval_s=0.5, message="the replayed SC and SR")
         assert len(received) == 2  # the SC and the SR
         assert job_id not in deployment.jobs("failed").stdout
         assert deployment.jobs("retry", job_id).returncode == 2  # gone from the list
+    finally:
+        server.shutdown()
+
+
+def mapped_files(pid: int) -> str:
+    """The files mapped into process ``pid`` (its shared libraries among them)."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_deliverer_sends_the_results_and_loads_no_model(deployment, tmp_path) -> None:
+    [path] = chest_study(tmp_path, "deliverer")
+    study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
+    deployment.send(path)
+    deployment.orthanc.wait_for_instances(study_uid, results_complete(1, 1), RESULT_TIMEOUT_S)
+    [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
+    deployment.deliverer.wait_for_log(f"delivered {row.message_id} to orthanc", timeout_s=30)
+    assert f"delivered {row.message_id}" not in deployment.worker.log()  # the worker left it to the deliverer
+    assert deployment.deliverer.process is not None and deployment.worker.process is not None
+    assert "libtorch" not in mapped_files(deployment.deliverer.process.pid)
+    assert "libtorch" in mapped_files(deployment.worker.process.pid)  # (the check can see torch)
+
+
+def test_the_next_study_is_sent_while_the_previous_is_acknowledged(deployment, tmp_path) -> None:
+    """Each C-STORE is answered after 1.5 s: the second study's objects go out on a second association
+    while the first study's wait for their answers."""
+    server = ArchiveScp(deployment.archive_port, RESULT_CLASSES, delay_s=1.5)
+    try:
+        for name in ("overlap-1", "overlap-2"):
+            deployment.send(*chest_study(tmp_path, name), calling_ae="TO_ARCHIVE")
+        wait_until(
+            lambda: len(server.received) >= 4, RESULT_TIMEOUT_S, interval_s=0.5, message="both studies' SC and SR"
+        )
+        assert server.most_in_hand == 2
+    finally:
+        server.shutdown()
+
+
+def test_a_sigkilled_deliverer_still_delivers(deployment, tmp_path) -> None:
+    """Killed while the destination holds its C-STORE: the delivery returns to the queue (acknowledged only
+    once sent) and the restarted deliverer sends it."""
+    server = ArchiveScp(deployment.archive_port, RESULT_CLASSES, delay_s=2.0)
+    try:
+        [path] = chest_study(tmp_path, "kill-deliverer")
+        study_uid = dcmread(path, stop_before_pixels=True).StudyInstanceUID
+        deployment.send(path, calling_ae="TO_ARCHIVE")
+        wait_until(lambda: server.started >= 1, RESULT_TIMEOUT_S, interval_s=0.1, message="a C-STORE in hand")
+        deployment.deliverer.kill_hard()
+        deployment.deliverer.start()
+        [row] = [r for r in deployment.store().results() if r.study_instance_uid == study_uid]
+
+        def delivered() -> bool:
+            deliveries = deployment.store().deliveries(row.message_id)
+            return [d.status for d in deliveries if d.destination == "archive"] == ["delivered"]
+
+        wait_until(delivered, RESULT_TIMEOUT_S, interval_s=0.5, message="the delivery sent by the new deliverer")
+        sc_uid, sr_uid = row.images[0].output_uids
+        assert {sc_uid, sr_uid} <= set(server.received)
     finally:
         server.shutdown()

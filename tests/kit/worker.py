@@ -1,5 +1,6 @@
 """The worker side of a test: a StudyReady message for files on disk, the settings of a test deployment
-(embedded, or the worker's sections of one), and a real worker process (``python -m lungvision worker``)."""
+(embedded, or the worker's sections of one), and a real worker or deliverer process (``python -m lungvision
+worker`` / ``deliverer``)."""
 
 import os
 import signal
@@ -80,17 +81,18 @@ def worker_sections(folder: Path, *, visibility_timeout_s: float, dead_letter_ke
 
 
 class WorkerProcess:
-    """The Celery worker in its own process group, so a test can SIGKILL all of it at once."""
+    """The Celery worker (``command`` "worker", or "deliverer") in its own process group, so a test can
+    SIGKILL all of it at once."""
 
-    def __init__(self, config_path: Path, log_path: Path) -> None:
-        self.config_path, self.log_path = config_path, log_path
+    def __init__(self, config_path: Path, log_path: Path, command: str = "worker") -> None:
+        self.config_path, self.log_path, self.command = config_path, log_path, command
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 90.0) -> "WorkerProcess":
         ready_before = self.log().count("ready.")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "lungvision", "--config", str(self.config_path), "worker"],
+                [sys.executable, "-m", "lungvision", "--config", str(self.config_path), self.command],
                 cwd=REPO,
                 stdout=log,
                 stderr=log,
@@ -112,7 +114,7 @@ class WorkerProcess:
         wait_until(logged, timeout_s, message=lambda: self._not_logged(text, count))
 
     def _not_logged(self, text: str, count: int) -> str:
-        return f"worker log has not {count}× {text!r}; tail:\n{self.log()[-3000:]}"
+        return f"{self.command} log has not {count}× {text!r}; tail:\n{self.log()[-3000:]}"
 
     def kill_hard(self) -> None:
         """SIGKILL the whole worker (main process and pool children): nothing gets to clean up."""

@@ -164,10 +164,12 @@ def _command(pid: int) -> str:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_killed_serve_takes_its_children_along_and_a_new_serve_gets_the_same_ports(tmp_path) -> None:
-    """Issue 10: kill -9 of serve must not orphan node, worker (with its pool) or web."""
+    """Issue 10: kill -9 of serve must not orphan node, worker (with its pool), deliverer or web."""
     serve = Serve(tmp_path).start()
     children = {pid: _command(pid) for pid, (parent, _) in _live_processes().items() if parent == serve.process.pid}
-    assert sorted(command.split()[-1] for command in children.values()) == ["node", "web", "worker"], children
+    assert sorted(command.split()[-1] for command in children.values()) == ["deliverer", "node", "web", "worker"], (
+        children
+    )
     groups = set(children)  # serve starts each child as the leader of a group (session) of its own
     assert len([pid for pid, (_, group) in _live_processes().items() if group in groups]) > len(groups)  # the pool
 

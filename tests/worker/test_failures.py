@@ -115,10 +115,12 @@ def test_an_unexpected_exception_while_sending_dead_letters_the_delivery(worker,
     def broken_send(*_args, **_kwargs):
         raise ValueError(f"cannot encode {SECRET!r}")
 
-    monkeypatch.setattr(worker, "send_files", broken_send)
+    from worker import result_tasks
+
+    monkeypatch.setattr(result_tasks, "send_files", broken_send)
     job = DeliveryJob("m1", "1.2.3", "files", ["/outbox/1.2.3/1.2.3.4.dcm"])
     worker.store().update_delivery("m1", "files", status=DeliveryStatus.PENDING, attempts=0)
-    assert worker.deliver_task.apply(args=[asdict(job)]).get() == "failed"  # no retry: it would fail the same way
+    assert result_tasks.deliver_task.apply(args=[asdict(job)]).get() == "failed"  # no retry: the same would fail
     [letter] = dead_letters(worker).list()
     assert letter.job == job and letter.error.startswith("ValueError in worker/test_failures.py:")
     assert SECRET not in letter.error and SECRET not in worker.current_settings().audit.path.read_text()
