@@ -1,5 +1,6 @@
-"""A deployment for the benches: ``lungvision node`` and ``lungvision worker`` of one checkout as real
-processes on one configuration, each in its own process group, with the environment ``lungvision
+"""A deployment for the benches: ``lungvision node``, ``lungvision worker`` and (as ``lungvision serve`` and
+docker compose run them; not in checkouts from before it existed) ``lungvision deliverer`` of one checkout
+as real processes on one configuration, each in its own process group, with the environment ``lungvision
 serve`` and the Docker image give them. Used by bench/memory.py and bench/end_to_end.py (and its log wait by
 bench/node.py and bench/seal.py)."""
 
@@ -62,15 +63,19 @@ def node_processes(node_pid: int) -> list[tuple[str, int]]:
 
 
 class Deployment:
-    """Node and worker from the checkout ``repo`` on ``settings`` (written to ``folder``/lungvision.yaml)."""
+    """Node, worker and, with ``deliverer``, a deliverer from the checkout ``repo`` on ``settings`` (written to
+    ``folder``/lungvision.yaml; with a deliverer, the worker leaves the results to it)."""
 
-    def __init__(self, folder: Path, settings: dict, repo: Path) -> None:
+    def __init__(self, folder: Path, settings: dict, repo: Path, *, deliverer: bool) -> None:
+        if deliverer:
+            settings = {**settings, "delivery": {**settings.get("delivery", {}), "by_deliverer": True}}
         self.folder, self.settings, self.repo = folder, settings, repo
         self.concurrency = settings["worker"]["concurrency"]
         self.config = folder / "lungvision.yaml"
         self.config.write_text(yaml.safe_dump(settings))
         self.node = self._start("node")
         self.worker = self._start("worker")
+        self.deliverer = self._start("deliverer") if deliverer else None
 
     def _start(self, command: str) -> subprocess.Popen:
         with open(self.folder / f"{command}.log", "ab") as log:
@@ -87,12 +92,14 @@ class Deployment:
         return (self.folder / f"{command}.log").read_text(errors="replace")
 
     def wait_until_ready(self) -> float:
-        """Seconds until the node listens, the worker is ready and its pool processes and sweeper run."""
+        """Seconds until the node listens, the worker is ready and its pool processes and sweeper run, and the
+        deliverer is ready."""
         started = time.monotonic()
         while not (
             "node.listening" in self.log("node")
             and "ready." in self.log("worker")
             and len(worker_processes(self.worker.pid)) == self.concurrency + 2
+            and (self.deliverer is None or "ready." in self.log("deliverer"))
         ):
             self.check_alive()
             if time.monotonic() - started > START_TIMEOUT_S:
@@ -107,16 +114,21 @@ class Deployment:
         subprocess.run(command, check=True, timeout=300, capture_output=True)
         return time.time()
 
+    def processes(self) -> dict[str, subprocess.Popen]:
+        """The deployment's processes by command."""
+        started = {"node": self.node, "worker": self.worker, "deliverer": self.deliverer}
+        return {name: process for name, process in started.items() if process is not None}
+
     def check_alive(self) -> None:
-        for name, process in (("node", self.node), ("worker", self.worker)):
+        for name, process in self.processes().items():
             if process.poll() is not None:
                 raise RuntimeError(f"the {name} exited ({process.returncode}):\n{self.log(name)[-3000:]}")
 
     def stop(self) -> None:
-        for process in (self.node, self.worker):
+        for process in self.processes().values():
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
-        for process in (self.node, self.worker):
+        for process in self.processes().values():
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:

@@ -4,8 +4,9 @@ are in Orthanc, stage by stage, and studies/s, at worker concurrency 1 and 2.
 Run: ``.venv/bin/python bench/end_to_end.py [--studies 20] [--burst 30] [--baseline DIR]`` (needs dcmtk,
 redis-server and Orthanc: ``scripts/setup.sh --test``). For each concurrency a fresh deployment is
 started in a temp folder: a redis-server and an Orthanc of its own on free loopback ports (Orthanc with
-``TCP_NODELAY=1``, as docker-compose.yml runs it), ``lungvision node`` and ``lungvision worker`` as real
-processes on the Redis broker, Orthanc as the only destination. The input is bench/worker.py's: one
+``TCP_NODELAY=1``, as docker-compose.yml runs it), ``lungvision node``, ``lungvision worker`` and
+``lungvision deliverer`` as real processes on the Redis broker (as serve and docker compose run them),
+Orthanc as the only destination. The input is bench/worker.py's: one
 2500×2000 16-bit CR per study (≈ 10 MB).
 
 * **Latency**: ``--studies`` studies sent one at a time with ``storescu`` (one association each), each
@@ -18,8 +19,9 @@ processes on the Redis broker, Orthanc as the only destination. The input is ben
 * **Throughput**: ``--burst`` studies sent at once over 4 associations; studies/s from the end of the
   first study's quiet period to the last study's results in Orthanc.
 
-``--baseline DIR``: the same for another checkout (e.g. one from before a change), same studies, same
-run, and the ratios. Nothing is asserted.
+``--baseline DIR``: the same for another checkout (e.g. one from before a change; without a deliverer),
+same studies, same run, and the ratios. ``--worker-delivers``: also the current tree without a deliverer
+(the worker sends the results itself, before its next study), and the ratios. Nothing is asserted.
 """
 
 import argparse
@@ -69,13 +71,14 @@ def deployment_settings(folder: Path, concurrency: int, redis_url: str, orthanc:
 
 
 class Stack(Deployment):
-    """Redis and Orthanc of their own, then ``lungvision node`` and ``lungvision worker`` (from the checkout
-    ``repo``) in ``folder`` with Orthanc as the destination."""
+    """Redis and Orthanc of their own, then ``lungvision node``, ``worker`` and (with ``deliverer``)
+    ``deliverer`` from the checkout ``repo`` in ``folder`` with Orthanc as the destination."""
 
-    def __init__(self, folder: Path, concurrency: int, repo: Path) -> None:
+    def __init__(self, folder: Path, concurrency: int, repo: Path, deliverer: bool) -> None:
         self.redis = RedisServer(folder / "redis").start()
         self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port(), environment={"TCP_NODELAY": "1"}).start()
-        super().__init__(folder, deployment_settings(folder, concurrency, self.redis.url, self.orthanc), repo)
+        settings = deployment_settings(folder, concurrency, self.redis.url, self.orthanc)
+        super().__init__(folder, settings, repo, deliverer=deliverer)
         self.wait_until_ready()
 
     def results_in_orthanc(self) -> int:
@@ -172,8 +175,10 @@ def summary(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def measure(repo: Path, concurrency: int, latency_studies: list[Path], burst: list[Path], folder: Path) -> dict:
-    stack = Stack(folder, concurrency, repo)
+def measure(
+    repo: Path, deliverer: bool, concurrency: int, latency_studies: list[Path], burst: list[Path], folder: Path
+) -> dict:
+    stack = Stack(folder, concurrency, repo, deliverer)
     try:
         latency(stack, latency_studies[:2])  # each pool process's first study, not counted
         rows = latency(stack, latency_studies[2:])
@@ -198,7 +203,13 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=30, help="studies sent at once")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to measure as the peer")
+    parser.add_argument("--worker-delivers", action="store_true", help="also measure without a deliverer")
     arguments = parser.parse_args()
+    runs = [("current", REPO, True)]  # (label, checkout, with a deliverer); the current tree last
+    if arguments.worker_delivers:
+        runs.insert(0, ("worker delivers", REPO, False))
+    if arguments.baseline is not None:
+        runs.insert(0, ("baseline", arguments.baseline, False))
     with tempfile.TemporaryDirectory(prefix="lv-e2e-") as temporary:
         root = Path(temporary)
         (root / "latency").mkdir()
@@ -207,19 +218,19 @@ def main() -> None:
         burst = make_studies(root / "burst", arguments.burst)
         for concurrency in arguments.concurrency:
             results = {}
-            for label, repo in (("baseline", arguments.baseline), ("current", REPO)):
-                if repo is None:
-                    continue
-                folder = root / f"{label}-concurrency-{concurrency}"
+            for label, repo, deliverer in runs:
+                folder = root / f"{label.replace(' ', '-')}-concurrency-{concurrency}"
                 folder.mkdir()
-                results[label] = measure(repo.resolve(), concurrency, latency_studies, burst, folder)
+                results[label] = measure(repo.resolve(), deliverer, concurrency, latency_studies, burst, folder)
                 print_result(f"{label} ({repo.resolve()})", concurrency, results[label])
-            if "baseline" in results:
-                now, before = results["current"], results["baseline"]
+            now = results["current"]
+            for label, before in results.items():
+                if label == "current":
+                    continue
                 p95_now = summary([row["latency"] for row in now["rows"]])[1]
                 p95_before = summary([row["latency"] for row in before["rows"]])[1]
                 print(
-                    f"\nconcurrency {concurrency}: latency p95 {p95_now / p95_before:.2f}× the baseline's, "
+                    f"\nconcurrency {concurrency}: latency p95 {p95_now / p95_before:.2f}× the {label} run's, "
                     f"studies/s {now['studies_per_s'] / before['studies_per_s']:.2f}×"
                 )
 

@@ -1,8 +1,8 @@
-"""Benchmark — memory of each process of a running node and worker, idle and after a few studies.
+"""Benchmark — memory of each process of a running node, worker and deliverer, idle and after a few studies.
 
 Run: ``nice -n 19 .venv/bin/python bench/memory.py [--studies 4] [--concurrency 1 2] [--baseline DIR]``
 (needs dcmtk's ``storescu``). For each concurrency a deployment on the embedded defaults is started in
-a temp folder — ``lungvision node`` and ``lungvision worker`` as real processes, the SQLite broker, the
+a temp folder — ``lungvision node``, ``worker`` and ``deliverer`` as real processes, the SQLite broker, the
 SQLite store, a folder destination — and every process is measured twice: idle, once the worker is
 ready and its pool processes have started; then after ``--studies`` one-image 2500×2000 CR studies
 have been sent with ``storescu`` and their SC and SR written to the folder.
@@ -177,7 +177,8 @@ class FolderDeployment(Deployment):
     def measure(self) -> Snapshot:
         worker = worker_processes(self.worker.pid)
         node = node_processes(self.node.pid)
-        processes = [memory_of(role, pid) for role, pid in node + worker]
+        deliverer = [] if self.deliverer is None else [("deliverer", self.deliverer.pid)]
+        processes = [memory_of(role, pid) for role, pid in node + worker + deliverer]
         pids = [pid for _, pid in worker]
         return Snapshot(processes, distinct_kib(pids), distinct_kib(pids, without_cuda=True))
 
@@ -200,9 +201,9 @@ def print_table(title: str, snapshot: Snapshot) -> None:
     )
 
 
-def run(concurrency: int, studies: list[Path], folder: Path, repo: Path) -> dict[str, Snapshot]:
+def run(concurrency: int, studies: list[Path], folder: Path, repo: Path, deliverer: bool) -> dict[str, Snapshot]:
     """Idle and after-studies snapshots of one deployment, printed as they are taken."""
-    deployment = FolderDeployment(folder, deployment_settings(folder, concurrency), repo)
+    deployment = FolderDeployment(folder, deployment_settings(folder, concurrency), repo, deliverer=deliverer)
     snapshots = {}
     try:
         ready_s = deployment.wait_until_ready()
@@ -249,12 +250,12 @@ def main() -> None:
         studies = make_studies(root, arguments.studies)
         for concurrency in arguments.concurrency:
             measured = {}
-            for label, repo in (("baseline", arguments.baseline), ("current", REPO)):
+            for label, repo, deliverer in (("baseline", arguments.baseline, False), ("current", REPO, True)):
                 if repo is None:
                     continue
                 folder = root / f"{label}-concurrency-{concurrency}"
                 folder.mkdir()
-                measured[label] = run(concurrency, studies, folder, repo.resolve())
+                measured[label] = run(concurrency, studies, folder, repo.resolve(), deliverer)
             if "baseline" in measured:
                 print()
                 print_ratios(concurrency, measured["current"], measured["baseline"])
