@@ -5,10 +5,17 @@ Run: ``.venv/bin/python bench/worker.py [--studies 12]``. Each study is one gene
 encode — SC build (overlay and highdicom), SR build, durable write — and send) for studies run one
 after another, the ratio of encoding to model+heatmap of the same studies, then studies/s with 2
 worker processes. Nothing is asserted.
+
+Every study runs as in a worker's pool process (``as_in_a_pool_process``): torch on the pool's thread
+count, glibc's allocator set up as the worker sets it (its huge-page tunable too: the script restarts
+itself with it, as ``lungvision serve`` starts the worker), free memory returned after each study, and
+the objects of the model and the warm-up study frozen out of the garbage collector's sight.
 """
 
 import argparse
+import gc
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +36,7 @@ from tests.kit.orthanc import Orthanc
 from tests.kit.worker import make_message
 from worker.deliver import send_files
 from worker.pipeline import analyse_study, device_uid_for
+from worker.preload import POOL_TORCH_THREADS, return_free_memory, set_large_block_thresholds, worker_environment
 
 ENCODE = ("sc_build", "sr_build", "write")  # the pipeline's encode stages, also shown together as "encode"
 STAGES = ("read_decode", "preprocess", "model_heatmap", *ENCODE, "send")
@@ -41,8 +49,21 @@ def make_studies(folder: Path, count: int) -> list[Path]:
     return [write_dataset(wrap_image(pixels, bits_stored=16), folder / f"study-{index}.dcm") for index in range(count)]
 
 
+def as_in_a_pool_process() -> None:
+    """This process's torch threads and glibc thresholds as in a worker's pool process (worker/preload.py).
+
+    With torch's default threads instead (2 on a 2-core machine), OpenMP's second thread spins on for
+    ≈ 10 ms of CPU after each forward pass, beside the SC build that follows: on a busy machine that
+    build then waited for a core, a tail the worker's pool processes (one torch thread) do not have."""
+    import torch
+
+    torch.set_num_threads(POOL_TORCH_THREADS)
+    set_large_block_thresholds()
+
+
 def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
-    """Analyse and deliver one study; return its stage timings in ms."""
+    """Analyse and deliver one study, then return free memory as the worker does after each task;
+    return its stage timings in ms."""
     classifier = load_classifier()
     outcome = analyse_study(
         make_message([path]),
@@ -54,14 +75,14 @@ def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
     )
     started = time.perf_counter()
     send_files(settings, "orthanc", outcome.files)
-    return {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
+    timings = {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
+    return_free_memory()
+    return timings
 
 
 def _worker(arguments) -> int:
     paths, outbox, settings = arguments
-    import torch
-
-    torch.set_num_threads(1)
+    as_in_a_pool_process()
     for path in paths:
         run_one(path, outbox, settings)
     return len(paths)
@@ -71,6 +92,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=12)
     count = parser.parse_args().studies
+    if not os.environ.get("GLIBC_TUNABLES"):
+        # glibc reads its tunables when a process starts: start again with the worker's
+        os.execve(sys.executable, [sys.executable, *sys.argv], worker_environment(dict(os.environ)))
+    as_in_a_pool_process()
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         orthanc = Orthanc(folder / "orthanc", free_port(), free_port()).start()
@@ -83,8 +108,13 @@ def main() -> None:
             paths = make_studies(folder, count)
             load_classifier()
             run_one(paths[0], folder / "warmup", settings)
+            gc.collect()  # as load_before_fork does after its warm-up study
+            gc.freeze()
             timings = [run_one(path, folder / "outbox", settings) for path in paths]
-            print(f"{count} studies, one 2500x2000 16-bit CR each, sequential (torch threads: default)")
+            print(
+                f"{count} studies, one 2500x2000 16-bit CR each, sequential, as in a pool process "
+                f"(torch threads: {POOL_TORCH_THREADS}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')})"
+            )
             print(f"{'stage':>14} | {'median ms':>9} | {'p95 ms':>8}")
             for stage in ROWS:
                 parts = {"encode": ENCODE, "total": STAGES}.get(stage, (stage,))

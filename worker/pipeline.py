@@ -5,8 +5,10 @@ this module knows no Celery."""
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from pydicom import Dataset, dcmread, dcmwrite
@@ -338,28 +340,44 @@ def image_record(finding: ImageFinding, sr: Dataset) -> ImageResult:
 
 def write_outputs(datasets: list[Dataset], folder: Path) -> list[Path]:
     """Write each output durably as a Part-10 file named by its SOP Instance UID: written to a temporary
-    name and fsynced, renamed into place, then the folder fsynced once for all of them — after a
-    crash a name either holds a complete file or does not exist."""
+    name and fsynced, renamed into place once all are, then the folder fsynced once for all of them —
+    after a crash a name either holds a complete file or does not exist.
+
+    Each file's fsync runs on a thread while this one encodes the next file: the SC's ≈ 2.5 MB go to
+    disk while the SR is encoded, and every fsync is still done before this returns (issue 12: the
+    write stage ≈ 0.7 ms shorter on a disk whose fsync of the SC takes ≈ 2 ms; more on a slower one)."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [write_output(dataset, folder) for dataset in datasets]
+    # A thread of this call's own: a pool process is forked from the parent that ran the warm-up study, and
+    # a thread started before a fork does not exist after it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungvision-fsync") as fsyncing:
+        pending = [fsyncing.submit(_fsync_and_close, _encoded(dataset, folder)) for dataset in datasets]
+        partials = [fsync.result() for fsync in pending]  # raises the first failure
+    paths = [partial.replace(partial.with_suffix(".dcm")) for partial in partials]
     fsync_dir(folder)  # the renames
     if created:
         fsync_dir(folder.parent)  # the folder's own name
     return paths
 
 
-def write_output(dataset: Dataset, folder: Path) -> Path:
-    """Write one output as a Part-10 file named by its SOP Instance UID into the existing ``folder``:
-    encoded straight into a temporary file, fsynced, renamed (the caller fsyncs the folder)."""
-    path = folder / f"{dataset.SOPInstanceUID}.dcm"
-    partial = path.with_suffix(".partial")
-    with partial.open("wb") as handle:
+def _encoded(dataset: Dataset, folder: Path) -> BinaryIO:
+    """A temporary file in ``folder`` named by the dataset's SOP Instance UID, holding it as Part 10: written
+    and flushed, still open for its fsync (``_fsync_and_close``)."""
+    handle = (folder / f"{dataset.SOPInstanceUID}.partial").open("wb")
+    try:
         dcmwrite(handle, dataset, enforce_file_format=True)
         handle.flush()
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _fsync_and_close(handle: BinaryIO) -> Path:
+    """Flush ``handle``'s file to disk and close it; its path."""
+    with handle:
         os.fsync(handle.fileno())
-    partial.replace(path)
-    return path
+    return Path(handle.name)
 
 
 def device_uid_for(ae_title: str) -> str:

@@ -127,3 +127,21 @@ def test_a_source_without_its_uids_is_refused_by_name(source, picture, keyword) 
     delattr(source, keyword)
     with pytest.raises(ValueError, match=f"source image has no {keyword}"):
         build(source, picture)
+
+
+def test_the_source_is_named_as_acquisition_equipment_from_a_remembered_answer(source, picture) -> None:
+    """highdicom's question "is the source's SOP class an image?" is answered once per class (worker/encode/
+    equipment.py), with the answers of the scan it replaces: the source's equipment still comes first."""
+    import inspect
+
+    import highdicom.base_content
+    from highdicom._standard_utils import does_iod_have_pixel_data
+
+    remembered = highdicom.base_content.does_iod_have_pixel_data
+    assert remembered is not does_iod_have_pixel_data and inspect.unwrap(remembered) is does_iod_have_pixel_data
+    for sop_class in (source.SOPClassUID, SC_CLASS, "1.2.840.10008.5.1.4.1.1.88.33"):  # CR, SC, Comprehensive SR
+        assert remembered(sop_class) == does_iod_have_pixel_data(sop_class)
+    source.Manufacturer = "Modality Maker"
+    equipment = build(source, picture).ContributingEquipmentSequence
+    assert [item.Manufacturer for item in equipment][0] == "Modality Maker"
+    assert equipment[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109101"  # Acquisition Equipment

@@ -1,14 +1,19 @@
 """The analysis pipeline end to end without networking: files in, valid SC + SR files out."""
 
+import os
+from pathlib import Path
+
 import pytest
-from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from common.results import Finding, GateReason, StudyStatus
 from inference.classifier import load_classifier
 from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, dciodvfy_errors, sr_values
 from tests.kit.pipeline import run_pipeline
 from tests.kit.worker import make_message
+from worker import pipeline
 
 
 @pytest.fixture
@@ -177,3 +182,49 @@ def test_the_study_finding_is_a_positive_image_before_a_higher_negative_one() ->
     refused = ImageFinding(Dataset(), not_analysed_reason="lateral view")
     assert study_finding([negative_adult, positive_child, refused]) is positive_child
     assert study_finding([negative_adult, refused]) is negative_adult and study_finding([refused]) is None
+
+
+def _output(rows: int = 2) -> Dataset:
+    """A minimal dataset write_outputs can write (``rows`` over 65535 cannot be encoded as US)."""
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID = SC_CLASS
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.add_new(0x00280010, "US", rows)  # Rows
+    return dataset
+
+
+def test_every_output_is_on_disk_before_any_gets_its_name(tmp_path, monkeypatch) -> None:
+    """Files are fsynced (on a thread, beside the next file's encoding) before the renames, the renames
+    before the folder's fsync: after a crash a name holds a complete file or does not exist."""
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, Path.replace
+
+    def recorded_fsync(descriptor: int) -> None:
+        events.append(("fsync", Path(os.readlink(f"/proc/self/fd/{descriptor}")).name))
+        fsync(descriptor)
+
+    def recorded_replace(self: Path, target) -> Path:
+        events.append(("rename", self.name))
+        return replace(self, target)
+
+    monkeypatch.setattr(pipeline.os, "fsync", recorded_fsync)
+    monkeypatch.setattr(Path, "replace", recorded_replace)
+    datasets = [_output(), _output()]
+    paths = pipeline.write_outputs(datasets, tmp_path / "outbox" / "study")
+
+    partials = [f"{dataset.SOPInstanceUID}.partial" for dataset in datasets]
+    assert [path.name for path in paths] == [f"{dataset.SOPInstanceUID}.dcm" for dataset in datasets]
+    assert sorted(events[:2]) == sorted(("fsync", name) for name in partials)
+    assert events[2:] == [("rename", partials[0]), ("rename", partials[1]), ("fsync", "study"), ("fsync", "outbox")]
+    assert sorted(path.name for path in paths[0].parent.iterdir()) == sorted(path.name for path in paths)
+    assert all(dcmread(path).SOPInstanceUID == dataset.SOPInstanceUID for path, dataset in zip(paths, datasets))
+
+
+def test_an_output_that_cannot_be_written_leaves_no_named_file(tmp_path) -> None:
+    with pytest.warns(UserWarning):
+        unwritable = _output(rows=70000)
+    with pytest.raises(OSError, match="ushort"):
+        pipeline.write_outputs([_output(), unwritable], tmp_path / "outbox")
+    assert not list((tmp_path / "outbox").glob("*.dcm"))
