@@ -102,13 +102,17 @@ class ReactorGate:
 
 class WholePduSocket(AssociationSocket):
     """An ``AssociationSocket`` whose ``recv`` fills the requested length with as few system calls as it can,
-    and whose ``ready`` waits (up to ``IDLE_WAIT_S``) for data or a :class:`Wakeup` instead of returning at once."""
+    and whose ``ready`` waits (up to ``IDLE_WAIT_S``) for data or a :class:`Wakeup` instead of returning at once.
+
+    Bytes a reader took ahead of pynetdicom can be given back with :meth:`push_back`: the next reads return
+    them first (see ``dicom_node/transport.py``, which reads P-DATA-TF PDUs itself)."""
 
     wakeup: Wakeup | None = None
+    _pushed_back: bytes = b""  # class default: instances get theirs by a class swap, not by __init__
 
     @property
     def ready(self) -> bool:
-        if super().ready:
+        if self._pushed_back or super().ready:
             return True
         raw = self.socket
         if raw is None or not self._is_connected or self.wakeup is None:
@@ -126,23 +130,34 @@ class WholePduSocket(AssociationSocket):
         if self.wakeup is not None:
             self.wakeup.close()
 
+    def push_back(self, data: bytes | bytearray) -> None:
+        """Put ``data`` (read from this socket) back in front of the stream."""
+        self._pushed_back = bytes(data) + self._pushed_back
+
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only when the peer closes the connection), like pynetdicom's ``recv``."""
-        raw = self.socket
-        if raw is None:
-            return bytearray()
         buffer = bytearray(nr_bytes)
-        flags = 0 if isinstance(raw, ssl.SSLSocket) else socket.MSG_WAITALL
-        received = 0
-        with memoryview(buffer) as view:
-            while received < nr_bytes:
-                count = raw.recv_into(view[received:], nr_bytes - received, flags)
-                if count == 0:  # the peer closed the connection
-                    break
-                received += count
+        received = self.recv_into(memoryview(buffer))
         if received < nr_bytes:  # return what arrived, as pynetdicom does
             del buffer[received:]
         return buffer
+
+    def recv_into(self, view: memoryview) -> int:
+        """Fill ``view``; return how many bytes arrived (fewer only when the peer closes the connection)."""
+        received = min(len(view), len(self._pushed_back))
+        if received:
+            view[:received] = self._pushed_back[:received]
+            self._pushed_back = self._pushed_back[received:]
+        raw = self.socket
+        if raw is None:
+            return received
+        flags = 0 if isinstance(raw, ssl.SSLSocket) else socket.MSG_WAITALL
+        while received < len(view):
+            count = raw.recv_into(view[received:], len(view) - received, flags)
+            if count == 0:  # the peer closed the connection
+                break
+            received += count
+        return received
 
 
 def sleep_until_work(assoc: Association) -> None:

@@ -34,6 +34,23 @@ def test_recv_returns_the_whole_length_when_the_peer_sends_it_in_small_pieces() 
     assert received == payload
 
 
+def test_bytes_pushed_back_are_read_again_before_the_socket_and_make_it_ready() -> None:
+    ours, peer = socket.socketpair()
+    wrapped = _socket_over(ours)
+    wrapped._is_connected = True
+    try:
+        peer.sendall(b"header-body-next")
+        taken = wrapped.recv(len(b"header-body"))
+        wrapped.push_back(taken[len(b"header") :])
+        wrapped.push_back(taken[: len(b"header")])
+        assert wrapped.ready
+        assert wrapped.recv(len(b"header")) == b"header"
+        assert wrapped.recv(len(b"-body-next")) == b"-body-next"
+    finally:
+        ours.close()
+        peer.close()
+
+
 def test_recv_returns_what_arrived_when_the_peer_closes_early() -> None:
     ours, peer = socket.socketpair()
     peer.sendall(b"abcdef")

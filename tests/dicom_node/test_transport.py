@@ -1,16 +1,26 @@
 """The node's server transport: presentation contexts copied without re-validating UIDs, associations that sleep
-until there is work (common/association_io.py)."""
+until there is work (common/association_io.py), data set PDUs written to the C-STORE's file by our reader."""
 
 import copy
+import struct
+import tempfile
+from io import BytesIO
+from pathlib import Path
 
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from common.association_io import WholePduSocket
 from config.settings import NodeSettings
 from dicom_node.application_entity import build_ae
-from dicom_node.transport import SharedUidContext, start_server
+from dicom_node.transport import DataSetFragmentReader, SharedUidContext, start_server
 from tests.kit.wakeups import counted_wakeups, wakeups_while_idle
 
 
@@ -62,3 +72,87 @@ def test_an_idle_association_sleeps_instead_of_polling_every_millisecond(monkeyp
     finally:
         server.shutdown()
     assert 0 < idle["dul"] < 100 and 0 < idle["reactor"] < 100, idle
+
+
+def _received_files(monkeypatch, tmp_path, *, pdu_handler: bool) -> tuple[list[bytes], int]:
+    """Send one ≈1 MB CR over 16 KiB PDUs to a server; return the stored files and how many PDUs pynetdicom read."""
+    tmp_path.mkdir()
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", True)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    read_by_pynetdicom = []
+    original = DULServiceProvider._read_pdu_data
+
+    def counted(dul: DULServiceProvider) -> None:
+        if dul.assoc.is_acceptor:  # the server's side, not the requestor's
+            read_by_pynetdicom.append(1)
+        original(dul)
+
+    monkeypatch.setattr(DULServiceProvider, "_read_pdu_data", counted)
+    stored: list[bytes] = []
+
+    def handle_store(event) -> int:
+        stored.append(Path(event.dataset_path).read_bytes())
+        return 0x0000
+
+    handlers: list = [(evt.EVT_C_STORE, handle_store)]
+    if pdu_handler:
+        handlers.append((evt.EVT_PDU_RECV, lambda event: None))
+    ae = build_ae(NodeSettings(ae_title="LUNGVISION", max_pdu_bytes=16384))
+    server = start_server(ae, ("127.0.0.1", 0), ssl_context=None, evt_handlers=handlers)
+    try:
+        requestor = AE(ae_title="TESTSCU")
+        requestor.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+        assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="LUNGVISION")
+        assert assoc.send_c_store(_cr_image()).Status == 0x0000
+        assoc.release()
+    finally:
+        server.shutdown()
+    return stored, len(read_by_pynetdicom)
+
+
+def _cr_image() -> Dataset:
+    dataset = Dataset()
+    dataset.SOPClassUID, dataset.SOPInstanceUID = ComputedRadiographyImageStorage, "1.2.826.0.1.3680043.8.498.1"
+    dataset.Rows, dataset.Columns, dataset.BitsAllocated = 512, 1024, 16
+    dataset.PixelData = np.arange(512 * 1024, dtype=np.uint16).tobytes()  # 1 MiB: 64 PDUs of 16 KiB
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return dataset
+
+
+def test_data_set_pdus_are_written_by_the_reader_byte_for_byte_as_pynetdicom_writes_them(monkeypatch, tmp_path) -> None:
+    taken_over, read_by_pynetdicom = _received_files(monkeypatch, tmp_path / "reader", pdu_handler=False)
+    # A handler on EVT_PDU_RECV must see every PDU: the reader steps aside and pynetdicom reads them all.
+    as_pynetdicom, read_all = _received_files(monkeypatch, tmp_path / "pynetdicom", pdu_handler=True)
+    assert taken_over == as_pynetdicom and len(taken_over) == 1
+    assert dcmread(BytesIO(taken_over[0])).PixelData == _cr_image().PixelData
+    assert read_all > 64  # association, command, 64 data set PDUs, release
+    assert read_by_pynetdicom <= 5, read_by_pynetdicom  # association, command, the last fragment, release
+
+
+def _pdv(context_id: int, control: int, value: bytes) -> bytes:
+    return struct.pack(">LBB", len(value) + 2, context_id, control) + value
+
+
+@pytest.mark.parametrize(
+    ("body", "taken"),
+    [
+        (_pdv(1, 0b00, b"abcd"), [b"abcd"]),
+        (_pdv(1, 0b00, b"ab") + _pdv(1, 0b00, b"cd"), [b"ab", b"cd"]),
+        (_pdv(1, 0b10, b"abcd"), None),  # the last fragment: pynetdicom completes the message
+        (_pdv(1, 0b00, b"ab") + _pdv(1, 0b10, b"cd"), None),
+        (_pdv(1, 0b01, b"abcd"), None),  # a command fragment
+        (_pdv(3, 0b00, b"abcd"), None),  # another presentation context
+        (_pdv(1, 0b00, b"abcd")[:-1], None),  # an item longer than the PDU
+        (_pdv(1, 0b00, b"abcd") + b"\0\0", None),  # bytes after the last item
+    ],
+)
+def test_only_pdus_of_mid_data_set_fragments_on_the_message_context_are_taken_over(body, taken) -> None:
+    reader = DataSetFragmentReader.__new__(DataSetFragmentReader)
+    reader._spans = []
+    view = memoryview(body)
+    found = reader._data_set_spans(view, 1)
+    assert (found, [bytes(view[start:end]) for start, end in reader._spans] if found else None) == (
+        taken is not None,
+        taken,
+    )
