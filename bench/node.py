@@ -10,6 +10,13 @@ split evenly). Receivers, each started fresh on a loopback port with an empty ou
 * ``storescp --fork`` (a child process per association), default mode (decodes, re-encodes, writes,
   no fsync) and ``+B`` bit-preserving mode (writes the bytes as received, no fsync).
 
+Two more peers put the ratios in context, because the node must fsync every instance before success and
+storescp does not (its files are still in the page cache when it answers): **storescp, durable** — the same
+storescp run with the clock stopped only after ``sync`` has written its files to disk; and the **disk** — the
+same bytes written to new files and fsynced by as many threads as there are associations, without network
+or DICOM: no receiver that is durable before success can beat that. Where the disk is slower than storescp's
+receive, the node's ratio to plain storescp is bounded by it.
+
 ``--baseline DIR``: the node of another checkout (e.g. one from before a change) is measured too, on
 the same files in the same run, with its ratio. Both sides use a 128 KiB maximum PDU. dcmtk leaves
 Nagle's algorithm on unless ``TCP_NODELAY=1`` is set in its environment; that setting changes both
@@ -141,8 +148,19 @@ def storescp_files(output: Path) -> int:
     return sum(1 for path in output.iterdir() if path.is_file())
 
 
-def measure(start, count_received, folders: list[Path], expected: int, workdir: Path, label: str, env: dict) -> float:
-    """Instances/s from the first association request until every storescu has finished."""
+def measure(
+    start,
+    count_received,
+    folders: list[Path],
+    expected: int,
+    workdir: Path,
+    label: str,
+    env: dict,
+    *,
+    until_durable: bool = False,
+) -> float:
+    """Instances/s from the first association request until every storescu has finished (``until_durable``:
+    and ``sync`` has written everything to disk)."""
     output = workdir / f"out-{label}-{len(folders)}"
     output.mkdir()
     port = free_port()
@@ -168,6 +186,8 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=len(folders)) as pool:
             codes = list(pool.map(send, folders))
+        if until_durable:
+            os.sync()
         elapsed = time.perf_counter() - started
     finally:
         receiver.terminate()
@@ -177,6 +197,30 @@ def measure(start, count_received, folders: list[Path], expected: int, workdir: 
         raise SystemExit(f"{label}: storescu exit codes {codes}, {count} of {expected} instances received")
     shutil.rmtree(output)
     return expected / elapsed
+
+
+def durable_write_rate(paths: list[Path], threads: int, workdir: Path) -> float:
+    """Files/s for writing the same bytes to new files (128 KiB writes) and fsyncing each, ``threads`` at a time."""
+    target = workdir / f"disk-{threads}"
+    target.mkdir()
+    contents = [path.read_bytes() for path in paths]
+
+    def write(index: int) -> None:
+        descriptor = os.open(target / f"{index:04d}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            with memoryview(contents[index]) as data:
+                for start in range(0, len(data), MAX_PDU_BYTES):
+                    os.write(descriptor, data[start : start + MAX_PDU_BYTES])
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(write, range(len(contents))))
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(target)
+    return len(contents) / elapsed
 
 
 def main() -> None:
@@ -204,7 +248,8 @@ def main() -> None:
             print(f"\n{mode}")
             print(
                 f"{'associations':>12} | {'node inst/s':>11} | {'storescp inst/s':>15} | {'node/storescp':>13} | "
-                f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16}"
+                f"{'storescp +B inst/s':>18} | {'node/storescp +B':>16} | {'storescp durable':>16} | "
+                f"{'node/durable':>12} | {'disk files/s':>12} | {'node/disk':>9}"
                 + (f" | {'baseline node':>13} | {'node/baseline':>13}" if baseline else "")
             )
             for associations in (1, 8):
@@ -222,9 +267,21 @@ def main() -> None:
                     )
                     for bit_preserving, label in ((False, "storescp"), (True, "storescp-B"))
                 )
+                durable = measure(
+                    functools.partial(start_storescp, bit_preserving=False, env=env),
+                    storescp_files,
+                    folders,
+                    count,
+                    workdir,
+                    "storescp-durable",
+                    env,
+                    until_durable=True,
+                )
+                disk = durable_write_rate(paths, associations, workdir)
                 row = (
                     f"{associations:>12} | {node:>11.1f} | {plain:>15.1f} | {node / plain:>13.2f} | "
-                    f"{bit:>18.1f} | {node / bit:>16.2f}"
+                    f"{bit:>18.1f} | {node / bit:>16.2f} | {durable:>16.1f} | {node / durable:>12.2f} | "
+                    f"{disk:>12.1f} | {node / disk:>9.2f}"
                 )
                 if baseline is not None:
                     starter = functools.partial(start_node, repo=baseline.resolve())
