@@ -1,8 +1,8 @@
-"""The listening server: pynetdicom's threaded association server with three costs taken out of its hot paths,
+"""The listening server: pynetdicom's threaded association server with four costs taken out of its hot paths,
 on a listening socket that several receiving processes may share.
 
 Measured with ``bench/node.py`` (8 associations, 10 MB instances) and py-spy, pynetdicom 3.0.4 spends
-the node's time in three places that have nothing to do with DICOM:
+the node's time in four places that have nothing to do with DICOM:
 
 * **Reading a PDU 4 KiB at a time** (``AssociationSocket.recv``): 2 500 ``recv`` calls per 10 MB
   instance, each releasing and re-taking the GIL, so with several associations every call can queue
