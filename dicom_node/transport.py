@@ -49,6 +49,7 @@ P_DATA_TF = 0x04  # PDU type (PS3.8 9.3.5)
 _PDU_HEADER = struct.Struct(">BBL")  # type, reserved, length
 _PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, message control header
 _ESTABLISHED = "Sta6"  # the association's state while DIMSE messages flow
+WRITEBACK_BYTES = 1 << 20  # start the disk write of a received file every MiB (4 MiB or every PDU: slower)
 
 
 class SharedUidContext(PresentationContext):
@@ -82,6 +83,7 @@ class DataSetFragmentReader:
         self._read_by_pynetdicom: Callable[[], None] = assoc.dul._read_pdu_data
         self._buffer = bytearray(max(max_pdu_bytes, 0))
         self._spans: list[tuple[int, int]] = []
+        self._not_written_back = 0  # bytes appended since the last start_writeback
 
     def read_pdu_data(self) -> None:
         """Take data set PDUs while they keep arriving; return once pynetdicom has read one, or none is waiting.
@@ -119,7 +121,10 @@ class DataSetFragmentReader:
         for start, end in self._spans:
             target[0].write(body[start:end])
         target[0].flush()
-        start_writeback(target[0].fileno())  # so the fsync before success finds the file mostly on disk
+        self._not_written_back += length
+        if self._not_written_back >= WRITEBACK_BYTES:  # so the fsync before success finds the file mostly on disk
+            start_writeback(target[0].fileno())
+            self._not_written_back = 0
         return True
 
     def _give_back(self, association_socket: WholePduSocket, data: bytes | bytearray) -> bool:
