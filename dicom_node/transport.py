@@ -75,7 +75,8 @@ class DataSetFragmentReader:
     as pynetdicom does (the value after its message control header), and nothing else happens: for such a PDU
     pynetdicom's state machine stays in Sta6 and its DIMSE decoder only appends. The PDU events pynetdicom
     would trigger are not: the reader steps aside while anything but pynetdicom's own (silent) log handler is
-    bound to them. Every other PDU is given back to the socket and read by pynetdicom.
+    bound to them. Every other PDU is given back to the socket and read by pynetdicom — all of them when the
+    node announces no maximum PDU length (0): there is then no buffer size to read into.
     """
 
     def __init__(self, assoc: Association, max_pdu_bytes: int) -> None:
@@ -156,7 +157,7 @@ class DataSetFragmentReader:
             if len(body) - offset < _PDV_HEADER.size:
                 return False
             item_length, item_context, control = _PDV_HEADER.unpack_from(body, offset)
-            end = offset + 4 + item_length
+            end = offset + 4 + item_length  # the item length counts what follows its own 4 bytes
             if item_length < 2 or end > len(body) or item_context != context_id or control & 0b11:
                 return False
             self._spans.append((offset + _PDV_HEADER.size, end))
