@@ -4,33 +4,35 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from common.spool import Spool
 from dicom_node.application_entity import ANALYSED_SOP_CLASSES
 from dicom_node.completion import StudyCompletionTracker
 from dicom_node.intake import Intake
-from tests.kit.node import TEST_REDIS_DB, NodeProcess, QueueReader, node_settings
+from tests.kit.node import NodeProcess, QueueReader, node_settings
+from tests.kit.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
-def redis_queue() -> QueueReader:
-    client = redis.Redis(host="127.0.0.1", port=6379, db=TEST_REDIS_DB, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    client.flushdb()
-    return QueueReader(client)
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A redis-server of these tests' own (the machine's Redis is never written or flushed)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_queue(redis_server: RedisServer) -> QueueReader:
+    return QueueReader(redis_server.client())
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path, redis_queue: QueueReader) -> Iterator[Callable[..., NodeProcess]]:
-    """Start nodes with test defaults (loopback, free port, temp spool, Redis db 15) plus ``overrides``."""
+def node_factory(tmp_path: Path, redis_server: RedisServer) -> Iterator[Callable[..., NodeProcess]]:
+    """Start nodes with test defaults (loopback, free port, temp spool, the tests' own Redis) plus ``overrides``."""
     started: list[NodeProcess] = []
 
     def start(folder: Path | None = None, **overrides: dict) -> NodeProcess:
-        node = NodeProcess(folder or tmp_path, node_settings(folder or tmp_path, **overrides))
+        node = NodeProcess(folder or tmp_path, node_settings(folder or tmp_path, redis_server.url, **overrides))
         started.append(node)
         return node.start()
 

@@ -22,7 +22,8 @@ from tests.kit.dicom_fixtures import (
     save,
     truncated_copy,
 )
-from tests.kit.node import NodeProcess, QueueReader, node_settings, store_statuses
+from tests.kit.node import NodeProcess, node_settings, store_statuses
+from tests.kit.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +33,16 @@ QUIET_S = STABLE_S + 1.5  # after a store: time in which a (wrong) first task wo
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory, redis_queue: QueueReader):
+def node(tmp_path_factory, redis_server: RedisServer):
     """One node shared by this module's tests; each test uses its own study UIDs."""
     folder = tmp_path_factory.mktemp("node")
     allowed = [{"ae_title": title} for title in ("STORESCU", "ECHOSCU", "PYSCU")]
     allowed.append({"ae_title": "HOSTCHECK", "hosts": ["10.9.9.0/24"]})
     process = NodeProcess(
-        folder, node_settings(folder, node={"allowed_calling_aes": allowed}, spool={"stable_seconds": STABLE_S})
+        folder,
+        node_settings(
+            folder, redis_server.url, node={"allowed_calling_aes": allowed}, spool={"stable_seconds": STABLE_S}
+        ),
     )
     process.start()
     yield process

@@ -261,7 +261,7 @@ class Deployment:
         self.folder = folder
         self.redis = RedisServer(folder / "redis")
         self.orthanc = Orthanc(folder / "orthanc", free_port(), free_port())
-        self.settings = node_settings(folder, spool={"stable_seconds": 1})
+        self.settings = node_settings(folder, self.redis.url, spool={"stable_seconds": 1})
         sections = worker_sections(
             folder, visibility_timeout_s=60, dead_letter_key=LEGACY_DEAD_LETTER_KEY, max_attempts=2
         )

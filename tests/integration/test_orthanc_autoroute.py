@@ -8,11 +8,11 @@ The broker is a fixture parameter: add an entry to ``BROKERS`` to run the same t
 
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
-import redis
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -26,33 +26,38 @@ from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, results_com
 from tests.kit.dicom_fixtures import make_image, save
 from tests.kit.node import NodeProcess, node_settings
 from tests.kit.orthanc import ORTHANC_CONFIG, Orthanc, resolve_config
+from tests.kit.redis_server import RedisServer
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, worker_sections
 
 pytestmark = pytest.mark.integration
 
-AUTOROUTE_REDIS_DB = 13  # flushed by the fixture: no other test uses it
 STABLE_AGE_S = 2
 RESULT_TIMEOUT_S = 90.0
 ROUTING_TIMEOUT_S = 30.0
 
 
-def redis_broker(folder: Path) -> tuple[str, str]:
+@contextmanager
+def redis_broker(folder: Path) -> Iterator[tuple[str, str]]:
+    """A redis-server of the test's own (never the machine's Redis)."""
+    server = RedisServer(folder / "redis").start()
     try:
-        redis.Redis(host="127.0.0.1", port=6379, db=AUTOROUTE_REDIS_DB, socket_timeout=5).flushdb()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    url = f"redis://127.0.0.1:6379/{AUTOROUTE_REDIS_DB}"
-    return url, url
+        yield server.url, server.url
+    finally:
+        server.stop()
 
 
-def embedded_broker(folder: Path) -> tuple[str, str]:
+@contextmanager
+def embedded_broker(folder: Path) -> Iterator[tuple[str, str]]:
     """The no-server transport of the embedded defaults: SQLite files in the test folder."""
-    return f"sqla+sqlite:///{folder}/broker.sqlite", f"db+sqlite:///{folder}/results.sqlite"
+    yield f"sqla+sqlite:///{folder}/broker.sqlite", f"db+sqlite:///{folder}/results.sqlite"
 
 
-# name → (folder → (broker URL, result backend URL))
-BROKERS: dict[str, Callable[[Path], tuple[str, str]]] = {"redis": redis_broker, "embedded": embedded_broker}
+# name → (folder → context giving (broker URL, result backend URL))
+BROKERS: dict[str, Callable[[Path], AbstractContextManager[tuple[str, str]]]] = {
+    "redis": redis_broker,
+    "embedded": embedded_broker,
+}
 
 
 def orthanc_environment(folder: Path, http_port: int, dicom_port: int, node_port: int) -> dict[str, str]:
@@ -73,7 +78,7 @@ class AutorouteStack:
     """Orthanc (the shared config), the node and one worker on ``broker`` (URL, result backend)."""
 
     def __init__(self, folder: Path, broker: tuple[str, str]) -> None:
-        settings = node_settings(folder)
+        settings = node_settings(folder, broker[0])
         http_port, dicom_port = free_port(), free_port()
         environment = orthanc_environment(folder / "orthanc", http_port, dicom_port, settings["node"]["port"])
         self.orthanc_config = resolve_config(ORTHANC_CONFIG, environment)
@@ -163,12 +168,13 @@ class AutorouteStack:
 @pytest.fixture(scope="module", params=sorted(BROKERS))
 def stack(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"autoroute-{request.param}")
-    system = AutorouteStack(folder, BROKERS[request.param](folder))
-    try:
-        system.start()
-        yield system
-    finally:
-        system.stop()
+    with BROKERS[request.param](folder) as broker:
+        system = AutorouteStack(folder, broker)
+        try:
+            system.start()
+            yield system
+        finally:
+            system.stop()
 
 
 def radiograph(folder: Path, name: str, study_uid: str, index: int = 0, **options) -> Path:

@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import redis
 from pydicom import dcmread
 from pydicom.uid import (
     JPEG2000,
@@ -39,11 +38,11 @@ from tests.kit.dcmtk import dcmtk
 from tests.kit.dicom_checks import COMPREHENSIVE_SR_CLASS, SC_CLASS, results_complete, sr_values
 from tests.kit.node import NodeProcess, node_settings
 from tests.kit.orthanc import Orthanc
+from tests.kit.redis_server import RedisServer
 from tests.kit.wait import wait_until
 from tests.kit.worker import WorkerProcess, make_message, worker_sections
 
 pytestmark = pytest.mark.integration
-INTEGRATION_REDIS_DB = 14  # flushed by the fixture: never a database in use
 RESULT_TIMEOUT_S = 120.0
 STORESCU_PROPOSAL = {  # storescu option that proposes a compressed file's own transfer syntax
     JPEGBaseline8Bit: "-xy",
@@ -58,11 +57,12 @@ STORESCU_PROPOSAL = {  # storescu option that proposes a compressed file's own t
 
 
 class Deployment:
-    """Orthanc as the destination PACS, the node, Redis (db 14), a worker and a deliverer, sharing one config."""
+    """Orthanc as the destination PACS, the node, a Redis of its own, a worker and a deliverer, sharing one config."""
 
     def __init__(self, folder) -> None:
-        redis_url = f"redis://127.0.0.1:6379/{INTEGRATION_REDIS_DB}"
-        settings = node_settings(folder)
+        self.redis = RedisServer(folder / "redis")
+        redis_url = self.redis.url
+        settings = node_settings(folder, redis_url)
         self.archive_port = free_port()
         self.orthanc = Orthanc(
             folder / "orthanc",
@@ -128,12 +128,9 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    try:
-        redis.Redis(host="127.0.0.1", port=6379, db=INTEGRATION_REDIS_DB, socket_timeout=5).flushdb()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
     folder = tmp_path_factory.mktemp("deployment")
     system = Deployment(folder)
+    system.redis.start()
     system.orthanc.start()
     system.node.start()
     system.worker.start()
@@ -143,6 +140,7 @@ def deployment(tmp_path_factory):
     system.worker.stop()
     system.node.stop()
     system.orthanc.stop()
+    system.redis.stop()
 
 
 def chest_study(folder, name: str, count: int = 1, **options) -> list:

@@ -20,7 +20,6 @@ from common.ports import free_port
 from tests.kit.data import REPO
 from tests.kit.wait import wait_until
 
-TEST_REDIS_DB = 15  # flushed by the fixtures: never a database in use
 NODE_START_TIMEOUT_S = 45.0
 
 
@@ -187,12 +186,13 @@ class NodeProcess:
         return sorted((self.spool / "studies" / study_uid).rglob("*.dcm"))
 
 
-def node_settings(folder: Path, **overrides: dict) -> dict:
+def node_settings(folder: Path, broker_url: str, **overrides: dict) -> dict:
+    """Test defaults for a node in ``folder`` queueing to ``broker_url`` (a Redis of the test's own) + ``overrides``."""
     settings = {
         "log_level": "INFO",
         "node": {"port": free_port(), "bind_address": "127.0.0.1", "acse_timeout_s": 10, "dimse_timeout_s": 20},
         "spool": {"dir": str(folder / "spool"), "stable_seconds": 2, "min_free_bytes": 0},
-        "broker": {"url": f"redis://127.0.0.1:6379/{TEST_REDIS_DB}"},
+        "broker": {"url": broker_url},
         "audit": {"path": str(folder.parent / f"{folder.name}.audit.jsonl")},  # beside, not in, the node's folder
     }
     for section, values in overrides.items():

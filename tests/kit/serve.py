@@ -21,9 +21,12 @@ def output_lines(stream) -> "queue.Queue[str]":
     return lines
 
 
-def wait_for_line(lines: "queue.Queue[str]", text: str, timeout_s: float) -> str:
-    """The first line with ``text``; AssertionError, with the lines seen, if none comes in ``timeout_s``."""
-    seen = []
+def wait_for_line(lines: "queue.Queue[str]", text: str, timeout_s: float, seen: list[str] | None = None) -> str:
+    """The first line with ``text``; AssertionError, with the lines seen, if none comes in ``timeout_s``.
+
+    The lines read (up to and including that one) are appended to ``seen`` when given.
+    """
+    seen = [] if seen is None else seen
     try:
         while True:
             line = lines.get(timeout=timeout_s)
@@ -32,6 +35,14 @@ def wait_for_line(lines: "queue.Queue[str]", text: str, timeout_s: float) -> str
                 return line
     except queue.Empty:
         raise AssertionError(f"no line with {text!r} within {timeout_s} s; got: {''.join(seen)}") from None
+
+
+def drained(lines: "queue.Queue[str]") -> str:
+    """The lines read so far and not yet taken, joined (for a failure message)."""
+    taken = []
+    while not lines.empty():
+        taken.append(lines.get_nowait())
+    return "".join(taken)
 
 
 def listening(port: int) -> bool:

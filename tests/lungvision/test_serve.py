@@ -17,7 +17,7 @@ from inference.sample_dicom import wrap_image
 from lungvision.demo import sample_studies
 from tests.kit.data import REPO, chest_pixels
 from tests.kit.mllp import MllpListener
-from tests.kit.serve import Serve, listening, output_lines, wait_for_line
+from tests.kit.serve import Serve, drained, listening, output_lines, wait_for_line
 from tests.kit.wait import wait_until
 
 pytestmark = pytest.mark.integration
@@ -52,8 +52,9 @@ def test_demo_keep_keeps_the_worklist_up_after_the_results_until_ctrl_c(tmp_path
         text=True,
         cwd=REPO,
     )
+    lines, seen = output_lines(process.stdout), []
     try:
-        line = wait_for_line(output_lines(process.stdout), "Ctrl-C to stop", timeout_s=600)  # after the results table
+        line = wait_for_line(lines, "Ctrl-C to stop", timeout_s=600, seen=seen)  # after the results table
         url = line.split("worklist at ", 1)[1].split(" ", 1)[0]
         with urllib.request.urlopen(f"{url}api/studies", timeout=10) as answer:
             assert len(json.load(answer)) == len(sample_studies())
@@ -61,7 +62,9 @@ def test_demo_keep_keeps_the_worklist_up_after_the_results_until_ctrl_c(tmp_path
         with urllib.request.urlopen(url, timeout=10) as answer:  # still there: not stopped after the demo
             assert answer.status == 200
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=180) == 0
+        code = process.wait(timeout=180)
+        time.sleep(0.5)  # the reading thread takes the last lines
+        assert code == 0, "".join(seen) + drained(lines)
         assert not listening(int(url.rstrip("/").rsplit(":", 1)[1]))
     finally:
         if process.poll() is None:
