@@ -64,7 +64,8 @@ def test_demo_keep_keeps_the_worklist_up_after_the_results_until_ctrl_c(tmp_path
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=180)
         time.sleep(0.5)  # the reading thread takes the last lines
-        assert code == 0, "".join(seen) + drained(lines)
+        serve_log = (tmp_path / "demo" / "serve.log").read_text(errors="replace")[-20000:]
+        assert code == 0, "".join(seen) + drained(lines) + "\nserve.log (end):\n" + serve_log
         assert not listening(int(url.rstrip("/").rsplit(":", 1)[1]))
     finally:
         if process.poll() is None:
