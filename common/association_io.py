@@ -142,6 +142,16 @@ class WholePduSocket(AssociationSocket):
             del buffer[received:]
         return buffer
 
+    def recv_some_into(self, view: memoryview) -> int:
+        """Read what is there, up to ``len(view)`` bytes, waiting only for the first; 0 when the peer has closed."""
+        if self._pushed_back:
+            count = min(len(view), len(self._pushed_back))
+            view[:count] = self._pushed_back[:count]
+            self._pushed_back = self._pushed_back[count:]
+            return count
+        raw = self.socket
+        return 0 if raw is None else raw.recv_into(view, len(view))
+
     def recv_into(self, view: memoryview) -> int:
         """Fill ``view``; return how many bytes arrived (fewer only when the peer closes the connection)."""
         received = min(len(view), len(self._pushed_back))

@@ -27,7 +27,10 @@ Everything else — negotiation, the state machine, DIMSE — is pynetdicom's ow
 """
 
 import copy
+import errno
+import io
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -50,6 +53,8 @@ _PDU_HEADER = struct.Struct(">BBL")  # type, reserved, length
 _PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, message control header
 _ESTABLISHED = "Sta6"  # the association's state while DIMSE messages flow
 WRITEBACK_BYTES = 1 << 20  # start the disk write of a received file every MiB (4 MiB or every PDU: slower)
+READ_BYTES = 1 << 20  # the most one read of the socket takes (at least one PDU of the maximum length)
+_IOV_MAX = 1024  # the most buffers one writev takes (Linux's UIO_MAXIOV)
 
 
 class SharedUidContext(PresentationContext):
@@ -77,14 +82,23 @@ class DataSetFragmentReader:
     would trigger are not: the reader steps aside while anything but pynetdicom's own (silent) log handler is
     bound to them. Every other PDU is given back to the socket and read by pynetdicom — all of them when the
     node announces no maximum PDU length (0): there is then no buffer size to read into.
+
+    The socket is read in blocks of up to ``READ_BYTES`` (whatever has arrived: often several PDUs), and the
+    fragments of the PDUs in a block are written with one ``writev`` before the next read: each system call
+    releases and re-takes the GIL, which the other associations' threads of this process are waiting for.
+    Bytes read past a PDU that is not taken over are given back with it; nothing stays in the reader's
+    buffer when it returns.
     """
 
     def __init__(self, assoc: Association, max_pdu_bytes: int) -> None:
         self._assoc = assoc
         self._read_by_pynetdicom: Callable[[], None] = assoc.dul._read_pdu_data
-        self._buffer = bytearray(max(max_pdu_bytes, 0))
+        self._buffer = bytearray(max(READ_BYTES, _PDU_HEADER.size + max_pdu_bytes) if max_pdu_bytes > 0 else 0)
+        self._start = self._end = 0  # the bytes read and not yet handled: self._buffer[self._start:self._end]
         self._spans: list[tuple[int, int]] = []
-        self._not_written_back = 0  # bytes appended since the last start_writeback
+        self._unwritten: list[memoryview] = []  # fragments taken, for the data set file, in order
+        self._file: BinaryIO | None = None  # the file they are for
+        self._not_written_back = 0  # bytes written since the last start_writeback
 
     def read_pdu_data(self) -> None:
         """Take data set PDUs while they keep arriving; return once pynetdicom has read one, or none is waiting.
@@ -95,41 +109,74 @@ class DataSetFragmentReader:
         association_socket = cast(WholePduSocket, self._assoc.dul.socket)
         while self._take_data_set_pdu(association_socket):
             self._assoc.dul._idle_timer.restart()  # as pynetdicom's loop does after each PDU
-            if not association_socket.ready:
-                return
+            if self._start == self._end:
+                self._write_fragments()
+                if not association_socket.ready:
+                    return
 
     def _take_data_set_pdu(self, association_socket: WholePduSocket) -> bool:
-        """Write the next PDU's fragments if it is one to take over (True); else have pynetdicom read it."""
+        """Take the next PDU's fragments if it is one to take over (True); else have pynetdicom read it."""
         target = self._data_set_file()
         if target is None:
-            self._read_by_pynetdicom()
-            return False
-        header = association_socket.recv(_PDU_HEADER.size)
-        if len(header) < _PDU_HEADER.size:
-            return self._give_back(association_socket, header)
-        pdu_type, _, length = _PDU_HEADER.unpack(header)
-        if pdu_type != P_DATA_TF or length > len(self._buffer):
-            return self._give_back(association_socket, header)
-        body = memoryview(self._buffer)[:length]
+            return self._give_back(association_socket)
         try:
-            received = association_socket.recv_into(body)
+            if not self._fill(association_socket, _PDU_HEADER.size):
+                return self._give_back(association_socket)
+            pdu_type, _, length = _PDU_HEADER.unpack_from(self._buffer, self._start)
+            size = _PDU_HEADER.size + length
+            if pdu_type != P_DATA_TF or size > len(self._buffer) or not self._fill(association_socket, size):
+                return self._give_back(association_socket)
         except OSError as error:  # as pynetdicom: the connection is gone
             LOG.error("connection lost while reading a P-DATA-TF PDU (%s)", type(error).__name__)
+            self._start = self._end = 0
             self._assoc.dul.event_queue.put("Evt17")
             return False
-        if received < length or not self._data_set_spans(body, target[1]):
-            return self._give_back(association_socket, header + bytes(body[:received]))
-        for start, end in self._spans:
-            target[0].write(body[start:end])
-        target[0].flush()
-        self._not_written_back += length
-        if self._not_written_back >= WRITEBACK_BYTES:  # so the fsync before success finds the file mostly on disk
-            start_writeback(target[0].fileno())
-            self._not_written_back = 0
+        body = memoryview(self._buffer)[self._start + _PDU_HEADER.size : self._start + size]
+        if not self._data_set_spans(body, target[1]):
+            return self._give_back(association_socket)
+        self._file = target[0]
+        self._unwritten.extend(body[start:end] for start, end in self._spans)
+        self._start += size
         return True
 
-    def _give_back(self, association_socket: WholePduSocket, data: bytes | bytearray) -> bool:
-        association_socket.push_back(data)
+    def _fill(self, association_socket: WholePduSocket, size: int) -> bool:
+        """Have at least ``size`` unhandled bytes in the buffer; False if the peer closes before they arrive.
+
+        Fragments not yet written are written first: their bytes may be moved or overwritten."""
+        if self._end - self._start >= size:
+            return True
+        self._write_fragments()
+        kept = self._end - self._start
+        self._buffer[:kept] = self._buffer[self._start : self._end]
+        self._start, self._end = 0, kept
+        view = memoryview(self._buffer)
+        while self._end < size:
+            received = association_socket.recv_some_into(view[self._end :])
+            if received == 0:
+                return False
+            self._end += received
+        return True
+
+    def _write_fragments(self) -> None:
+        """Append the fragments taken to their file (after what pynetdicom wrote to it), in one system call."""
+        if not self._unwritten:
+            return
+        file = cast(BinaryIO, self._file)
+        file.flush()  # pynetdicom's own writes go first
+        written = write_all(file.fileno(), self._unwritten)
+        file.seek(0, io.SEEK_END)  # the file object learns where its descriptor now is
+        self._unwritten.clear()
+        self._not_written_back += written
+        if self._not_written_back >= WRITEBACK_BYTES:  # so the fsync before success finds the file mostly on disk
+            start_writeback(file.fileno())
+            self._not_written_back = 0
+
+    def _give_back(self, association_socket: WholePduSocket) -> bool:
+        """Write what was taken, return the bytes read beyond it to the socket and let pynetdicom read a PDU."""
+        self._write_fragments()
+        if self._end > self._start:
+            association_socket.push_back(self._buffer[self._start : self._end])
+        self._start = self._end = 0
         self._read_by_pynetdicom()
         return False
 
@@ -163,6 +210,24 @@ class DataSetFragmentReader:
             self._spans.append((offset + _PDV_HEADER.size, end))
             offset = end
         return bool(self._spans)
+
+
+def write_all(descriptor: int, views: list[memoryview]) -> int:
+    """Write ``views`` one after another at the descriptor's position, ``_IOV_MAX`` to a ``writev`` call (more
+    calls only if one writes less than it was given); return the bytes written."""
+    total, first = 0, 0
+    pending = [view for view in views if len(view)]
+    while first < len(pending):
+        written = os.writev(descriptor, pending[first : first + _IOV_MAX])
+        if written == 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        total += written
+        while first < len(pending) and written >= len(pending[first]):
+            written -= len(pending[first])
+            first += 1
+        if written:  # the call ended inside this view
+            pending[first] = pending[first][written:]
+    return total
 
 
 class _RequestHandler(RequestHandler):

@@ -51,6 +51,21 @@ def test_bytes_pushed_back_are_read_again_before_the_socket_and_make_it_ready() 
         peer.close()
 
 
+def test_recv_some_returns_pushed_back_bytes_first_then_what_has_arrived_then_nothing_once_closed() -> None:
+    ours, peer = socket.socketpair()
+    wrapped = _socket_over(ours)
+    buffer = memoryview(bytearray(64))
+    try:
+        peer.sendall(b"arrived")
+        wrapped.push_back(b"back")
+        assert bytes(buffer[: wrapped.recv_some_into(buffer)]) == b"back"  # not joined with the socket's bytes
+        assert bytes(buffer[: wrapped.recv_some_into(buffer)]) == b"arrived"  # no wait for the buffer to fill
+        peer.close()
+        assert wrapped.recv_some_into(buffer) == 0
+    finally:
+        ours.close()
+
+
 def test_recv_returns_what_arrived_when_the_peer_closes_early() -> None:
     ours, peer = socket.socketpair()
     peer.sendall(b"abcdef")

@@ -4,6 +4,7 @@ until there is work (common/association_io.py), data set PDUs written to the C-S
 import copy
 import struct
 import tempfile
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -16,11 +17,12 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from pynetdicom.transport import AssociationSocket
 
 from common.association_io import WholePduSocket
 from config.settings import NodeSettings
 from dicom_node.application_entity import build_ae
-from dicom_node.transport import DataSetFragmentReader, SharedUidContext, start_server
+from dicom_node.transport import DataSetFragmentReader, SharedUidContext, start_server, write_all
 from tests.kit.wakeups import counted_wakeups, wakeups_while_idle
 
 
@@ -74,20 +76,36 @@ def test_an_idle_association_sleeps_instead_of_polling_every_millisecond(monkeyp
     assert 0 < idle["dul"] < 100 and 0 < idle["reactor"] < 100, idle
 
 
-def _received_files(monkeypatch, tmp_path, *, pdu_handler: bool) -> tuple[list[bytes], int]:
-    """Send one ≈1 MB CR over 16 KiB PDUs to a server; return the stored files and how many PDUs pynetdicom read."""
+def _received_files(
+    monkeypatch, tmp_path, *, pdu_handler: bool, instances: int = 1, split_sends: bool = False
+) -> tuple[list[bytes], int]:
+    """Send ``instances`` ≈1 MB CRs over 16 KiB PDUs on one association to a server; return the stored files and
+    how many PDUs pynetdicom read. ``split_sends``: the requestor sends each PDU in two parts, a moment apart,
+    so that the server's reads end inside PDUs."""
     tmp_path.mkdir()
     monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", True)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     read_by_pynetdicom = []
-    original = DULServiceProvider._read_pdu_data
+    original_read = DULServiceProvider._read_pdu_data
 
     def counted(dul: DULServiceProvider) -> None:
         if dul.assoc.is_acceptor:  # the server's side, not the requestor's
             read_by_pynetdicom.append(1)
-        original(dul)
+        original_read(dul)
 
     monkeypatch.setattr(DULServiceProvider, "_read_pdu_data", counted)
+    if split_sends:
+        original_send = AssociationSocket.send
+
+        def split_send(association_socket: AssociationSocket, bytestream: bytes) -> None:
+            if association_socket.assoc.is_acceptor:
+                original_send(association_socket, bytestream)
+                return
+            original_send(association_socket, bytestream[: len(bytestream) // 2])
+            time.sleep(0.002)
+            original_send(association_socket, bytestream[len(bytestream) // 2 :])
+
+        monkeypatch.setattr(AssociationSocket, "send", split_send)
     stored: list[bytes] = []
 
     def handle_store(event) -> int:
@@ -103,18 +121,20 @@ def _received_files(monkeypatch, tmp_path, *, pdu_handler: bool) -> tuple[list[b
         requestor = AE(ae_title="TESTSCU")
         requestor.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
         assoc = requestor.associate("127.0.0.1", server.server_address[1], ae_title="LUNGVISION")
-        assert assoc.send_c_store(_cr_image()).Status == 0x0000
+        for index in range(instances):
+            assert assoc.send_c_store(_cr_image(index)).Status == 0x0000
         assoc.release()
     finally:
         server.shutdown()
     return stored, len(read_by_pynetdicom)
 
 
-def _cr_image() -> Dataset:
+def _cr_image(index: int = 0) -> Dataset:
     dataset = Dataset()
-    dataset.SOPClassUID, dataset.SOPInstanceUID = ComputedRadiographyImageStorage, "1.2.826.0.1.3680043.8.498.1"
+    dataset.SOPClassUID = ComputedRadiographyImageStorage
+    dataset.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{index + 1}"
     dataset.Rows, dataset.Columns, dataset.BitsAllocated = 512, 1024, 16
-    dataset.PixelData = np.arange(512 * 1024, dtype=np.uint16).tobytes()  # 1 MiB: 64 PDUs of 16 KiB
+    dataset.PixelData = (np.arange(512 * 1024, dtype=np.uint16) + index).tobytes()  # 1 MiB: 64 PDUs of 16 KiB
     dataset.file_meta = FileMetaDataset()
     dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return dataset
@@ -128,6 +148,19 @@ def test_data_set_pdus_are_written_by_the_reader_byte_for_byte_as_pynetdicom_wri
     assert dcmread(BytesIO(taken_over[0])).PixelData == _cr_image().PixelData
     assert read_all > 64  # association, command, 64 data set PDUs, release
     assert read_by_pynetdicom <= 5, read_by_pynetdicom  # association, command, the last fragment, release
+
+
+@pytest.mark.parametrize("split_sends", [False, True], ids=["whole PDUs", "PDUs sent in two parts"])
+def test_several_instances_on_one_association_arrive_byte_for_byte(monkeypatch, tmp_path, split_sends) -> None:
+    """Reads that take several PDUs at once, or end inside one, must give back whatever is not a data set
+    fragment (the last one, the next command) with the bytes after it."""
+    taken_over, read_by_pynetdicom = _received_files(
+        monkeypatch, tmp_path / "reader", pdu_handler=False, instances=3, split_sends=split_sends
+    )
+    as_pynetdicom, _ = _received_files(monkeypatch, tmp_path / "pynetdicom", pdu_handler=True, instances=3)
+    assert taken_over == as_pynetdicom and len(taken_over) == 3
+    assert [dcmread(BytesIO(data)).PixelData for data in taken_over] == [_cr_image(i).PixelData for i in range(3)]
+    assert read_by_pynetdicom <= 2 + 2 * 3 + 3, read_by_pynetdicom  # association, release; command + last per C-STORE
 
 
 def _pdv(context_id: int, control: int, value: bytes) -> bytes:
@@ -156,3 +189,10 @@ def test_only_pdus_of_mid_data_set_fragments_on_the_message_context_are_taken_ov
         taken is not None,
         taken,
     )
+
+
+def test_write_all_writes_more_buffers_than_one_writev_takes_in_order(tmp_path) -> None:
+    pieces = [bytes([index % 251]) * (index % 7) for index in range(3000)]  # some empty; more than _IOV_MAX
+    with open(tmp_path / "out", "wb") as file:
+        assert write_all(file.fileno(), [memoryview(piece) for piece in pieces]) == sum(map(len, pieces))
+    assert (tmp_path / "out").read_bytes() == b"".join(pieces)
