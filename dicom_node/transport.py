@@ -71,6 +71,10 @@ class SharedUidContext(PresentationContext):
         return SharedUidContext.like(self)
 
 
+class _ConnectionLost(Exception):
+    """The socket failed while the reader was reading it."""
+
+
 class DataSetFragmentReader:
     """Stands in for an association's ``dul._read_pdu_data``: writes a C-STORE's data set fragments to its file.
 
@@ -126,8 +130,8 @@ class DataSetFragmentReader:
             size = _PDU_HEADER.size + length
             if pdu_type != P_DATA_TF or size > len(self._buffer) or not self._fill(association_socket, size):
                 return self._give_back(association_socket)
-        except OSError as error:  # as pynetdicom: the connection is gone
-            LOG.error("connection lost while reading a P-DATA-TF PDU (%s)", type(error).__name__)
+        except _ConnectionLost as lost:  # as pynetdicom: the association ends
+            LOG.error("connection lost while reading a P-DATA-TF PDU (%s)", type(lost.__cause__).__name__)
             self._start = self._end = 0
             self._assoc.dul.event_queue.put("Evt17")
             return False
@@ -151,7 +155,10 @@ class DataSetFragmentReader:
         self._start, self._end = 0, kept
         view = memoryview(self._buffer)
         while self._end < size:
-            received = association_socket.recv_some_into(view[self._end :])
+            try:
+                received = association_socket.recv_some_into(view[self._end :])
+            except OSError as error:  # the socket's, not a write's: those end the association as pynetdicom's do
+                raise _ConnectionLost from error
             if received == 0:
                 return False
             self._end += received
