@@ -10,6 +10,10 @@ Every study runs as in a worker's pool process (``as_in_a_pool_process``): torch
 count, glibc's allocator set up as the worker sets it (its huge-page tunable too: the script restarts
 itself with it, as ``lungvision serve`` starts the worker), free memory returned after each study, and
 the objects of the model and the warm-up study frozen out of the garbage collector's sight.
+
+``--gap S`` waits S seconds before each study, as studies arriving one at a time leave the worker idle;
+``--keep-heap`` leaves out the return of free memory. On a VM whose balloon device reports free pages to
+the host, the two together show what that return costs the next study (docs/worker.md, *Memory*).
 """
 
 import argparse
@@ -61,8 +65,8 @@ def as_in_a_pool_process() -> None:
     set_large_block_thresholds()
 
 
-def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
-    """Analyse and deliver one study, then return free memory as the worker does after each task;
+def run_one(path: Path, outbox: Path, settings, trim: bool = True) -> dict[str, float]:
+    """Analyse and deliver one study, then (``trim``) return free memory as the worker does after each task;
     return its stage timings in ms."""
     classifier = load_classifier()
     outcome = analyse_study(
@@ -76,7 +80,8 @@ def run_one(path: Path, outbox: Path, settings) -> dict[str, float]:
     started = time.perf_counter()
     send_files(settings, "orthanc", outcome.files)
     timings = {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
-    return_free_memory()
+    if trim:
+        return_free_memory()
     return timings
 
 
@@ -91,7 +96,14 @@ def _worker(arguments) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--studies", type=int, default=12)
-    count = parser.parse_args().studies
+    parser.add_argument(
+        "--gap", type=float, default=0.0, help="seconds between studies (bench/end_to_end.py's pace: ≈ 1.2)"
+    )
+    parser.add_argument(
+        "--keep-heap", action="store_true", help="no return of free memory after each study (the worker trims)"
+    )
+    arguments = parser.parse_args()
+    count = arguments.studies
     if not os.environ.get("GLIBC_TUNABLES"):
         # glibc reads its tunables when a process starts: start again with the worker's
         os.execve(sys.executable, [sys.executable, *sys.argv], worker_environment(dict(os.environ)))
@@ -110,10 +122,15 @@ def main() -> None:
             run_one(paths[0], folder / "warmup", settings)
             gc.collect()  # as load_before_fork does after its warm-up study
             gc.freeze()
-            timings = [run_one(path, folder / "outbox", settings) for path in paths]
+            timings = []
+            for path in paths:
+                time.sleep(arguments.gap)
+                timings.append(run_one(path, folder / "outbox", settings, trim=not arguments.keep_heap))
             print(
                 f"{count} studies, one 2500x2000 16-bit CR each, sequential, as in a pool process "
-                f"(torch threads: {POOL_TORCH_THREADS}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')})"
+                f"(torch threads: {POOL_TORCH_THREADS}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}), "
+                f"{arguments.gap:g} s apart, {'heap kept' if arguments.keep_heap else 'free memory returned'} "
+                "after each"
             )
             print(f"{'stage':>14} | {'median ms':>9} | {'p95 ms':>8}")
             for stage in ROWS:
