@@ -14,22 +14,29 @@ from common.ports import free_port
 from tests.kit.wait import wait_until
 
 
-def output_lines(stream) -> "queue.Queue[str]":
-    """The stream's lines, read by a thread, so that a test can wait for one with a timeout."""
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+def output_lines(stream) -> "queue.Queue[str | None]":
+    """The stream's lines, read by a thread, so that a test can wait for one with a timeout; None at its end."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     return lines
 
 
-def wait_for_line(lines: "queue.Queue[str]", text: str, timeout_s: float, seen: list[str] | None = None) -> str:
-    """The first line with ``text``; AssertionError, with the lines seen, if none comes in ``timeout_s``.
-
-    The lines read (up to and including that one) are appended to ``seen`` when given.
+def wait_for_line(lines: "queue.Queue[str | None]", text: str, timeout_s: float, seen: list[str] | None = None) -> str:
+    """The first line with ``text``; AssertionError, with the lines seen, if none comes in ``timeout_s`` or the
+    stream ends first. The lines read (up to and including that one) are appended to ``seen`` when given.
     """
     seen = [] if seen is None else seen
     try:
         while True:
             line = lines.get(timeout=timeout_s)
+            if line is None:
+                raise AssertionError(f"the output ended without a line with {text!r}; got: {''.join(seen)}")
             seen.append(line)
             if text in line:
                 return line
@@ -37,12 +44,15 @@ def wait_for_line(lines: "queue.Queue[str]", text: str, timeout_s: float, seen: 
         raise AssertionError(f"no line with {text!r} within {timeout_s} s; got: {''.join(seen)}") from None
 
 
-def drained(lines: "queue.Queue[str]") -> str:
-    """The lines read so far and not yet taken, joined (for a failure message)."""
-    taken = []
-    while not lines.empty():
-        taken.append(lines.get_nowait())
-    return "".join(taken)
+def rest_of(lines: "queue.Queue[str | None]", timeout_s: float = 10) -> str:
+    """The lines still to come, up to the stream's end (for a failure message, once the process has exited)."""
+    rest = []
+    try:
+        while (line := lines.get(timeout=timeout_s)) is not None:
+            rest.append(line)
+    except queue.Empty:
+        rest.append(f"(the output did not end within {timeout_s} s)")
+    return "".join(rest)
 
 
 def listening(port: int) -> bool:
