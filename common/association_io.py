@@ -134,6 +134,14 @@ class WholePduSocket(AssociationSocket):
         """Put ``data`` (read from this socket) back in front of the stream."""
         self._pushed_back = bytes(data) + self._pushed_back
 
+    def _take_pushed_back(self, view: memoryview) -> int:
+        """Copy bytes given back into the start of ``view`` (as many as fit); return how many."""
+        count = min(len(view), len(self._pushed_back))
+        if count:
+            view[:count] = self._pushed_back[:count]
+            self._pushed_back = self._pushed_back[count:]
+        return count
+
     def recv(self, nr_bytes: int) -> bytearray:
         """Read ``nr_bytes`` (fewer only when the peer closes the connection), like pynetdicom's ``recv``."""
         buffer = bytearray(nr_bytes)
@@ -144,20 +152,15 @@ class WholePduSocket(AssociationSocket):
 
     def recv_some_into(self, view: memoryview) -> int:
         """Read what is there, up to ``len(view)`` bytes, waiting only for the first; 0 when the peer has closed."""
-        if self._pushed_back:
-            count = min(len(view), len(self._pushed_back))
-            view[:count] = self._pushed_back[:count]
-            self._pushed_back = self._pushed_back[count:]
-            return count
+        taken = self._take_pushed_back(view)
+        if taken:
+            return taken
         raw = self.socket
         return 0 if raw is None else raw.recv_into(view, len(view))
 
     def recv_into(self, view: memoryview) -> int:
         """Fill ``view``; return how many bytes arrived (fewer only when the peer closes the connection)."""
-        received = min(len(view), len(self._pushed_back))
-        if received:
-            view[:received] = self._pushed_back[:received]
-            self._pushed_back = self._pushed_back[received:]
+        received = self._take_pushed_back(view)
         raw = self.socket
         if raw is None:
             return received
