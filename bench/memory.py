@@ -5,7 +5,9 @@ Run: ``nice -n 19 .venv/bin/python bench/memory.py [--studies 4] [--concurrency 
 a temp folder — ``lungvision node``, ``worker`` and ``deliverer`` as real processes, the SQLite broker, the
 SQLite store, a folder destination — and every process is measured twice: idle, once the worker is
 ready and its pool processes have started; then after ``--studies`` one-image 2500×2000 CR studies
-have been sent with ``storescu`` and their SC and SR written to the folder.
+have been sent with ``storescu`` and their SC and SR written to the folder — a few seconds after the
+last result (the pool processes still hold their heaps, as between studies under load), and once more
+after ``worker.return_memory_after_idle_s``, when an idle worker has given back what its studies freed.
 
 Per process, from ``/proc/PID/smaps_rollup``: RSS (every resident page it maps, shared or not),
 PSS (each page divided by the number of processes mapping it) and Private (pages no other process
@@ -38,10 +40,12 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from bench.deployment import Deployment, node_processes, worker_processes
 from bench.worker import make_studies
 from common.ports import free_port
+from config.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_TIMEOUT_S = 900.0
 SETTLE_S = 3.0  # after the last start-up line / the last result, for late allocations to show
+IDLE_S = load_settings().worker.return_memory_after_idle_s + 1  # then until an idle worker has given memory back
 CUDA_LIBRARIES = (
     "/nvidia/",
     "/torch/lib/libtorch_cuda",
@@ -217,8 +221,15 @@ def run(concurrency: int, studies: list[Path], folder: Path, repo: Path, deliver
         time.sleep(SETTLE_S)
         snapshots["after studies"] = deployment.measure()
         print_table(
-            f"{repo}, concurrency {concurrency}, after {len(studies)} studies ({done_s:.1f} s from sending)",
+            f"{repo}, concurrency {concurrency}, {SETTLE_S:g} s after {len(studies)} studies "
+            f"({done_s:.1f} s from sending)",
             snapshots["after studies"],
+        )
+        time.sleep(IDLE_S)
+        snapshots["idle after studies"] = deployment.measure()
+        print_table(
+            f"{repo}, concurrency {concurrency}, {SETTLE_S + IDLE_S:g} s after the studies (idle)",
+            snapshots["idle after studies"],
         )
     finally:
         deployment.stop()

@@ -8,12 +8,14 @@ worker processes. Nothing is asserted.
 
 Every study runs as in a worker's pool process (``as_in_a_pool_process``): torch on the pool's thread
 count, glibc's allocator set up as the worker sets it (its huge-page tunable too: the script restarts
-itself with it, as ``lungvision serve`` starts the worker), free memory returned after each study, and
-the objects of the model and the warm-up study frozen out of the garbage collector's sight.
+itself with it, as ``lungvision serve`` starts the worker), free memory returned when the process has been
+idle for ``worker.return_memory_after_idle_s`` (as the worker's ``ReturnMemoryWhenIdle``), and the objects
+of the model and the warm-up study frozen out of the garbage collector's sight.
 
 ``--gap S`` waits S seconds before each study, as studies arriving one at a time leave the worker idle;
-``--keep-heap`` leaves out the return of free memory. On a VM whose balloon device reports free pages to
-the host, the two together show what that return costs the next study (docs/worker.md, *Memory*).
+``--return-memory-after-idle S`` sets the idle time (0: after each study). On a VM whose balloon device
+reports free pages to the host, the two together show what returning memory costs the next study
+(docs/worker.md, *Memory*).
 """
 
 import argparse
@@ -40,7 +42,7 @@ from tests.kit.orthanc import Orthanc
 from tests.kit.worker import make_message
 from worker.deliver import send_files
 from worker.pipeline import analyse_study, device_uid_for
-from worker.preload import POOL_TORCH_THREADS, return_free_memory, set_large_block_thresholds, worker_environment
+from worker.preload import POOL_TORCH_THREADS, ReturnMemoryWhenIdle, set_large_block_thresholds, worker_environment
 
 ENCODE = ("sc_build", "sr_build", "write")  # the pipeline's encode stages, also shown together as "encode"
 STAGES = ("read_decode", "preprocess", "model_heatmap", *ENCODE, "send")
@@ -65,9 +67,10 @@ def as_in_a_pool_process() -> None:
     set_large_block_thresholds()
 
 
-def run_one(path: Path, outbox: Path, settings, trim: bool = True) -> dict[str, float]:
-    """Analyse and deliver one study, then (``trim``) return free memory as the worker does after each task;
-    return its stage timings in ms."""
+def run_one(path: Path, outbox: Path, settings, idle: ReturnMemoryWhenIdle) -> dict[str, float]:
+    """Analyse and deliver one study as one worker task (``idle`` told of its start and end, as Celery's
+    signals tell the worker's); return its stage timings in ms."""
+    idle.task_started()
     classifier = load_classifier()
     outcome = analyse_study(
         make_message([path]),
@@ -80,16 +83,16 @@ def run_one(path: Path, outbox: Path, settings, trim: bool = True) -> dict[str, 
     started = time.perf_counter()
     send_files(settings, "orthanc", outcome.files)
     timings = {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
-    if trim:
-        return_free_memory()
+    idle.task_finished()
     return timings
 
 
 def _worker(arguments) -> int:
     paths, outbox, settings = arguments
     as_in_a_pool_process()
+    idle = ReturnMemoryWhenIdle(settings.worker.return_memory_after_idle_s)
     for path in paths:
-        run_one(path, outbox, settings)
+        run_one(path, outbox, settings, idle)
     return len(paths)
 
 
@@ -100,7 +103,11 @@ def main() -> None:
         "--gap", type=float, default=0.0, help="seconds between studies (bench/end_to_end.py's pace: ≈ 1.2)"
     )
     parser.add_argument(
-        "--keep-heap", action="store_true", help="no return of free memory after each study (the worker trims)"
+        "--return-memory-after-idle",
+        type=float,
+        default=None,
+        metavar="S",
+        help="return free memory after S seconds without a study (0: after each); default: the setting's",
     )
     arguments = parser.parse_args()
     count = arguments.studies
@@ -115,22 +122,27 @@ def main() -> None:
             settings = load_settings(
                 destinations=[
                     {"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}
-                ]
+                ],
+                **(
+                    {}
+                    if arguments.return_memory_after_idle is None
+                    else {"worker": {"return_memory_after_idle_s": arguments.return_memory_after_idle}}
+                ),
             )
+            idle = ReturnMemoryWhenIdle(settings.worker.return_memory_after_idle_s)
             paths = make_studies(folder, count)
             load_classifier()
-            run_one(paths[0], folder / "warmup", settings)
+            run_one(paths[0], folder / "warmup", settings, ReturnMemoryWhenIdle(0))
             gc.collect()  # as load_before_fork does after its warm-up study
             gc.freeze()
             timings = []
             for path in paths:
                 time.sleep(arguments.gap)
-                timings.append(run_one(path, folder / "outbox", settings, trim=not arguments.keep_heap))
+                timings.append(run_one(path, folder / "outbox", settings, idle))
             print(
                 f"{count} studies, one 2500x2000 16-bit CR each, sequential, as in a pool process "
                 f"(torch threads: {POOL_TORCH_THREADS}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}), "
-                f"{arguments.gap:g} s apart, {'heap kept' if arguments.keep_heap else 'free memory returned'} "
-                "after each"
+                f"{arguments.gap:g} s apart, free memory returned after {idle.idle_s:g} s idle"
             )
             print(f"{'stage':>14} | {'median ms':>9} | {'p95 ms':>8}")
             for stage in ROWS:

@@ -14,7 +14,9 @@ import gc
 import logging
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -52,6 +54,7 @@ def load_before_fork(settings: Settings) -> None:
 # are used by more pool processes (``worker.concurrency``), which also keeps them apart.
 POOL_TORCH_THREADS = 1
 
+_return_memory: "ReturnMemoryWhenIdle | None" = None  # a pool process's, set by prepare_pool_process
 _warm_up_ms: float | None = None  # set by warm_up in the parent; the pool processes inherit it and log it
 
 
@@ -139,14 +142,14 @@ def set_large_block_thresholds() -> bool:
     64 MiB), so a pool process keeps the high-water mark of its largest study. This fixes both at
     ``LARGE_BLOCK_BYTES``: a study's 10–20 MB arrays come from the heap, from the first study on, and its
     later arrays reuse the pages its earlier ones freed; :func:`return_free_memory` gives back what the
-    heap keeps, after each task (``prepare_pool_process``). ``ARENAS`` caps the per-thread heaps torch's
+    heap keeps once a pool process is idle (:class:`ReturnMemoryWhenIdle`). ``ARENAS`` caps the per-thread heaps torch's
     threads would otherwise each create.
 
     Measured against the former 1 MiB thresholds, which mapped every array on its own and so faulted all
     its pages in again for each study (bench/end_to_end.py, issue 12, concurrency 2, medians over runs):
-    analysis 82 ms instead of 105 ms a study, the same worker memory (bench/memory.py). Without the trim
-    after each task a pool process kept 15–100 MiB more — the holes its studies left in the heap —
-    whatever the trim threshold (24 or 64 MiB): over 1 GB for the worker at concurrency 2.
+    analysis 82 ms instead of 105 ms a study, the same worker memory (bench/memory.py). Without a trim a
+    pool process keeps 15–100 MiB more — the holes its studies left in the heap — whatever the trim
+    threshold (24 or 64 MiB): over 1 GB for the worker at concurrency 2.
     """
     libc = _glibc()
     if libc is None:  # not glibc (musl, macOS): its allocator's defaults stay
@@ -169,6 +172,41 @@ def return_free_memory(**_: object) -> None:
         libc.malloc_trim(0)
 
 
+class ReturnMemoryWhenIdle:
+    """Give the heap's free pages back (``release``, by default :func:`return_free_memory`) once a pool
+    process has run no task for ``idle_s`` seconds; with ``idle_s`` 0, after each task. Its two methods are
+    Celery's ``task_prerun`` and ``task_postrun`` handlers.
+
+    Why not after each task: on a VM whose balloon device reports free pages to the host, pages given back
+    go back to the hypervisor, and the next study faults them in again at the host's cost — ≈ 100 ms more
+    at p95 for studies 1.2 s apart (docs/worker.md, *Memory*). Studies that follow each other within
+    ``idle_s`` reuse the heap as it is; a worker left idle still gives back what its studies freed.
+    """
+
+    def __init__(self, idle_s: float, release: Callable[[], None] | None = None) -> None:
+        self.idle_s = idle_s
+        self.release = release or return_free_memory
+        self._pending: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def task_started(self, **_: object) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._pending.cancel()
+                self._pending = None
+
+    def task_finished(self, **_: object) -> None:
+        if self.idle_s == 0:
+            self.release()
+            return
+        with self._lock:
+            if self._pending is not None:
+                self._pending.cancel()
+            self._pending = threading.Timer(self.idle_s, self.release)
+            self._pending.daemon = True  # never keeps a pool process from exiting
+            self._pending.start()
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     try:
@@ -181,13 +219,16 @@ def prepare_pool_process(settings: Settings) -> None:
     """In each pool process, once, before its first task: its torch threads, the model (inherited from the
     parent when :func:`load_before_fork` ran there) and the outcome store."""
     import torch
-    from celery.signals import task_postrun
+    from celery.signals import task_postrun, task_prerun
 
     from inference.classifier import load_classifier
     from worker.tasks import store
 
     torch.set_num_threads(POOL_TORCH_THREADS)
-    task_postrun.connect(return_free_memory)  # see set_large_block_thresholds
+    global _return_memory  # Celery's signals hold their handlers weakly: this reference keeps them
+    _return_memory = ReturnMemoryWhenIdle(settings.worker.return_memory_after_idle_s)
+    task_prerun.connect(_return_memory.task_started)
+    task_postrun.connect(_return_memory.task_finished)  # see set_large_block_thresholds
     hits_before = load_classifier.cache_info().hits
     classifier = _load_model(settings)
     inherited = load_classifier.cache_info().hits > hits_before

@@ -2,11 +2,18 @@
 
 import logging
 import platform
+import threading
 from pathlib import Path
 
 import pytest
 
-from worker.preload import HUGE_PAGES_TUNABLE, return_free_memory, set_large_block_thresholds, worker_environment
+from worker.preload import (
+    HUGE_PAGES_TUNABLE,
+    ReturnMemoryWhenIdle,
+    return_free_memory,
+    set_large_block_thresholds,
+    worker_environment,
+)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
@@ -16,6 +23,57 @@ def test_glibc_takes_the_fixed_thresholds() -> None:
 
 def test_returning_free_memory_works_as_a_celery_signal_handler() -> None:
     assert return_free_memory(sender=None, signal=None) is None  # task_postrun's keywords; no error here or off glibc
+
+
+class Releases:
+    """Counts the returns of free memory a ReturnMemoryWhenIdle asks for."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.done = threading.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        self.done.set()
+
+
+def test_with_no_idle_time_memory_is_returned_after_each_task() -> None:
+    releases = Releases()
+    idle = ReturnMemoryWhenIdle(0, releases)
+    idle.task_started(sender=None)
+    idle.task_finished(sender=None)
+    assert releases.count == 1  # at once, in the task's own thread
+
+
+def test_memory_is_returned_once_the_process_stays_idle() -> None:
+    releases = Releases()
+    idle = ReturnMemoryWhenIdle(0.05, releases)
+    idle.task_finished(sender=None)
+    assert releases.done.wait(10)
+    assert releases.count == 1
+
+
+def test_a_task_that_starts_within_the_idle_time_keeps_the_heap() -> None:
+    releases = Releases()
+    idle = ReturnMemoryWhenIdle(60, releases)
+    idle.task_finished(sender=None)
+    pending = idle._pending
+    assert pending is not None and releases.count == 0
+    idle.task_started(sender=None)
+    pending.join(10)  # a cancelled timer ends without calling
+    assert not pending.is_alive() and releases.count == 0
+
+
+def test_only_the_last_task_s_timer_stays_pending() -> None:
+    releases = Releases()
+    idle = ReturnMemoryWhenIdle(60, releases)
+    idle.task_finished(sender=None)
+    first = idle._pending
+    idle.task_finished(sender=None)
+    assert first is not None and first is not idle._pending
+    first.join(10)
+    assert not first.is_alive() and releases.count == 0
+    idle.task_started(sender=None)
 
 
 def test_the_worker_environment_asks_for_huge_pages_unless_tunables_are_set() -> None:
