@@ -35,6 +35,23 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and all its descendants, living or exited: its own and
+    its reaped children's times (/proc/PID/stat), plus those of its living children's trees."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own_and_reaped = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+    living = 0.0
+    for child in children_of(pid):
+        try:
+            living += cpu_seconds(child)
+        except FileNotFoundError:  # it exited meanwhile; its parent's reaped times will hold it
+            pass
+    return own_and_reaped + living
+
+
 def worker_processes(parent_pid: int) -> list[tuple[str, int]]:
     """(role, pid) of the worker's parent, its sweeper and each pool process."""
     processes = [("worker parent", parent_pid)]

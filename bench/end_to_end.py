@@ -17,7 +17,9 @@ Orthanc as the only destination. The input is bench/worker.py's: one
   analysis (→ the outcome is recorded: decode, model, SC + SR, routing), delivery (→ Orthanc counts both
   objects: the delivery task's queue, the C-STORE, Orthanc's storing).
 * **Throughput**: ``--burst`` studies sent at once over 4 associations; studies/s from the end of the
-  first study's quiet period to the last study's results in Orthanc.
+  first study's quiet period to the last study's results in Orthanc, and the CPU time each process took
+  per study over the burst (each with the processes it started: the node's receiving processes, the
+  worker's pool), the senders (``storescu``), Orthanc and Redis included — where the cores went.
 
 ``--baseline DIR``: the same for another checkout (e.g. one from before a change; without a deliverer),
 same studies, same run, and the ratios. ``--worker-delivers``: also the current tree without a deliverer
@@ -27,6 +29,7 @@ same studies, same run, and the ratios. ``--worker-delivers``: also the current 
 import argparse
 import json
 import re
+import resource
 import statistics
 import sys
 import tempfile
@@ -40,7 +43,7 @@ from pydicom import dcmread
 # bench/ holds a worker.py that would hide the worker package: look for packages in the repo, not in bench/.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.deployment import Deployment
+from bench.deployment import Deployment, cpu_seconds
 from bench.worker import make_studies
 from common.ports import free_port
 from tests.kit.orthanc import Orthanc
@@ -96,6 +99,17 @@ class Stack(Deployment):
                 )
             time.sleep(POLL_S)
         return time.time()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds each process has used so far, by role; ``storescu``: this bench's finished children."""
+        own = {"node": self.node.pid, "worker": self.worker.pid, "Orthanc": self.orthanc.process.pid}
+        own |= {"Redis": self.redis.process.pid}
+        if self.deliverer is not None:
+            own["deliverer"] = self.deliverer.pid
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {role: cpu_seconds(pid) for role, pid in own.items()} | {
+            "storescu": children.ru_utime + children.ru_stime
+        }
 
     def stop(self) -> None:
         super().stop()
@@ -159,15 +173,18 @@ def latency(stack: Stack, studies: list[Path]) -> list[dict[str, float]]:
     return rows
 
 
-def throughput(stack: Stack, studies: list[Path]) -> float:
-    """Studies/s of a burst: from the end of the first study's quiet period to the last study's results."""
+def throughput(stack: Stack, studies: list[Path]) -> tuple[float, dict[str, float]]:
+    """Studies/s of a burst: from the end of the first study's quiet period to the last study's results;
+    and the CPU ms each process took per study (from the start of sending to the last results)."""
     before = stack.results_in_orthanc()
+    cpu_before = stack.cpu_seconds()
     parts = [studies[index::BURST_ASSOCIATIONS] for index in range(BURST_ASSOCIATIONS)]
     with ThreadPoolExecutor(BURST_ASSOCIATIONS) as pool:
         list(pool.map(stack.send, parts))
     done = stack.wait_for_results(before + 2 * len(studies))
+    cpu = {role: (seconds - cpu_before[role]) * 1000 / len(studies) for role, seconds in stack.cpu_seconds().items()}
     first_quiet_end = min(last_arrival(stack, study_uid_of(path)) for path in studies) + STABLE_SECONDS
-    return len(studies) / (done - first_quiet_end)
+    return len(studies) / (done - first_quiet_end), cpu
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -182,10 +199,10 @@ def measure(
     try:
         latency(stack, latency_studies[:2])  # each pool process's first study, not counted
         rows = latency(stack, latency_studies[2:])
-        studies_per_s = throughput(stack, burst)
+        studies_per_s, cpu_ms = throughput(stack, burst)
     finally:
         stack.stop()
-    return {"rows": rows, "studies_per_s": studies_per_s}
+    return {"rows": rows, "studies_per_s": studies_per_s, "cpu_ms": cpu_ms}
 
 
 def print_result(label: str, concurrency: int, result: dict) -> None:
@@ -195,6 +212,9 @@ def print_result(label: str, concurrency: int, result: dict) -> None:
         median, p95 = summary([row[name] for row in result["rows"]])
         print(f"  {name:<12} | {median * 1000:>9.1f} | {p95 * 1000:>7.1f}")
     print(f"  burst: {result['studies_per_s']:.2f} studies/s")
+    cpu = result["cpu_ms"]
+    shares = ", ".join(f"{role} {ms:.0f}" for role, ms in sorted(cpu.items(), key=lambda item: -item[1]))
+    print(f"  burst CPU ms per study: {shares}; all {sum(cpu.values()):.0f}")
 
 
 def main() -> None:
