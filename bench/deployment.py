@@ -4,6 +4,7 @@ as real processes on one configuration, each in its own process group, with the 
 serve`` and the Docker image give them. Used by bench/memory.py and bench/end_to_end.py (and its log wait by
 bench/node.py and bench/seal.py)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -45,10 +46,8 @@ def cpu_seconds(pid: int) -> float:
     own_and_reaped = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
     living = 0.0
     for child in children_of(pid):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # it exited meanwhile: its parent's reaped times hold it
             living += cpu_seconds(child)
-        except FileNotFoundError:  # it exited meanwhile; its parent's reaped times will hold it
-            pass
     return own_and_reaped + living
 
 
