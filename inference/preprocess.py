@@ -23,18 +23,25 @@ STD = 0.25
 
 
 def to_square_uint8(image: np.ndarray, size: int = SQUARE_SIZE) -> np.ndarray:
-    """Min–max scale a 2-D gray image to 0..255 and resize it (antialiased) to ``size``×``size``."""
+    """Min–max scale a 2-D gray image to 0..255 and resize it (antialiased) to ``size``×``size``.
+
+    The scaling is done on the square, after the resize: the resize's weights sum to 1, so shifting and
+    scaling before or after it are the same in exact arithmetic, and after it they touch 224×224 pixels
+    instead of the full image (a 2500×2000 radiograph: 16 → 9 ms, issue 12). In float32 a pixel of the
+    square can land on the other side of a rounding step (a tie broken the other way): ≤ 1 level, on
+    0.05 % of the pixels on average and up to 3.8 % for an 8-bit JPEG; over 316 children's and adults'
+    images the calibrated probability moved by ≤ 2.7e-4 and no label changed (tests/inference/
+    test_preprocess.py holds the bounds)."""
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D gray image, got shape {image.shape}")
     pixels = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
-    low, high = pixels.min(), pixels.max()
-    if high > low:
-        pixels = pixels - low  # a new tensor (never the caller's image): divided in place, one full-size pass less
-        pixels /= high - low
-    else:
-        pixels = torch.zeros_like(pixels)
-    square = F.interpolate(pixels[None, None], size=(size, size), mode="bilinear", antialias=True)
-    return (square[0, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    low, high = torch.aminmax(pixels)
+    if not high > low:  # one value everywhere (or NaN): a black square
+        return np.zeros((size, size), dtype=np.uint8)
+    square = F.interpolate(pixels[None, None], size=(size, size), mode="bilinear", antialias=True)[0, 0]
+    square -= low
+    square *= 255.0 / (high - low)
+    return square.round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def percentile_stretch(batch: torch.Tensor) -> torch.Tensor:
