@@ -40,11 +40,8 @@ ROUTING_TIMEOUT_S = 30.0
 @contextmanager
 def redis_broker(folder: Path) -> Iterator[tuple[str, str]]:
     """A redis-server of the test's own (never the machine's Redis)."""
-    server = RedisServer(folder / "redis").start()
-    try:
+    with RedisServer(folder / "redis") as server:
         yield server.url, server.url
-    finally:
-        server.stop()
 
 
 @contextmanager

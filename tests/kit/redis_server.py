@@ -51,6 +51,12 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=30)
 
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def client(self):
         import redis
 

@@ -25,9 +25,8 @@ def broker_url(request, tmp_path) -> Iterator[str]:
         return
     from tests.kit.redis_server import RedisServer
 
-    server = RedisServer(tmp_path / "redis").start()
-    yield server.url
-    server.stop()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server.url
 
 
 def configure(broker_url: str, folder: Path):
