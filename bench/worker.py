@@ -2,8 +2,8 @@
 
 Run: ``.venv/bin/python bench/worker.py [--studies 12]``. Each study is one generated ~2000×2500
 16-bit CR (uncompressed). Prints median and p95 per stage (read+decode, preprocess, model+heatmap,
-encode — SC build (overlay and highdicom), SR build, durable write — and send) for studies run one
-after another, the ratio of encoding to model+heatmap of the same studies, then studies/s with 2
+encode — SC build (overlay and highdicom), SR build, durable write — and send) and page faults for
+studies run one after another, the ratio of encoding to model+heatmap of the same studies, then studies/s with 2
 worker processes. Nothing is asserted.
 
 Every study runs as in a worker's pool process (``as_in_a_pool_process``): torch on the pool's thread
@@ -22,6 +22,7 @@ import argparse
 import gc
 import multiprocessing
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -69,8 +70,9 @@ def as_in_a_pool_process() -> None:
 
 def run_one(path: Path, outbox: Path, settings, idle: ReturnMemoryWhenIdle) -> dict[str, float]:
     """Analyse and deliver one study as one worker task (``idle`` told of its start and end, as Celery's
-    signals tell the worker's); return its stage timings in ms."""
+    signals tell the worker's); return its stage timings in ms and its page faults (``page_faults``)."""
     idle.task_started()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     classifier = load_classifier()
     outcome = analyse_study(
         make_message([path]),
@@ -83,6 +85,7 @@ def run_one(path: Path, outbox: Path, settings, idle: ReturnMemoryWhenIdle) -> d
     started = time.perf_counter()
     send_files(settings, "orthanc", outcome.files)
     timings = {**outcome.timings_ms, "send": (time.perf_counter() - started) * 1000}
+    timings["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     idle.task_finished()
     return timings
 
@@ -149,6 +152,11 @@ def main() -> None:
                 parts = {"encode": ENCODE, "total": STAGES}.get(stage, (stage,))
                 values = [sum(t[part] for part in parts) for t in timings]
                 print(f"{stage:>14} | {np.median(values):>9.1f} | {np.percentile(values, 95):>8.1f}")
+            faults = [t["page_faults"] for t in timings]
+            print(
+                f"page faults per study (a huge page is one): median {np.median(faults):.0f}, "
+                f"p95 {np.percentile(faults, 95):.0f}"
+            )
             ratios = [sum(t[part] for part in ENCODE) / t["model_heatmap"] for t in timings]
             print(
                 f"encode / model+heatmap, same studies: median {np.median(ratios):.2f}x "

@@ -120,6 +120,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # Above a study's arrays (a 2500×2000 image as float32 is 19 MiB): they come from the heap, where the study's
 # later arrays reuse the memory its earlier ones freed; larger blocks are mapped on their own, unmapped on free.
 LARGE_BLOCK_BYTES = 24 << 20
+NEVER_TRIM_BYTES = (1 << 31) - 1  # mallopt's largest value: free() never trims the heap; the idle return does
 ARENAS = 2
 
 
@@ -139,17 +140,20 @@ def set_large_block_thresholds() -> bool:
     """Fix glibc's thresholds for a study's large arrays (glibc only; False elsewhere).
 
     By default glibc raises its mmap and trim thresholds each time a large block is freed (up to 32 and
-    64 MiB), so a pool process keeps the high-water mark of its largest study. This fixes both at
-    ``LARGE_BLOCK_BYTES``: a study's 10–20 MB arrays come from the heap, from the first study on, and its
-    later arrays reuse the pages its earlier ones freed; :func:`return_free_memory` gives back what the
-    heap keeps once a pool process is idle (:class:`ReturnMemoryWhenIdle`). ``ARENAS`` caps the per-thread heaps torch's
-    threads would otherwise each create.
+    64 MiB), so a pool process keeps the high-water mark of its largest study. This fixes the mmap
+    threshold at ``LARGE_BLOCK_BYTES``: a study's 10–20 MB arrays come from the heap, from the first study
+    on, and its later arrays reuse the pages its earlier ones freed. The trim threshold is set out of
+    reach (``NEVER_TRIM_BYTES``): ``free`` never gives the heap's top back by itself; once a pool process
+    is idle :class:`ReturnMemoryWhenIdle` gives back all the heap's free pages (:func:`return_free_memory`).
+    ``ARENAS`` caps the per-thread heaps torch's threads would otherwise each create.
 
     Measured against the former 1 MiB thresholds, which mapped every array on its own and so faulted all
     its pages in again for each study (bench/end_to_end.py, issue 12, concurrency 2, medians over runs):
-    analysis 82 ms instead of 105 ms a study, the same worker memory (bench/memory.py). Without a trim a
-    pool process keeps 15–100 MiB more — the holes its studies left in the heap — whatever the trim
-    threshold (24 or 64 MiB): over 1 GB for the worker at concurrency 2.
+    analysis 82 ms instead of 105 ms a study, the same worker memory (bench/memory.py). With the trim
+    threshold at 24 MiB too, the end of each study still handed the heap's top back (a 2500×2000 study:
+    25–29 huge-page faults in the next one, against 1–4 now; ``bench/worker.py`` counts them) — on a VM
+    that reports free pages to its host, faults the host serves again. Without any return a pool
+    process keeps 15–100 MiB more: the holes its studies left in the heap.
     """
     libc = _glibc()
     if libc is None:  # not glibc (musl, macOS): its allocator's defaults stay
@@ -158,7 +162,7 @@ def set_large_block_thresholds() -> bool:
         libc.mallopt(parameter, value) == 1
         for parameter, value in (
             (_M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES),
-            (_M_TRIM_THRESHOLD, LARGE_BLOCK_BYTES),
+            (_M_TRIM_THRESHOLD, NEVER_TRIM_BYTES),
             (_M_ARENA_MAX, ARENAS),
         )
     )
