@@ -102,8 +102,12 @@ class Stack(Deployment):
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds each process has used so far, by role; ``storescu``: this bench's finished children."""
-        own = {"node": self.node.pid, "worker": self.worker.pid, "Orthanc": self.orthanc.process.pid}
-        own |= {"Redis": self.redis.process.pid}
+        own = {
+            "node": self.node.pid,
+            "worker": self.worker.pid,
+            "Orthanc": self.orthanc.process.pid,
+            "Redis": self.redis.process.pid,
+        }
         if self.deliverer is not None:
             own["deliverer"] = self.deliverer.pid
         children = resource.getrusage(resource.RUSAGE_CHILDREN)

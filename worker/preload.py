@@ -168,9 +168,9 @@ def set_large_block_thresholds() -> bool:
     )
 
 
-def return_free_memory(**_: object) -> None:
+def return_free_memory() -> None:
     """Give the heap's free pages back to the system, the holes between its blocks too (glibc's
-    ``malloc_trim``, well under a millisecond; nothing elsewhere). Also a Celery signal handler."""
+    ``malloc_trim``, well under a millisecond; nothing elsewhere)."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
