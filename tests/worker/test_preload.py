@@ -2,9 +2,11 @@
 
 import logging
 import platform
+import resource
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from worker.preload import (
@@ -19,6 +21,23 @@ from worker.preload import (
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_glibc_takes_the_fixed_thresholds() -> None:
     assert set_large_block_thresholds() is True
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_study_s_freed_arrays_stay_in_the_heap_until_memory_is_returned() -> None:
+    assert set_large_block_thresholds() is True
+
+    def faults_of_one_study() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        arrays = [np.ones(4 << 20, dtype=np.float32) for _ in range(2)]  # 2 × 16 MiB: heap blocks, then freed
+        del arrays
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_one_study()
+    kept = faults_of_one_study()  # the freed 32 MiB (over the former 24 MiB trim threshold) were kept
+    return_free_memory()
+    returned = faults_of_one_study()  # given back: every page faults in again
+    assert kept * 4 < returned
 
 
 def test_returning_free_memory_works_here_or_off_glibc() -> None:
