@@ -3,8 +3,8 @@
 Run: ``.venv/bin/python bench/worker.py [--studies 12]``. Each study is one generated ~2000×2500
 16-bit CR (uncompressed). Prints median and p95 per stage (read+decode, preprocess, model+heatmap,
 encode — SC build (overlay and highdicom), SR build, durable write — and send) and page faults for
-studies run one after another, the ratio of encoding to model+heatmap of the same studies, then studies/s with 2
-worker processes. Nothing is asserted.
+studies run one after another, the ratio of encoding to model+heatmap of the same studies, then
+studies/s with 2 worker processes. Nothing is asserted.
 
 Every study runs as in a worker's pool process (``as_in_a_pool_process``): torch on the pool's thread
 count, glibc's allocator set up as the worker sets it (its huge-page tunable too: the script restarts

@@ -54,7 +54,6 @@ def load_before_fork(settings: Settings) -> None:
 # are used by more pool processes (``worker.concurrency``), which also keeps them apart.
 POOL_TORCH_THREADS = 1
 
-_return_memory: "ReturnMemoryWhenIdle | None" = None  # a pool process's, set by prepare_pool_process
 _warm_up_ms: float | None = None  # set by warm_up in the parent; the pool processes inherit it and log it
 
 
@@ -229,10 +228,9 @@ def prepare_pool_process(settings: Settings) -> None:
     from worker.tasks import store
 
     torch.set_num_threads(POOL_TORCH_THREADS)
-    global _return_memory  # Celery's signals hold their handlers weakly: this reference keeps them
-    _return_memory = ReturnMemoryWhenIdle(settings.worker.return_memory_after_idle_s)
-    task_prerun.connect(_return_memory.task_started)
-    task_postrun.connect(_return_memory.task_finished)  # see set_large_block_thresholds
+    return_memory = ReturnMemoryWhenIdle(settings.worker.return_memory_after_idle_s)  # see set_large_block_thresholds
+    task_prerun.connect(return_memory.task_started, weak=False)  # weak=False: the signals keep it alive
+    task_postrun.connect(return_memory.task_finished, weak=False)
     hits_before = load_classifier.cache_info().hits
     classifier = _load_model(settings)
     inherited = load_classifier.cache_info().hits > hits_before
