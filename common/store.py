@@ -4,7 +4,7 @@ PostgreSQL) works. The worker writes it (worker/record.py); the worklist reads i
 (worker/reconcile.py) compares it with the rounds the node queued."""
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -17,12 +17,16 @@ from sqlalchemy import (
     DateTime,
     Enum,
     Float,
+    Index,
     Integer,
     String,
     Text,
     TypeDecorator,
     Update,
     create_engine,
+    delete,
+    func,
+    inspect,
     select,
     update,
 )
@@ -106,6 +110,13 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
+# One row per round and destination: the worker (recording the round) and the deliverer (recording the
+# delivery, when it was faster) may both insert it at once; the loser updates the winner's row.
+ONE_DELIVERY_PER_DESTINATION = Index(
+    "deliveries_one_per_destination", Delivery.message_id, Delivery.destination, unique=True
+)
+
+
 class DeadLetterRow(Base):
     """A delivery that used up its attempts, or an analysis that failed (``lungvision jobs failed``).
     Kept here, never in the broker, so that a broker losing its data cannot erase them."""
@@ -172,6 +183,7 @@ def create_schema(engine: Engine) -> None:
     for attempt in range(1, SCHEMA_TRIES + 1):
         try:
             Base.metadata.create_all(engine)
+            _add_one_delivery_per_destination(engine)
             return
         except DatabaseError as error:
             if attempt == SCHEMA_TRIES:
@@ -179,6 +191,39 @@ def create_schema(engine: Engine) -> None:
             log.warning(
                 "creating the store's tables collided with another process (%s); trying again", type(error).__name__
             )
+
+
+DELIVERY_PROGRESS = {  # which of two rows for one delivery says more (stores before the unique index)
+    DeliveryStatus.PENDING: 0,
+    DeliveryStatus.RETRYING: 1,
+    DeliveryStatus.DELIVERED: 2,
+    DeliveryStatus.FAILED: 2,
+}
+
+
+def _add_one_delivery_per_destination(engine: Engine) -> None:
+    """Give a store of an earlier version the unique index :data:`ONE_DELIVERY_PER_DESTINATION`. Without it,
+    the worker and the deliverer could each insert a row for the same delivery ("pending" and "delivered"),
+    and the round stayed "analysed" for ever: of such rows the one that says more stays (the latest of
+    equals), and the round's status is rolled up again."""
+    if any(index["name"] == ONE_DELIVERY_PER_DESTINATION.name for index in inspect(engine).get_indexes("deliveries")):
+        return
+    with Session(engine) as session, session.begin():
+        doubled = session.execute(
+            select(Delivery.message_id, Delivery.destination)
+            .group_by(Delivery.message_id, Delivery.destination)
+            .having(func.count() > 1)
+        ).all()
+        for message_id, destination in doubled:
+            rows = session.scalars(
+                select(Delivery).where(Delivery.message_id == message_id, Delivery.destination == destination)
+            ).all()
+            kept = max(rows, key=lambda row: (DELIVERY_PROGRESS[row.status], row.id))
+            session.execute(delete(Delivery).where(Delivery.id.in_([row.id for row in rows if row is not kept])))
+            _roll_up(session, message_id)
+    if doubled:
+        log.warning("the store held %d deliveries twice (an earlier version); merged", len(doubled))
+    ONE_DELIVERY_PER_DESTINATION.create(engine)
 
 
 def _posix(moment: datetime | None) -> float | None:
@@ -232,22 +277,29 @@ class Store:
         self, message_id: str, destination: str, *, status: DeliveryStatus, attempts: int, error: str | None = None
     ) -> None:
         """Record the latest state of one delivery, and roll the study's status up from all of them."""
-        with Session(self.engine) as session, session.begin():
-            row = session.scalars(
-                select(Delivery).where(Delivery.message_id == message_id, Delivery.destination == destination)
-            ).first()
-            if row is None:
-                row = Delivery(message_id=message_id, destination=destination)
-                session.add(row)
-            row.status, row.attempts, row.last_error = status, attempts, (error or None) and error[:512]
-            session.flush()
+        state = {"status": status, "attempts": attempts, "last_error": (error or None) and error[:512]}
+
+        def write(session: Session) -> None:
+            # Lock the round's row first, as save_outcome does by writing it: two transactions that lock in
+            # one order cannot deadlock (PostgreSQL; SQLite locks the whole file at the first write).
+            session.execute(
+                select(StudyResult.message_id).where(StudyResult.message_id == message_id).with_for_update()
+            )
+            # then update before inserting: a row read before this transaction wrote may already be stale
+            this_delivery = (Delivery.message_id == message_id, Delivery.destination == destination)
+            if not _changed(session, update(Delivery).where(*this_delivery).values(**state)):
+                session.add(Delivery(message_id=message_id, destination=destination, **state))
+                session.flush()
             _roll_up(session, message_id)
+
+        self._write(write)
 
     def save_outcome(self, result: StudyResult, destinations: list[str]) -> None:
         """Record an analysed round and a pending delivery per destination, together (a crash between
         the two would leave deliveries nobody reconciles). A delivery whose task already ran (it was
         queued before this was written) keeps its state, and the round's status rolls up from it."""
-        with Session(self.engine) as session, session.begin():
+
+        def write(session: Session) -> None:
             session.merge(result)
             known = set(session.scalars(select(Delivery.destination).where(Delivery.message_id == result.message_id)))
             for name in destinations:
@@ -259,6 +311,19 @@ class Store:
                     )
             session.flush()
             _roll_up(session, result.message_id)
+
+        self._write(write)
+
+    def _write(self, change: Callable[[Session], None]) -> None:
+        """Run ``change`` in a transaction, and once more if another process inserted the same delivery row
+        meanwhile (IntegrityError of :data:`ONE_DELIVERY_PER_DESTINATION`): the second run finds that row."""
+        try:
+            with Session(self.engine) as session, session.begin():
+                change(session)
+        except IntegrityError:
+            log.info("another process recorded the same delivery at the same moment; recording again")
+            with Session(self.engine) as session, session.begin():
+                change(session)
 
     def deliveries(self, message_id: str) -> list[Delivery]:
         with Session(self.engine, expire_on_commit=False) as session:

@@ -2,11 +2,14 @@
 creation racing another process."""
 
 import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import text
-from sqlalchemy.exc import OperationalError, StatementError
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
 from common import store as store_module
 from common.results import DeliveryStatus, Finding, GateReason, ImageResult, StudyStatus, Verdict
@@ -106,3 +109,92 @@ def test_creating_the_schema_survives_another_process_creating_it_at_once(tmp_pa
     monkeypatch.setattr(store_module.Base.metadata, "create_all", collide_once)
     store = Store(f"sqlite:///{tmp_path}/fresh.db")
     assert len(calls) == 2 and store.results() == []
+
+
+def _record_each_round_at_once(url: str, rounds: list[str]) -> None:
+    """For each round, the worker records its outcome while the deliverer, which was faster, records the
+    delivery — each process with a store (an engine) of its own, started together."""
+    worker, deliverer = Store(url), Store(url)
+    together = threading.Barrier(2, timeout=30)
+
+    def as_worker() -> None:
+        for message_id in rounds:
+            together.wait()
+            worker.save_outcome(study_result(message_id, status=StudyStatus.ANALYSED), ["pacs"])
+
+    def as_deliverer() -> None:
+        for message_id in rounds:
+            together.wait()
+            deliverer.update_delivery(message_id, "pacs", status=DeliveryStatus.DELIVERED, attempts=1)
+
+    for message_id in rounds:  # the worker's placeholder, written when it started the round
+        worker.save_result(study_result(message_id))
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(as_worker), pool.submit(as_deliverer)]:
+            done.result(timeout=120)
+
+
+POSTGRESQL_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _store_url(kind: str, folder) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{folder}/outcomes.db"
+    try:
+        create_engine(POSTGRESQL_URL).connect().close()
+    except OperationalError:
+        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
+    return POSTGRESQL_URL
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_round_recorded_by_worker_and_deliverer_at_once_has_one_delivery_and_is_delivered(kind, tmp_path) -> None:
+    """The demo once left a round "analysed" for ever: two rows for its one destination, pending and delivered."""
+    url, run = _store_url(kind, tmp_path), uuid.uuid4().hex[:8]
+    rounds = [f"{run}-{number}" for number in range(150)]
+    _record_each_round_at_once(url, rounds)
+    store = Store(url)
+    for message_id in rounds:
+        assert [(d.destination, d.status) for d in store.deliveries(message_id)] == [
+            ("pacs", DeliveryStatus.DELIVERED)
+        ], message_id
+        assert store.result(message_id).status == StudyStatus.DELIVERED, message_id
+
+
+def test_a_store_of_an_earlier_version_loses_its_doubled_deliveries_and_its_stuck_rounds(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path}/outcomes.db"
+    store = Store(url)
+    with store.engine.begin() as connection:  # as earlier versions left it: no unique index, two rows
+        connection.execute(text(f"DROP INDEX {store_module.ONE_DELIVERY_PER_DESTINATION.name}"))
+    store.save_outcome(study_result("m1", status=StudyStatus.ANALYSED), ["pacs", "archive"])
+    store.save_outcome(study_result("m2", status=StudyStatus.ANALYSED), ["pacs"])
+    store.update_delivery("m2", "pacs", status=DeliveryStatus.DELIVERED, attempts=1)
+    with store.engine.begin() as connection:
+        for message_id, destination, status, attempts in [
+            ("m1", "pacs", "delivered", 1),  # the deliverer's row beside the worker's "pending"
+            ("m1", "archive", "retrying", 2),
+            ("m1", "archive", "failed", 5),
+        ]:
+            connection.execute(
+                text(
+                    "INSERT INTO deliveries (message_id, destination, status, attempts, updated_at) "
+                    "VALUES (:message_id, :destination, :status, :attempts, '2026-01-01 00:00:00')"
+                ),
+                {"message_id": message_id, "destination": destination, "status": status, "attempts": attempts},
+            )
+    assert len(store.deliveries("m1")) == 5 and store.result("m1").status == StudyStatus.ANALYSED
+
+    upgraded = Store(url)
+    assert sorted((d.destination, d.status, d.attempts) for d in upgraded.deliveries("m1")) == [
+        ("archive", DeliveryStatus.FAILED, 5),
+        ("pacs", DeliveryStatus.DELIVERED, 1),
+    ]
+    assert [(d.destination, d.status) for d in upgraded.deliveries("m2")] == [("pacs", DeliveryStatus.DELIVERED)]
+    assert (upgraded.result("m1").status, upgraded.result("m2").status) == (StudyStatus.FAILED, StudyStatus.DELIVERED)
+    with pytest.raises(IntegrityError), upgraded.engine.begin() as connection:  # the index is back
+        connection.execute(
+            text(
+                "INSERT INTO deliveries (message_id, destination, status, attempts, updated_at) "
+                "VALUES ('m2', 'pacs', 'pending', 0, '2026-01-01 00:00:00')"
+            )
+        )

@@ -112,7 +112,10 @@ def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
                 delivered_and_sent,
                 timeout_s=120,
                 interval_s=0.5,
-                message="the study delivered and its HL7 result received",
+                message=lambda: (
+                    f"the study delivered and its HL7 result received; HL7 messages: {len(listener.messages)}, "
+                    f"study: {get_json(f'{api}/api/studies/{study_uid}')}\nserve.log (end):\n{serve.log()[-6000:]}"
+                ),
             )
             assert study["status"] == "delivered" and study["finding"] in ("POSITIVE", "NEGATIVE"), study
             assert study["patient"] is None
