@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from inference.augment import training_transform
 from inference.calibration import balanced_threshold, calibrated_probabilities, choose_threshold, fit_temperature
@@ -42,7 +41,7 @@ from inference.image_check import (
     threshold_for,
 )
 from inference.localisation import localisation_figures
-from inference.metrics import bootstrap_ci, metrics_with_ci, specificity_at_sensitivity
+from inference.metrics import bootstrap_ci, metrics_with_ci, roc_auc, specificity_at_sensitivity
 from inference.model_card import sha256_of
 from inference.split import SplitRow
 
@@ -180,10 +179,6 @@ def stressed_logits(
     return np.concatenate(logits), np.concatenate(index)
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
-
-
 def _specificity_at_90(labels: np.ndarray, scores: np.ndarray) -> float:
     return specificity_at_sensitivity(labels, scores, 0.90)
 
@@ -207,10 +202,10 @@ def population_validation(network: torch.nn.Module, images: SplitImages, input_s
             intervals[name] = bootstrap_ci(statistic, labels[members], logits[members], ci_rounds)
 
     for population in dict.fromkeys(populations):
-        add(f"auc_{population}", _auc, populations == population)
+        add(f"auc_{population}", roc_auc, populations == population)
     if "auc_adults" in figures:
         for source in ("rsna", "nih"):
-            add(f"auc_adults_{source}", _auc, sources == source)
+            add(f"auc_adults_{source}", roc_auc, sources == source)
         add("specificity_at_sensitivity_0.90_rsna", _specificity_at_90, sources == "rsna")
         boxes = [row.boxes for row in images.val_rows]
         for kind in Heatmap:
