@@ -101,11 +101,14 @@ def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
 
             api = f"http://127.0.0.1:{serve.web_port}"
 
-            def delivered_and_sent() -> dict:
+            def study_now() -> dict:
                 try:
-                    study = get_json(f"{api}/api/studies/{study_uid}")
+                    return get_json(f"{api}/api/studies/{study_uid}")
                 except OSError:  # the web server is still starting
                     return {}
+
+            def delivered_and_sent() -> dict:
+                study = study_now()
                 return study if study.get("status") == "delivered" and listener.messages else {}
 
             study = wait_until(
@@ -114,7 +117,7 @@ def test_sigterm_exits_cleanly_and_a_restart_loses_nothing(tmp_path) -> None:
                 interval_s=0.5,
                 message=lambda: (
                     f"the study delivered and its HL7 result received; HL7 messages: {len(listener.messages)}, "
-                    f"study: {get_json(f'{api}/api/studies/{study_uid}')}\nserve.log (end):\n{serve.log()[-6000:]}"
+                    f"study: {study_now()}\nserve.log (end):\n{serve.log()[-6000:]}"
                 ),
             )
             assert study["status"] == "delivered" and study["finding"] in ("POSITIVE", "NEGATIVE"), study
