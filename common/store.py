@@ -281,10 +281,9 @@ class Store:
 
         def write(session: Session) -> None:
             # Lock the round's row first, as save_outcome does by writing it: two transactions that lock in
-            # one order cannot deadlock (PostgreSQL; SQLite locks the whole file at the first write).
-            session.execute(
-                select(StudyResult.message_id).where(StudyResult.message_id == message_id).with_for_update()
-            )
+            # one order cannot deadlock (PostgreSQL; SQLite locks the whole file at the first write). The
+            # roll-up below then finds the row in the session.
+            session.get(StudyResult, message_id, with_for_update=True)
             # then update before inserting: a row read before this transaction wrote may already be stale
             this_delivery = (Delivery.message_id == message_id, Delivery.destination == destination)
             if not _changed(session, update(Delivery).where(*this_delivery).values(**state)):

@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
 
 from common import store as store_module
 from common.results import DeliveryStatus, Finding, GateReason, ImageResult, StudyStatus, Verdict
 from common.store import Store
+from tests.kit.postgresql import postgresql_url
 from tests.kit.records import study_result
 
 
@@ -134,23 +135,11 @@ def _record_each_round_at_once(url: str, rounds: list[str]) -> None:
             done.result(timeout=120)
 
 
-POSTGRESQL_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _store_url(kind: str, folder) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{folder}/outcomes.db"
-    try:
-        create_engine(POSTGRESQL_URL).connect().close()
-    except OperationalError:
-        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
-    return POSTGRESQL_URL
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
 def test_a_round_recorded_by_worker_and_deliverer_at_once_has_one_delivery_and_is_delivered(kind, tmp_path) -> None:
     """The demo once left a round "analysed" for ever: two rows for its one destination, pending and delivered."""
-    url, run = _store_url(kind, tmp_path), uuid.uuid4().hex[:8]
+    url = f"sqlite:///{tmp_path}/outcomes.db" if kind == "sqlite" else postgresql_url()
+    run = uuid.uuid4().hex[:8]
     rounds = [f"{run}-{number}" for number in range(150)]
     _record_each_round_at_once(url, rounds)
     store = Store(url)

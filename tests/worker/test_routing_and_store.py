@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 from typing import get_args
 
 import pytest
-import sqlalchemy
 
 from common.dead_letters import DeadLetters, DeliveryJob, new_dead_letter
 from common.results import DeliveryStatus, Finding, ImageResult, StudyStatus
 from common.store import Store, StudyResult
 from config.settings import ConfigError, RoutingRule, load_settings
+from tests.kit.postgresql import postgresql_url
 from worker.deliver import RouteResult, choose_destinations, retry_delay_s
 
 DESTINATIONS = [
@@ -107,12 +107,7 @@ def test_sqlite_store(tmp_path) -> None:
 
 
 def test_postgresql_store() -> None:
-    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    try:
-        sqlalchemy.create_engine(url).connect().close()
-    except sqlalchemy.exc.OperationalError:
-        pytest.skip("no PostgreSQL at 127.0.0.1:5432")
-    _exercise(Store(url))
+    _exercise(Store(postgresql_url()))
 
 
 def test_folder_destination_copies_the_outbox_layout(tmp_path) -> None:
