@@ -1,4 +1,8 @@
-"""Deliver stage (used by the worker): datasets → C-STORE to one destination over one association.
+"""Deliver stage (used by the worker): datasets or DICOM files → C-STORE to one destination over one association.
+
+A file (:class:`InstanceFile`) is sent as it is on disk, read in PDU-sized pieces, when the destination
+accepted its transfer syntax — not decoded and encoded again (for a study's SC and SR that was ≈ a sixth
+of the deliverer's CPU, issue 12); otherwise it is read and converted to a syntax the destination accepted.
 
 Every response status is checked; the first failure raises :class:`DeliveryError`, which names the
 instance, the status and whether a later retry may help. Retrying is the caller's job.
@@ -18,9 +22,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.status import code_to_category
 
@@ -29,6 +36,10 @@ from common.association_io import sleep_until_work
 MAX_PRESENTATION_CONTEXTS = 128  # PS3.8: context IDs are odd numbers 1..255
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 log = logging.getLogger("lungvision.scu")
+
+# send_c_store(path) streams the file's data set from disk as it is (pynetdicom's documented switch; this
+# module is the only caller that passes paths, and checks the transfer syntax first: see ``_payload``)
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -83,15 +94,66 @@ class DeliveryError(Exception):
         )
 
 
+@dataclass(frozen=True)
+class InstanceFile:
+    """A DICOM Part-10 file to send, known by its file meta information (the data set is not read)."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+    @classmethod
+    def read(cls, path: Path) -> "InstanceFile":
+        """``path``'s file meta; ValueError naming the file when it lacks what a C-STORE needs."""
+        try:
+            meta = read_file_meta_info(path)
+        except InvalidDicomError as error:  # no preamble and "DICM": not a Part-10 file
+            raise ValueError(f"{path} cannot be sent: its file meta information lacks the DICM prefix") from error
+        missing = [
+            keyword
+            for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+            if not meta.get(keyword)
+        ]
+        if missing:
+            raise ValueError(f"{path} cannot be sent: its file meta information lacks {', '.join(missing)}")
+        return cls(
+            Path(path),
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.MediaStorageSOPInstanceUID),
+            str(meta.TransferSyntaxUID),
+        )
+
+
+Instance = Dataset | InstanceFile  # what send_datasets sends
+
+
+def _sop_class(instance: Instance) -> str:
+    return instance.sop_class_uid if isinstance(instance, InstanceFile) else str(instance.SOPClassUID)
+
+
+def _sop_instance(instance: Instance) -> str:
+    return instance.sop_instance_uid if isinstance(instance, InstanceFile) else str(instance.SOPInstanceUID)
+
+
+def _transfer_syntax(instance: Instance) -> str:
+    return (
+        instance.transfer_syntax_uid
+        if isinstance(instance, InstanceFile)
+        else str(instance.file_meta.TransferSyntaxUID)
+    )
+
+
 def send_datasets(
     destination: Destination,
-    datasets: Sequence[Dataset],
+    datasets: Sequence[Instance],
     *,
     calling_ae: str = "LUNGVISION",
     timeouts: Timeouts = Timeouts(),
     pool: "AssociationPool | None" = None,
 ) -> list[int]:
-    """Store every dataset at ``destination`` over one association; return their (success or warning) statuses.
+    """Store every dataset (or file) at ``destination`` over one association; return their (success or
+    warning) statuses.
 
     Each dataset needs ``file_meta.TransferSyntaxUID``. Proposed per SOP class: explicit and implicit
     VR little endian, plus each dataset's own transfer syntax when it is another (e.g. compressed).
@@ -111,7 +173,7 @@ def send_datasets(
     )
     if pool is None:
         pool = AssociationPool(idle_s=0)  # keeps nothing: this one association is released afterwards
-    first_sop_uid = str(datasets[0].SOPInstanceUID)
+    first_sop_uid = _sop_instance(datasets[0])
     kept = pool.acquire(request, first_sop_uid=first_sop_uid)
     try:
         return _send_over(pool, kept, datasets)
@@ -128,7 +190,7 @@ def send_datasets(
     return _send_over(pool, pool.open(request, first_sop_uid=first_sop_uid), datasets)
 
 
-def _send_over(pool: "AssociationPool", kept: "KeptAssociation", datasets: Sequence[Dataset]) -> list[int]:
+def _send_over(pool: "AssociationPool", kept: "KeptAssociation", datasets: Sequence[Instance]) -> list[int]:
     """C-STORE every dataset over ``kept``; give it back to the pool, or abort it if anything failed."""
     try:
         statuses = _store_all(kept, datasets)
@@ -139,14 +201,14 @@ def _send_over(pool: "AssociationPool", kept: "KeptAssociation", datasets: Seque
     return statuses
 
 
-def _store_all(kept: "KeptAssociation", datasets: Sequence[Dataset]) -> list[int]:
+def _store_all(kept: "KeptAssociation", datasets: Sequence[Instance]) -> list[int]:
     destination = kept.request.destination
     statuses: list[int] = []
     delivered: list[str] = []
     for dataset in datasets:
-        sop_uid = str(dataset.SOPInstanceUID)
+        sop_uid = _sop_instance(dataset)
         try:
-            response = kept.association.send_c_store(dataset, msg_id=kept.next_message_id())
+            response = kept.association.send_c_store(_payload(kept.association, dataset), msg_id=kept.next_message_id())
         except ValueError as error:  # no accepted context for this SOP class / transfer syntax
             raise DeliveryError(
                 destination, sop_uid, None, str(error), transient=False, delivered=tuple(delivered)
@@ -166,14 +228,29 @@ def _store_all(kept: "KeptAssociation", datasets: Sequence[Dataset]) -> list[int
     return statuses
 
 
-def proposed_contexts(datasets: Sequence[Dataset]) -> list[tuple[str, list[str]]]:
-    """(SOP class, transfer syntaxes) to propose: uncompressed for every class, plus each other syntax on its own."""
+def _payload(assoc: Association, instance: Instance) -> Dataset | Path:
+    """What ``send_c_store`` gets for ``instance``: a dataset as it is; a file's path when ``assoc`` accepted
+    the file's own transfer syntax for its SOP class (sent from disk as it is), else the file read (pynetdicom
+    converts it to an uncompressed syntax the peer accepted)."""
+    if isinstance(instance, Dataset):
+        return instance
+    accepted = any(
+        context.abstract_syntax == instance.sop_class_uid and context.transfer_syntax[0] == instance.transfer_syntax_uid
+        for context in assoc.accepted_contexts
+    )
+    return instance.path if accepted else dcmread(instance.path)
+
+
+def proposed_contexts(datasets: Sequence[Instance]) -> list[tuple[str, list[str]]]:
+    """(SOP class, transfer syntaxes) to propose: uncompressed for every class, plus each other syntax on its
+    own — and a file's syntax on its own even when uncompressed, so that an acceptor that prefers the other
+    one (pynetdicom picks implicit VR from the pair) can still take the file as it lies on disk."""
     contexts: dict[tuple[str, tuple[str, ...]], None] = {}
     for dataset in datasets:
-        sop_class = str(dataset.SOPClassUID)
-        own_syntax = str(dataset.file_meta.TransferSyntaxUID)
+        sop_class = _sop_class(dataset)
+        own_syntax = _transfer_syntax(dataset)
         contexts[(sop_class, _UNCOMPRESSED)] = None
-        if own_syntax not in _UNCOMPRESSED:
+        if own_syntax not in _UNCOMPRESSED or isinstance(dataset, InstanceFile):
             contexts[(sop_class, (own_syntax,))] = None
     return [(sop_class, list(syntaxes)) for sop_class, syntaxes in contexts]
 
@@ -397,6 +474,8 @@ __all__ = [
     "ClientTls",
     "DeliveryError",
     "Destination",
+    "Instance",
+    "InstanceFile",
     "KeptAssociation",
     "Timeouts",
     "proposed_contexts",

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Update,
     create_engine,
     delete,
+    event,
     func,
     inspect,
     select,
@@ -238,6 +239,22 @@ def _chunks(items: list[str]) -> Iterable[list[str]]:
         yield items[start : start + _IN_CHUNK]
 
 
+def _write_ahead_log(connection, _record) -> None:
+    """A SQLite file store journals in write-ahead-log mode (kept in the file; a no-op once set).
+
+    A commit is then one append and one fsync of the ``-wal`` file (``synchronous`` stays FULL: a
+    committed outcome survives a crash and a power cut) instead of a rollback journal written, synced
+    and deleted, and the database file synced, each time: 1.5 → 0.3 ms a commit on the test VM, and
+    every study takes three or four (claim, outcome, deliveries; issue 12). Readers (the worklist)
+    no longer wait for a writer's commit either. Node, worker and web must share one host's file
+    system, as SQLite's locking already required (not a network share)."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+    finally:
+        cursor.close()
+
+
 class Store:
     """The outcome store; creates its tables on first use."""
 
@@ -247,6 +264,7 @@ class Store:
         database = self.engine.url.database
         if is_sqlite and database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
+            event.listen(self.engine, "connect", _write_ahead_log)
         create_schema(self.engine)
 
     def save_result(self, result: StudyResult) -> None:

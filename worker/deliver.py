@@ -14,10 +14,9 @@ from enum import StrEnum
 from pathlib import Path
 
 import redis
-from pydicom import dcmread
 
 from common.results import Finding, StudyStatus
-from common.scu import AssociationPool, ClientTls, Destination, Timeouts, send_datasets
+from common.scu import AssociationPool, ClientTls, Destination, InstanceFile, Timeouts, send_datasets
 from common.store import Store, StudyResult
 from config.settings import DestinationSettings, RoutingRule, Settings
 
@@ -91,8 +90,9 @@ def to_destination(settings: DestinationSettings) -> Destination:
 
 
 def send_files(settings: Settings, destination_name: str, files: list[Path]) -> None:
-    """Deliver ``files`` to one configured destination: C-STORE over one association (raises
-    DeliveryError), or copies into a folder destination."""
+    """Deliver ``files`` to one configured destination: C-STORE over one association, each file as it is on
+    disk where the destination accepts its transfer syntax (raises DeliveryError), or copies into a folder
+    destination."""
     destination = next((d for d in settings.destinations if d.name == destination_name), None)
     if destination is None:
         raise LookupError(f"destination {destination_name!r} is not configured")
@@ -100,7 +100,7 @@ def send_files(settings: Settings, destination_name: str, files: list[Path]) -> 
         assert destination.path is not None  # the settings require it for a folder destination
         copy_to_folder(destination.path, files)
         return
-    datasets = [dcmread(path) for path in files]
+    instances = [InstanceFile.read(path) for path in files]
     delivery = settings.delivery
     timeouts = Timeouts(
         connection_s=delivery.connection_timeout_s,
@@ -110,7 +110,7 @@ def send_files(settings: Settings, destination_name: str, files: list[Path]) -> 
     )
     send_datasets(
         to_destination(destination),
-        datasets,
+        instances,
         calling_ae=settings.node.ae_title,
         timeouts=timeouts,
         pool=association_pool(settings),

@@ -32,10 +32,14 @@ SCP_SCRIPT = storage_scp.__file__
 class ScpProcess:
     """The test's handle on tests/kit/storage_scp.py, run in its own process."""
 
-    def __init__(self) -> None:
+    def __init__(self, transfer_syntaxes: list[str] | None = None) -> None:
         self.port = free_port()
+        accepted = [",".join(transfer_syntaxes)] if transfer_syntaxes else []  # default: the uncompressed ones
         self.process = subprocess.Popen(
-            [sys.executable, str(SCP_SCRIPT), str(self.port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, str(SCP_SCRIPT), str(self.port), *accepted],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert json.loads(self.process.stdout.readline()) == "listening"
 
@@ -59,6 +63,11 @@ class ScpProcess:
     @property
     def stored(self) -> list[str]:
         return self.ask("state")["stored"]
+
+    @property
+    def received(self) -> dict[str, list[str]]:
+        """Per SOP Instance UID: [transfer syntax it came in, sha256 of its data set's bytes as they arrived]."""
+        return self.ask("state")["received"]
 
     def stop(self) -> None:
         self.process.communicate('["stop"]\n', timeout=WAIT_S)
