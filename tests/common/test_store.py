@@ -2,6 +2,7 @@
 creation racing another process."""
 
 import json
+import sqlite3
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -187,3 +188,22 @@ def test_a_store_of_an_earlier_version_loses_its_doubled_deliveries_and_its_stuc
                 "VALUES ('m2', 'pacs', 'pending', 0, '2026-01-01 00:00:00')"
             )
         )
+
+
+def test_a_sqlite_store_journals_ahead_and_a_reader_is_not_held_up_by_an_open_write(tmp_path) -> None:
+    """WAL mode (kept in the file): a commit is one fsync of the log, and the worklist reads while a worker
+    writes — in the rollback-journal mode of before, the open write below made the read fail."""
+    path = tmp_path / "store.db"
+    writer = Store(f"sqlite:///{path}")
+    writer.save_result(study_result("before"))
+    with sqlite3.connect(path) as database:
+        assert database.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    holding = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        holding.execute("BEGIN EXCLUSIVE")  # a writer in the middle of its transaction
+        holding.execute("DELETE FROM study_results")
+        reader = Store(f"sqlite:///{path}")
+        assert [result.message_id for result in reader.results()] == ["before"]  # the last committed state
+    finally:
+        holding.execute("ROLLBACK")
+        holding.close()
