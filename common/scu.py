@@ -12,6 +12,7 @@ destination (the TCP and A-ASSOCIATE set-up is then paid once per burst, not onc
 releases it after a few idle seconds. A failed association is aborted, never used again.
 """
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -37,9 +38,33 @@ MAX_PRESENTATION_CONTEXTS = 128  # PS3.8: context IDs are odd numbers 1..255
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 log = logging.getLogger("lungvision.scu")
 
-# send_c_store(path) streams the file's data set from disk as it is (pynetdicom's documented switch; this
-# module is the only caller that passes paths, and checks the transfer syntax first: see ``_payload``)
-_config.STORE_SEND_CHUNKED_DATASET = True
+
+class _StreamingFiles:
+    """pynetdicom's process-wide switch ``STORE_SEND_CHUNKED_DATASET``, which makes ``send_c_store(path)`` stream
+    the file's data set from disk as it is, turned on only while one of our sends of a file runs (``with
+    STREAMING_FILES:``; counted, as deliveries run in several threads): another caller in the process — a
+    test posing as a PACS — keeps pynetdicom's default (the file read, then encoded again)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+        self._before = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._running == 0:
+                self._before = _config.STORE_SEND_CHUNKED_DATASET
+                _config.STORE_SEND_CHUNKED_DATASET = True
+            self._running += 1
+
+    def __exit__(self, *_exception: object) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = self._before
+
+
+STREAMING_FILES = _StreamingFiles()
 
 
 @dataclass(frozen=True)
@@ -207,8 +232,10 @@ def _store_all(kept: "KeptAssociation", datasets: Sequence[Instance]) -> list[in
     delivered: list[str] = []
     for dataset in datasets:
         sop_uid = _sop_instance(dataset)
+        payload = _payload(kept.association, dataset)
         try:
-            response = kept.association.send_c_store(_payload(kept.association, dataset), msg_id=kept.next_message_id())
+            with STREAMING_FILES if isinstance(payload, Path) else contextlib.nullcontext():
+                response = kept.association.send_c_store(payload, msg_id=kept.next_message_id())
         except ValueError as error:  # no accepted context for this SOP class / transfer syntax
             raise DeliveryError(
                 destination, sop_uid, None, str(error), transient=False, delivered=tuple(delivered)
@@ -230,8 +257,8 @@ def _store_all(kept: "KeptAssociation", datasets: Sequence[Instance]) -> list[in
 
 def _payload(assoc: Association, instance: Instance) -> Dataset | Path:
     """What ``send_c_store`` gets for ``instance``: a dataset as it is; a file's path when ``assoc`` accepted
-    the file's own transfer syntax for its SOP class (sent from disk as it is), else the file read (pynetdicom
-    converts it to an uncompressed syntax the peer accepted)."""
+    the file's own transfer syntax for its SOP class (streamed from disk as it is, within ``STREAMING_FILES``),
+    else the file read (pynetdicom converts it to an uncompressed syntax the peer accepted)."""
     if isinstance(instance, Dataset):
         return instance
     accepted = any(

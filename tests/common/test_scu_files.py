@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import _config
 from pynetdicom.dsutils import encode, split_dataset
 
 from common.scu import InstanceFile, send_datasets
@@ -55,6 +56,7 @@ def test_a_file_goes_byte_for_byte_as_it_lies_on_disk(scp, tmp_path) -> None:
     transfer_syntax, sha256 = scp.received[uid]
     assert transfer_syntax == ExplicitVRLittleEndian
     assert sha256 == hashlib.sha256(on_disk).hexdigest()  # re-encoded, the element would have moved
+    assert _config.STORE_SEND_CHUNKED_DATASET is False  # pynetdicom's default again, for other callers
 
 
 def test_a_file_in_a_syntax_the_destination_refuses_is_converted_to_one_it_accepts(implicit_only_scp, tmp_path) -> None:
