@@ -3,8 +3,10 @@ in a small SQL store (no patient names, ids or birth dates). SQLite by default; 
 PostgreSQL) works. The worker writes it (worker/record.py); the worklist reads it; the reconciliation
 (worker/reconcile.py) compares it with the rounds the node queued."""
 
+import contextlib
+import fcntl
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -177,21 +179,39 @@ _IN_CHUNK = 500  # message ids per "IN (...)" query
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the missing tables. Two processes doing it at once on a fresh database collide (SQLite:
-    "table study_results already exists"); the loser tries again and then finds the tables there.
-    The worker creates them once before it forks its pool (worker/commands.py), so its processes
-    do not race; node, web and worker starting together still may."""
-    for attempt in range(1, SCHEMA_TRIES + 1):
-        try:
-            Base.metadata.create_all(engine)
-            _add_one_delivery_per_destination(engine)
-            return
-        except DatabaseError as error:
-            if attempt == SCHEMA_TRIES:
-                raise
-            log.warning(
-                "creating the store's tables collided with another process (%s); trying again", type(error).__name__
-            )
+    """Create the missing tables. Two processes doing it at once on a fresh database collide (e.g. "table
+    study_results already exists"); the loser tries again and then finds the tables there. On a SQLite
+    file they take turns instead (``_one_at_a_time``). The worker creates them once before it forks its
+    pool (worker/commands.py), so its processes do not race; node, web and worker starting together still may."""
+    with _one_at_a_time(engine):
+        for attempt in range(1, SCHEMA_TRIES + 1):
+            try:
+                Base.metadata.create_all(engine)
+                _add_one_delivery_per_destination(engine)
+                return
+            except DatabaseError as error:
+                if attempt == SCHEMA_TRIES:
+                    raise
+                log.warning(
+                    "creating the store's tables collided with another process (%s); trying again",
+                    type(error).__name__,
+                )
+
+
+@contextlib.contextmanager
+def _one_at_a_time(engine: Engine) -> Iterator[None]:
+    """For a SQLite file store: hold an exclusive ``flock`` on ``<file>.schema-lock`` beside it (not on the
+    database file: closing another descriptor of it would drop SQLite's own locks). pysqlite runs each
+    CREATE TABLE in a transaction of its own, so processes creating the tables together kept colliding
+    table after table (three times in a row for a worker started with node and deliverer: it exited);
+    taking turns, the later ones find the tables there. Other databases: nothing (their DDL is transactional)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.schema-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        yield
 
 
 DELIVERY_PROGRESS = {  # which of two rows for one delivery says more (stores before the unique index)
