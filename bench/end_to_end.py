@@ -21,9 +21,12 @@ Orthanc as the only destination. The input is bench/worker.py's: one
   per study over the burst (each with the processes it started: the node's receiving processes, the
   worker's pool), the senders (``storescu``), Orthanc and Redis included — where the cores went.
 
-``--baseline DIR``: the same for another checkout (e.g. one from before a change; without a deliverer),
-same studies, same run, and the ratios. ``--worker-delivers``: also the current tree without a deliverer
-(the worker sends the results itself, before its next study), and the ratios. Nothing is asserted.
+``--baseline DIR``: the same for another checkout (e.g. one from before a change; without a deliverer, or
+with one: ``--baseline-deliverer``), same studies, same run, and the ratios. ``--worker-delivers``: also the
+current tree without a deliverer (the worker sends the results itself, before its next study), and the
+ratios. ``--rounds N``: every run N times, the order of the runs reversed each round (a VM's speed drifts
+by ±10 % over minutes: both sides then see the same drift), then the median studies/s of each and the
+ratio round by round. Nothing is asserted.
 """
 
 import argparse
@@ -227,13 +230,15 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=30, help="studies sent at once")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to measure as the peer")
+    parser.add_argument("--baseline-deliverer", action="store_true", help="run the baseline with a deliverer too")
     parser.add_argument("--worker-delivers", action="store_true", help="also measure without a deliverer")
+    parser.add_argument("--rounds", type=int, default=1, help="measure every run this many times, alternating")
     arguments = parser.parse_args()
     runs = [("current", REPO, True)]  # (label, checkout, with a deliverer); the current tree last
     if arguments.worker_delivers:
         runs.insert(0, ("worker delivers", REPO, False))
     if arguments.baseline is not None:
-        runs.insert(0, ("baseline", arguments.baseline, False))
+        runs.insert(0, ("baseline", arguments.baseline, arguments.baseline_deliverer))
     with tempfile.TemporaryDirectory(prefix="lv-e2e-") as temporary:
         root = Path(temporary)
         (root / "latency").mkdir()
@@ -241,22 +246,40 @@ def main() -> None:
         latency_studies = make_studies(root / "latency", arguments.studies + 2)
         burst = make_studies(root / "burst", arguments.burst)
         for concurrency in arguments.concurrency:
-            results = {}
-            for label, repo, deliverer in runs:
-                folder = root / f"{label.replace(' ', '-')}-concurrency-{concurrency}"
-                folder.mkdir()
-                results[label] = measure(repo.resolve(), deliverer, concurrency, latency_studies, burst, folder)
-                print_result(f"{label} ({repo.resolve()})", concurrency, results[label])
-            now = results["current"]
-            for label, before in results.items():
-                if label == "current":
-                    continue
-                p95_now = summary([row["latency"] for row in now["rows"]])[1]
-                p95_before = summary([row["latency"] for row in before["rows"]])[1]
-                print(
-                    f"\nconcurrency {concurrency}: latency p95 {p95_now / p95_before:.2f}× the {label} run's, "
-                    f"studies/s {now['studies_per_s'] / before['studies_per_s']:.2f}×"
-                )
+            results: dict[str, list[dict]] = {label: [] for label, _, _ in runs}
+            for round_number in range(arguments.rounds):
+                for label, repo, deliverer in runs if round_number % 2 == 0 else runs[::-1]:
+                    folder = root / f"{label.replace(' ', '-')}-concurrency-{concurrency}-round-{round_number}"
+                    folder.mkdir()
+                    result = measure(repo.resolve(), deliverer, concurrency, latency_studies, burst, folder)
+                    results[label].append(result)
+                    print_result(f"{label} ({repo.resolve()})", concurrency, result)
+            print_comparison(concurrency, results)
+
+
+def print_comparison(concurrency: int, results: dict[str, list[dict]]) -> None:
+    """The current tree's latency p95 and studies/s against every other run's, round by round; with more
+    than one round also each run's median studies/s."""
+    now = results["current"]
+    if len(now) > 1:
+        medians = ", ".join(
+            f"{label} {statistics.median(result['studies_per_s'] for result in rounds):.2f}"
+            for label, rounds in results.items()
+        )
+        print(f"\nconcurrency {concurrency}: median studies/s over {len(now)} rounds: {medians}")
+    for label, before in results.items():
+        if label == "current":
+            continue
+        p95 = [
+            summary([row["latency"] for row in mine["rows"]])[1]
+            / summary([row["latency"] for row in theirs["rows"]])[1]
+            for mine, theirs in zip(now, before)
+        ]
+        speed = [mine["studies_per_s"] / theirs["studies_per_s"] for mine, theirs in zip(now, before)]
+        print(
+            f"concurrency {concurrency}: latency p95 {', '.join(f'{ratio:.2f}' for ratio in p95)}× the {label} "
+            f"run's, studies/s {', '.join(f'{ratio:.2f}' for ratio in speed)}× (round by round)"
+        )
 
 
 if __name__ == "__main__":
