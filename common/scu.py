@@ -181,7 +181,8 @@ def send_datasets(
     warning) statuses.
 
     Each dataset needs ``file_meta.TransferSyntaxUID``. Proposed per SOP class: explicit and implicit
-    VR little endian, plus each dataset's own transfer syntax when it is another (e.g. compressed).
+    VR little endian, plus each dataset's own transfer syntax when it is another (e.g. compressed) and
+    each file's own on its own (``proposed_contexts``).
 
     With ``pool``: over an association an earlier call left open when there is one, kept open afterwards.
     If that kept association turns out to be gone (the peer released or dropped it while it was idle)
