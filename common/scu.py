@@ -119,6 +119,11 @@ class DeliveryError(Exception):
         )
 
 
+class UnsendableFile(ValueError):
+    """A file that cannot be sent as it is: not a DICOM Part-10 file, or its file meta lacks what a C-STORE
+    needs. The message names the file and what it lacks (no header values)."""
+
+
 @dataclass(frozen=True)
 class InstanceFile:
     """A DICOM Part-10 file to send, known by its file meta information (the data set is not read)."""
@@ -130,18 +135,18 @@ class InstanceFile:
 
     @classmethod
     def read(cls, path: Path) -> "InstanceFile":
-        """``path``'s file meta; ValueError naming the file when it lacks what a C-STORE needs."""
+        """``path``'s file meta; :class:`UnsendableFile` naming the file when it lacks what a C-STORE needs."""
         try:
             meta = read_file_meta_info(path)
         except InvalidDicomError as error:  # no preamble and "DICM": not a Part-10 file
-            raise ValueError(f"{path} cannot be sent: its file meta information lacks the DICM prefix") from error
+            raise UnsendableFile(f"{path} cannot be sent: its file meta information lacks the DICM prefix") from error
         missing = [
             keyword
             for keyword in ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
             if not meta.get(keyword)
         ]
         if missing:
-            raise ValueError(f"{path} cannot be sent: its file meta information lacks {', '.join(missing)}")
+            raise UnsendableFile(f"{path} cannot be sent: its file meta information lacks {', '.join(missing)}")
         return cls(
             Path(path),
             str(meta.MediaStorageSOPClassUID),
@@ -506,6 +511,7 @@ __all__ = [
     "InstanceFile",
     "KeptAssociation",
     "Timeouts",
+    "UnsendableFile",
     "proposed_contexts",
     "send_datasets",
 ]

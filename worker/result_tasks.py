@@ -15,7 +15,7 @@ from common.dead_letters import DeliveryJob
 from common.failures import describe_failure
 from common.messages import DELIVER_TASK, HL7_TASK
 from common.results import DeliveryStatus
-from common.scu import DeliveryError
+from common.scu import DeliveryError, UnsendableFile
 from common.store import Store
 from config.settings import Settings
 from worker.celery_app import app, current_settings
@@ -42,9 +42,10 @@ def deliver_task(self, job: dict) -> str:
         send_files(settings, delivery.destination, [Path(name) for name in delivery.files])
     except Exception as error:
         transient = isinstance(error, DeliveryError) and error.transient
-        # Our own errors (LookupError: destination no longer configured; OSError: an unreadable outbox file)
-        # say what happened; any other exception's message might quote a DICOM value: type and place only.
-        ours = isinstance(error, (DeliveryError, LookupError, OSError))
+        # Our own errors (LookupError: destination no longer configured; OSError: an unreadable outbox file;
+        # UnsendableFile: one without file meta) say what happened; any other exception's message might
+        # quote a DICOM value: type and place only.
+        ours = isinstance(error, (DeliveryError, LookupError, OSError, UnsendableFile))
         reason = str(error) if ours else describe_failure(error)
         if transient and attempt < settings.delivery.max_attempts:
             delay = retry_delay(settings, attempt)

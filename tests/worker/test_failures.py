@@ -126,3 +126,24 @@ def test_an_unexpected_exception_while_sending_dead_letters_the_delivery(worker,
     assert SECRET not in letter.error and SECRET not in worker.current_settings().audit.path.read_text()
     [delivery] = worker.store().deliveries("m1")
     assert (delivery.status, delivery.attempts) == (DeliveryStatus.FAILED, 1)
+
+
+def test_an_outbox_file_without_file_meta_dead_letters_its_delivery_naming_the_file(worker, tmp_path) -> None:
+    from pydicom import Dataset
+    from pynetdicom.dsutils import encode
+
+    from worker import celery_app, result_tasks
+
+    bare = tmp_path / "outbox" / "1.2.3" / "1.2.3.4.dcm"
+    bare.parent.mkdir(parents=True)
+    dataset = Dataset()
+    dataset.PatientName = SECRET
+    bare.write_bytes(encode(dataset, False, True))  # the data set alone: no preamble, no "DICM", no file meta
+    pacs = {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}  # never reached
+    celery_app.configure(embedded_settings(tmp_path, destinations=[pacs]))
+    job = DeliveryJob("m1", "1.2.3", "pacs", [str(bare)])
+    worker.store().update_delivery("m1", "pacs", status=DeliveryStatus.PENDING, attempts=0)
+    assert result_tasks.deliver_task.apply(args=[asdict(job)]).get() == "failed"  # no retry: the file stays as it is
+    [letter] = dead_letters(worker).list()
+    assert letter.error == f"{bare} cannot be sent: its file meta information lacks the DICM prefix"
+    assert SECRET not in worker.current_settings().audit.path.read_text()
