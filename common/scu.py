@@ -264,14 +264,21 @@ def _store_all(kept: "KeptAssociation", datasets: Sequence[Instance]) -> list[in
 def _payload(assoc: Association, instance: Instance) -> Dataset | Path:
     """What ``send_c_store`` gets for ``instance``: a dataset as it is; a file's path when ``assoc`` accepted
     the file's own transfer syntax for its SOP class (streamed from disk as it is, within ``STREAMING_FILES``),
-    else the file read (pynetdicom converts it to an uncompressed syntax the peer accepted)."""
+    else the file read — its pixels decompressed when they are compressed (e.g. a JPEG heatmap SC for a
+    destination that accepts uncompressed images only; the SOP Instance UID stays) — and pynetdicom converts
+    it to an uncompressed syntax the peer accepted."""
     if isinstance(instance, Dataset):
         return instance
     accepted = any(
         context.abstract_syntax == instance.sop_class_uid and context.transfer_syntax[0] == instance.transfer_syntax_uid
         for context in assoc.accepted_contexts
     )
-    return instance.path if accepted else dcmread(instance.path)
+    if accepted:
+        return instance.path
+    dataset = dcmread(instance.path)
+    if dataset.file_meta.TransferSyntaxUID.is_compressed:
+        dataset.decompress(generate_instance_uid=False)  # colour: to RGB (pydicom's default)
+    return dataset
 
 
 def proposed_contexts(datasets: Sequence[Instance]) -> list[tuple[str, list[str]]]:

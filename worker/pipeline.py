@@ -25,7 +25,7 @@ from inference.preprocess import to_square_uint8
 from inference.site_profile import OperatingPoint
 from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import ImageFinding, build_findings_sr
-from worker.encode.heatmap_sc import build_heatmap_sc
+from worker.encode.heatmap_sc import ScCompression, build_heatmap_sc
 from worker.encode.source_header import instance_number
 from worker.select import select
 
@@ -134,21 +134,31 @@ def algorithm_of(classifier: Classifier) -> Algorithm:
 
 
 def analyse_study(
-    message: StudyReady, classifier: Classifier, gate: IntendedUse, outbox: Path, *, device_uid: str, max_long_side: int
+    message: StudyReady,
+    classifier: Classifier,
+    gate: IntendedUse,
+    outbox: Path,
+    *,
+    device_uid: str,
+    max_long_side: int,
+    sc_compression: ScCompression = "jpeg",
 ) -> StudyOutcome:
     """Analyse every instance of ``message`` and write the SC and SR files into ``outbox``.
 
     An image outside the intended use (header rules first, then the image check from the same
     forward pass) is not analysed under ``Policy.REFUSE`` — its probability is dropped, never
     shown — and analysed but marked under ``Policy.FLAG``. Each analysed image is judged at the
-    operating point of its population: the header's patient age's, else the image check's.
+    operating point of its population: the header's patient age's, else the image check's. The heatmap
+    SCs are at most ``max_long_side`` pixels long, their pixels compressed as ``sc_compression`` says.
     """
     watch = _Stopwatch()
     images = _read_and_select(message, gate, watch)
     predictions = _predict(images, classifier, gate, max_long_side, watch)
     algorithm = algorithm_of(classifier)
     uids = _OutputUids(message.study_instance_uid, algorithm.weights_sha256)
-    findings = _findings_with_heatmaps(images, predictions, classifier, algorithm, uids, max_long_side, watch)
+    findings = _findings_with_heatmaps(
+        images, predictions, classifier, algorithm, uids, max_long_side, sc_compression, watch
+    )
     outputs, results = _findings_reports(findings, classifier, algorithm, uids, device_uid, watch)
     started = time.perf_counter()
     files = write_outputs(outputs, outbox / message.study_instance_uid)
@@ -242,6 +252,7 @@ def _findings_with_heatmaps(
     algorithm: Algorithm,
     uids: _OutputUids,
     max_long_side: int,
+    compression: ScCompression,
     watch: _Stopwatch,
 ) -> list[ImageFinding]:
     """One finding per source image: analysed ones with their heatmap Secondary Capture."""
@@ -265,6 +276,7 @@ def _findings_with_heatmaps(
             sop_instance_uid=uids.instance(source, "sc"),
             series_number=SC_SERIES_NUMBER,
             instance_number=instance_number(source, index + 1),
+            compression=compression,
         )
         point = classifier.operating_points[prediction.population]
         findings.append(

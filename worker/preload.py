@@ -109,6 +109,7 @@ def warm_up(classifier: "Classifier", settings: Settings) -> None:
             Path(folder) / "out",
             device_uid=device_uid_for(settings.node.ae_title),
             max_long_side=settings.worker.sc_max_long_side,
+            sc_compression=settings.worker.sc_compression,
         )
     global _warm_up_ms
     _warm_up_ms = (time.perf_counter() - started) * 1000

@@ -62,6 +62,7 @@ def analyse_study_task(message: dict) -> dict:
             settings.worker.outbox_dir,
             device_uid=device_uid_for(settings.node.ae_title),
             max_long_side=settings.worker.sc_max_long_side,
+            sc_compression=settings.worker.sc_compression,
         )
         # deliver
         destinations = queue_deliveries(ready, model, analysis, settings)

@@ -16,7 +16,7 @@ import sys
 import threading
 
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import ComputedRadiographyImageStorage
+from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
 
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
@@ -28,7 +28,8 @@ class StorageScp:
         self.cues: dict[str, set[str]] = {"abort_once": set(), "abort_always": set(), "refuse": set()}
         self.lock = threading.Lock()
         ae = AE(ae_title="TESTSCP")
-        ae.add_supported_context(ComputedRadiographyImageStorage, transfer_syntaxes)
+        for sop_class in (ComputedRadiographyImageStorage, SecondaryCaptureImageStorage):
+            ae.add_supported_context(sop_class, transfer_syntaxes)
         handlers = [
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_RELEASED, self._released),

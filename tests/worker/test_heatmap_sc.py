@@ -5,7 +5,7 @@ dciodvfy; a picture or source it cannot use is refused with a clear error."""
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from inference.overlay import HEAT_FLOOR, display_size, legend_lines, render_overlay
 from inference.sample_dicom import wrap_image
@@ -32,7 +32,7 @@ def hot_spot(shape: tuple[int, int], peak: float) -> np.ndarray:
     return (np.clip(1 - distance / 0.15, 0, 1) * peak).astype(np.float32)
 
 
-def build(source, picture):
+def build(source, picture, compression="none"):
     return build_heatmap_sc(
         source,
         picture,
@@ -41,6 +41,7 @@ def build(source, picture):
         sop_instance_uid=generate_uid(),
         series_number=9901,
         instance_number=3,
+        compression=compression,
     )
 
 
@@ -83,6 +84,23 @@ def test_sc_is_a_derived_secondary_capture_in_the_source_study(source, picture, 
     (path,) = write_outputs([sc], tmp_path / "outbox")
     assert dciodvfy_errors(path) == []
     assert np.array_equal(dcmread(path).pixel_array, picture)
+
+
+def test_a_jpeg_sc_says_it_is_lossy_and_shows_the_same_picture(source, picture, tmp_path) -> None:
+    """The default: JPEG Baseline (YCbCr, as PS3.5 asks of lossy colour JPEG), declared as lossy
+    compression, several times smaller, and decoded back to the picture within JPEG's error."""
+    sc = build(source, picture, compression="jpeg")
+    assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert (sc.PhotometricInterpretation, sc.SamplesPerPixel) == ("YBR_FULL_422", 3)
+    assert (sc.LossyImageCompression, sc.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+    assert float(sc.LossyImageCompressionRatio) > 4
+    assert list(sc.ImageType) == ["DERIVED", "SECONDARY"] and sc.BurnedInAnnotation == "YES"
+
+    (path,) = write_outputs([sc], tmp_path / "outbox")
+    assert dciodvfy_errors(path) == []
+    decoded = dcmread(path).pixel_array.astype(int)  # pydicom: back to RGB
+    assert decoded.shape == picture.shape
+    assert np.abs(decoded - picture).mean() < 2.0
 
 
 def test_the_legend_and_colour_bar_are_burned_into_the_pixels(picture) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from common.results import Finding, GateReason, StudyStatus
 from inference.classifier import load_classifier
@@ -54,7 +54,10 @@ def test_heatmap_sc_is_derived_burned_in_and_small(outcome, study_files) -> None
     sc = next(dcmread(path) for path in outcome.files if dcmread(path, stop_before_pixels=True).SOPClassUID == SC_CLASS)
     assert sc.BurnedInAnnotation == "YES"
     assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-    assert sc.PhotometricInterpretation == "RGB" and max(sc.Rows, sc.Columns) <= 512
+    assert max(sc.Rows, sc.Columns) <= 512
+    # JPEG Baseline by default (worker.sc_compression), declared lossy, and decodable to a colour picture
+    assert (sc.file_meta.TransferSyntaxUID, sc.PhotometricInterpretation) == (JPEGBaseline8Bit, "YBR_FULL_422")
+    assert sc.LossyImageCompression == "01" and sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(study_files["frontal"]).SOPInstanceUID
 
 

@@ -1,11 +1,18 @@
-"""Heatmap Secondary Capture — a source radiograph and its overlay picture become an RGB SC image
+"""Heatmap Secondary Capture — a source radiograph and its overlay picture become a colour SC image
 in the same study (patient and study attributes copied by highdicom from the source's clean
-reference header, see ``source_header``)."""
+reference header, see ``source_header``).
+
+Its pixels are JPEG Baseline by default (highdicom's encoder: quality 95, YBR_FULL_422, declared as
+lossy compression): ≈ 20× smaller than the 2.5 MB of an uncompressed 1024×819 RGB picture, which every
+hop — the outbox's fsync, the C-STORE, the PACS's storage — pays for (issue 12). ``compression="none"``
+(``worker.sc_compression``) keeps them uncompressed RGB."""
+
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from common.identity import MANUFACTURER
 from worker.encode.charset import declare_character_set
@@ -14,6 +21,12 @@ from worker.encode.source_header import complete_source_header, require_referenc
 
 SERIES_DESCRIPTION = "Lung Vision pneumonia heatmap (not for diagnostic use)"
 _VALID_ORIENTATION_LETTERS = set("APRLHF")
+ScCompression = Literal["jpeg", "none"]
+# compression → (transfer syntax, photometric interpretation of the encoded pixels)
+_ENCODINGS: dict[str, tuple[UID, str]] = {
+    "jpeg": (JPEGBaseline8Bit, "YBR_FULL_422"),  # highdicom encodes the RGB array as YCbCr (PS3.5 8.2.1)
+    "none": (ExplicitVRLittleEndian, "RGB"),
+}
 
 
 def _patient_orientation(header: Dataset) -> tuple[str, str] | None:
@@ -34,13 +47,15 @@ def build_heatmap_sc(
     sop_instance_uid: str,
     series_number: int,
     instance_number: int,
+    compression: ScCompression = "jpeg",
 ) -> hd.sc.SCImage:
     """A Secondary Capture Image: the source image with the heatmap and legend burned in.
 
     ``overlay_rgb`` is the H×W×3 uint8 picture from ``inference.overlay.render_overlay``. The SC is
     DERIVED\\SECONDARY, says BurnedInAnnotation YES, references its source instance, and names
-    Lung Vision in Manufacturer, Software Versions and Contributing Equipment. Raises ValueError
-    for a picture that is not H×W×3 uint8 or a source without the UIDs the SC refers to it by.
+    Lung Vision in Manufacturer, Software Versions and Contributing Equipment; with ``compression``
+    "jpeg" it is JPEG Baseline and says so (Lossy Image Compression 01, its ratio and method). Raises
+    ValueError for a picture that is not H×W×3 uint8 or a source without the UIDs the SC refers to it by.
     """
     if overlay_rgb.ndim != 3 or overlay_rgb.shape[2] != 3 or overlay_rgb.dtype != np.uint8:
         raise ValueError(
@@ -50,10 +65,11 @@ def build_heatmap_sc(
     require_references(source, "the source image")
     header = complete_source_header(source)
     orientation = _patient_orientation(header)
+    transfer_syntax, photometric_interpretation = _ENCODINGS[compression]
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=overlay_rgb,
-        photometric_interpretation="RGB",
+        photometric_interpretation=photometric_interpretation,
         bits_allocated=8,
         coordinate_system="PATIENT",
         series_instance_uid=series_instance_uid,
@@ -62,7 +78,7 @@ def build_heatmap_sc(
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         patient_orientation=orientation or ("L", "F"),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        transfer_syntax_uid=transfer_syntax,
         contributing_equipment=[algorithm.contributing_equipment()],
     )
     if orientation is None:
@@ -79,4 +95,13 @@ def build_heatmap_sc(
     reference.ReferencedSOPClassUID = header.SOPClassUID
     reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
     sc.SourceImageSequence = [reference]
+    if transfer_syntax.is_encapsulated:
+        _declare_lossy_compression(sc, overlay_rgb.nbytes)
     return declare_character_set(sc)
+
+
+def _declare_lossy_compression(sc: Dataset, raw_bytes: int) -> None:
+    """General Image module, Type 1C once lossy compression was applied: that it was, the ratio, the method."""
+    sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionRatio = f"{raw_bytes / len(sc.PixelData):.1f}"  # (the fragment headers: a few bytes)
+    sc.LossyImageCompressionMethod = "ISO_10918_1"
