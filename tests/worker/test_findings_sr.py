@@ -129,7 +129,17 @@ def test_sr_says_finding_probability_threshold_and_operating_point(study) -> Non
     assert values["Decision threshold"] == [pytest.approx(THRESHOLD)]
     assert f"operating point {POINT} (threshold {THRESHOLD:.4f})" in values["Algorithm Parameters"]
     assert f"weights sha256 {ALGORITHM.weights_sha256}" in values["Algorithm Parameters"]
-    assert set(values["Algorithm Name"]) == {ALGORITHM.name} and set(values["Algorithm Version"]) == {"1.0.0"}
+    assert values["Algorithm Name"] == [ALGORITHM.name] * 2 and values["Algorithm Version"] == ["1.0.0"] * 2
+
+
+def test_each_group_names_the_algorithm_once_for_its_measurements(study) -> None:
+    """TID 1501: the group's algorithm (TID 4019) applies to its measurements; they do not repeat it."""
+    frontal = study["frontal"]
+    (measurements,) = children(build([frontal], frontal), "126010")
+    for group in children(measurements, "125007"):
+        assert len(children(group, "111001")) == 1  # Algorithm Name, in the group itself
+        for measurement in (item for item in group.ContentSequence if item.ValueType == "NUM"):
+            assert all(code(item) != ("111001", "DCM") for item in measurement.get("ContentSequence", []))
 
 
 def test_an_image_not_analysed_says_why_and_names_the_gate_rule(study) -> None:

@@ -2,8 +2,10 @@
 
 Content: one measurement group per source image (TID 1501) with the qualitative evaluation
 "Pneumonia" (SNOMED CT 233604007) present/absent, the calibrated probability and the decision
-threshold as measurements, the algorithm (TID 4019: name, version, weights sha256 as a parameter)
-and references to the source image and its heatmap SC; an image that could not be analysed gets a
+threshold as measurements, the algorithm (TID 4019: name, version, weights sha256 as a parameter;
+once per group, which its measurements inherit — repeated in the probability measurement it was ≈ a
+seventh of the SR's elements and of its building and encoding time, issue 12) and references to the
+source image and its heatmap SC; an image that could not be analysed gets a
 group that says why. An image outside the model's intended use also names the gate's rule
 ("Outside intended use": patient age, view, image check…) — in the "not analysed" group when the
 gate refused it, beside the finding when the site's policy only flags it. A first, study-level
@@ -108,7 +110,7 @@ def _image_group(
         ],
         measurements=[
             hd.sr.Measurement(
-                PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id
+                PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS
             ),
             hd.sr.Measurement(DECISION_THRESHOLD, round(threshold, 4), NO_UNITS),
         ],
@@ -164,7 +166,7 @@ def build_findings_sr(
             ],
             measurements=[
                 hd.sr.Measurement(
-                    PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS, algorithm_id=algorithm_id
+                    PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS
                 )
             ],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(study_finding.source)],
