@@ -109,9 +109,7 @@ def _image_group(
             *gate,
         ],
         measurements=[
-            hd.sr.Measurement(
-                PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS
-            ),
+            hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(finding.probability, 4), NO_UNITS),
             hd.sr.Measurement(DECISION_THRESHOLD, round(threshold, 4), NO_UNITS),
         ],
         source_images=source_images,
@@ -164,11 +162,7 @@ def build_findings_sr(
                     PNEUMONIA, codes.SCT.Present if study_finding.positive else codes.SCT.Absent
                 )
             ],
-            measurements=[
-                hd.sr.Measurement(
-                    PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS
-                )
-            ],
+            measurements=[hd.sr.Measurement(PNEUMONIA_PROBABILITY, round(study_finding.probability, 4), NO_UNITS)],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(study_finding.source)],
         )
         groups.insert(0, study_group)
