@@ -101,6 +101,9 @@ class SpoolSettings(Section):
     stale_partial_s: float = Field(default=3600.0, gt=0)  # half-received files idle this long are deleted
 
 
+ScCompression = Literal["jpeg", "none"]  # how the heatmap SC's pixels are stored (worker/encode/heatmap_sc.py)
+
+
 class WorkerSettings(Section):
     """The Celery worker that analyses studies and sends results."""
 
@@ -116,7 +119,7 @@ class WorkerSettings(Section):
     max_analysis_attempts: int = Field(default=3, ge=1)  # analysis starts (worker died each time) before "failed"
     outbox_dir: Path = Path("./var/outbox")  # result objects written here before they are sent
     sc_max_long_side: int = Field(default=1024, ge=64)  # heatmap Secondary Capture size limit in pixels
-    sc_compression: Literal["jpeg", "none"] = "jpeg"  # heatmap SC pixels: JPEG Baseline (lossy, quality 95, ≈ 20×
+    sc_compression: ScCompression = "jpeg"  # heatmap SC pixels: JPEG Baseline (lossy, quality 95, ≈ 20×
     # smaller) or uncompressed RGB; a destination that refuses JPEG gets it uncompressed (docs/worker.md)
     return_memory_after_idle_s: float = Field(default=10.0, ge=0)  # a pool process with no task this long gives
     # its heap's free pages back to the system; 0 = after each task (docs/worker.md, *Memory*)

@@ -17,6 +17,7 @@ from common.durable import fsync_dir
 from common.messages import StudyReady
 from common.results import Finding, GateAction, ImageResult, StudyStatus
 from common.uids import derived_uid, output_instance_uid, output_series_uid
+from config.settings import ScCompression
 from inference.classifier import Classifier, Prediction
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
 from inference.intended_use import GateVerdict, IntendedUse
@@ -25,7 +26,7 @@ from inference.preprocess import to_square_uint8
 from inference.site_profile import OperatingPoint
 from worker.encode.equipment import Algorithm
 from worker.encode.findings_sr import ImageFinding, build_findings_sr
-from worker.encode.heatmap_sc import ScCompression, build_heatmap_sc
+from worker.encode.heatmap_sc import build_heatmap_sc
 from worker.encode.source_header import instance_number
 from worker.select import select
 

@@ -7,21 +7,19 @@ lossy compression): ≈ 20× smaller than the 2.5 MB of an uncompressed 1024×81
 hop — the outbox's fsync, the C-STORE, the PACS's storage — pays for (issue 12). ``compression="none"``
 (``worker.sc_compression``) keeps them uncompressed RGB."""
 
-from typing import Literal
-
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from common.identity import MANUFACTURER
+from config.settings import ScCompression
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header, require_references
 
 SERIES_DESCRIPTION = "Lung Vision pneumonia heatmap (not for diagnostic use)"
 _VALID_ORIENTATION_LETTERS = set("APRLHF")
-ScCompression = Literal["jpeg", "none"]
 # compression → (transfer syntax, photometric interpretation of the encoded pixels)
 _ENCODINGS: dict[str, tuple[UID, str]] = {
     "jpeg": (JPEGBaseline8Bit, "YBR_FULL_422"),  # highdicom encodes the RGB array as YCbCr (PS3.5 8.2.1)
