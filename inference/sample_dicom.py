@@ -346,10 +346,17 @@ def _encode(ds: Dataset, syntax: UID) -> None:
         raise ValueError(f"no fixture encoder for {syntax.name}")
 
     if syntax in LOSSY_TRANSFER_SYNTAXES:
-        encoded_size = sum(len(fragment) for fragment in generate_fragments(ds.PixelData))
-        ds.LossyImageCompression = "01"
-        ds.LossyImageCompressionRatio = _ds_value(raw_size / max(encoded_size, 1))
-        ds.LossyImageCompressionMethod = _LOSSY_METHOD[syntax]
+        declare_lossy_compression(ds, raw_size)
+
+
+def declare_lossy_compression(ds: Dataset, raw_size: int) -> None:
+    """Say that ``ds``'s encapsulated Pixel Data went through lossy compression (General Image module, Type 1C):
+    Lossy Image Compression 01, the ratio of ``raw_size`` (bytes uncompressed) to the fragments' size, and the
+    method of its transfer syntax (one of ``LOSSY_TRANSFER_SYNTAXES``)."""
+    encoded_size = sum(len(fragment) for fragment in generate_fragments(ds.PixelData))
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = _ds_value(raw_size / max(encoded_size, 1))
+    ds.LossyImageCompressionMethod = _LOSSY_METHOD[ds.file_meta.TransferSyntaxUID]
 
 
 def _encode_with_pillow(ds: Dataset) -> None:

@@ -14,6 +14,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from common.identity import MANUFACTURER
 from config.settings import ScCompression
+from inference.sample_dicom import declare_lossy_compression
 from worker.encode.charset import declare_character_set
 from worker.encode.equipment import Algorithm
 from worker.encode.source_header import complete_source_header, require_references
@@ -94,12 +95,5 @@ def build_heatmap_sc(
     reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
     sc.SourceImageSequence = [reference]
     if transfer_syntax.is_encapsulated:
-        _declare_lossy_compression(sc, overlay_rgb.nbytes)
+        declare_lossy_compression(sc, overlay_rgb.nbytes)
     return declare_character_set(sc)
-
-
-def _declare_lossy_compression(sc: Dataset, raw_bytes: int) -> None:
-    """General Image module, Type 1C once lossy compression was applied: that it was, the ratio, the method."""
-    sc.LossyImageCompression = "01"
-    sc.LossyImageCompressionRatio = f"{raw_bytes / len(sc.PixelData):.1f}"  # (the fragment headers: a few bytes)
-    sc.LossyImageCompressionMethod = "ISO_10918_1"
