@@ -42,8 +42,9 @@ ENV_DELIMITER = "__"
 EXTRA_DESCRIPTIONS = {
     "broker.url": "Celery broker between node and worker; the default SQLite file needs no server and survives "
     "restarts; production: redis://host:6379/0",
-    "broker.result_backend": "Celery result backend; the default SQLite file needs no server; production: the "
-    "Redis URL of broker.url",
+    "broker.result_backend": "Celery result backend: the state and traceback of tasks that failed or were retried "
+    "(successful tasks store nothing); the default SQLite file needs no server; production: the Redis URL of "
+    "broker.url",
     "worker.time_limit_s": "an analysis still running after this long is killed and its worker process replaced",
     "log_level": "log level of node and worker: DEBUG, INFO, WARNING, ERROR",
     "delivery.connection_timeout_s": "seconds to wait for the TCP connection to a DICOM destination",

@@ -27,6 +27,11 @@ app.conf.update(
     task_routes=TASK_ROUTES,  # results (DICOM, HL7) go to a queue the worker takes from first (worker/queues.py)
     broker_connection_retry_on_startup=True,  # wait for the broker instead of exiting when it is down
     worker_hijack_root_logger=False,  # keep our own log format
+    # Nothing reads a task's return value (outcomes are in the store): storing it cost a write to the result
+    # backend per task (with the default SQLite backend, a transaction and its fsync). A task that fails or is
+    # retried still leaves its state and traceback there, for whoever looks into it.
+    task_ignore_result=True,
+    task_store_errors_even_if_ignored=True,
 )
 
 _settings: Settings | None = None

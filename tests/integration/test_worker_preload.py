@@ -3,6 +3,8 @@ model in its parent; each pool process finds it already loaded before its first 
 Parent and pool processes run torch on one thread (worker/preload.py), so no process forks or needs an
 OpenMP thread pool (one forked from a parent that had started one would hang in its first forward pass)."""
 
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,16 @@ def wait_for_final(store: Store, message_ids: list[str]) -> dict[str, StudyStatu
     return {message_id: row.status for message_id, row in rows.items()}
 
 
+def successful_tasks_in_result_backend(path: Path) -> int:
+    """Rows of successful tasks in Celery's SQLite result backend (none while it has no table yet)."""
+    if not path.exists():
+        return 0
+    with closing(sqlite3.connect(path)) as connection:
+        if not connection.execute("SELECT 1 FROM sqlite_master WHERE name = 'celery_taskmeta'").fetchall():
+            return 0
+        return connection.execute("SELECT COUNT(*) FROM celery_taskmeta WHERE status = 'SUCCESS'").fetchone()[0]
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_pool_processes_have_the_model_before_their_first_task_and_analyse(tmp_path: Path, concurrency: int) -> None:
     config = worker_config(tmp_path, concurrency)
@@ -78,6 +90,7 @@ def test_pool_processes_have_the_model_before_their_first_task_and_analyse(tmp_p
         worker.stop()
 
     assert set(statuses.values()) == {StudyStatus.ANALYSED}
+    assert successful_tasks_in_result_backend(tmp_path / "results.sqlite") == 0  # the worker has stopped: all written
     log = worker.log()
     assert "not inherited" not in log
     first_analysis = log.index(" analysed: ")
