@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from config.settings import ModelSettings
 from inference.classifier import Classifier, forward_pass, load_classifier, load_model
 from inference.equivalence import compare
 from inference.images import read_gray
+from inference.model_card import WEIGHTS_DIR
 from inference.network import build_resnet18
-from inference.precision import Precision, resolve
+from inference.precision import Precision, fold_batch_norms, resolve
 from inference.preprocess import to_square_uint8
 from lungvision.cli import app
 from tests.kit.data import CHEST_XRAY, SHARED_DATA, require
@@ -63,15 +65,17 @@ def _squares(count: int = 6) -> np.ndarray:
     return np.stack([to_square_uint8(read_gray(path)) for path in paths])
 
 
-def test_fp32_runs_the_network_as_trained_in_channels_last_layout() -> None:
-    """The same weights and float32 arithmetic as the network as built (contiguous layout), summed in another
-    order: equal within float32 rounding, and the same from one instance to the next."""
+def test_fp32_runs_the_network_as_trained_folded_in_channels_last_layout() -> None:
+    """The same weights and float32 arithmetic as the network as built (contiguous layout, batch norms of their
+    own), rounded and summed in another order: equal within float32 rounding, and the same from one instance
+    to the next."""
     classifier = load_classifier(precision=Precision.FP32)
     squares = _squares()
     output = classifier.forward(squares)
     assert classifier.network.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in classifier.network.modules())
     as_built = build_resnet18()
-    as_built.load_state_dict(classifier.network.state_dict())
+    as_built.load_state_dict(load_file(WEIGHTS_DIR / classifier.card.weights_file))
     assert not as_built.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     plain = forward_pass(as_built.eval(), torch.from_numpy(squares)[:, None], classifier.card.input_size)
     assert torch.allclose(output.logits, plain.logits, rtol=0, atol=1e-5)
@@ -80,6 +84,27 @@ def test_fp32_runs_the_network_as_trained_in_channels_last_layout() -> None:
     fresh = Classifier(precision="fp32").forward(squares)  # a second instance: nothing left over from the first
     assert torch.equal(fresh.logits, output.logits) and torch.equal(fresh.features, output.features)
     assert torch.equal(fresh.cams, output.cams)
+
+
+def test_folding_batch_norms_keeps_the_outputs_and_is_done_once() -> None:
+    network = build_resnet18()
+    with torch.no_grad():  # batch norms that do something: other statistics, scales and shifts than 0 and 1
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.5)
+    with pytest.raises(ValueError, match="evaluation mode"):
+        fold_batch_norms(network.train())
+    inputs = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        expected = network.eval()(inputs)
+        folded = fold_batch_norms(network)
+        assert folded is network and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        assert torch.allclose(folded(inputs), expected, rtol=1e-4, atol=1e-5)
+        weights = folded.layer4[1].conv2.weight.clone()
+        assert torch.equal(fold_batch_norms(folded).layer4[1].conv2.weight, weights)  # a second fold: no change
 
 
 def test_bf16_outputs_are_float32_and_leave_the_fp32_network_alone() -> None:
