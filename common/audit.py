@@ -11,8 +11,11 @@ pass patient names, ids or birth dates.
 Node, worker processes and the web server all append to the same file: each line is written with
 one ``write`` on a file opened in append mode (``O_APPEND``: the kernel puts it at the end,
 whole), under an advisory ``flock`` so lines of different processes never interleave, then
-fsync'd. Until :func:`configure` is called (the commands do it from ``audit.path``) nothing is
-written, so library use and unit tests leave no trail behind.
+fsync'd once the lock is released — a line is on disk before ``record`` returns, and the fsyncs of
+threads and processes writing at the same time share the file system's journal commits (a group
+commit) instead of waiting for each other's in turn (issue 12: with 8 associations the node's
+"received" lines were one fsync after the other). Until :func:`configure` is called (the commands do it
+from ``audit.path``) nothing is written, so library use and unit tests leave no trail behind.
 """
 
 import fcntl
@@ -23,6 +26,8 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+
+from common.durable import fsync_and_close
 
 FORBIDDEN_FIELDS = frozenset(
     {"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID", "PatientBirthDate"}
@@ -60,14 +65,18 @@ def record(event: str, **fields: object) -> None:
         )
         + "\n"
     )
-    with _lock:
-        descriptor = os.open(_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
+    descriptor = os.open(_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        with _lock:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
-            os.write(descriptor, line.encode())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)  # closing releases the flock
+            try:
+                os.write(descriptor, line.encode())
+            finally:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    fsync_and_close(descriptor)
 
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:

@@ -22,7 +22,17 @@ _sync_file_range = _libc_sync_file_range()
 
 def fsync_dir(path: Path) -> None:
     """Flush ``path``'s listing (names created, renamed or removed in it) to disk."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_and_close(open_dir(path))
+
+
+def open_dir(path: Path) -> int:
+    """A descriptor of the folder ``path``, to flush its listing later with ``fsync_and_close``: taken while a
+    lock is held, it stays this folder's even if the folder is renamed once the lock is released."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_and_close(descriptor: int) -> None:
+    """Flush the open file or folder to disk, then close it (closed even when the flush fails, which raises)."""
     try:
         os.fsync(descriptor)
     finally:

@@ -1,8 +1,11 @@
 """The audit trail (common/audit.py): what an event line holds, the patient fields it refuses, what
-read_events returns (complete lines only, with the offset to go on from), and failures that raise."""
+read_events returns (complete lines only, with the offset to go on from), failures that raise, and lines
+synced before record returns without one writer's fsync holding up another's."""
 
 import json
 import multiprocessing
+import os
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -184,3 +187,36 @@ def test_lines_of_several_processes_never_interleave(tmp_path) -> None:
     assert sorted((event["writer"], event["number"]) for event in events) == [
         (writer, number) for writer in range(3) for number in range(50)
     ]
+
+
+def test_a_line_is_synced_before_record_returns_without_holding_up_other_writers(tmp_path, monkeypatch) -> None:
+    """Writers appending together share journal commits (a group commit): while one line's fsync is held up,
+    another thread writes and syncs its own line; neither returns before its fsync."""
+    trail = tmp_path / "audit.jsonl"
+    audit.configure(trail)
+    first_in_fsync, release_first = threading.Event(), threading.Event()
+    in_file_at_fsync: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        in_file_at_fsync.append(lines(trail))
+        if len(in_file_at_fsync) == 1:
+            first_in_fsync.set()
+            release_first.wait(10)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = threading.Thread(target=audit.record, args=("received",), kwargs={"study_uid": "1.1"})
+    second = threading.Thread(target=audit.record, args=("received",), kwargs={"study_uid": "1.2"})
+    first.start()
+    try:
+        assert first_in_fsync.wait(10)
+        second.start()
+        second.join(5)
+        assert not second.is_alive(), "the second line waited for the first one's fsync"
+        assert first.is_alive()  # still in its fsync: record has not returned
+    finally:
+        release_first.set()
+        first.join(10)
+    assert [json.loads(line)["study_uid"] for line in lines(trail)] == ["1.1", "1.2"]
+    assert len(in_file_at_fsync) == 2 and len(in_file_at_fsync[0]) >= 1 and len(in_file_at_fsync[1]) == 2

@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -53,6 +54,41 @@ def test_the_same_sop_instance_uid_is_stored_once_even_after_dispatch(spool: Spo
     spool.seal_round(STUDY)
     assert not spool.store(STUDY, record("9.1"), payload(spool, "c", b"third"))
     assert [path.read_bytes() for path in spool.root.rglob("9.1.dcm")] == [b"first"]
+
+
+def test_a_stored_instance_folder_is_synced_outside_the_study_lock(spool: Spool, monkeypatch) -> None:
+    """Associations sending one study share the journal commits of its folder's fsyncs (a group commit): while
+    one instance's folder fsync is held up, another instance of the study is stored; neither store returns
+    before its folder's fsync."""
+    assert spool.store(STUDY, record("5.1"), payload(spool, "a"))  # the study's folders exist
+    first_in_fsync, release_first = threading.Event(), threading.Event()
+    folder_fsyncs = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
+            folder_fsyncs.append(sorted(os.listdir(f"/proc/self/fd/{descriptor}")))
+            if len(folder_fsyncs) == 1:
+                first_in_fsync.set()
+                release_first.wait(10)
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    first = threading.Thread(target=spool.store, args=(STUDY, record("5.2"), payload(spool, "b")))
+    second = threading.Thread(target=spool.store, args=(STUDY, record("5.3"), payload(spool, "c")))
+    first.start()
+    try:
+        assert first_in_fsync.wait(10)
+        second.start()
+        second.join(5)
+        assert not second.is_alive(), "the second instance waited for the first one's folder fsync"
+        assert first.is_alive()  # still in its fsync: store has not returned
+    finally:
+        release_first.set()
+        first.join(10)
+    assert "5.2.dcm" in folder_fsyncs[0] and {"5.2.dcm", "5.3.dcm"} <= set(folder_fsyncs[1])
+    incoming = spool.root / "studies" / STUDY / "incoming"
+    assert sorted(path.name for path in incoming.glob("*.dcm")) == ["5.1.dcm", "5.2.dcm", "5.3.dcm"]
 
 
 @pytest.mark.parametrize("study_uid", ["../../x", "1.2/../../x", "", "1." * 40 + "1", "/tmp/x"])
