@@ -13,8 +13,8 @@ one ``write`` on a file opened in append mode (``O_APPEND``: the kernel puts it 
 whole), under an advisory ``flock`` so lines of different processes never interleave, then
 fsync'd once the lock is released — a line is on disk before ``record`` returns, and the fsyncs of
 threads and processes writing at the same time share the file system's journal commits (a group
-commit) instead of waiting for each other's in turn (issue 12: with 8 associations the node's
-"received" lines were one fsync after the other). Until :func:`configure` is called (the commands do it
+commit) instead of waiting for each other's in turn (the node's "received" lines of 8 associations
+were one fsync after the other). Until :func:`configure` is called (the commands do it
 from ``audit.path``) nothing is written, so library use and unit tests leave no trail behind.
 """
 

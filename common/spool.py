@@ -157,9 +157,8 @@ class Spool:
         serialised on them: the payload's and the record's before it, the folder's after it — through a
         descriptor taken under the lock, so it is that folder's even if a seal renames it meanwhile (the
         seal's own message write then fsyncs the round's folder, ``write_message``). Concurrent fsyncs of
-        one folder share the file system's journal commits: a group commit, where one after the other
-        they waited for each other (issue 12: on a disk that commits ≈ 50 times a second, 8 associations
-        sending one study).
+        one folder share the file system's journal commits (a group commit) instead of waiting for each
+        other in turn: what bounds 8 associations sending one study to a disk whose fsyncs are slow.
         """
         study_dir = self._study_dir(study_uid)
         sop_uid = checked_uid(record.sop_instance_uid, "SOPInstanceUID")
