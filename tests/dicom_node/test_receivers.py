@@ -7,12 +7,17 @@ that makes "which process received it" certain instead of up to the kernel.
 
 import os
 import signal
+import tempfile
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pydicom.uid import generate_uid
+from pynetdicom import _config as pynetdicom_config
 
-from config.settings import NodeSettings
-from dicom_node.receivers import AUTO_RECEIVERS_MAX, receiver_count
+from common.ports import free_port
+from common.spool import Spool
+from config.settings import NodeSettings, load_settings
+from dicom_node.receivers import AUTO_RECEIVERS_MAX, receiver_count, serve_instances
 from tests.kit.dicom_fixtures import make_image
 from tests.kit.node import NodeProcess, store_statuses
 from tests.kit.wait import wait_until
@@ -86,3 +91,27 @@ def test_the_default_is_one_receiving_process_per_cpu_up_to_four(monkeypatch) ->
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, cpus=cpus: set(range(cpus)))
         assert receiver_count(NodeSettings()) == expected
     assert receiver_count(NodeSettings(receivers=6)) == 6
+
+
+class NoArrivals:
+    def seen(self, study_uid: str, at: float) -> None:
+        pass
+
+
+def test_a_receiving_process_reads_values_without_pydicom_validating_them(tmp_path, monkeypatch) -> None:
+    """The node checks what it uses itself; pydicom's checks of every UID of every association request (≈ 8 ms
+    of CPU an association) are off in a process that serves instances."""
+    # what serve_instances sets for the whole process, restored after the test
+    monkeypatch.setattr(pydicom_config.settings, "reading_validation_mode", pydicom_config.WARN)
+    monkeypatch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", False)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    settings = load_settings(
+        node={"port": free_port(), "bind_address": "127.0.0.1"}, spool={"dir": str(tmp_path / "spool")}
+    )
+    spool = Spool(settings.spool.dir, 0)
+    spool.prepare()
+    server = serve_instances(settings, spool, NoArrivals())
+    try:
+        assert pydicom_config.settings.reading_validation_mode == pydicom_config.IGNORE
+    finally:
+        server.shutdown()
