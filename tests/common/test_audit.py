@@ -4,14 +4,13 @@ synced before record returns without one writer's fsync holding up another's."""
 
 import json
 import multiprocessing
-import os
-import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from common import audit
+from tests.kit.group_commit import second_writer_is_not_held_up
 
 
 @pytest.fixture(autouse=True)
@@ -194,29 +193,11 @@ def test_a_line_is_synced_before_record_returns_without_holding_up_other_writers
     another thread writes and syncs its own line; neither returns before its fsync."""
     trail = tmp_path / "audit.jsonl"
     audit.configure(trail)
-    first_in_fsync, release_first = threading.Event(), threading.Event()
-    in_file_at_fsync: list[list[str]] = []
-    real_fsync = os.fsync
-
-    def fsync(descriptor: int) -> None:
-        in_file_at_fsync.append(lines(trail))
-        if len(in_file_at_fsync) == 1:
-            first_in_fsync.set()
-            release_first.wait(10)
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    first = threading.Thread(target=audit.record, args=("received",), kwargs={"study_uid": "1.1"})
-    second = threading.Thread(target=audit.record, args=("received",), kwargs={"study_uid": "1.2"})
-    first.start()
-    try:
-        assert first_in_fsync.wait(10)
-        second.start()
-        second.join(5)
-        assert not second.is_alive(), "the second line waited for the first one's fsync"
-        assert first.is_alive()  # still in its fsync: record has not returned
-    finally:
-        release_first.set()
-        first.join(10)
+    in_file_at_fsync = second_writer_is_not_held_up(
+        monkeypatch,
+        lambda: audit.record("received", study_uid="1.1"),
+        lambda: audit.record("received", study_uid="1.2"),
+        seen=lambda _descriptor: lines(trail),
+    )
     assert [json.loads(line)["study_uid"] for line in lines(trail)] == ["1.1", "1.2"]
     assert len(in_file_at_fsync) == 2 and len(in_file_at_fsync[0]) >= 1 and len(in_file_at_fsync[1]) == 2

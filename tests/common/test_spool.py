@@ -11,6 +11,7 @@ import pytest
 
 from common.spool import ArrivalRecord, Spool
 from common.uids import InvalidUid
+from tests.kit.group_commit import second_writer_is_not_held_up
 
 STUDY = "1.2.3.4"
 
@@ -61,32 +62,15 @@ def test_a_stored_instance_folder_is_synced_outside_the_study_lock(spool: Spool,
     one instance's folder fsync is held up, another instance of the study is stored; neither store returns
     before its folder's fsync."""
     assert spool.store(STUDY, record("5.1"), payload(spool, "a"))  # the study's folders exist
-    first_in_fsync, release_first = threading.Event(), threading.Event()
-    folder_fsyncs = []
-    real_fsync = os.fsync
-
-    def fsync(descriptor: int) -> None:
-        if stat.S_ISDIR(os.fstat(descriptor).st_mode):
-            folder_fsyncs.append(sorted(os.listdir(f"/proc/self/fd/{descriptor}")))
-            if len(folder_fsyncs) == 1:
-                first_in_fsync.set()
-                release_first.wait(10)
-        real_fsync(descriptor)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    first = threading.Thread(target=spool.store, args=(STUDY, record("5.2"), payload(spool, "b")))
-    second = threading.Thread(target=spool.store, args=(STUDY, record("5.3"), payload(spool, "c")))
-    first.start()
-    try:
-        assert first_in_fsync.wait(10)
-        second.start()
-        second.join(5)
-        assert not second.is_alive(), "the second instance waited for the first one's folder fsync"
-        assert first.is_alive()  # still in its fsync: store has not returned
-    finally:
-        release_first.set()
-        first.join(10)
-    assert "5.2.dcm" in folder_fsyncs[0] and {"5.2.dcm", "5.3.dcm"} <= set(folder_fsyncs[1])
+    first, second = payload(spool, "b"), payload(spool, "c")
+    listed_at_fsync = second_writer_is_not_held_up(
+        monkeypatch,
+        lambda: spool.store(STUDY, record("5.2"), first),
+        lambda: spool.store(STUDY, record("5.3"), second),
+        counts=lambda descriptor: stat.S_ISDIR(os.fstat(descriptor).st_mode),
+        seen=lambda descriptor: set(os.listdir(f"/proc/self/fd/{descriptor}")),
+    )
+    assert "5.2.dcm" in listed_at_fsync[0] and {"5.2.dcm", "5.3.dcm"} <= listed_at_fsync[1]
     incoming = spool.root / "studies" / STUDY / "incoming"
     assert sorted(path.name for path in incoming.glob("*.dcm")) == ["5.1.dcm", "5.2.dcm", "5.3.dcm"]
 
