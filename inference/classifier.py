@@ -111,8 +111,9 @@ def card_populations(card: ModelCard) -> list[dict]:
 class Classifier:
     """ResNet-18 pneumonia classifier with its model card (populations with their thresholds and
     temperatures, input size), image check and operating points, run at ``precision`` (AUTO: bf16
-    where the CPU computes it natively). ``network`` is the float32 network as shipped; the forward
-    pass runs ``network_for(network, precision)``."""
+    where the CPU computes it natively). ``network`` is the float32 network: at FP32 the one that runs, its
+    batch norms folded into its convolutions (``network_for`` changes it in place); at BF16 as shipped, and the
+    forward pass runs a bfloat16 copy of it."""
 
     def __init__(
         self,
