@@ -1,8 +1,9 @@
 """Benchmark — images/s for plain inference, inference + closed-form Grad-CAM, the same + the
-intended-use gate's image check (what the worker runs), and pytorch-grad-cam, all in float32; then
+intended-use gate's image check (what the worker runs), and pytorch-grad-cam, all in float32; the float32
+forward pass as the worker runs it (batch norms folded, channels-last) against the network as built; then
 the float32 forward pass against the bf16 one (``model.precision``), alone and as the worker runs it.
 
-Run: ``.venv/bin/python bench/inference.py [--seconds 10]``. Prints two tables; nothing is asserted.
+Run: ``.venv/bin/python bench/inference.py [--seconds 10]``. Prints three tables; nothing is asserted.
 All paths start from 224 px squares and use the shipped model at its input size, batch 1 and 16
 (grad-cam gets the already-normalised tensor, so it is timed without preprocessing). The paths of
 one row are timed in alternating rounds and each path's best round counts (``best_rates``), so that
@@ -22,10 +23,13 @@ import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from safetensors.torch import load_file
 
-from inference.classifier import Classifier, load_classifier
+from inference.classifier import Classifier, forward_pass, load_classifier
 from inference.equivalence import best_rates
 from inference.gradcam import class_activation_map, heatmap_in_image
+from inference.model_card import WEIGHTS_DIR
+from inference.network import build_resnet18
 from inference.precision import Precision, resolve
 from inference.preprocess import SQUARE_SIZE, normalise
 
@@ -116,6 +120,32 @@ def precision_paths(reference: Classifier, fast: Classifier, seconds: float, tim
         )
 
 
+def fp32_as_run(reference: Classifier, seconds: float, timed) -> None:
+    """The fp32 forward pass as the worker runs it (batch norms folded into the convolutions, channels-last
+    layout: ``inference.precision.network_for``) against the same weights as torchvision builds the network
+    (contiguous, batch norms of their own)."""
+    as_built = build_resnet18()
+    as_built.load_state_dict(load_file(WEIGHTS_DIR / reference.card.weights_file))
+    as_built.eval()
+    size = reference.card.input_size
+    print(f"{'batch':>5} | {'as built img/s':>14} | {'as run img/s':>12} | {'as run / as built':>17}")
+    for batch_size in (1, 16):
+        squares = random_squares(batch_size)
+        batch = torch.from_numpy(squares)[:, None]
+        rates = timed(
+            {
+                "as built": lambda: forward_pass(as_built, batch, size),  # noqa: B023 (called within this iteration)
+                "as run": lambda: reference.forward(squares),  # noqa: B023 (called within this iteration)
+            },
+            batch_size,
+            2 * seconds,
+        )
+        print(
+            f"{batch_size:>5} | {rates['as built']:>14.1f} | {rates['as run']:>12.1f} | "
+            f"{rates['as run'] / rates['as built']:>16.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="time per path and measurement")
@@ -135,6 +165,8 @@ def main() -> None:
         f"images per {'CPU' if arguments.cpu_time else 'wall-clock'} second"
     )
     fp32_paths(reference, seconds, timed)
+    print("\nfp32 as the worker runs it (batch norms folded, channels-last) and as built")
+    fp32_as_run(reference, seconds, timed)
     print(f"\nmodel.precision auto runs {resolve(Precision.AUTO).value} on this CPU")
     precision_paths(reference, load_classifier(precision=Precision.BF16), seconds, timed)
 
