@@ -60,9 +60,9 @@ NAGLE_MODES = {  # label → environment of every dcmtk process
 }
 
 
-def write_images(folder: Path, count: int) -> list[Path]:
-    """``count`` CR files sharing one pixel array, each with its own UIDs."""
-    pixels = (np.random.default_rng(0).integers(0, 4096, (ROWS, COLUMNS), dtype=np.uint16)).tobytes()
+def write_images(folder: Path, count: int, rows: int = ROWS, columns: int = COLUMNS) -> list[Path]:
+    """``count`` CR files of ``rows``×``columns`` sharing one pixel array, each with its own UIDs."""
+    pixels = (np.random.default_rng(0).integers(0, 4096, (rows, columns), dtype=np.uint16)).tobytes()
     study = generate_uid()
     paths = []
     for index in range(count):
@@ -75,7 +75,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
         dataset.SOPClassUID, dataset.SOPInstanceUID = ComputedRadiographyImageStorage, sop_uid
         dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, generate_uid()
         dataset.Modality, dataset.PatientID = "CR", "BENCH"
-        dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = ROWS, COLUMNS, 1
+        dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = rows, columns, 1
         dataset.PhotometricInterpretation = "MONOCHROME2"
         dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
         dataset.PixelData = pixels
