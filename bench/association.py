@@ -7,12 +7,14 @@ up — decoding the request's presentation contexts (dcmtk's ``storescu`` propos
 — is paid once per study. Each association here carries one 64×64 16-bit CR (8 KB), so the figure is almost
 all set-up and release. ``storescu`` sends them one after another; the receiver's CPU time (user + system, its
 whole process tree, from ``/proc``) before and after, divided by the associations, is the figure. Receivers,
-each started fresh on a loopback port: the node (``python -m dicom_node``, as bench/node.py starts it: temp file,
-fsync, arrival record, audit line per instance) and ``storescp`` (default mode, one process, no fsync). Runs
+each started fresh on a loopback port, as bench/node.py starts them: the node (``python -m dicom_node``: temp
+file, fsync, arrival record, audit line per instance) and ``storescp --fork`` (default mode, no fsync; its
+children's CPU counts once it has reaped them). Runs
 alternate each round. Prints ms of CPU per association and the ratios. Nothing is asserted.
 """
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -25,20 +27,11 @@ from pathlib import Path
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.deployment import cpu_seconds
-from bench.node import MAX_PDU_BYTES, REPO, START_TIMEOUT_S, dcmtk, start_node, write_images
+from bench.node import REPO, START_TIMEOUT_S, dcmtk, start_node, start_storescp, write_images
 from common.ports import free_port, wait_until_listening
 
 SIDE = 64  # pixels: an 8 KB instance, so the association's own cost dominates
 SETTLE_S = 0.5  # after start-up and after the last association, before reading the CPU times
-
-
-def start_storescp(port: int, output: Path) -> subprocess.Popen:
-    """dcmtk's storescp in its default mode, in one process (its CPU is that process's)."""
-    return subprocess.Popen(
-        [dcmtk("storescp"), "-pdu", str(MAX_PDU_BYTES), "-od", str(output), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def cpu_ms_per_association(start: Callable[[int, Path], subprocess.Popen], files: list[Path], output: Path) -> float:
@@ -70,7 +63,7 @@ def main() -> None:
     arguments = parser.parse_args()
     receivers: dict[str, Callable[[int, Path], subprocess.Popen]] = {
         "node": lambda port, output: start_node(port, output, REPO),
-        "storescp": start_storescp,
+        "storescp": lambda port, output: start_storescp(port, output, bit_preserving=False, env=dict(os.environ)),
     }
     if arguments.baseline is not None:
         baseline = arguments.baseline.resolve()
