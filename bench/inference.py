@@ -23,13 +23,11 @@ import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from safetensors.torch import load_file
 
-from inference.classifier import Classifier, forward_pass, load_classifier
+from inference.classifier import Classifier, forward_pass, load_classifier, shipped_network
 from inference.equivalence import best_rates
 from inference.gradcam import class_activation_map, heatmap_in_image
 from inference.model_card import WEIGHTS_DIR
-from inference.network import build_resnet18
 from inference.precision import Precision, resolve
 from inference.preprocess import SQUARE_SIZE, normalise
 
@@ -124,9 +122,7 @@ def fp32_as_run(reference: Classifier, seconds: float, timed) -> None:
     """The fp32 forward pass as the worker runs it (batch norms folded into the convolutions, channels-last
     layout: ``inference.precision.network_for``) against the same weights as torchvision builds the network
     (contiguous, batch norms of their own)."""
-    as_built = build_resnet18()
-    as_built.load_state_dict(load_file(WEIGHTS_DIR / reference.card.weights_file))
-    as_built.eval()
+    as_built = shipped_network(WEIGHTS_DIR, reference.card)
     size = reference.card.input_size
     print(f"{'batch':>5} | {'as built img/s':>14} | {'as run img/s':>12} | {'as run / as built':>17}")
     for batch_size in (1, 16):

@@ -45,6 +45,14 @@ def _verified(path: Path, expected_sha256: str) -> Path:
     return path
 
 
+def shipped_network(weights_dir: Path, card: ModelCard) -> torch.nn.Module:
+    """The float32 network as shipped, in evaluation mode: built, with the weights of ``card``'s file in
+    ``weights_dir`` (raises WeightsMismatch unless their sha256 is the card's)."""
+    network = build_resnet18()
+    network.load_state_dict(load_file(_verified(weights_dir / card.weights_file, card.weights_sha256)))
+    return network.eval()
+
+
 @dataclass(frozen=True)
 class ForwardPass:
     """What one forward pass gives for N squares: raw logits, Grad-CAM maps, pooled features."""
@@ -122,11 +130,7 @@ class Classifier:
         precision: Precision | str = Precision.AUTO,
     ) -> None:
         self.card = ModelCard.load(weights_dir)
-        self.network = build_resnet18()
-        self.network.load_state_dict(
-            load_file(_verified(weights_dir / self.card.weights_file, self.card.weights_sha256))
-        )
-        self.network.eval()
+        self.network = shipped_network(weights_dir, self.card)
         self.precision = resolve(precision)  # BF16 or FP32
         self._running = network_for(self.network, self.precision)
         self.heatmap = Heatmap(self.card.localisation.get("heatmap", Heatmap.GRADCAM.value))

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from config.settings import ModelSettings
-from inference.classifier import Classifier, forward_pass, load_classifier, load_model
+from inference.classifier import Classifier, forward_pass, load_classifier, load_model, shipped_network
 from inference.equivalence import compare
 from inference.images import read_gray
 from inference.model_card import WEIGHTS_DIR
@@ -74,8 +73,7 @@ def test_fp32_runs_the_network_as_trained_folded_in_channels_last_layout() -> No
     output = classifier.forward(squares)
     assert classifier.network.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in classifier.network.modules())
-    as_built = build_resnet18()
-    as_built.load_state_dict(load_file(WEIGHTS_DIR / classifier.card.weights_file))
+    as_built = shipped_network(WEIGHTS_DIR, classifier.card)
     assert not as_built.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     plain = forward_pass(as_built.eval(), torch.from_numpy(squares)[:, None], classifier.card.input_size)
     assert torch.allclose(output.logits, plain.logits, rtol=0, atol=1e-5)
