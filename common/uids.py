@@ -8,8 +8,6 @@ of collecting duplicates.
 
 import re
 
-from pydicom.uid import generate_uid
-
 from common.identity import UID_ROOT
 
 MAX_UID_LENGTH = 64  # PS3.5 9.1
@@ -45,6 +43,10 @@ def is_valid_uid(value: object) -> bool:
 
 def derived_uid(*parts: str) -> str:
     """A UID under Lung Vision's root, derived only from ``parts`` (same parts → same UID)."""
+    # Imported here, by the processes that create objects: the checks above serve the spool, which the
+    # sweeper reads without pydicom and numpy (≈ 30 MB of a process that only compares records).
+    from pydicom.uid import generate_uid
+
     return generate_uid(prefix=UID_ROOT, entropy_srcs=list(parts))
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from common.audit import read_events
+from common.outbox import result_file
 from common.results import Finding, StudyStatus, Verdict, study_image
 from common.store import Store, StudyResult
 from config.settings import Settings
@@ -252,7 +253,7 @@ class Worklist:
         return list(self.audit.refresh().events_by_study.get(study_uid, []))
 
     def output_path(self, study_uid: str, sop_instance_uid: str) -> Path:
-        return Path(self.settings.worker.outbox_dir) / study_uid / f"{sop_instance_uid}.dcm"
+        return result_file(self.settings.worker.outbox_dir, study_uid, sop_instance_uid)
 
 
 def top_sc_uid(result: StudyResult) -> str | None:
@@ -265,11 +266,10 @@ def patient_fields(outbox: Path, result: StudyResult | None) -> dict[str, str] |
     """Patient name, id and birth date from a result object's header (None when there is none)."""
     if result is None:
         return None
-    folder = Path(outbox) / result.study_instance_uid
     for image in result.images or []:
         for uid in (image.sr_uid, image.sc_uid):
-            path = folder / f"{uid}.dcm"
-            if uid and path.exists():
+            path = result_file(outbox, result.study_instance_uid, uid) if uid else None
+            if path is not None and path.exists():
                 dataset = dcmread(
                     path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"]
                 )

@@ -17,7 +17,7 @@ import redis
 
 from common.results import Finding, StudyStatus
 from common.scu import AssociationPool, ClientTls, Destination, InstanceFile, Timeouts, send_datasets
-from common.store import Store, StudyResult
+from common.store import Store
 from config.settings import DestinationSettings, RoutingRule, Settings
 
 log = logging.getLogger("lungvision.worker")
@@ -144,15 +144,6 @@ def _forget_parent_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_parent_pool)
-
-
-def output_files(outbox: Path, result: StudyResult) -> list[Path]:
-    """The SC and SR files of an analysed round in the outbox, in the order the analysis wrote them."""
-    return [
-        Path(outbox) / result.study_instance_uid / f"{uid}.dcm"
-        for image in result.images or []
-        for uid in image.output_uids
-    ]
 
 
 def copy_to_folder(folder: Path, files: list[Path]) -> None:

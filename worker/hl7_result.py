@@ -20,6 +20,7 @@ from pathlib import Path
 import hl7
 from pydicom import dcmread
 
+from common.outbox import result_file
 from common.results import Finding
 from config.settings import Hl7Endpoint, Hl7Settings
 
@@ -83,7 +84,7 @@ def read_patient_header(outbox: Path, job: Hl7Job) -> PatientHeader:
     """Patient id, issuer, name and accession number from one of the job's result objects in the
     outbox (results copy these attributes from their source image)."""
     for uid in job.output_uids:
-        path = outbox / job.study_instance_uid / f"{uid}.dcm"
+        path = result_file(outbox, job.study_instance_uid, uid)
         if path.exists():
             dataset = dcmread(
                 path,

@@ -42,12 +42,12 @@ from common import audit, logfilter
 from common.dead_letters import DeliveryJob
 from common.failures import describe_failure
 from common.messages import ANALYSE_STUDY_TASK, DELIVER_TASK, BrokerUnavailable, StudyReady
+from common.outbox import result_files
 from common.publisher import Publisher
 from common.results import FINAL_STATUSES, StudyStatus
 from common.spool import QueuedRound, Spool
 from common.store import Delivery, RoundState, Store, StudyResult
 from config.settings import DEFAULTS_FILE, ConfigError, Settings, load_settings
-from worker.deliver import output_files
 
 log = logging.getLogger("lungvision.reconcile")
 CLAIM_TRIES = 3  # a claim lost to another process is re-read and decided again this often
@@ -336,7 +336,7 @@ class Sweeper:
     def _requeue_delivery(self, delivery: Delivery, result: StudyResult, now: float) -> bool:
         if not self.store.mark_delivery_requeued(delivery, _utc(now)):
             return False  # it made progress meanwhile, or another sweeper is sending it
-        files = [str(path) for path in output_files(self.settings.worker.outbox_dir, result)]
+        files = [str(path) for path in result_files(self.settings.worker.outbox_dir, result)]
         job = DeliveryJob(delivery.message_id, result.study_instance_uid, delivery.destination, files)
         try:  # the same task id as the first time; the attempt count goes on where it stopped
             self.publisher.send(
