@@ -15,6 +15,7 @@ from pydicom import Dataset, dcmread, dcmwrite
 
 from common.durable import fsync_dir
 from common.messages import StudyReady
+from common.outbox import study_folder
 from common.results import Finding, GateAction, ImageResult, StudyStatus
 from common.uids import derived_uid, output_instance_uid, output_series_uid
 from config.settings import ScCompression
@@ -162,7 +163,7 @@ def analyse_study(
     )
     outputs, results = _findings_reports(findings, classifier, algorithm, uids, device_uid, watch)
     started = time.perf_counter()
-    files = write_outputs(outputs, outbox / message.study_instance_uid)
+    files = write_outputs(outputs, study_folder(outbox, message.study_instance_uid))
     watch.lap("write", started)
     return StudyOutcome(message, findings, files, results, watch.timings)
 
@@ -209,6 +210,7 @@ def _read_and_select(message: StudyReady, gate: IntendedUse, watch: _Stopwatch) 
         else:
             try:
                 images.grays[index] = dataset_to_gray(dataset)
+                del dataset.PixelData  # decoded: the rest of the study needs its header only (10 MB less held)
                 images.populations[index] = selection.population
                 if selection.verdict is not None:
                     images.verdicts[index] = selection.verdict
