@@ -268,8 +268,10 @@ def patient_fields(outbox: Path, result: StudyResult | None) -> dict[str, str] |
         return None
     for image in result.images or []:
         for uid in (image.sr_uid, image.sc_uid):
-            path = result_file(outbox, result.study_instance_uid, uid) if uid else None
-            if path is not None and path.exists():
+            if not uid:
+                continue
+            path = result_file(outbox, result.study_instance_uid, uid)
+            if path.exists():
                 dataset = dcmread(
                     path, stop_before_pixels=True, specific_tags=["PatientName", "PatientID", "PatientBirthDate"]
                 )
