@@ -46,9 +46,10 @@ def test_same_outputs_and_gradients(training: bool) -> None:
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6), name
 
 
-def test_running_the_shipped_model_does_not_import_torchvision() -> None:
+def test_a_worker_running_the_shipped_model_does_not_import_torchvision() -> None:
     code = (
         "import sys\n"
+        "import worker.celery_app, worker.tasks\n"  # what a worker's pool process imports
         "from inference.classifier import load_classifier\n"
         "load_classifier()\n"
         "print(sorted(name for name in ('torchvision', 'torch._dynamo', 'sympy') if name in sys.modules))\n"
