@@ -120,8 +120,8 @@ def precision_paths(reference: Classifier, fast: Classifier, seconds: float, tim
 
 def fp32_as_run(reference: Classifier, seconds: float, timed) -> None:
     """The fp32 forward pass as the worker runs it (batch norms folded into the convolutions, channels-last
-    layout: ``inference.precision.network_for``) against the same weights as torchvision builds the network
-    (contiguous, batch norms of their own)."""
+    layout: ``inference.precision.network_for``) against the same weights in the network as built
+    (``inference.network.build_resnet18``: contiguous, batch norms of their own)."""
     as_built = shipped_network(WEIGHTS_DIR, reference.card)
     size = reference.card.input_size
     print(f"{'batch':>5} | {'as built img/s':>14} | {'as run img/s':>12} | {'as run / as built':>17}")

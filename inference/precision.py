@@ -84,9 +84,9 @@ def autocast(precision: Precision) -> contextlib.AbstractContextManager:
 
 
 def fold_batch_norms(network: torch.nn.Module) -> torch.nn.Module:
-    """``network`` (a torchvision ResNet in evaluation mode) with each batch norm folded into the convolution
-    it follows — the stem's, each block's two, each downsampling path's — in place: the convolution gets the
-    norm's per-channel scale in its weights and its shift as a bias, and the norm becomes an ``Identity``.
+    """``network`` (our ResNet-18, ``inference.network``, in evaluation mode) with each batch norm folded into
+    the convolution it follows — the stem's, each block's two, each downsampling path's — in place: the convolution
+    gets the norm's per-channel scale in its weights and its shift as a bias, and the norm becomes an ``Identity``.
     Folding an already folded network changes nothing. Raises ValueError for a network in training mode (its
     norms normalise by the batch, not by fixed statistics)."""
     if network.training:
