@@ -11,6 +11,7 @@ another size is stretched to it.
 """
 
 import functools
+import math
 
 import numpy as np
 from matplotlib import colormaps
@@ -20,6 +21,7 @@ HEAT_COLORMAP = "jet"
 MAX_BLEND = 0.5  # at full heat the colour covers half of the pixel; the anatomy stays visible
 HEAT_FLOOR = 0.15  # heat below this is not coloured at all
 WINDOW_PERCENTILES = (0.5, 99.5)  # the display window: gray values between these percentiles of the picture
+WINDOW_SAMPLES = 50_000  # ...taken from about this many of its pixels, on a regular grid (≈ 250 in each tail)
 LEVELS = 256  # heat is drawn in 256 steps: one per palette entry
 
 
@@ -62,10 +64,11 @@ def _display_gray(gray: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """The gray image at ``size``, windowed to 8 bits between the percentiles of ``WINDOW_PERCENTILES``.
 
     Shrinking averages areas (box filter: no ringing, no aliasing), then the window is taken from the
-    shrunk picture — every other row and column of it, ample for two percentiles.
+    shrunk picture — from ``WINDOW_SAMPLES`` of its pixels, ample for two percentiles.
     """
     shrunk = _resized(gray, size, Image.Resampling.BOX)
-    low, high = np.percentile(shrunk[::2, ::2], WINDOW_PERCENTILES)
+    step = max(1, math.isqrt(shrunk.size // WINDOW_SAMPLES))
+    low, high = np.percentile(shrunk[::step, ::step], WINDOW_PERCENTILES)
     scale = 255.0 / max(float(high - low), 1e-6)
     windowed = shrunk - low  # then in place: each new picture-sized array is fresh memory to fault in
     windowed *= scale
@@ -95,9 +98,20 @@ def _blend_table() -> list[int]:
     return np.round(alpha * 255).astype(int).tolist()
 
 
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _heat_ramp(width: int) -> np.ndarray:
+    """The palette's colours from heat 0 to 1 across ``width`` pixels (width × 3 uint8)."""
+    palette = np.frombuffer(_heat_palette(), dtype=np.uint8).reshape(LEVELS, 3)
+    return palette[np.linspace(0, LEVELS - 1, width).round().astype(np.intp)]
+
+
 def _draw_legend(picture: Image.Image, lines: list[str]) -> None:
     size = max(12, picture.height // 40)
-    font = ImageFont.load_default(size=size)
+    font = _font(size)
     draw = ImageDraw.Draw(picture)
     margin = size // 2
     line_height = int(size * 1.3)
@@ -109,8 +123,8 @@ def _draw_legend(picture: Image.Image, lines: list[str]) -> None:
     # Colour bar: the heat scale from 0 to 1, under the text.
     bar_top, bar_left = box_height + margin, margin
     bar_width, bar_height = max(64, int(width) - 2 * margin), max(6, size // 2)
-    ramp = (colormaps[HEAT_COLORMAP](np.linspace(0, 1, bar_width))[:, :3] * 255).astype(np.uint8)
-    picture.paste(Image.fromarray(np.repeat(ramp[None], bar_height, axis=0), "RGB"), (bar_left, bar_top))
+    ramp = np.repeat(_heat_ramp(bar_width)[None], bar_height, axis=0)
+    picture.paste(Image.fromarray(ramp, "RGB"), (bar_left, bar_top))
     draw.text((bar_left, bar_top + bar_height + 2), "0", fill=(255, 255, 255), font=font)
     draw.text((bar_left + bar_width - size, bar_top + bar_height + 2), "1", fill=(255, 255, 255), font=font)
 
