@@ -40,16 +40,29 @@ def render_overlay(gray: np.ndarray, heatmap: np.ndarray, legend: list[str], max
 
     Returns an H×W×3 uint8 RGB array of ``display_size(gray.shape, max_long_side)``. Heat is shown
     only where it exceeds ``HEAT_FLOOR``, fading in from there, so a low-probability map (see
-    ``inference.gradcam``) barely tints the image.
+    ``inference.gradcam``) barely tints the image. The two steps, ``display_picture`` then
+    ``blend_overlay``, can be taken apart: the first needs no heatmap.
     """
-    size = display_size(gray.shape, max_long_side)
-    picture = _display_gray(gray, size).convert("RGB")
+    return blend_overlay(display_picture(gray, max_long_side), heatmap, legend)
+
+
+def display_picture(gray: np.ndarray, max_long_side: int = 1024) -> Image.Image:
+    """The gray image as the overlay shows it: shrunk to ``display_size(gray.shape, max_long_side)`` and
+    windowed to 8 bits — the one pass over the full-size pixels, and most of ``render_overlay``'s time."""
+    return _display_gray(gray, display_size(gray.shape, max_long_side))
+
+
+def blend_overlay(picture: Image.Image, heatmap: np.ndarray, legend: list[str]) -> np.ndarray:
+    """``heatmap`` blended over ``picture`` (``display_picture``'s, left unchanged) with ``legend`` burned in:
+    ``render_overlay``'s result."""
+    size = (picture.height, picture.width)
+    coloured = picture.convert("RGB")
     heat = _heat_levels(heatmap, size)
     colours = heat.copy()
     colours.putpalette(_heat_palette())  # heat level → jet colour, in C
-    picture.paste(colours.convert("RGB"), mask=heat.point(_blend_table()))  # blended as the mask says
-    _draw_legend(picture, legend)
-    return np.asarray(picture)
+    coloured.paste(colours.convert("RGB"), mask=heat.point(_blend_table()))  # blended as the mask says
+    _draw_legend(coloured, legend)
+    return np.asarray(coloured)
 
 
 def _resized(pixels: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:

@@ -5,12 +5,13 @@ this module knows no Celery."""
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset, dcmread, dcmwrite
 
 from common.durable import fsync_dir
@@ -22,7 +23,7 @@ from config.settings import ScCompression
 from inference.classifier import Classifier, Prediction
 from inference.dicom_pixels import UnsupportedImage, dataset_to_gray
 from inference.intended_use import GateVerdict, IntendedUse
-from inference.overlay import display_size, legend_lines, render_overlay
+from inference.overlay import blend_overlay, display_picture, display_size, legend_lines
 from inference.preprocess import to_square_uint8
 from inference.site_profile import OperatingPoint
 from worker.encode.equipment import Algorithm
@@ -155,12 +156,17 @@ def analyse_study(
     """
     watch = _Stopwatch()
     images = _read_and_select(message, gate, watch)
-    predictions = _predict(images, classifier, gate, max_long_side, watch)
-    algorithm = algorithm_of(classifier)
-    uids = _OutputUids(message.study_instance_uid, algorithm.weights_sha256)
-    findings = _findings_with_heatmaps(
-        images, predictions, classifier, algorithm, uids, max_long_side, sc_compression, watch
-    )
+    # The SC's gray picture needs the decoded image only: a thread of this call's own makes it while the
+    # model runs (Pillow's resize and torch both leave Python's lock), so with a core to spare a study's
+    # analysis does not wait for it (issue 12). A thread started before the pool forked would not exist here.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lungvision-display") as drawing:
+        pictures = {index: drawing.submit(display_picture, gray, max_long_side) for index, gray in images.grays.items()}
+        predictions = _predict(images, classifier, gate, max_long_side, watch)
+        algorithm = algorithm_of(classifier)
+        uids = _OutputUids(message.study_instance_uid, algorithm.weights_sha256)
+        findings = _findings_with_heatmaps(
+            images, pictures, predictions, classifier, algorithm, uids, sc_compression, watch
+        )
     outputs, results = _findings_reports(findings, classifier, algorithm, uids, device_uid, watch)
     started = time.perf_counter()
     files = write_outputs(outputs, study_folder(outbox, message.study_instance_uid))
@@ -250,15 +256,16 @@ def _predict(
 
 def _findings_with_heatmaps(
     images: _Images,
+    pictures: dict[int, Future[Image.Image]],
     predictions: dict[int, Prediction],
     classifier: Classifier,
     algorithm: Algorithm,
     uids: _OutputUids,
-    max_long_side: int,
     compression: ScCompression,
     watch: _Stopwatch,
 ) -> list[ImageFinding]:
-    """One finding per source image: analysed ones with their heatmap Secondary Capture."""
+    """One finding per source image: analysed ones with their heatmap Secondary Capture, drawn over the
+    image's picture from ``pictures`` (``display_picture``'s, for every decoded image)."""
     started = time.perf_counter()
     findings: list[ImageFinding] = []
     for index, source in enumerate(images.sources):
@@ -273,7 +280,7 @@ def _findings_with_heatmaps(
         assert prediction.heatmap is not None  # predict_squares was given the heatmap shapes
         sc = build_heatmap_sc(
             source,
-            render_overlay(images.grays[index], prediction.heatmap, legend, max_long_side),
+            blend_overlay(pictures[index].result(), prediction.heatmap, legend),
             algorithm=algorithm,
             series_instance_uid=uids.series("sc"),
             sop_instance_uid=uids.instance(source, "sc"),

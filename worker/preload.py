@@ -121,7 +121,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 # later arrays reuse the memory its earlier ones freed; larger blocks are mapped on their own, unmapped on free.
 LARGE_BLOCK_BYTES = 24 << 20
 NEVER_TRIM_BYTES = (1 << 31) - 1  # mallopt's largest value: free() never trims the heap; the idle return does
-ARENAS = 2
+ARENAS = 1
 
 
 # New memory faults page by page on first use. With this glibc tunable in the worker's environment — read
@@ -145,7 +145,9 @@ def set_large_block_thresholds() -> bool:
     on, and its later arrays reuse the pages its earlier ones freed. The trim threshold is set out of
     reach (``NEVER_TRIM_BYTES``): ``free`` never gives the heap's top back by itself; once a pool process
     is idle :class:`ReturnMemoryWhenIdle` gives back all the heap's free pages (:func:`return_free_memory`).
-    ``ARENAS`` caps the per-thread heaps torch's threads would otherwise each create.
+    ``ARENAS``: one heap for all the process's threads (torch's, the one drawing the SC's picture, the fsync
+    one), where their blocks too reuse the pages of the study's earlier ones; a second heap, which the picture's
+    thread filled, kept 20–65 MiB more per pool process (bench/memory.py, concurrency 2).
 
     Measured against the former 1 MiB thresholds, which mapped every array on its own and so faulted all
     its pages in again for each study (bench/end_to_end.py, issue 12, concurrency 2, medians over runs):

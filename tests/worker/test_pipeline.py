@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
@@ -59,6 +60,34 @@ def test_heatmap_sc_is_derived_burned_in_and_small(outcome, study_files) -> None
     assert (sc.file_meta.TransferSyntaxUID, sc.PhotometricInterpretation) == (JPEGBaseline8Bit, "YBR_FULL_422")
     assert sc.LossyImageCompression == "01" and sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(study_files["frontal"]).SOPInstanceUID
+
+
+def test_the_sc_shows_the_picture_lungvision_analyze_draws(study_files, tmp_path) -> None:
+    """The worker draws the SC's gray picture on a thread while the model runs, then the heat and legend
+    over it: pixel for pixel the picture ``render_overlay`` draws in one go (radiologists see one picture)."""
+    from inference.dicom_pixels import dataset_to_gray
+    from inference.overlay import display_size, legend_lines, render_overlay
+    from inference.preprocess import to_square_uint8
+    from worker.pipeline import analyse_study, device_uid_for
+
+    classifier = load_classifier()
+    outcome = analyse_study(
+        make_message([study_files["frontal"]]),
+        classifier,
+        classifier.intended_use(),
+        tmp_path / "outbox",
+        device_uid=device_uid_for("LUNGVISION"),
+        max_long_side=150,  # the 224×224 image shrunk: the picture's one pass over the full-size pixels
+        sc_compression="none",  # the pixels as drawn
+    )
+    sc = next(dcmread(path) for path in outcome.files if dcmread(path, stop_before_pixels=True).SOPClassUID == SC_CLASS)
+
+    gray = dataset_to_gray(dcmread(study_files["frontal"]))
+    size = display_size(gray.shape, 150)
+    (prediction,) = classifier.predict_squares(to_square_uint8(gray)[None], [size])
+    legend = legend_lines(prediction.probability, prediction.positive, prediction.threshold, prediction.model_version)
+    assert prediction.heatmap is not None
+    assert np.array_equal(sc.pixel_array, render_overlay(gray, prediction.heatmap, legend, 150))
 
 
 def test_sr_says_what_the_model_said(outcome) -> None:
