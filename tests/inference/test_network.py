@@ -1,14 +1,12 @@
 """Our ResNet-18 is torchvision's: the same parameters from the same seed, the same outputs, and no
 torchvision (so no torch._dynamo, sympy or triton) in a process that only runs the model."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torchvision
 
 from inference.network import build_resnet18
+from tests.kit.imports import loaded_after
 
 
 def torchvision_resnet18() -> torch.nn.Module:
@@ -47,12 +45,9 @@ def test_same_outputs_and_gradients(training: bool) -> None:
 
 
 def test_a_worker_running_the_shipped_model_does_not_import_torchvision() -> None:
-    code = (
-        "import sys\n"
+    pool_process = (
         "import worker.celery_app, worker.tasks\n"  # what a worker's pool process imports
         "from inference.classifier import load_classifier\n"
-        "load_classifier()\n"
-        "print(sorted(name for name in ('torchvision', 'torch._dynamo', 'sympy') if name in sys.modules))\n"
+        "load_classifier()"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert loaded_after(pool_process, ("torchvision", "torch._dynamo", "sympy")) == []

@@ -4,7 +4,6 @@ SQLite store and spool (fake publisher), kombu's Redis restore options."""
 import json
 import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from common.spool import ArrivalRecord, Spool
 from common.store import RoundState, Store
 from config.settings import load_settings
 from dicom_node.dispatcher import build_study_ready
+from tests.kit.imports import loaded_after
 from tests.kit.records import study_result
 from worker.reconcile import (
     Action,
@@ -405,10 +405,4 @@ def test_redis_is_told_to_return_a_dead_workers_task_within_visibility_timeout_p
 def test_the_sweeper_process_loads_no_dicom_network_or_array_library() -> None:
     # It compares store records with spool folders and sends messages: pynetdicom, pydicom and numpy would be
     # ≈ 30 MiB of private memory in a process every worker runs (issue 12).
-    code = (
-        "import sys\n"
-        "import worker.reconcile\n"
-        "print(sorted(name for name in ('pynetdicom', 'pydicom', 'numpy', 'torch') if name in sys.modules))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert loaded_after("import worker.reconcile", ("pynetdicom", "pydicom", "numpy", "torch"), timeout_s=120) == []
