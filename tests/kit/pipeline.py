@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from common.messages import StudyReady
+from config.settings import ScCompression
 from inference.classifier import Classifier
 from inference.intended_use import IntendedUse
 from worker.pipeline import StudyOutcome, analyse_study, device_uid_for
@@ -15,6 +16,7 @@ def run_pipeline(
     *,
     gate: IntendedUse | None = None,
     max_long_side: int = 512,
+    sc_compression: ScCompression = "jpeg",
 ) -> StudyOutcome:
     """Analyse ``message``'s files as the worker of the AE LUNGVISION would, writing SC and SR into
     ``outbox``; ``gate`` is the classifier's own intended use unless given."""
@@ -25,4 +27,5 @@ def run_pipeline(
         outbox,
         device_uid=device_uid_for("LUNGVISION"),
         max_long_side=max_long_side,
+        sc_compression=sc_compression,
     )

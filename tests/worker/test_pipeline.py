@@ -68,15 +68,12 @@ def test_the_sc_shows_the_picture_lungvision_analyze_draws(study_files, tmp_path
     from inference.dicom_pixels import dataset_to_gray
     from inference.overlay import display_size, legend_lines, render_overlay
     from inference.preprocess import to_square_uint8
-    from worker.pipeline import analyse_study, device_uid_for
 
     classifier = load_classifier()
-    outcome = analyse_study(
+    outcome = run_pipeline(
         make_message([study_files["frontal"]]),
         classifier,
-        classifier.intended_use(),
         tmp_path / "outbox",
-        device_uid=device_uid_for("LUNGVISION"),
         max_long_side=150,  # the 224×224 image shrunk: the picture's one pass over the full-size pixels
         sc_compression="none",  # the pixels as drawn
     )
