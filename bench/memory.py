@@ -17,7 +17,9 @@ same files (another torch process on the machine lowers the worker's PSS), so th
 is also given exactly: its distinct physical pages, from ``/proc/PID/pagemap`` (needs root; else
 "n/a"). The worker is its parent, its pool processes and its sweeper. "CUDA libs" is the PSS of
 the CUDA libraries a CUDA build of torch maps (this development venv's); the Docker image's
-CPU-only torch has none.
+CPU-only torch has none, and it also allocates less when imported (≈ 110 MiB less anonymous memory
+in the parent, docs/worker.md), so it takes less than the "without the CUDA libraries' mappings"
+figure; to measure it, put a CPU-only torch first on ``PYTHONPATH``.
 
 ``--baseline DIR``: also measure the checkout in DIR (e.g. a copy of the tree before a change),
 same venv, same studies, in the same run, and print the ratios of the worker totals. Nothing is
@@ -201,7 +203,7 @@ def print_table(title: str, snapshot: Snapshot) -> None:
         )
     print(
         f"  worker, distinct pages: {mib(snapshot.worker_distinct_kib)} MiB; without the CUDA libraries' "
-        f"mappings (≈ a CPU-only torch): {mib(snapshot.worker_distinct_without_cuda_kib)} MiB"
+        f"mappings: {mib(snapshot.worker_distinct_without_cuda_kib)} MiB (a CPU-only torch takes less still)"
     )
 
 
